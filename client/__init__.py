@@ -1,0 +1,1 @@
+"""The client library: routing, inference sessions, forward/backward, generate()."""

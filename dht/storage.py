@@ -1,0 +1,132 @@
+"""Record storage of one DHT node: per-key subkey maps, expiry, replacement and limits.
+
+See spec/dht.md §5. Time is an argument (unix seconds). ``put`` validates the
+record (§4) before storing it; ``expire`` drops and returns what has expired.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+
+from . import params
+from .ids import is_peer_id_subkey
+from .records import Record, to_ms, validate
+
+
+@dataclass
+class StorageStats:
+    records: int
+    keys: int
+    stored: int
+    rejected: int
+    expired: int
+
+
+class Storage:
+    """Records by key id, then subkey. At most one record per (key, subkey)."""
+
+    def __init__(
+        self,
+        max_subkeys_per_key: int = params.MAX_SUBKEYS_PER_KEY,
+        max_records: int = params.MAX_STORED_RECORDS,
+    ) -> None:
+        self._by_key: dict[bytes, dict[bytes, Record]] = {}
+        self._count = 0
+        # (expiration_ms, key_id, subkey): lazy heap; stale entries are skipped on pop.
+        self._heap: list[tuple[int, bytes, bytes]] = []
+        self.max_subkeys_per_key = max_subkeys_per_key
+        self.max_records = max_records
+        self._stored = self._rejected = self._expired = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, record: Record, now: float) -> bool:
+        """Validate and store; True if stored, False if an equal/later copy is held.
+
+        Raises RemoteProtocolError with the spec's code when the record is rejected.
+        """
+        try:
+            validate(record, now)
+            stored = self._put_valid(record, now)
+        except RemoteProtocolError:
+            self._rejected += 1
+            raise
+        if stored:
+            self._stored += 1
+        return stored
+
+    def _put_valid(self, record: Record, now: float) -> bool:
+        now_ms = to_ms(now)
+        kid = record.key_id
+        subkeys = self._by_key.get(kid)
+        old = subkeys.get(record.subkey) if subkeys is not None else None
+        if old is not None and old.expiration <= now_ms:
+            old = None  # expired but not yet collected: treat as absent
+        if old is not None:
+            if (
+                not is_peer_id_subkey(record.subkey)
+                and old.public_key != record.public_key
+            ):
+                raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "open subkey is held by another writer until it expires")
+            if record.expiration <= old.expiration:
+                return False
+            subkeys[record.subkey] = record  # type: ignore[index]
+            heapq.heappush(self._heap, (record.expiration, kid, record.subkey))
+            return True
+        # A new (key, subkey): collect expired records first so limits count live ones.
+        self.expire(now)
+        subkeys = self._by_key.get(kid)
+        live_subkeys = len(subkeys) if subkeys else 0
+        if live_subkeys >= self.max_subkeys_per_key:
+            raise RemoteProtocolError(ErrorCode.TOO_MANY_RECORDS, f"key already holds {live_subkeys} subkeys")
+        if self._count >= self.max_records:
+            raise RemoteProtocolError(ErrorCode.TOO_MANY_RECORDS, f"node already stores {self._count} records")
+        if subkeys is None:
+            subkeys = self._by_key[kid] = {}
+        if record.subkey not in subkeys:
+            self._count += 1
+        subkeys[record.subkey] = record
+        heapq.heappush(self._heap, (record.expiration, kid, record.subkey))
+        return True
+
+    def get(self, key_id: bytes, now: float) -> list[Record]:
+        """Unexpired records under ``key_id`` (any order)."""
+        subkeys = self._by_key.get(key_id)
+        if not subkeys:
+            return []
+        now_ms = to_ms(now)
+        return [r for r in subkeys.values() if r.expiration > now_ms]
+
+    def expire(self, now: float) -> list[Record]:
+        """Remove every record with ``expiration <= now`` and return them."""
+        now_ms = to_ms(now)
+        gone: list[Record] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms:
+            exp, kid, subkey = heapq.heappop(heap)
+            subkeys = self._by_key.get(kid)
+            record = subkeys.get(subkey) if subkeys else None
+            if record is None or record.expiration != exp:
+                continue  # replaced by a later record; its own heap entry stays
+            del subkeys[subkey]  # type: ignore[union-attr]
+            self._count -= 1
+            if not subkeys:
+                del self._by_key[kid]
+            gone.append(record)
+        self._expired += len(gone)
+        return gone
+
+    def next_expiration(self) -> float | None:
+        """When ``expire`` next has work (unix seconds), for the caller's timer."""
+        return self._heap[0][0] / 1000.0 if self._heap else None
+
+    def all_records(self, now: float) -> list[Record]:
+        now_ms = to_ms(now)
+        return [r for subkeys in self._by_key.values() for r in subkeys.values() if r.expiration > now_ms]
+
+    def statistics(self) -> StorageStats:
+        return StorageStats(self._count, len(self._by_key), self._stored, self._rejected, self._expired)

@@ -1,0 +1,1 @@
+"""The server: biopetals-node serving a range of transformer blocks."""

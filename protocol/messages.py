@@ -1,0 +1,533 @@
+"""The node protocol's messages: one frozen dataclass per message, and their codec.
+
+See spec/messages.md. Each dataclass declares its body table with ``wire(key, kind)``
+(the kinds live in ``biopetals.protocol.fields``) and, where the spec has them, its
+cross-field rules in ``_check_rules``; ``encode_message`` and ``decode_message`` walk
+those tables, so adding a message means adding a dataclass.
+
+- Constructing a message validates it (field ranges, tensor shapes, finiteness,
+  cross-field rules) and raises ``LocalProtocolError`` on a bad value: we never build,
+  let alone send, a message the spec forbids.
+- ``decode_message`` follows the decoding order of spec/messages.md §2.5 and raises
+  only ``RemoteProtocolError`` with the code of the first rule broken.
+
+Sans-IO: bytes in, messages out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+import torch
+
+from biopetals.protocol.envelope import pack_envelope, unpack_envelope
+from biopetals.protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from biopetals.protocol.fields import (
+    ACTIVATIONS,
+    PROMPTS,
+    U64_MAX,
+    ArrayOf,
+    Blob,
+    CodecName,
+    ErrorCodeKind,
+    Float,
+    Nested,
+    Text,
+    UInt,
+    Violation,
+    WireField,
+    wire,
+)
+from biopetals.protocol.limits import (
+    MAX_BATCH,
+    MAX_BLOCKS,
+    MAX_ERROR_MESSAGE_BYTES,
+    MAX_HIDDEN_SIZE,
+    MAX_HOP_ADDRS,
+    MAX_HOPS,
+    MAX_LABEL_BYTES,
+    MAX_MULTIADDR_BYTES,
+    MAX_NAME_BYTES,
+    MAX_PEER_ID_BYTES,
+    MAX_SEQUENCE_LENGTH,
+    MAX_SESSION_ID_BYTES,
+)
+from biopetals.protocol.tensors import Codec
+
+__all__ = [
+    "Message",
+    "Hop",
+    "NodeInfoRequest",
+    "NodeInfo",
+    "OpenSession",
+    "SessionOpened",
+    "Step",
+    "StepResult",
+    "CloseSession",
+    "SessionClosed",
+    "Push",
+    "PushAck",
+    "Forward",
+    "ForwardResult",
+    "Backward",
+    "BackwardResult",
+    "Error",
+    "MESSAGE_TYPES",
+    "encode_message",
+    "decode_message",
+    "error_from_exception",
+]
+
+_LIMIT = ErrorCode.LIMIT_EXCEEDED
+
+# Field kinds shared by several messages (spec/messages.md §4-§7 tables).
+SESSION_ID: Final = Blob(1, MAX_SESSION_ID_BYTES)
+STEP_ID: Final = UInt(0, U64_MAX)
+MODEL: Final = Text(1, MAX_NAME_BYTES)
+LABEL: Final = Text(1, MAX_LABEL_BYTES)
+BLOCK_START: Final = UInt(0, MAX_BLOCKS - 1)
+BLOCK_END: Final = UInt(1, MAX_BLOCKS)
+POSITION: Final = UInt(0, MAX_SEQUENCE_LENGTH - 1, low=ErrorCode.BAD_POSITION, high=ErrorCode.BAD_POSITION)
+MAX_LENGTH: Final = UInt(1, MAX_SEQUENCE_LENGTH, high=_LIMIT)
+BATCH_SIZE: Final = UInt(1, MAX_BATCH, high=_LIMIT)
+CODEC: Final = CodecName()
+
+
+class WireStruct:
+    """Base of every map with a field table: messages and ``Hop``.
+
+    Subclasses are ``@dataclass(frozen=True, eq=False)``; equality compares tensors
+    by dtype, shape and exact values.
+    """
+
+    _wire_fields: ClassVar[tuple[WireField, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The table is collected lazily: dataclass fields exist only after @dataclass runs.
+        cls._wire_fields = ()
+
+    @classmethod
+    def _table(cls) -> tuple[WireField, ...]:
+        if not cls._wire_fields:
+            rows = [
+                WireField(f.metadata["wire"][0], f.name, f.metadata["wire"][1], f.metadata["wire"][2])
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if "wire" in f.metadata
+            ]
+            cls._wire_fields = tuple(sorted(rows, key=lambda row: row.key))
+        return cls._wire_fields
+
+    def __post_init__(self) -> None:
+        try:
+            for row in self._table():
+                value = getattr(self, row.name)
+                if row.optional and _is_absent(value):
+                    object.__setattr__(self, row.name, row.kind.absent)
+                    continue
+                if value is None:
+                    raise Violation(ErrorCode.INVALID_FIELD, f"{row.name}: required")
+                try:
+                    object.__setattr__(self, row.name, row.kind.check(value))
+                except Violation as exc:
+                    raise Violation(exc.code, f"{row.name}: {exc.message}") from None
+            self._check_rules()
+        except Violation as exc:
+            raise LocalProtocolError(exc.code, f"{type(self).__name__}.{exc.message}") from None
+
+    def _check_rules(self) -> None:
+        """Cross-field rules of the spec, raising ``Violation``; none by default."""
+
+    @classmethod
+    def _decode_body(cls, body: dict[int, object]) -> Any:
+        """Build an instance from a body map (spec/messages.md §2.5 steps 7-8)."""
+        values: dict[str, Any] = {}
+        for row in cls._table():
+            raw = body.get(row.key)
+            if raw is None:  # absent, or nil (accepted as absent, §2.3)
+                if not row.optional:
+                    raise Violation(ErrorCode.INVALID_FIELD, f"{row.name} (key {row.key}): required field absent")
+                values[row.name] = row.kind.absent
+                continue
+            try:
+                values[row.name] = row.kind.decode(raw)
+            except Violation as exc:
+                raise Violation(exc.code, f"{row.name} (key {row.key}): {exc.message}") from None
+        # Fields are already checked: skip __post_init__ and its second pass over tensors.
+        instance = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(instance, name, value)
+        instance._check_rules()
+        return instance
+
+    def _encode_body(self, codec: Codec | None) -> dict[int, object]:
+        """The canonical body map: ascending keys, absent optional fields omitted (§2.3)."""
+        body: dict[int, object] = {}
+        for row in self._table():
+            value = getattr(self, row.name)
+            if row.optional and _is_absent(value):
+                continue
+            body[row.key] = row.kind.encode(value, codec)
+        return body
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same(getattr(self, row.name), getattr(other, row.name)) for row in self._table())
+
+    __hash__ = None  # type: ignore[assignment]  # tensors make messages unhashable
+
+
+def _is_absent(value: object) -> bool:
+    """An omitted optional field: ``None``, or an empty sequence for arrays (§2.3 rule 5)."""
+    return value is None or (isinstance(value, (tuple, list)) and len(value) == 0)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+class Message(WireStruct):
+    """Base of the fifteen messages of spec/messages.md §3; ``TYPE`` is the envelope type code."""
+
+    TYPE: ClassVar[int]
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _span_rule(start: int, end: int, what: str = "") -> None:
+    if start >= end:
+        raise Violation(ErrorCode.INVALID_FIELD, f"{what}start {start} must be < end {end}")
+
+
+def _prompts_rule(prompts: torch.Tensor | None, hidden: torch.Tensor, blocks: int | None) -> None:
+    """``prompts`` fits ``hidden`` (spec/messages.md §5.3 rule 2, §6.1): batch, hidden, prefix <= tokens."""
+    if prompts is None:
+        return
+    if blocks is not None and prompts.shape[0] != blocks:
+        raise Violation(ErrorCode.INVALID_TENSOR, f"prompts cover {prompts.shape[0]} blocks, the span has {blocks}")
+    batch, tokens, hidden_size = hidden.shape
+    if prompts.shape[1] != batch or prompts.shape[3] != hidden_size:
+        raise Violation(
+            ErrorCode.INVALID_TENSOR, f"prompts shape {list(prompts.shape)} does not fit hidden {list(hidden.shape)}"
+        )
+    if prompts.shape[2] > tokens:
+        raise Violation(ErrorCode.INVALID_TENSOR, f"prompts prefix {prompts.shape[2]} > {tokens} tokens")
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, eq=False)
+class Hop(WireStruct):
+    """One node further down a push chain (spec/messages.md §5.4)."""
+
+    peer_id: str = wire(0, Text(1, MAX_PEER_ID_BYTES))
+    session_id: bytes = wire(2, SESSION_ID)
+    start: int = wire(3, BLOCK_START)
+    end: int = wire(4, BLOCK_END)
+    addrs: tuple[str, ...] = wire(1, ArrayOf(Text(1, MAX_MULTIADDR_BYTES), MAX_HOP_ADDRS), optional=True)
+
+    def _check_rules(self) -> None:
+        _span_rule(self.start, self.end)
+
+
+HOPS: Final = ArrayOf(Nested(Hop), MAX_HOPS)
+
+
+@dataclass(frozen=True, eq=False)
+class NodeInfoRequest(Message):
+    """Ask a node what it serves (spec/messages.md §4.1). Empty body."""
+
+    TYPE: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, eq=False)
+class NodeInfo(Message):
+    """What a node serves and how fast (spec/messages.md §4.2)."""
+
+    TYPE: ClassVar[int] = 2
+    version: str = wire(0, LABEL)
+    model: str = wire(1, MODEL)
+    start: int = wire(2, BLOCK_START)
+    end: int = wire(3, BLOCK_END)
+    dtype: str = wire(4, LABEL)
+    quant: str = wire(5, LABEL)
+    hidden_size: int = wire(6, UInt(1, MAX_HIDDEN_SIZE))
+    cache_tokens_left: int = wire(7, UInt(0, U64_MAX))
+    inference_tps: float = wire(8, Float())
+    forward_tps: float = wire(9, Float())
+
+    def _check_rules(self) -> None:
+        _span_rule(self.start, self.end)
+
+
+@dataclass(frozen=True, eq=False)
+class OpenSession(Message):
+    """Open an inference session over blocks ``[start, end)`` (spec/messages.md §5.1)."""
+
+    TYPE: ClassVar[int] = 3
+    model: str = wire(0, MODEL)
+    start: int = wire(1, BLOCK_START)
+    end: int = wire(2, BLOCK_END)
+    max_length: int = wire(3, MAX_LENGTH)
+    batch_size: int = wire(4, BATCH_SIZE)
+    codec: Codec = wire(5, CODEC)
+    session_id: bytes | None = wire(6, SESSION_ID, optional=True)
+
+    def _check_rules(self) -> None:
+        _span_rule(self.start, self.end)
+
+
+@dataclass(frozen=True, eq=False)
+class SessionOpened(Message):
+    """The session is open and its cache reserved (spec/messages.md §5.2)."""
+
+    TYPE: ClassVar[int] = 4
+    session_id: bytes = wire(0, SESSION_ID)
+    idle_timeout: float = wire(1, Float(0.0, exclusive=True))
+
+
+@dataclass(frozen=True, eq=False)
+class _StepBody(Message):
+    """The body shared by ``Step`` and ``Push`` (spec/messages.md §5.3, §5.7)."""
+
+    session_id: bytes = wire(0, SESSION_ID)
+    step_id: int = wire(1, STEP_ID)
+    position: int = wire(2, POSITION)
+    hidden: torch.Tensor = wire(3, ACTIVATIONS)
+    prompts: torch.Tensor | None = wire(4, PROMPTS, optional=True)
+    next: tuple[Hop, ...] = wire(5, HOPS, optional=True)
+
+    @property
+    def tokens(self) -> int:
+        """How many new tokens (positions) the step carries."""
+        return int(self.hidden.shape[1])
+
+    def _check_rules(self) -> None:
+        # §5.3 rules 1-4, in this order.
+        if self.position + self.tokens > MAX_SEQUENCE_LENGTH:
+            raise Violation(
+                ErrorCode.BAD_POSITION,
+                f"position {self.position} + {self.tokens} tokens > MAX_SEQUENCE_LENGTH {MAX_SEQUENCE_LENGTH}",
+            )
+        _prompts_rule(self.prompts, self.hidden, None)
+        for index in range(len(self.next) - 1):
+            if self.next[index].end != self.next[index + 1].start:
+                raise Violation(
+                    ErrorCode.INVALID_FIELD,
+                    f"next[{index}] ends at {self.next[index].end}, next[{index + 1}] starts at {self.next[index + 1].start}",
+                )
+        if self.prompts is not None and self.next:
+            covered = self.next[-1].end - self.next[0].start
+            if self.prompts.shape[0] <= covered:
+                raise Violation(
+                    ErrorCode.INVALID_TENSOR,
+                    f"prompts cover {self.prompts.shape[0]} blocks, not more than the {covered} blocks of the hops",
+                )
+
+
+@dataclass(frozen=True, eq=False)
+class Step(_StepBody):
+    """Run new tokens through a session's blocks (spec/messages.md §5.3)."""
+
+    TYPE: ClassVar[int] = 5
+
+
+@dataclass(frozen=True, eq=False)
+class Push(_StepBody):
+    """A step forwarded by the previous node of the chain (spec/messages.md §5.7)."""
+
+    TYPE: ClassVar[int] = 9
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult(Message):
+    """The outputs of a session's last block for one step (spec/messages.md §5.5)."""
+
+    TYPE: ClassVar[int] = 6
+    session_id: bytes = wire(0, SESSION_ID)
+    step_id: int = wire(1, STEP_ID)
+    hidden: torch.Tensor = wire(2, ACTIVATIONS)
+
+
+@dataclass(frozen=True, eq=False)
+class CloseSession(Message):
+    """Close a session and free its cache (spec/messages.md §5.8)."""
+
+    TYPE: ClassVar[int] = 7
+    session_id: bytes = wire(0, SESSION_ID)
+
+
+@dataclass(frozen=True, eq=False)
+class SessionClosed(Message):
+    """The session is closed (spec/messages.md §5.8)."""
+
+    TYPE: ClassVar[int] = 8
+    session_id: bytes = wire(0, SESSION_ID)
+
+
+@dataclass(frozen=True, eq=False)
+class PushAck(Message):
+    """A ``Push`` was accepted and queued (spec/messages.md §5.7)."""
+
+    TYPE: ClassVar[int] = 10
+    session_id: bytes = wire(0, SESSION_ID)
+    step_id: int = wire(1, STEP_ID)
+
+
+@dataclass(frozen=True, eq=False)
+class Forward(Message):
+    """Stateless forward over blocks ``[start, end)`` (spec/messages.md §6.1)."""
+
+    TYPE: ClassVar[int] = 11
+    model: str = wire(0, MODEL)
+    start: int = wire(1, BLOCK_START)
+    end: int = wire(2, BLOCK_END)
+    hidden: torch.Tensor = wire(4, ACTIVATIONS)
+    codec: Codec = wire(3, CODEC, optional=False)
+    prompts: torch.Tensor | None = wire(5, PROMPTS, optional=True)
+
+    def _check_rules(self) -> None:
+        _span_rule(self.start, self.end)
+        _prompts_rule(self.prompts, self.hidden, self.end - self.start)
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardResult(Message):
+    """The outputs of a ``Forward`` (spec/messages.md §6.1)."""
+
+    TYPE: ClassVar[int] = 12
+    hidden: torch.Tensor = wire(0, ACTIVATIONS)
+
+
+@dataclass(frozen=True, eq=False)
+class Backward(Message):
+    """Stateless backward over blocks ``[start, end)`` (spec/messages.md §6.2)."""
+
+    TYPE: ClassVar[int] = 13
+    model: str = wire(0, MODEL)
+    start: int = wire(1, BLOCK_START)
+    end: int = wire(2, BLOCK_END)
+    hidden: torch.Tensor = wire(4, ACTIVATIONS)
+    grad_outputs: torch.Tensor = wire(5, ACTIVATIONS)
+    codec: Codec = wire(3, CODEC)
+    prompts: torch.Tensor | None = wire(6, PROMPTS, optional=True)
+
+    def _check_rules(self) -> None:
+        _span_rule(self.start, self.end)
+        if self.grad_outputs.shape != self.hidden.shape:
+            raise Violation(
+                ErrorCode.INVALID_TENSOR,
+                f"grad_outputs shape {list(self.grad_outputs.shape)} != hidden shape {list(self.hidden.shape)}",
+            )
+        _prompts_rule(self.prompts, self.hidden, self.end - self.start)
+
+
+@dataclass(frozen=True, eq=False)
+class BackwardResult(Message):
+    """Gradients of a ``Backward`` (spec/messages.md §6.2)."""
+
+    TYPE: ClassVar[int] = 14
+    grad_inputs: torch.Tensor = wire(0, ACTIVATIONS)
+    grad_prompts: torch.Tensor | None = wire(1, PROMPTS, optional=True)
+
+    def _check_rules(self) -> None:
+        _prompts_rule(self.grad_prompts, self.grad_inputs, None)
+
+
+@dataclass(frozen=True, eq=False)
+class Error(Message):
+    """The error reply (spec/messages.md §7.1). ``code`` is an ``ErrorCode``, or an int from a newer peer."""
+
+    TYPE: ClassVar[int] = 15
+    code: int = wire(0, ErrorCodeKind(1, 0xFFFF))
+    message: str = wire(1, Text(0, MAX_ERROR_MESSAGE_BYTES))
+    step_id: int | None = wire(2, STEP_ID, optional=True)
+
+    def to_exception(self) -> RemoteProtocolError:
+        """The error as the exception a client raises to its caller."""
+        return RemoteProtocolError(self.code, self.message)
+
+
+#: Envelope type code -> message class (spec/messages.md §3).
+MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
+    cls.TYPE: cls
+    for cls in (
+        NodeInfoRequest,
+        NodeInfo,
+        OpenSession,
+        SessionOpened,
+        Step,
+        StepResult,
+        CloseSession,
+        SessionClosed,
+        Push,
+        PushAck,
+        Forward,
+        ForwardResult,
+        Backward,
+        BackwardResult,
+        Error,
+    )
+}
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+def encode_message(message: Message, codec: Codec | str | None = None) -> bytes:
+    """The canonical bytes of ``message`` (spec/messages.md §2.3), one frame payload.
+
+    Every tensor is encoded with ``codec``; with ``None``, losslessly for its dtype
+    (f32 for float32/float64, bf16, f16). A node passes the codec its client asked for.
+    """
+    if not isinstance(message, Message) or type(message) not in MESSAGE_TYPES.values():
+        raise LocalProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"not a message: {type(message).__name__}")
+    if codec is not None:
+        try:
+            codec = CODEC.check(codec)
+        except Violation as exc:
+            raise LocalProtocolError(exc.code, exc.message) from None
+    return pack_envelope(message.TYPE, message._encode_body(codec))
+
+
+def decode_message(data: bytes | bytearray | memoryview, expected: Iterable[type[Message]] | None = None) -> Message:
+    """Decode one frame payload (spec/messages.md §2.5).
+
+    ``expected``: the message classes acceptable here (§2.1); any other type is
+    ``UNKNOWN_MESSAGE``. Raises only ``RemoteProtocolError`` on bad bytes.
+    """
+    known = MESSAGE_TYPES if expected is None else {cls.TYPE: cls for cls in expected}
+    type_code, body = unpack_envelope(data, known)
+    try:
+        return known[type_code]._decode_body(body)
+    except Violation as exc:
+        raise RemoteProtocolError(exc.code, f"{known[type_code].__name__}.{exc.message}") from None
+
+
+def error_from_exception(exc: ProtocolError, step_id: int | None = None) -> Error:
+    """The ``Error`` reply for a protocol error, its text cut to ``MAX_ERROR_MESSAGE_BYTES`` (§7.1)."""
+    text = exc.message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore")
+    code = exc.code if 1 <= int(exc.code) <= 0xFFFF else ErrorCode.INTERNAL
+    return Error(code=code, message=text, step_id=step_id)
+

@@ -1,0 +1,164 @@
+"""The post-handshake secure channel: Noise transport messages as length-prefixed frames (sans-IO).
+
+See spec/transport.md §2.8 ("Secure channel"). The channel carries a *byte stream*: ``encrypt``
+splits any plaintext into frames of at most ``MAX_FRAME_PLAINTEXT`` (65535 - 16) bytes, each
+
+    length (2 bytes, big-endian, 16..65535) || ChaChaPoly ciphertext with its 16-byte tag
+
+encrypted with the sending CipherState (nonce n = 0, 1, 2, ... per direction, empty associated
+data). Every ``REKEY_INTERVAL`` frames in one direction both sides apply Noise ``Rekey()`` to that
+direction's key, deterministically, so no key ever encrypts more than 2^16 frames (4 GiB) and the
+64-bit nonce is never near exhaustion.
+
+API (h11 style, no I/O)::
+
+    ch = SecureChannel(send_cipher, recv_cipher)     # normally HandshakeResult.channel
+    wire = ch.encrypt(b"...")                        # bytes to write to the socket
+    ch.receive_data(chunk)                           # bytes read from the socket; b"" = EOF
+    while (pt := ch.next_plaintext()) is not None:   # one frame's plaintext at a time
+        ...
+
+A frame that fails to authenticate raises ``RemoteProtocolError(FRAME_AUTH_FAILED)`` and the
+channel is dead (every later call raises ``LocalProtocolError``): the connection must be closed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from biopetals.protocol.noise import MAX_MESSAGE_LEN, TAGLEN, CipherState, DecryptError
+
+__all__ = ["SecureChannel", "SecureChannelStatistics", "MAX_FRAME_PLAINTEXT", "REKEY_INTERVAL", "FRAME_HEADER_LEN"]
+
+#: Length prefix of every frame (spec/transport.md §2.8).
+FRAME_HEADER_LEN: Final = 2
+#: Largest plaintext in one frame: a Noise message is at most 65535 bytes including the tag.
+MAX_FRAME_PLAINTEXT: Final = MAX_MESSAGE_LEN - TAGLEN
+#: Frames per direction between two Noise ``Rekey()`` calls (spec/transport.md §2.9).
+REKEY_INTERVAL: Final = 1 << 16
+#: Compact the receive buffer once this many consumed bytes sit in front of it.
+_COMPACT_AT = 1 << 20
+
+_HDR = struct.Struct(">H")
+
+
+@dataclass(frozen=True)
+class SecureChannelStatistics:
+    frames_sent: int
+    frames_received: int
+    buffered_bytes: int  # received but not yet decrypted
+
+
+class SecureChannel:
+    """Encrypts outgoing bytes into frames and decrypts incoming frames. See the module docstring."""
+
+    __slots__ = ("_send", "_recv", "_rekey_interval", "_buf", "_pos", "_eof", "_dead", "_sent", "_received")
+
+    def __init__(self, send: CipherState, recv: CipherState, *, rekey_interval: int = REKEY_INTERVAL) -> None:
+        if not (send.has_key() and recv.has_key()):
+            raise LocalProtocolError(ErrorCode.HANDSHAKE_FAILED, "SecureChannel needs keyed CipherStates")
+        if rekey_interval < 1:
+            raise LocalProtocolError(ErrorCode.INVALID_FIELD, "rekey_interval must be >= 1")
+        self._send = send
+        self._recv = recv
+        # Both peers MUST use the same interval; only tests pass anything but REKEY_INTERVAL.
+        self._rekey_interval = rekey_interval
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._dead = False
+        self._sent = 0
+        self._received = 0
+
+    # ------------------------------------------------------------------ sending
+
+    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        """Return the frames carrying ``plaintext`` (``b""`` for an empty plaintext)."""
+        if self._dead:
+            raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "secure channel already failed")
+        src = memoryview(plaintext).cast("B")
+        total = len(src)
+        if total == 0:
+            return b""
+        nframes = -(-total // MAX_FRAME_PLAINTEXT)
+        out = bytearray(total + nframes * (FRAME_HEADER_LEN + TAGLEN))
+        dst = memoryview(out)
+        send = self._send
+        interval = self._rekey_interval
+        pack_into = _HDR.pack_into
+        off = 0
+        for start in range(0, total, MAX_FRAME_PLAINTEXT):
+            chunk = src[start : start + MAX_FRAME_PLAINTEXT]
+            clen = len(chunk) + TAGLEN
+            pack_into(out, off, clen)
+            off += FRAME_HEADER_LEN
+            send.encrypt_into(None, chunk, dst[off : off + clen])
+            off += clen
+            if send.n % interval == 0:
+                send.rekey()
+        self._sent += nframes
+        dst.release()
+        return bytes(out)
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
+        if self._dead:
+            raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "secure channel already failed")
+        if self._eof:
+            raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "receive_data after EOF")
+        if not data:
+            self._eof = True
+            return
+        if self._pos and (self._pos == len(self._buf) or self._pos >= _COMPACT_AT):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_plaintext(self) -> bytes | None:
+        """The next frame's plaintext, or None until a whole frame is buffered.
+
+        Raises RemoteProtocolError: FRAME_AUTH_FAILED if a frame fails to authenticate or declares
+        a length below 16; CONNECTION_CLOSED if the peer closed in the middle of a frame.
+        """
+        if self._dead:
+            raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "secure channel already failed")
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < FRAME_HEADER_LEN:
+            if self._eof and avail:
+                self._fail(RemoteProtocolError(ErrorCode.CONNECTION_CLOSED, "peer closed inside a frame header"))
+            return None
+        (clen,) = _HDR.unpack_from(buf, pos)
+        if clen < TAGLEN:
+            self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame length {clen} < 16-byte tag"))
+        if avail < FRAME_HEADER_LEN + clen:
+            if self._eof:
+                self._fail(RemoteProtocolError(ErrorCode.CONNECTION_CLOSED, "peer closed inside a frame"))
+            return None
+        start = pos + FRAME_HEADER_LEN
+        with memoryview(buf) as view:
+            try:
+                plaintext = self._recv.decrypt_with_ad(None, view[start : start + clen])
+            except DecryptError:
+                self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame {self._received} failed to authenticate"))
+            except RemoteProtocolError as exc:  # nonce exhaustion
+                self._fail(exc)
+        self._pos = start + clen
+        self._received += 1
+        if self._recv.n % self._rekey_interval == 0:
+            self._recv.rekey()
+        return plaintext
+
+    def statistics(self) -> SecureChannelStatistics:
+        return SecureChannelStatistics(self._sent, self._received, len(self._buf) - self._pos)
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        self._dead = True
+        self._buf = bytearray()
+        self._pos = 0
+        raise exc

@@ -1,0 +1,1 @@
+"""Asyncio runtime for peer connections: TCP, the handshake, multiplexed streams, RPC."""

@@ -1,0 +1,572 @@
+"""One peer connection: TCP socket, handshake, secure channel, multiplexer, keepalive.
+
+See spec/transport.md §2 (handshake) and §S1-§S6 (streams). The sans-IO pieces
+(``Handshake``, ``SecureChannel``, ``Mux``) do all protocol work; this module only
+moves bytes between them and the socket and turns their events into wake-ups.
+
+Reading is done in asyncio protocol callbacks, not a reader task: each chunk from
+the socket is decrypted, parsed and dispatched to its ``Stream`` right away, and
+all frames this produces (pongs, window updates) go out in one write. Writing is
+``transport.write`` with the transport's high-water mark as backpressure
+(``pause_writing``/``resume_writing``), so a sender never outruns the socket by
+more than ``TransportConfig.write_buffer_high`` bytes. The only task per connection
+is the keepalive, which pings every ``keepalive_interval`` seconds and records the
+round-trip time.
+
+Connections are made by ``Host`` (``host.py``); this module's public types are
+``Connection``, ``ConnectionStatistics`` and ``TransportConfig``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from biopetals.protocol.handshake import HANDSHAKE_TIMEOUT, Handshake, HandshakeResult, Role
+from biopetals.protocol.identity import Identity, PeerId
+from biopetals.protocol.mux import (
+    DataReceived,
+    GoAwayReceived,
+    Mux,
+    PingReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+
+from .errors import ConnectionClosedError, DeadlineExceeded
+from .streams import Stream
+
+__all__ = ["Connection", "ConnectionStatistics", "TransportConfig"]
+
+log = logging.getLogger("biopetals.transport")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Tunables of the transport (spec/transport.md §S6 names the normative ones)."""
+
+    #: Seconds a connection may take from TCP connect to a finished handshake.
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Seconds between keepalive pings on an open connection.
+    keepalive_interval: float = 15.0
+    #: Seconds without any reply (pong or other bytes) after a ping before the connection is dropped.
+    keepalive_timeout: float = 10.0
+    #: Default deadline of ``Host.call`` and ``Host.open_stream``.
+    call_timeout: float = 30.0
+    #: Largest receive window one stream grows to when its reader keeps up (§S2.4).
+    max_window: int = 4 * 1024 * 1024
+    #: Socket write-buffer high-water mark: ``send`` waits above it.
+    write_buffer_high: int = 4 * 1024 * 1024
+    #: Seconds a closing connection may spend flushing before the socket is aborted.
+    close_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class ConnectionStatistics:
+    peer_id: PeerId
+    initiator: bool  # we dialled
+    remote_address: tuple[str, int] | None
+    streams_open: int
+    rtt: float | None  # last keepalive round trip, seconds
+    min_rtt: float | None
+    bytes_sent: int  # on the socket, encrypted
+    bytes_received: int
+    write_buffer_size: int  # bytes accepted by the transport, not yet in the kernel
+    going_away: bool
+    closed: bool
+
+
+class Connection:
+    """An authenticated, multiplexed connection to ``peer_id``.
+
+    Get one from ``Host.connect``; use ``open_stream``, ``ping``, ``aclose``.
+    ``rtt`` is the last measured round-trip time (keepalive or ``ping``).
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        result: HandshakeResult,
+        *,
+        initiator: bool,
+        local_peer_id: PeerId,
+        config: TransportConfig,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self._secure = result.channel
+        self._mux = Mux(initiator=initiator, max_window=config.max_window)
+        self._config = config
+        self.peer_id: PeerId = result.remote_peer_id
+        self.local_peer_id = local_peer_id
+        self.initiator = initiator
+        self.handshake_hash = result.handshake_hash
+        peer = transport.get_extra_info("peername")
+        self.remote_address: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
+        self._streams: dict[int, Stream] = {}
+        self._in_dispatch = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._pong_waiters: dict[bytes, asyncio.Future[float]] = {}
+        self.rtt: float | None = None
+        self._min_rtt: float | None = None
+        self._last_receive = self._loop.time()
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._flush_scheduled = False
+        self.going_away = False
+        self._closing = False
+        self._close_reason: ConnectionClosedError | None = None
+        self._closed: ConnectionClosedError | None = None
+        self._closed_event = asyncio.Event()
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        # Set by Host: called with each stream the peer opens, on GO_AWAY, and once closed.
+        self.on_stream: Callable[[Stream], None] = lambda stream: stream.reset(ErrorCode.UNKNOWN_PROTOCOL, "no handlers")
+        self.on_going_away: Callable[[Connection], None] = lambda conn: None
+        self.on_closed: Callable[[Connection], None] = lambda conn: None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "going away" if self.going_away else "open"
+        return f"<Connection {'to' if self.initiator else 'from'} {self.peer_id} {state}>"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed is not None
+
+    def open_stream(self, protocol: str) -> Stream:
+        """Open a stream for ``protocol`` (sent in its OPEN frame, §S3.1). Does not wait.
+
+        The peer resets it with UNKNOWN_PROTOCOL if it has no handler; that
+        surfaces as ``UnknownProtocolError`` from the stream's next operation.
+        """
+        if self._closed is not None:
+            raise self._closed
+        if self.going_away or self._closing:
+            raise ConnectionClosedError(f"connection to {self.peer_id} is going away; open a new one")
+        try:
+            sid = self._mux.open_stream(protocol)
+        except LocalProtocolError as exc:
+            if exc.code == ErrorCode.CONNECTION_CLOSED:
+                raise ConnectionClosedError(exc.message) from None
+            raise
+        stream = Stream(self, sid, protocol, local=True)
+        self._streams[sid] = stream
+        # Usually the caller sends at once and the OPEN frame leaves with its data.
+        self._flush_soon()
+        return stream
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Send a PING and return the round-trip time in seconds (§S4)."""
+        if self._closed is not None:
+            raise self._closed
+        fut: asyncio.Future[float] = self._loop.create_future()
+        opaque = self._mux.send_ping(self._loop.time())
+        self._pong_waiters[opaque] = fut
+        self._flush()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise DeadlineExceeded(f"no pong from {self.peer_id} within {timeout} s") from None
+        finally:
+            self._pong_waiters.pop(opaque, None)
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        """Close now: GO_AWAY, flush, close the socket. Open streams fail with ConnectionClosedError."""
+        if self._closed is not None or self._closing:
+            return
+        self._closing = True
+        if self._close_reason is None:
+            why = f": {reason}" if reason else ""
+            self._close_reason = ConnectionClosedError(f"connection to {self.peer_id} closed by this side{why}")
+        try:
+            self._mux.go_away(code, reason)
+            self._flush()
+        except ProtocolError:
+            pass
+        self._transport.close()
+        # A peer that stops reading must not keep a closing socket open forever.
+        self._abort_timer = self._loop.call_later(self._config.close_timeout, self._transport.abort)
+
+    async def aclose(self) -> None:
+        """``close`` and wait until the socket is closed."""
+        self.close()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def retire(self) -> None:
+        """Graceful close: no new streams either way (GO_AWAY); close once the open ones finish."""
+        if self._closed is not None or self._closing:
+            return
+        if not self.going_away:
+            self.going_away = True
+            self._mux.go_away(0, "duplicate connection")
+            self._flush()
+        if not self._streams:
+            self.close()
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            peer_id=self.peer_id,
+            initiator=self.initiator,
+            remote_address=self.remote_address,
+            streams_open=len(self._streams),
+            rtt=self.rtt,
+            min_rtt=self._min_rtt,
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            write_buffer_size=0 if self._transport.is_closing() else self._transport.get_write_buffer_size(),
+            going_away=self.going_away,
+            closed=self._closed is not None,
+        )
+
+    # ------------------------------------------------------------------ keepalive
+
+    def start_keepalive(self, spawn: Callable[[Any], asyncio.Task[None]]) -> None:
+        """Start the keepalive task with ``spawn`` (the Host's task group)."""
+        if self._keepalive_task is None and self._closed is None and self._config.keepalive_interval > 0:
+            self._keepalive_task = spawn(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        interval, timeout = self._config.keepalive_interval, self._config.keepalive_timeout
+        while self._closed is None:
+            await asyncio.sleep(interval)
+            if self._closed is not None:
+                return
+            sent = self._loop.time()
+            try:
+                await self.ping(timeout)
+            except DeadlineExceeded:
+                if self._last_receive > sent:
+                    continue  # pong stuck behind bulk data: the peer is alive
+                self._abort(
+                    ConnectionClosedError(
+                        f"peer {self.peer_id} did not answer a keepalive ping within {timeout} s", code=ErrorCode.TIMEOUT
+                    )
+                )
+                return
+            except ConnectionClosedError:
+                return
+
+    # ------------------------------------------------------------------ output
+
+    def _flush(self) -> None:
+        """Encrypt and write everything the multiplexer has queued (deferred inside dispatch)."""
+        if self._in_dispatch or self._transport.is_closing():
+            return
+        data = self._mux.data_to_send()
+        if data:
+            wire = self._secure.encrypt(data)
+            self._bytes_sent += len(wire)
+            self._transport.write(wire)
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed is None:
+            self._flush()
+
+    async def _wait_writable(self) -> None:
+        while self._write_paused and self._closed is None:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+        if self._closed is not None:
+            raise self._closed
+
+    def _pause_writing(self) -> None:
+        self._write_paused = True
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # ------------------------------------------------------------------ input
+
+    def _data_received(self, data: bytes) -> None:
+        self._bytes_received += len(data)
+        self._last_receive = self._loop.time()
+        try:
+            self._secure.receive_data(data)
+        except ProtocolError as exc:
+            self._abort_for(exc)
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Decrypt and dispatch every complete frame buffered in the secure channel."""
+        secure, mux, dispatch = self._secure, self._mux, self._dispatch
+        self._in_dispatch = True
+        try:
+            while (plaintext := secure.next_plaintext()) is not None:
+                for event in mux.receive_data(plaintext):
+                    dispatch(event)
+        except ProtocolError as exc:
+            self._in_dispatch = False
+            self._abort_for(exc)
+            return
+        finally:
+            self._in_dispatch = False
+        self._flush()
+
+    def _dispatch(self, event: object) -> None:
+        kind = type(event)
+        if kind is DataReceived:
+            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
+            if stream is not None:
+                stream._on_data(event.data)  # type: ignore[attr-defined]
+            else:
+                self._mux.consumed(event.stream_id, len(event.data))  # type: ignore[attr-defined]
+        elif kind is WindowUpdated:
+            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
+            if stream is not None:
+                stream._on_window()
+        elif kind is StreamOpened:
+            stream = Stream(self, event.stream_id, event.protocol, local=False)  # type: ignore[attr-defined]
+            self._streams[stream.stream_id] = stream
+            self.on_stream(stream)
+        elif kind is StreamEnded:
+            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
+            if stream is not None:
+                stream._on_end()
+                self._stream_maybe_done(stream)
+        elif kind is StreamReset:
+            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
+            if stream is not None:
+                stream._on_reset(event.code, event.reason)  # type: ignore[attr-defined]
+        elif kind is PongReceived:
+            rtt = self._loop.time() - event.sent_at  # type: ignore[attr-defined]
+            self.rtt = rtt
+            self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
+            fut = self._pong_waiters.get(event.opaque)  # type: ignore[attr-defined]
+            if fut is not None and not fut.done():
+                fut.set_result(rtt)
+        elif kind is GoAwayReceived:
+            self.going_away = True
+            self.on_going_away(self)
+            if not self._streams:
+                self._loop.call_soon(self.close)
+        elif kind is PingReceived:
+            pass  # the multiplexer queued the pong
+
+    # ------------------------------------------------------------------ stream bookkeeping
+
+    def _stream_maybe_done(self, stream: Stream) -> None:
+        if not self._mux.is_open(stream.stream_id):
+            self._drop_stream(stream)
+
+    def _stream_failed(self, stream: Stream) -> None:
+        self._drop_stream(stream)
+
+    def _drop_stream(self, stream: Stream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            if self.going_away and not self._streams and self._closed is None:
+                self._loop.call_soon(self.close)
+
+    # ------------------------------------------------------------------ closing
+
+    def _abort_for(self, exc: ProtocolError) -> None:
+        """The peer broke the protocol: tell it why (GO_AWAY), then close."""
+        log.warning("closing connection to %s: %s", self.peer_id, exc)
+        error = ConnectionClosedError(f"connection to {self.peer_id} failed: {exc}", code=exc.code)
+        error.__cause__ = exc
+        self._close_reason = error
+        self.close(int(exc.code), exc.message[:200])
+
+    def _abort(self, error: ConnectionClosedError) -> None:
+        if self._close_reason is None:
+            self._close_reason = error
+        self._closing = True
+        self._transport.abort()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._closed is not None:
+            return
+        error = self._close_reason
+        if error is None:
+            why = f": {exc}" if exc else " by the peer"
+            error = ConnectionClosedError(f"connection to {self.peer_id} closed{why}")
+        self._closed = error
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        for stream in list(self._streams.values()):
+            stream._on_connection_lost(error)
+        self._streams.clear()
+        self._wake_drain_waiters()
+        for fut in self._pong_waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pong_waiters.clear()
+        if self._keepalive_task is not None and self._keepalive_task is not asyncio.current_task():
+            self._keepalive_task.cancel()
+        self._closed_event.set()
+        self.on_closed(self)
+
+
+class _Wire(asyncio.Protocol):
+    """asyncio callbacks of one TCP connection: the handshake first, then the Connection.
+
+    ``on_ready(connection)`` runs once the handshake is done (before any stream data
+    is dispatched); ``on_failed(error, peername)`` if it fails or times out.
+    A dialling wire also resolves ``ready``.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        swarm_key: bytes | None,
+        initiator: bool,
+        config: TransportConfig,
+        on_ready: Callable[[Connection], None],
+        on_failed: Callable[[ProtocolError, Any], None],
+        expected_peer_id: PeerId | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._identity = identity
+        self._swarm_key = swarm_key
+        self._initiator = initiator
+        self._config = config
+        self._on_ready = on_ready
+        self._on_failed = on_failed
+        self._expected = expected_peer_id
+        self._transport: asyncio.Transport | None = None
+        self._handshake: Handshake | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._conn: Connection | None = None
+        self._peername: Any = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self.ready: asyncio.Future[Connection] | None = self._loop.create_future() if initiator else None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # TCP only (not peer input)
+        self._transport = transport
+        self._peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self._config.write_buffer_high)
+        role = Role.INITIATOR if self._initiator else Role.RESPONDER
+        self._handshake = Handshake(role, self._identity, self._swarm_key, self._expected)
+        first = self._handshake.data_to_send()
+        if first:
+            transport.write(first)
+        self._timer = self._loop.call_later(self._config.handshake_timeout, self._handshake_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn._data_received(data)
+            return
+        self._feed_handshake(data)
+
+    def eof_received(self) -> bool:
+        if self._conn is None and self._handshake is not None:
+            self._feed_handshake(b"")
+        return False  # close our side too: a half-closed connection is of no use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        if self._conn is not None:
+            self._conn._connection_lost(exc)
+        elif self._handshake is not None:
+            why = f": {exc}" if exc else ""
+            self._fail(ConnectionClosedError(f"connection closed during the handshake{why}"))
+
+    def pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._resume_writing()
+
+    # -- handshake
+
+    def abort(self) -> None:
+        """Drop the socket (a cancelled dial)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _feed_handshake(self, data: bytes) -> None:
+        handshake, transport = self._handshake, self._transport
+        if handshake is None or transport is None:
+            return
+        try:
+            result = handshake.receive_data(data)
+        except ProtocolError as exc:
+            out = handshake.data_to_send()  # may hold a Rejection for the peer
+            if out and not transport.is_closing():
+                transport.write(out)
+            self._fail(exc)
+            return
+        out = handshake.data_to_send()
+        if out:
+            transport.write(out)
+        if result is not None:
+            self._complete(result)
+
+    def _complete(self, result: HandshakeResult) -> None:
+        assert self._transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._handshake = None
+        conn = Connection(
+            self._transport, result, initiator=self._initiator, local_peer_id=self._identity.peer_id, config=self._config
+        )
+        self._conn = conn
+        if self._transport.is_closing():  # peer already gone; connection_lost follows
+            return
+        self._on_ready(conn)
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(conn)
+        conn._pump()  # frames that arrived right behind the last handshake message
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self._conn is None and self._handshake is not None:
+            who = f" with {self._peername[0]}:{self._peername[1]}" if self._peername else ""
+            self._fail(DeadlineExceeded(f"handshake{who} not finished within {self._config.handshake_timeout} s"))
+
+    def _fail(self, error: ProtocolError) -> None:
+        if self._handshake is None:
+            return
+        self._handshake = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(error)
+        self._on_failed(error, self._peername)
+        if self._transport is not None and not self._transport.is_closing():
+            # close() still writes a queued Rejection; abort if the peer will not take it.
+            self._transport.close()
+            self._abort_timer = self._loop.call_later(self._config.close_timeout, self._transport.abort)

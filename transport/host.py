@@ -1,0 +1,555 @@
+"""``Host``: this peer on the network - listen, dial, pool connections, serve and call RPCs.
+
+See spec/transport.md §S5 (RPC) and §S6 (connections). Usage::
+
+    async with Host(identity, swarm_key=swarm_key) as host:
+        await host.listen("0.0.0.0", 31337)
+        print(host.addrs)                                   # [/ip4/.../tcp/31337/p2p/12D3KooW...]
+        host.set_handler("/echo/1", echo)                   # async def echo(peer_id, request) -> bytes
+        host.set_stream_handler("/chat/1", chat)            # async def chat(peer_id, stream) -> None
+        reply = await host.call("/ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...", "/echo/1", b"hi", timeout=5)
+        stream = await host.open_stream(peer_id, "/chat/1")
+
+A peer is named by a ``PeerId`` (we must already know an address or hold a
+connection), a ``Multiaddr`` or a multiaddr string. One connection per peer is
+kept and reused (§S6.1); if both peers dial each other at once, both keep the
+connection dialled by the smaller peer id and retire the other (GO_AWAY, closed
+when its streams are done).
+
+All background work (keepalives, handlers, dials) runs in the host's
+``asyncio.TaskGroup``; leaving ``async with`` closes every connection and waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Union
+
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from biopetals.protocol.identity import Identity, PeerId
+from biopetals.protocol.multiaddr import Multiaddr
+from biopetals.protocol.mux import validate_protocol_name
+from biopetals.protocol.swarm_key import SwarmKey
+
+from .connection import Connection, TransportConfig, _Wire
+from .errors import ConnectionClosedError, DeadlineExceeded, EndOfStream, StreamResetError, TransportError
+from .streams import Stream
+
+__all__ = ["Host", "HostStatistics", "UnaryHandler", "StreamHandler", "PeerLike"]
+
+log = logging.getLogger("biopetals.transport")
+
+UnaryHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
+StreamHandler = Callable[[PeerId, Stream], Awaitable[None]]
+PeerLike = Union[PeerId, Multiaddr, str]
+
+_HINTS = {
+    ErrorCode.SWARM_KEY_MISMATCH: " - use the swarm key file (e.g. lab.key) of the swarm you are joining, or none for a public swarm",
+    ErrorCode.PEER_ID_MISMATCH: " - the /p2p/ id in the address is wrong or stale (another node now listens there)",
+    ErrorCode.BAD_IDENTITY: " - the peer's identity key or signature is invalid (a broken or hostile peer)",
+    ErrorCode.HANDSHAKE_FAILED: " - the peer speaks another protocol version, or the bytes were altered in transit",
+    ErrorCode.UNSUPPORTED_VERSION: " - upgrade the older of the two peers",
+}
+
+
+@dataclass(frozen=True)
+class HostStatistics:
+    peer_id: PeerId
+    listen_addrs: tuple[str, ...]
+    connections: int
+    inbound: int
+    outbound: int
+    streams_open: int
+    handlers_running: int
+    dials_in_progress: int
+    handshakes_in_progress: int
+    handshakes_completed: int
+    handshakes_failed: dict[str, int]  # by error code name
+    bytes_sent: int
+    bytes_received: int
+
+
+class Host:
+    """This peer: identity, swarm key, listeners, connection pool and RPC handlers.
+
+    ``swarm_key`` None means a public swarm (spec/transport.md §2). Use as
+    ``async with Host(...) as host``; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        swarm_key: SwarmKey | bytes | None,
+        config: TransportConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self._swarm_key = swarm_key.key if isinstance(swarm_key, SwarmKey) else swarm_key
+        self.config = config or TransportConfig()
+        self._tg: asyncio.TaskGroup | None = None
+        self._running = False
+        self._servers: list[asyncio.Server] = []
+        self._handlers: dict[str, tuple[bool, Callable[..., Awaitable[Any]]]] = {}
+        self._conns: dict[PeerId, list[Connection]] = {}
+        self._addresses: dict[PeerId, Multiaddr] = {}
+        self._dials: dict[Any, asyncio.Future[Connection]] = {}
+        self._handshaking: set[_Wire] = set()
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._handshakes_completed = 0
+        self._handshakes_failed: Counter[str] = Counter()
+        self._closed_bytes = [0, 0]  # sent, received, of connections already closed
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    def __repr__(self) -> str:
+        return f"<Host {self.peer_id}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Host:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._running = True
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        assert self._tg is not None
+        try:
+            await self._shutdown()
+        finally:
+            result = await self._tg.__aexit__(exc_type, exc, tb)
+        return result
+
+    async def _shutdown(self) -> None:
+        self._running = False
+        for server in self._servers:
+            server.close()
+        for wire in list(self._handshaking):
+            wire.abort()
+        for fut in list(self._dials.values()):
+            fut.cancel()
+        conns = [c for group in self._conns.values() for c in group]
+        for conn in conns:
+            conn.close(0, "host shutting down")
+        for task in list(self._handler_tasks):
+            task.cancel()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=self.config.close_timeout + 1)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def _check_running(self) -> asyncio.TaskGroup:
+        if not self._running or self._tg is None:
+            raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "host is not running: use `async with Host(...) as host`")
+        return self._tg
+
+    # ------------------------------------------------------------------ listening
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> list[Multiaddr]:
+        """Accept connections on ``host``:``port`` (0 = any free port); returns ``addrs``.
+
+        ``host`` may also be a multiaddr such as ``/ip4/0.0.0.0/tcp/31337``.
+        """
+        self._check_running()
+        if host.startswith("/"):
+            addr = Multiaddr.parse(host)
+            host, port = addr.host, addr.port
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._accepting_wire, host, port, reuse_address=True)
+        self._servers.append(server)
+        addrs = self.addrs
+        log.info("listening on %s", ", ".join(map(str, addrs)))
+        return addrs
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """Our listen addresses with ``/p2p/<our peer id>`` (0.0.0.0 if bound to all interfaces)."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                kind = "ip6" if sock.family == socket.AF_INET6 else "ip4"
+                out.append(Multiaddr(kind, host, port, self.peer_id))
+        return out
+
+    def _accepting_wire(self) -> _Wire:
+        wire: _Wire
+
+        def ready(conn: Connection) -> None:
+            self._handshaking.discard(wire)
+            self._adopt(conn)
+
+        def failed(error: ProtocolError, peername: Any) -> None:
+            self._handshaking.discard(wire)
+            self._handshakes_failed[_code_name(error.code)] += 1
+            where = f"{peername[0]}:{peername[1]}" if peername else "?"
+            log.warning("inbound handshake from %s failed: %s", where, _with_hint(error).message)
+
+        wire = _Wire(
+            identity=self.identity,
+            swarm_key=self._swarm_key,
+            initiator=False,
+            config=self.config,
+            on_ready=ready,
+            on_failed=failed,
+        )
+        self._handshaking.add(wire)
+        return wire
+
+    # ------------------------------------------------------------------ handlers
+
+    def set_handler(self, protocol: str, handler: UnaryHandler) -> None:
+        """Serve request/response calls: ``async def handler(peer_id, request: bytes) -> bytes``.
+
+        Raise a ``ProtocolError`` to answer with its code and message (the caller
+        gets ``StreamResetError``); any other exception answers INTERNAL.
+        """
+        self._handlers[_check_protocol(protocol)] = (True, handler)
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve streams: ``async def handler(peer_id, stream)``; the stream is closed when it returns."""
+        self._handlers[_check_protocol(protocol)] = (False, handler)
+
+    def remove_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    def _on_stream(self, stream: Stream) -> None:
+        entry = self._handlers.get(stream.protocol) if self._running else None
+        if entry is None:
+            stream.reset(ErrorCode.UNKNOWN_PROTOCOL, f"peer {self.peer_id} has no handler for protocol {stream.protocol!r}")
+            return
+        unary, handler = entry
+        assert self._tg is not None
+        coro = self._serve_unary(stream, handler) if unary else self._serve_stream(stream, handler)
+        task = self._tg.create_task(coro)
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+        if unary:
+            stream._task_to_cancel = task  # the caller gave up: stop working for it
+
+    async def _serve_unary(self, stream: Stream, handler: UnaryHandler) -> None:
+        try:
+            try:
+                request = await stream.receive()
+            except EndOfStream:
+                stream.reset(ErrorCode.MALFORMED, "a call carries exactly one request message (§S5.1)")
+                return
+            try:
+                await stream.receive()
+            except EndOfStream:
+                pass  # exactly one request, then FIN
+            else:
+                stream.reset(ErrorCode.MALFORMED, "a call carries exactly one request message (§S5.1)")
+                return
+            try:
+                response = await handler(stream.peer_id, request)
+            except ProtocolError as exc:
+                stream.reset(exc.code, exc.message)
+                return
+            except Exception:
+                log.exception("handler for %s failed", stream.protocol)
+                stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+                return
+            if not isinstance(response, (bytes, bytearray, memoryview)):
+                log.error("handler for %s returned %s, not bytes", stream.protocol, type(response).__name__)
+                stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+                return
+            await stream.send(response, end=True)
+        except (TransportError, RemoteProtocolError):
+            pass  # stream reset or connection gone: nobody to answer
+        except asyncio.CancelledError:
+            stream.reset(ErrorCode.CONNECTION_CLOSED, "peer is shutting down")
+            raise
+
+    async def _serve_stream(self, stream: Stream, handler: StreamHandler) -> None:
+        try:
+            await handler(stream.peer_id, stream)
+        except (TransportError, RemoteProtocolError) as exc:
+            if not stream.is_closed:
+                stream.reset(exc.code, exc.message)
+            return
+        except ProtocolError as exc:
+            stream.reset(exc.code, exc.message)
+            return
+        except asyncio.CancelledError:
+            stream.reset(ErrorCode.CONNECTION_CLOSED, "peer is shutting down")
+            raise
+        except Exception:
+            log.exception("stream handler for %s failed", stream.protocol)
+            stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+            return
+        try:
+            await stream.aclose()
+        except (TransportError, RemoteProtocolError):
+            pass
+
+    # ------------------------------------------------------------------ connections
+
+    def add_address(self, peer_id: PeerId, addr: Multiaddr | str) -> None:
+        """Remember where ``peer_id`` listens, so it can be named by its id alone."""
+        addr = Multiaddr.parse(addr) if isinstance(addr, str) else addr
+        self._addresses[peer_id] = addr.without_peer_id()
+
+    def connection(self, peer_id: PeerId) -> Connection | None:
+        """The pooled connection to ``peer_id``, if one is open."""
+        best = None
+        for conn in self._conns.get(peer_id, ()):
+            if conn.is_closed or conn.going_away:
+                continue
+            if best is None or _preference(conn) < _preference(best):
+                best = conn
+        return best
+
+    def connections(self) -> list[Connection]:
+        """Every open connection (including ones being retired)."""
+        return [c for group in self._conns.values() for c in group if not c.is_closed]
+
+    async def connect(self, peer: PeerLike, *, timeout: float | None = None) -> Connection:
+        """The connection to ``peer``: the pooled one, or a new dial (TCP + handshake).
+
+        Raises ConnectionClosedError (cannot connect), DeadlineExceeded, or the
+        handshake's RemoteProtocolError (SWARM_KEY_MISMATCH, PEER_ID_MISMATCH, ...).
+        """
+        tg = self._check_running()
+        timeout = self.config.handshake_timeout if timeout is None else timeout
+        peer_id, addr = _resolve(peer)
+        if peer_id is not None:
+            conn = self.connection(peer_id)
+            if conn is not None:
+                return conn
+            if addr is None:
+                addr = self._addresses.get(peer_id)
+                if addr is None:
+                    raise ConnectionClosedError(
+                        f"no connection to {peer_id} and no known address: dial a multiaddr or call add_address first"
+                    )
+                addr = addr.with_peer_id(peer_id)
+        assert addr is not None
+        key: Any = peer_id if peer_id is not None else (addr.host, addr.port)
+        fut = self._dials.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_consume_exception)
+            self._dials[key] = fut
+            tg.create_task(self._dial_into(addr, key, fut))
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await asyncio.shield(fut)
+        except TimeoutError:
+            raise DeadlineExceeded(f"connecting to {addr} took longer than {timeout} s") from None
+        return self.connection(conn.peer_id) or conn
+
+    async def _dial_into(self, addr: Multiaddr, key: Any, fut: asyncio.Future[Connection]) -> None:
+        try:
+            conn = await self._dial(addr)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(conn)
+        finally:
+            if self._dials.get(key) is fut:
+                del self._dials[key]
+
+    async def _dial(self, addr: Multiaddr) -> Connection:
+        loop = asyncio.get_running_loop()
+        wire = _Wire(
+            identity=self.identity,
+            swarm_key=self._swarm_key,
+            initiator=True,
+            config=self.config,
+            on_ready=self._adopt,
+            on_failed=self._dial_failed,
+            expected_peer_id=addr.peer_id,
+        )
+        family = {"ip4": socket.AF_INET, "dns4": socket.AF_INET, "ip6": socket.AF_INET6, "dns6": socket.AF_INET6}.get(addr.kind, 0)
+        assert wire.ready is not None
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await loop.create_connection(lambda: wire, addr.host, addr.port, family=family)
+                conn = await wire.ready
+        except TimeoutError:
+            wire.abort()
+            raise DeadlineExceeded(f"connecting to {addr}: no finished handshake within {self.config.handshake_timeout} s") from None
+        except asyncio.CancelledError:
+            wire.ready.cancel()
+            wire.abort()
+            raise
+        except OSError as exc:
+            raise ConnectionClosedError(f"cannot connect to {addr}: {exc.strerror or exc}") from exc
+        except RemoteProtocolError as exc:
+            raise _with_hint(exc, f"connecting to {addr}: ") from exc
+        if addr.peer_id is None or addr.peer_id == conn.peer_id:
+            self._addresses[conn.peer_id] = addr.without_peer_id()
+        return conn
+
+    def _dial_failed(self, error: ProtocolError, peername: Any) -> None:
+        self._handshakes_failed[_code_name(error.code)] += 1
+
+    def _adopt(self, conn: Connection) -> None:
+        """A handshake finished: pool the connection, start its keepalive, dedupe (§S6.1)."""
+        self._handshakes_completed += 1
+        if not self._running or self._tg is None:
+            conn.close(0, "host shutting down")
+            return
+        conn.on_stream = self._on_stream
+        conn.on_going_away = self._on_going_away
+        conn.on_closed = self._on_closed
+        group = self._conns.setdefault(conn.peer_id, [])
+        group.append(conn)
+        conn.start_keepalive(self._tg.create_task)
+        best = self.connection(conn.peer_id)
+        for other in group:
+            if other is not best and not other.going_away and not other.is_closed:
+                other.retire()
+
+    def _on_going_away(self, conn: Connection) -> None:
+        conn.retire()
+
+    def _on_closed(self, conn: Connection) -> None:
+        stats = conn.statistics()
+        self._closed_bytes[0] += stats.bytes_sent
+        self._closed_bytes[1] += stats.bytes_received
+        group = self._conns.get(conn.peer_id)
+        if group is not None and conn in group:
+            group.remove(conn)
+            if not group:
+                del self._conns[conn.peer_id]
+
+    # ------------------------------------------------------------------ RPC
+
+    async def open_stream(self, peer: PeerLike, protocol: str, *, timeout: float | None = None) -> Stream:
+        """Open a stream for ``protocol`` to ``peer`` (connecting if needed, within ``timeout``).
+
+        If the peer has no handler, the stream's first ``receive`` (or a later
+        ``send``) raises ``UnknownProtocolError``.
+        """
+        timeout = self.config.call_timeout if timeout is None else timeout
+        conn = await self.connect(peer, timeout=timeout)
+        try:
+            return conn.open_stream(protocol)
+        except ConnectionClosedError:
+            conn = await self.connect(conn.peer_id, timeout=timeout)  # lost a dedupe race: use the pooled one
+            return conn.open_stream(protocol)
+
+    async def call(self, peer: PeerLike, protocol: str, request: bytes, *, timeout: float | None = None) -> bytes:
+        """Request/response RPC (§S5.1): send ``request``, return the response, within ``timeout`` s.
+
+        Raises DeadlineExceeded, UnknownProtocolError, StreamResetError (the handler
+        raised; ``.code`` is its error code), ConnectionClosedError or a handshake error.
+        """
+        timeout = self.config.call_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                for attempt in range(2):
+                    conn = await self.connect(peer, timeout=timeout)
+                    try:
+                        stream = conn.open_stream(protocol)
+                    except ConnectionClosedError:
+                        if attempt:
+                            raise
+                        continue  # pooled connection retired a moment ago: the next one is fresh
+                    try:
+                        return await _call_on(stream, request)
+                    except StreamResetError as exc:
+                        refused = exc.code == ErrorCode.CONNECTION_CLOSED and stream.statistics().messages_received == 0
+                        if refused and attempt == 0 and exc.by_peer:
+                            continue  # the peer refused the stream while retiring this connection
+                        raise
+                raise AssertionError("unreachable")
+        except TimeoutError:
+            raise DeadlineExceeded(f"call {protocol} to {peer} did not complete within {timeout} s") from None
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> HostStatistics:
+        conns = self.connections()
+        stats = [c.statistics() for c in conns]
+        return HostStatistics(
+            peer_id=self.peer_id,
+            listen_addrs=tuple(str(a) for a in self.addrs),
+            connections=len(conns),
+            inbound=sum(not s.initiator for s in stats),
+            outbound=sum(s.initiator for s in stats),
+            streams_open=sum(s.streams_open for s in stats),
+            handlers_running=len(self._handler_tasks),
+            dials_in_progress=len(self._dials),
+            handshakes_in_progress=len(self._handshaking),
+            handshakes_completed=self._handshakes_completed,
+            handshakes_failed=dict(self._handshakes_failed),
+            bytes_sent=self._closed_bytes[0] + sum(s.bytes_sent for s in stats),
+            bytes_received=self._closed_bytes[1] + sum(s.bytes_received for s in stats),
+        )
+
+
+async def _call_on(stream: Stream, request: bytes) -> bytes:
+    """Client side of §S5.1 on an open stream; resets the stream on any failure."""
+    try:
+        await stream.send(request, end=True)
+        response = await stream.receive()
+        try:
+            await stream.receive()
+        except EndOfStream:
+            return response
+        stream.reset(ErrorCode.MALFORMED, "a call's response is exactly one message (§S5.1)")
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"peer sent more than one response message on {stream.protocol}")
+    except BaseException as exc:
+        if not stream.is_closed:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            stream.reset(ErrorCode.TIMEOUT if cancelled else ErrorCode.STREAM_RESET, "caller gave up" if cancelled else "")
+        raise
+
+
+def _preference(conn: Connection) -> tuple[bytes, bytes]:
+    """Both peers rank a pair's connections alike: dialled by the smaller peer id first (§S6.1)."""
+    dialer = conn.local_peer_id if conn.initiator else conn.peer_id
+    return (dialer.to_bytes(), conn.handshake_hash)
+
+
+def _resolve(peer: PeerLike) -> tuple[PeerId | None, Multiaddr | None]:
+    if isinstance(peer, PeerId):
+        return peer, None
+    if isinstance(peer, str):
+        if peer.startswith("/"):
+            peer = Multiaddr.parse(peer)
+        else:
+            return PeerId.from_base58(peer), None
+    if isinstance(peer, Multiaddr):
+        return peer.peer_id, peer
+    raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"a peer is a PeerId, Multiaddr or multiaddr string, not {type(peer).__name__}")
+
+
+def _check_protocol(protocol: str) -> str:
+    try:
+        validate_protocol_name(protocol.encode("ascii"))
+    except (UnicodeEncodeError, AttributeError, RemoteProtocolError):
+        raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"invalid protocol name {protocol!r}: visible ASCII starting with '/', at most 128 bytes") from None
+    return protocol
+
+
+def _with_hint(error: ProtocolError, prefix: str = "") -> ProtocolError:
+    hint = _HINTS.get(error.code, "") if isinstance(error.code, ErrorCode) else ""
+    if not prefix and not hint:
+        return error
+    new = type(error)(error.code, f"{prefix}{error.message}{hint}") if type(error) in (RemoteProtocolError,) else error
+    return new
+
+
+def _code_name(code: ErrorCode | int) -> str:
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved: a dial nobody waits for any more must not warn

@@ -1,0 +1,408 @@
+"""``Stream``: one multiplexed stream of messages, with backpressure both ways.
+
+See spec/transport.md §S3 (streams) and §S5 (messages on a stream). A stream
+carries *messages*: each is framed as in spec/tensors.md §6 (a 4-byte big-endian
+length, then 1 to ``MAX_FRAME_BYTES`` bytes), so the receiver gets exactly what
+the sender passed to ``send``.
+
+Backpressure, sending: ``send`` writes no more than the stream's flow-control
+window allows and waits (``WindowUpdated``) for the rest, and it waits while the
+socket's write buffer is above its high-water mark. A fast writer facing a slow
+reader therefore holds at most one window plus one socket buffer of data.
+
+Backpressure, receiving: bytes are *consumed* - and the window granted back to the
+sender - only while the application is inside ``receive()`` (assembling the message
+it asked for). Data nobody asked for stays buffered (at most one window) and stops
+the writer; the stream is never reset for being slow.
+
+Streams are made by ``Host.open_stream`` / handed to stream handlers; never directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator
+
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
+from biopetals.protocol.identity import PeerId
+from biopetals.protocol.limits import MAX_FRAME_BYTES
+from biopetals.protocol.mux import MAX_DATA_PAYLOAD
+
+from .errors import EndOfStream, StreamResetError, TransportError, stream_reset_error
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["Stream", "StreamStatistics", "SEND_BATCH"]
+
+#: Most bytes handed to the multiplexer (and the socket) in one step of ``send``:
+#: big enough for few Python-level steps per message, small enough that concurrent
+#: streams interleave.
+SEND_BATCH = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StreamStatistics:
+    stream_id: int
+    protocol: str
+    messages_sent: int
+    messages_received: int
+    bytes_sent: int  # payload bytes, without framing
+    bytes_received: int  # stream bytes consumed (framing included)
+    send_window: int  # bytes we may send before the peer grants more
+    receive_buffered: int  # bytes received and not yet consumed by the application
+    send_closed: bool
+    receive_closed: bool
+
+
+class Stream:
+    """A bidirectional stream of messages to one peer (spec/transport.md §S3, §S5).
+
+    ``await send(msg)``, ``await receive()`` (raises ``EndOfStream`` once the peer
+    half-closed), ``await send_eof()`` (half-close), ``reset(code, reason)`` (abort),
+    ``async for msg in stream``, ``async with stream``. One task may send while
+    another receives; two tasks sending (or receiving) at once is an error.
+    """
+
+    def __init__(self, connection: Connection, stream_id: int, protocol: str, *, local: bool) -> None:
+        self._conn = connection
+        self._mux = connection._mux
+        self.stream_id = stream_id
+        self.protocol = protocol
+        self.local = local  # we opened it
+        # receive side
+        self._pending: deque[bytes | memoryview] = deque()  # received, not consumed
+        self._pending_bytes = 0
+        self._parts: list[bytes | memoryview] = []  # consumed parts of the message being assembled
+        self._assembled = 0
+        self._need: int | None = None  # size of the message being assembled, once its prefix is read
+        self._prefix = bytearray()
+        self._ready: bytes | None = None  # a complete message not yet returned
+        self._receiving = False  # a task is inside receive(): data is consumed on arrival
+        self._receive_waiter: asyncio.Future[None] | None = None
+        self._eof = False  # the peer sent FIN
+        self._discard = False  # we closed: incoming data is dropped (and granted back)
+        # send side
+        self._sending = False
+        self._send_closed = False
+        self._window_waiter: asyncio.Future[None] | None = None
+        # either side
+        self._error: TransportError | RemoteProtocolError | None = None
+        self._task_to_cancel: asyncio.Task[None] | None = None  # a unary handler working for the peer
+        self._messages_sent = self._messages_received = 0
+        self._bytes_sent = self._bytes_received = 0
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self._conn.peer_id
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.stream_id} {self.protocol} with {self._conn.peer_id}>"
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, message: bytes | bytearray | memoryview, *, end: bool = False) -> None:
+        """Send one message (1 to MAX_FRAME_BYTES bytes); ``end=True`` half-closes after it.
+
+        Returns once the message is handed to the socket; waits while the peer's
+        window is exhausted or the socket buffer is full. ``message`` must not be
+        modified until this returns.
+        """
+        if self._sending:
+            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: another task is already sending")
+        self._check_can_send()
+        view = memoryview(message).cast("B")
+        size = len(view)
+        if not 1 <= size <= MAX_FRAME_BYTES:
+            raise LocalProtocolError(
+                ErrorCode.LIMIT_EXCEEDED if size else ErrorCode.MALFORMED,
+                f"a message must be 1 to {MAX_FRAME_BYTES} bytes, got {size} (spec/tensors.md §6)",
+            )
+        self._sending = True
+        try:
+            prefix = size.to_bytes(LENGTH_PREFIX_BYTES, "big")
+            mux, sid, conn = self._mux, self.stream_id, self._conn
+            if size <= MAX_DATA_PAYLOAD and mux.send_window(sid) >= size + LENGTH_PREFIX_BYTES:
+                # Small message, window open: one frame, one write (the common RPC case).
+                mux.send_data(sid, prefix + view.tobytes(), end_stream=end)
+                self._after_send(size, end)
+                conn._flush()
+                if conn._write_paused:
+                    await conn._wait_writable()
+                return
+            pieces = (memoryview(prefix), view)
+            for index, piece in enumerate(pieces):
+                last_piece = index == len(pieces) - 1
+                pos, total = 0, len(piece)
+                while pos < total:
+                    window = mux.send_window(sid)
+                    if window == 0:
+                        await self._wait_window()
+                        continue
+                    n = min(window, total - pos, SEND_BATCH)
+                    final = end and last_piece and pos + n == total
+                    mux.send_data(sid, piece[pos : pos + n], end_stream=final)
+                    pos += n
+                    if final:
+                        self._after_send(size, end)
+                    conn._flush()
+                    if conn._write_paused:
+                        await conn._wait_writable()
+            if not end:
+                self._after_send(size, end)
+        finally:
+            self._sending = False
+
+    def _after_send(self, size: int, end: bool) -> None:
+        self._messages_sent += 1
+        self._bytes_sent += size
+        if end:
+            self._send_closed = True
+            self._conn._stream_maybe_done(self)
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer's ``receive`` raises ``EndOfStream`` after our last message.
+
+        Idempotent; we may still receive afterwards.
+        """
+        if self._send_closed or self._error is not None:
+            return
+        if self._sending:
+            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: send_eof while another task is sending")
+        self._mux.end_stream(self.stream_id)
+        self._send_closed = True
+        self._conn._stream_maybe_done(self)
+        self._conn._flush()
+
+    def _check_can_send(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._send_closed:
+            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: already half-closed for sending")
+
+    async def _wait_window(self) -> None:
+        fut = self._window_waiter = self._conn._loop.create_future()
+        try:
+            await fut
+        finally:
+            self._window_waiter = None
+        if self._error is not None:
+            raise self._error
+
+    # ------------------------------------------------------------------ receiving
+
+    async def receive(self) -> bytes:
+        """The next message. Raises ``EndOfStream`` after the peer's last one.
+
+        Raises ``StreamResetError`` if the stream was reset (buffered data is
+        dropped), ``ConnectionClosedError`` if the connection is gone, and
+        ``RemoteProtocolError`` if the peer framed a message wrongly.
+        """
+        if self._receiving:
+            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: another task is already receiving")
+        while True:
+            if self._ready is not None:
+                message, self._ready = self._ready, None
+                self._messages_received += 1
+                return message
+            if self._error is not None:
+                raise self._error
+            if self._absorb():
+                self._conn._flush()  # window updates for what we just consumed
+                continue
+            self._conn._flush()
+            if self._eof:
+                if self._need is not None or self._prefix:
+                    raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self!r}: peer ended the stream inside a message")
+                raise EndOfStream(f"{self!r}: the peer closed its side")
+            fut = self._receive_waiter = self._conn._loop.create_future()
+            self._receiving = True
+            try:
+                await fut
+            finally:
+                self._receiving = False
+                self._receive_waiter = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                yield await self.receive()
+            except EndOfStream:
+                return
+
+    def _absorb(self) -> bool:
+        """Consume pending bytes into the message being assembled; True once it is complete."""
+        if self._ready is not None:
+            return True  # one message at a time: the next waits until this one is taken
+        pending = self._pending
+        consumed = 0
+        complete = False
+        while pending:
+            chunk = pending[0]
+            if self._need is None:
+                take = min(LENGTH_PREFIX_BYTES - len(self._prefix), len(chunk))
+                self._prefix += chunk[:take]
+                consumed += take
+                if take == len(chunk):
+                    pending.popleft()
+                else:
+                    pending[0] = memoryview(chunk)[take:]
+                if len(self._prefix) == LENGTH_PREFIX_BYTES:
+                    size = int.from_bytes(self._prefix, "big")
+                    self._prefix.clear()
+                    if not 1 <= size <= MAX_FRAME_BYTES:
+                        self._pending_bytes -= consumed
+                        self._protocol_violation(size)
+                    self._need = size
+                continue
+            want = self._need - self._assembled
+            if len(chunk) <= want:
+                pending.popleft()
+                self._parts.append(chunk)
+                self._assembled += len(chunk)
+                consumed += len(chunk)
+            else:
+                view = memoryview(chunk)
+                self._parts.append(view[:want])
+                pending[0] = view[want:]
+                self._assembled += want
+                consumed += want
+            if self._assembled == self._need:
+                parts = self._parts
+                one = parts[0]
+                self._ready = one if len(parts) == 1 and type(one) is bytes else b"".join(parts)
+                self._parts = []
+                self._assembled = 0
+                self._need = None
+                self._bytes_received += LENGTH_PREFIX_BYTES + len(self._ready)
+                complete = True
+                break
+        if consumed:
+            self._pending_bytes -= consumed
+            self._mux.consumed(self.stream_id, consumed)
+        return complete
+
+    def _protocol_violation(self, size: int) -> None:
+        code = ErrorCode.MALFORMED if size == 0 else ErrorCode.LIMIT_EXCEEDED
+        message = f"peer sent a message of {size} bytes; must be 1 to {MAX_FRAME_BYTES} (spec/tensors.md §6)"
+        self._mux.reset_stream(self.stream_id, code, message)
+        self._conn._flush()
+        self._fail(RemoteProtocolError(code, message))
+        raise RemoteProtocolError(code, message)
+
+    # ------------------------------------------------------------------ closing
+
+    def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
+        """Abort the stream both ways; the peer's pending and future calls raise StreamResetError."""
+        if self._error is not None:
+            return
+        self._mux.reset_stream(self.stream_id, code, reason)
+        self._conn._flush()
+        self._fail(StreamResetError(code, reason or "reset by this side", by_peer=False))
+
+    async def aclose(self) -> None:
+        """Close: half-close for sending (if not yet), drop whatever the peer still sends.
+
+        Never resets, so our last messages still reach a peer that reads them later.
+        """
+        if self._error is not None:
+            return
+        self._discard = True
+        if self._pending_bytes:
+            self._mux.consumed(self.stream_id, self._pending_bytes)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._parts = []
+        await self.send_eof()
+        self._conn._flush()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is None:
+            await self.aclose()
+        else:
+            self.reset(ErrorCode.STREAM_RESET, "aborted by the application")
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the stream can carry nothing more either way."""
+        return self._error is not None or (self._send_closed and self._eof)
+
+    def statistics(self) -> StreamStatistics:
+        return StreamStatistics(
+            stream_id=self.stream_id,
+            protocol=self.protocol,
+            messages_sent=self._messages_sent,
+            messages_received=self._messages_received,
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            send_window=self._mux.send_window(self.stream_id),
+            receive_buffered=self._pending_bytes,
+            send_closed=self._send_closed,
+            receive_closed=self._eof,
+        )
+
+    # ------------------------------------------------------------------ events from the connection
+
+    def _on_data(self, data: bytes) -> None:
+        if self._discard:
+            self._mux.consumed(self.stream_id, len(data))
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._receiving:
+            # The application is waiting for a message: consume right away, so the
+            # window goes back to the sender now, and wake it only when complete.
+            try:
+                complete = self._absorb()
+            except RemoteProtocolError:
+                complete = True  # _fail already set the error; wake the reader
+            if complete:
+                self._wake(self._receive_waiter)
+
+    def _on_window(self) -> None:
+        self._wake(self._window_waiter)
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._wake(self._receive_waiter)
+
+    def _on_reset(self, code: int, reason: str) -> None:
+        self._fail(stream_reset_error(code, reason))
+        self._cancel_task()
+
+    def _on_connection_lost(self, error: TransportError) -> None:
+        self._fail(error)
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self._task_to_cancel
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _fail(self, error: TransportError | RemoteProtocolError) -> None:
+        if self._error is None:
+            self._error = error
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._parts = []
+        self._wake(self._receive_waiter)
+        self._wake(self._window_waiter)
+        self._conn._stream_failed(self)
+
+    @staticmethod
+    def _wake(fut: asyncio.Future[None] | None) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)

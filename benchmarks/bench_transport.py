@@ -58,7 +58,7 @@ async def _plain_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def _serve(conn: mp.connection.Connection, swarm_key: bytes) -> None:
-    plain = await asyncio.start_server(_plain_handle, "127.0.0.1", 0)
+    plain = await asyncio.start_server(_plain_handle, "127.0.0.1", 0, limit=1 << 20)
     plain_port = plain.sockets[0].getsockname()[1]
 
     async def echo(peer_id: object, request: bytes) -> bytes:
@@ -73,7 +73,8 @@ async def _serve(conn: mp.connection.Connection, swarm_key: bytes) -> None:
         addrs = await host.listen("127.0.0.1", 0)
         conn.send((plain_port, str(addrs[0])))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, conn.recv)  # parent says stop
+        while await loop.run_in_executor(None, conn.recv) == "cpu":  # until the parent says stop
+            conn.send(time.process_time())
         plain.close()
 
 
@@ -134,7 +135,26 @@ def _median_p99(samples: list[float]) -> tuple[float, float]:
     return statistics.median(s), s[min(len(s) - 1, int(len(s) * 0.99))]
 
 
-async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool) -> list[tuple[str, str, str, str]]:
+class Cpu:
+    """CPU seconds (user + system) used by this process and the server process during a block."""
+
+    def __init__(self, pipe: mp.connection.Connection) -> None:
+        self.pipe = pipe
+        self.seconds = 0.0
+
+    def _server(self) -> float:
+        self.pipe.send("cpu")
+        return float(self.pipe.recv())
+
+    def __enter__(self) -> Cpu:
+        self._start = time.process_time() + self._server()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.process_time() + self._server() - self._start
+
+
+async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool, pipe: mp.connection.Connection) -> list[tuple[str, str, str, str]]:
     rtt_rounds = 500 if quick else 3000
     big_rounds = 3 if quick else 8
     conc_big_rounds = 1 if quick else 2
@@ -155,10 +175,14 @@ async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool) -> 
 
         for size, label in ((64, "64 B"), (8192, "8 KiB")):
             payload = os.urandom(size)
-            p = _median_p99(await _timed(lambda: plain.call(b"e", payload), rtt_rounds))
-            b = _median_p99(await _timed(lambda: ours(ECHO, payload), rtt_rounds))
+            with Cpu(pipe) as pc:
+                p = _median_p99(await _timed(lambda: plain.call(b"e", payload), rtt_rounds))
+            with Cpu(pipe) as bc:
+                b = _median_p99(await _timed(lambda: ours(ECHO, payload), rtt_rounds))
             rows.append((f"RTT {label}, 1 stream: median / p99 (us)", f"{p[0]*1e6:.0f} / {p[1]*1e6:.0f}",
                          f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p[0]:.2f}x"))
+            pcpu, bcpu = pc.seconds / rtt_rounds * 1e6, bc.seconds / rtt_rounds * 1e6
+            rows.append((f"CPU per {label} call, client + server (us)", f"{pcpu:.0f}", f"{bcpu:.0f}", f"{bcpu/pcpu:.2f}x"))
             per = max(20, rtt_rounds // 32)
             pl, pw = await _timed_concurrent([lambda c=c: c.call(b"e", payload) for c in plains], per)
             bl, bw = await _timed_concurrent([lambda: ours(ECHO, payload)] * 32, per)
@@ -170,9 +194,13 @@ async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool) -> 
         big = os.urandom(16 * MiB)
         await plain.call(b"s", big)
         await ours(SINK, big)
-        p = statistics.median(await _timed(lambda: plain.call(b"s", big), big_rounds))
-        b = statistics.median(await _timed(lambda: ours(SINK, big), big_rounds))
+        with Cpu(pipe) as pc:
+            p = statistics.median(await _timed(lambda: plain.call(b"s", big), big_rounds))
+        with Cpu(pipe) as bc:
+            b = statistics.median(await _timed(lambda: ours(SINK, big), big_rounds))
         rows.append(("16 MiB messages, 1 stream (MB/s)", f"{16*MiB/p/1e6:.0f}", f"{16*MiB/b/1e6:.0f}", f"{p/b:.2f}x"))
+        pm, bm = big_rounds * 16 * MiB / pc.seconds / 1e6, big_rounds * 16 * MiB / bc.seconds / 1e6
+        rows.append(("16 MiB messages: MB per CPU-second, client + server", f"{pm:.0f}", f"{bm:.0f}", f"{bm/pm:.2f}x"))
         _, pw = await _timed_concurrent([lambda c=c: c.call(b"s", big) for c in plains], conc_big_rounds)
         _, bw = await _timed_concurrent([lambda: ours(SINK, big)] * 32, conc_big_rounds)
         total = 32 * conc_big_rounds * 16 * MiB
@@ -198,13 +226,15 @@ def main() -> None:
     server.start()
     try:
         plain_port, addr = parent.recv()
-        rows = asyncio.run(_client(plain_port, addr, swarm_key, args.quick))
+        rows = asyncio.run(_client(plain_port, addr, swarm_key, args.quick, parent))
     finally:
         parent.send("stop")
         server.join(10)
         if server.is_alive():
             server.kill()
-    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, loopback, client and server in separate processes\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs (load average {load:.1f} at the end), loopback, "
+          "client and server in separate processes\n")
     print("| measurement | plain asyncio TCP | BioPetals (Noise + mux) | BioPetals vs plain |")
     print("|---|---|---|---|")
     for row in rows:

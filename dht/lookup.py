@@ -16,7 +16,7 @@ No I/O, no clock: every method takes ``now``. Records returned by peers are vali
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from biopetals.protocol.errors import RemoteProtocolError
 
@@ -209,6 +209,9 @@ class Lookup:
 
     def _take_records(self, t: _Target, records: tuple[Record, ...], now: float) -> None:
         for r in records:
+            held = t.records.get(r.subkey)
+            if held is not None and r.expiration <= held.expiration:
+                continue  # not newer than what we hold: dropped unverified (k replicas send the same record)
             try:
                 if hash_key(r.key) != t.target:
                     raise RemoteProtocolError(0, "record under the wrong key")
@@ -216,9 +219,7 @@ class Lookup:
             except RemoteProtocolError:
                 self.stats.invalid_records += 1
                 continue
-            held = t.records.get(r.subkey)
-            if held is None or r.expiration > held.expiration:
-                t.records[r.subkey] = r
+            t.records[r.subkey] = r
 
     def on_failure(self, query_id: int, now: float) -> Query | None:
         """The query failed (error, bad response, connection lost). Returns it (None if unknown)."""

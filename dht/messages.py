@@ -7,6 +7,7 @@ msgpack, Key, Type, Value or Index error. The size check comes before parsing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -159,6 +160,15 @@ def _array(obj: dict, key: int, what: str, lo: int, hi: int) -> list:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _addr_peer_id(addr: str) -> bytes | None:
+    """Validate a multiaddr; its /p2p/ id if any. Cached: responses repeat the same contacts
+    (a batched FIND_VALUE answer lists the same nodes for many keys), and parsing dominates decoding.
+    Invalid addresses raise MultiaddrError (a RemoteProtocolError, INVALID_FIELD) and are not cached."""
+    parsed = Multiaddr.parse(addr)
+    return None if parsed.peer_id is None else parsed.peer_id.multihash
+
+
 def _addrs(value: Any, what: str, peer_id: bytes | None = None) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise _invalid(f"{what} must be an array")
@@ -169,8 +179,8 @@ def _addrs(value: Any, what: str, peer_id: bytes | None = None) -> tuple[str, ..
             raise _invalid(f"{what}: multiaddr must be a string")
         if len(a.encode("utf-8")) > params.MAX_ADDR_BYTES:
             raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{what}: multiaddr longer than {params.MAX_ADDR_BYTES} bytes")
-        parsed = Multiaddr.parse(a)  # MultiaddrError is a RemoteProtocolError (INVALID_FIELD)
-        if peer_id is not None and parsed.peer_id is not None and parsed.peer_id.multihash != peer_id:
+        addr_peer = _addr_peer_id(a)
+        if peer_id is not None and addr_peer is not None and addr_peer != peer_id:
             raise _invalid(f"{what}: /p2p/ component names another peer than the contact")
     return tuple(value)
 

@@ -110,6 +110,10 @@ class RoutingTable:
         if target != self.own_id:
             self._buckets[ID_BITS - distance(self.own_id, target).bit_length()].last_touched = now
 
+    def mark_refreshed(self, index: int, now: float) -> None:
+        """A refresh lookup for bucket ``index`` ran (whatever it found)."""
+        self._buckets[index].last_touched = now
+
     def buckets_to_refresh(self, now: float, interval: float = params.REFRESH_INTERVAL) -> list[int]:
         """Indices of non-empty-range buckets not touched for ``interval`` seconds.
 

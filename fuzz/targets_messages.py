@@ -7,11 +7,18 @@ turn silent misbehaviour into crashes:
   an equal message, and that re-encoding is a fixed point;
 - ``decode_message_as_node``: the same decoder restricted to what a node accepts on a
   session stream (``Step``, ``CloseSession``), as the node calls it;
+- ``decode_message_mutated``: a valid vector's msgpack object with one value (chosen
+  by the first bytes) replaced by the msgpack object the remaining bytes spell; this
+  reaches field, hop and tensor rules that random bytes rarely get to;
 - ``scan_msgpack``: the structure scan alone; whenever it accepts, msgpack-python parses
   the same bytes as exactly one object, with no more objects than the scan counted.
 """
 
 from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
 
 import msgpack
 
@@ -53,16 +60,49 @@ def scan(data: bytes) -> None:
         raise AssertionError("scan accepted trailing bytes") from None
     except TypeError:
         return  # an unhashable map key (array or map as key): the message parser rejects it (MALFORMED)
+    except UnicodeDecodeError:
+        return  # raw=True keeps str as bytes, so this cannot happen; UTF-8 is the parse step's (§2.5 step 3)
     except ValueError as exc:
-        if "timestamp" in str(exc):
-            return  # ext -1 content is checked by the parse step, not the scan (§2.5 step 3)
         raise AssertionError(f"scan accepted what msgpack rejects: {exc}") from None
     # Duplicate keys collapse in a dict, so the parsed count can only be lower.
     if _count(obj) > count:
         raise AssertionError(f"scan counted {count} objects, msgpack built {_count(obj)}")
 
 
+_VECTORS = json.loads((Path(__file__).resolve().parent.parent / "spec/vectors/messages.json").read_text())
+_BASES = [
+    msgpack.unpackb(bytes.fromhex(v["hex"]), strict_map_key=False, raw=False)
+    for v in _VECTORS["valid"] + _VECTORS["accepted"]
+]
+
+
+def _slots(obj: object, out: list) -> list:
+    """Every (container, key) pair whose value can be replaced, depth first."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        out.append((obj, key))
+        _slots(value, out)
+    return out
+
+
+def decode_message_mutated(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    base = copy.deepcopy(_BASES[data[0] % len(_BASES)])
+    container, key = (slots := _slots(base, []))[data[1] % len(slots)]
+    try:
+        container[key] = msgpack.unpackb(data[2:], strict_map_key=False, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        container[key] = bytes(data[2:])  # not msgpack: use the bytes as a bin value
+    try:
+        payload = msgpack.packb(base, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError):
+        return  # nothing msgpack can write
+    _decode(payload, None)
+
+
 TARGETS = {
+    "decode_message_mutated": (decode_message_mutated, ["messages.json"]),
     "decode_message": (decode_message_any, ["messages.json"]),
     "decode_message_as_node": (decode_message_as_node, ["messages.json"]),
     "scan_msgpack": (scan, ["messages.json"]),

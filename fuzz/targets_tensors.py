@@ -9,6 +9,8 @@ arrive at once or one at a time, and every frame it returns is within its limit.
 from __future__ import annotations
 
 import msgpack
+import torch
+import zstandard
 
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.framing import FrameDecoder
@@ -36,6 +38,40 @@ def tensor_embedded(data: bytes) -> None:
     t = decode_tensor(obj, max_elements=1 << 16)
     if t.numel() > 1 << 16:
         raise AssertionError(f"decoded {t.numel()} elements over the receiver's limit")
+
+
+_CODEC_CHOICES = ("f32", "bf16", "f16", "f16+zstd", "f16+zst", "")
+
+
+def tensor_structured(data: bytes) -> None:
+    """Build a nearly valid tensor from the bytes, so the size and zstd checks are reached.
+
+    Byte 0 picks the codec, byte 1 the rank (0-9), then one byte per dimension (0-7, or
+    2**24 for 0xff); byte k picks how the rest becomes the data: raw, a zstd frame with or
+    without content size or with a checksum, or a frame with its last byte cut. A raw
+    tensor that decodes must hold exactly the bytes given.
+    """
+    if len(data) < 3:
+        return
+    codec = _CODEC_CHOICES[data[0] % len(_CODEC_CHOICES)]
+    rank = data[1] % 10
+    dims = [(1 << 24) if b == 0xFF else b % 8 for b in data[2 : 2 + rank]]
+    rest = data[2 + rank :]
+    mode, body = (rest[0] % 5, rest[1:]) if rest else (0, b"")
+    if mode == 1:
+        body = zstandard.ZstdCompressor(level=1).compress(body)
+    elif mode == 2:
+        body = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(body)
+    elif mode == 3:
+        body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(body)
+    elif mode == 4:
+        body = zstandard.ZstdCompressor(level=1).compress(body)[:-1]
+    t = unpack_tensor(msgpack.packb({0: codec, 1: dims, 2: body}, use_bin_type=True))
+    if list(t.shape) != dims:
+        raise AssertionError(f"decoded shape {list(t.shape)} != declared {dims}")
+    # (the hosts we fuzz on are little-endian, so native bytes are wire bytes)
+    if mode == 0 and t.numel() and t.reshape(-1).view(torch.uint8).numpy().tobytes() != body:
+        raise AssertionError("decoded raw tensor does not hold the bytes sent")
 
 
 def _frames(data: bytes, byte_by_byte: bool) -> tuple[list[bytes], str]:
@@ -72,6 +108,7 @@ def frames_bytewise(data: bytes) -> None:
 TARGETS = {
     "tensor": (tensor, ["tensors.json"]),
     "tensor_embedded": (tensor_embedded, ["tensors.json"]),
+    "tensor_structured": (tensor_structured, []),
     "frames": (frames, ["frames.json"]),
     "frames_bytewise": (frames_bytewise, ["frames.json"]),
 }

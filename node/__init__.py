@@ -1,1 +1,14 @@
-"""The server: biopetals-node serving a range of transformer blocks."""
+"""The server: ``biopetals-node`` serving a range of transformer blocks.
+
+Modules (flat, one job each):
+
+* ``cli``: the command line (``biopetals-node --help``).
+* ``server``: ``run_node``, start-up order, announcing, clean shutdown.
+* ``handler``: ``NodeService``, every message of spec/messages.md on ``/biopetals/node/1``.
+* ``sessions``: session state and rules (positions, duplicates, idle), sans-IO.
+* ``budget``: the KV-cache budget (per session and total), sans-IO.
+* ``backend``: the ``BlockSpan`` and its single worker thread; rollback of failed steps.
+* ``benchmark``: start-up throughput (inference and forward tokens/s).
+* ``announcer``: DHT block announcements (spec/announcement.md).
+* ``quant``: ``--quant int8|nf4`` through bitsandbytes.
+"""

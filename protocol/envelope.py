@@ -51,12 +51,15 @@ _FIXED: Final = {
     0xCA: 4, 0xCB: 8,  # float 32/64
     0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,  # uint 8..64
     0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # int 8..64
-    0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,  # fixext 1..16, type byte included
 }
-# Variable-length formats: first byte -> (width of the big-endian length, extra header bytes, kind).
+_FIXEXT: Final = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}  # fixext 1..16: data bytes after the type byte
+#: Data lengths of the one predefined ext type, -1 (timestamp 32/64/96).
+_TIMESTAMP_LENGTHS: Final = (4, 8, 12)
+# Variable-length formats: first byte -> (width of the big-endian length, extra header bytes, kind);
+# an ext's type byte is read separately.
 _SIZED: Final = {
     0xC4: (1, 0, "bin"), 0xC5: (2, 0, "bin"), 0xC6: (4, 0, "bin"),
-    0xC7: (1, 1, "ext"), 0xC8: (2, 1, "ext"), 0xC9: (4, 1, "ext"),
+    0xC7: (1, 0, "ext"), 0xC8: (2, 0, "ext"), 0xC9: (4, 0, "ext"),
     0xD9: (1, 0, "str"), 0xDA: (2, 0, "str"), 0xDB: (4, 0, "str"),
 }
 _CONTAINERS: Final = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # -> (width, children per entry)
@@ -79,7 +82,8 @@ def scan_msgpack(
     Walks the format headers only (str, bin and ext payloads are skipped, not copied),
     so its cost is proportional to the number of objects, which it bounds. Reports the
     first problem in byte order (spec/messages.md §2.5 step 2): truncation, the
-    reserved byte 0xc1 or trailing bytes are ``MALFORMED``; too many objects, too deep,
+    reserved byte 0xc1, a reserved ext type, a timestamp of a wrong length or trailing
+    bytes are ``MALFORMED``; too many objects, too deep,
     or a container, str or ext longer than ``max_container`` is ``LIMIT_EXCEEDED``.
     Returns the number of objects.
     """
@@ -124,6 +128,9 @@ def scan_msgpack(
             length, kind = first & 0x1F, "str"
         elif first in _FIXED:
             length, kind = _FIXED[first], "fixed"
+        elif first in _FIXEXT:
+            length, kind = _FIXEXT[first], "ext"
+            pos = _check_ext_type(view, pos, length)
         elif first in _SIZED:
             width, extra, kind = _SIZED[first]
             length, pos = _read_length(view, pos, width)
@@ -131,7 +138,8 @@ def scan_msgpack(
                 raise RemoteProtocolError(
                     ErrorCode.LIMIT_EXCEEDED, f"{kind} of {length} bytes > MAX_MSGPACK_CONTAINER {max_container}"
                 )
-            length += extra
+            if kind == "ext":
+                pos = _check_ext_type(view, pos, length)
         else:  # 0xc1, the one byte msgpack never uses
             raise RemoteProtocolError(ErrorCode.MALFORMED, f"reserved msgpack byte 0x{first:02x} at byte {pos - 1}")
         if length > size - pos:
@@ -140,6 +148,18 @@ def scan_msgpack(
     if pos != size:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"{size - pos} trailing bytes after the message")
     return count
+
+
+def _check_ext_type(view: memoryview, pos: int, length: int) -> int:
+    """Read an ext's type byte: types -128..-2 are reserved by msgpack, -1 is a timestamp (§2.5 step 2)."""
+    if pos >= len(view):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack ext type truncated at byte {pos}")
+    ext_type = view[pos] - 256 if view[pos] >= 0x80 else view[pos]
+    if ext_type < -1:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack ext type {ext_type} is reserved")
+    if ext_type == -1 and length not in _TIMESTAMP_LENGTHS:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack timestamp of {length} bytes (4, 8 or 12)")
+    return pos + 1
 
 
 def _read_length(view: memoryview, pos: int, width: int) -> tuple[int, int]:

@@ -22,9 +22,10 @@ MiB: Final = 1 << 20
 
 # --- tensors (spec/tensors.md §2) ---
 
-#: Most elements one tensor may declare (product of its shape). 2**24 covers a
-#: fine-tuning batch of 8 x 512 tokens of Llama-3-8B, or a 2048-token prefill of
-#: a 70B-shape model; at fp32 it is 64 MiB, so two such tensors fit in one frame.
+#: Most elements one tensor may declare (the product of its shape's non-zero
+#: entries, spec/tensors.md §3.3). 2**24 covers a fine-tuning batch of 8 x 512
+#: tokens of Llama-3-8B, or a 2048-token prefill of a 70B-shape model; at fp32 it is
+#: 64 MiB, at fp16 32 MiB, so two fp16 tensors of this size fit in one frame.
 MAX_TENSOR_ELEMENTS: Final = 1 << 24
 
 #: Most dimensions one tensor may declare. Activations are 3-D

@@ -39,7 +39,9 @@ from biopetals.protocol.fields import (
     CodecName,
     ErrorCodeKind,
     Float,
+    MultiaddrText,
     Nested,
+    PeerIdText,
     Text,
     UInt,
     Violation,
@@ -60,6 +62,8 @@ from biopetals.protocol.limits import (
     MAX_SEQUENCE_LENGTH,
     MAX_SESSION_ID_BYTES,
 )
+from biopetals.protocol.identity import PeerId
+from biopetals.protocol.multiaddr import Multiaddr
 from biopetals.protocol.tensors import Codec
 
 __all__ = [
@@ -81,6 +85,9 @@ __all__ = [
     "BackwardResult",
     "Error",
     "MESSAGE_TYPES",
+    "FIRST_MESSAGES",
+    "SESSION_MESSAGES",
+    "REPLY_TO",
     "encode_message",
     "decode_message",
     "error_from_exception",
@@ -108,16 +115,17 @@ class WireStruct:
     by dtype, shape and exact values.
     """
 
-    _wire_fields: ClassVar[tuple[WireField, ...]] = ()
+    _wire_fields: ClassVar[tuple[WireField, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # The table is collected lazily: dataclass fields exist only after @dataclass runs.
-        cls._wire_fields = ()
+        cls._wire_fields = None
 
     @classmethod
     def _table(cls) -> tuple[WireField, ...]:
-        if not cls._wire_fields:
+        """The body table (spec/messages.md §4-§7), in ascending key order."""
+        if cls._wire_fields is None:
             rows = [
                 WireField(f.metadata["wire"][0], f.name, f.metadata["wire"][1], f.metadata["wire"][2])
                 for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -241,14 +249,19 @@ def _prompts_rule(prompts: torch.Tensor | None, hidden: torch.Tensor, blocks: in
 class Hop(WireStruct):
     """One node further down a push chain (spec/messages.md §5.4)."""
 
-    peer_id: str = wire(0, Text(1, MAX_PEER_ID_BYTES))
+    peer_id: PeerId = wire(0, PeerIdText(1, MAX_PEER_ID_BYTES))
     session_id: bytes = wire(2, SESSION_ID)
     start: int = wire(3, BLOCK_START)
     end: int = wire(4, BLOCK_END)
-    addrs: tuple[str, ...] = wire(1, ArrayOf(Text(1, MAX_MULTIADDR_BYTES), MAX_HOP_ADDRS), optional=True)
+    addrs: tuple[Multiaddr, ...] = wire(1, ArrayOf(MultiaddrText(1, MAX_MULTIADDR_BYTES), MAX_HOP_ADDRS), optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
+        for index, addr in enumerate(self.addrs):
+            if addr.peer_id is not None and addr.peer_id != self.peer_id:
+                raise Violation(
+                    ErrorCode.INVALID_FIELD, f"addrs[{index}] names peer {addr.peer_id}, not {self.peer_id}"
+                )
 
 
 HOPS: Final = ArrayOf(Nested(Hop), MAX_HOPS)
@@ -331,11 +344,11 @@ class _StepBody(Message):
                 f"position {self.position} + {self.tokens} tokens > MAX_SEQUENCE_LENGTH {MAX_SEQUENCE_LENGTH}",
             )
         _prompts_rule(self.prompts, self.hidden, None)
-        for index in range(len(self.next) - 1):
-            if self.next[index].end != self.next[index + 1].start:
+        for index, (hop, following) in enumerate(zip(self.next, self.next[1:])):
+            if hop.end != following.start:
                 raise Violation(
                     ErrorCode.INVALID_FIELD,
-                    f"next[{index}] ends at {self.next[index].end}, next[{index + 1}] starts at {self.next[index + 1].start}",
+                    f"next[{index}] ends at {hop.end}, next[{index + 1}] starts at {following.start}",
                 )
         if self.prompts is not None and self.next:
             covered = self.next[-1].end - self.next[0].start
@@ -489,6 +502,22 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
         BackwardResult,
         Error,
     )
+}
+
+#: What may open a stream (spec/messages.md §2.1): the node decodes a stream's first frame
+#: with ``decode_message(data, FIRST_MESSAGES)``.
+FIRST_MESSAGES: Final = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
+#: What a client may send on an open session stream (§2.1).
+SESSION_MESSAGES: Final = (Step, CloseSession)
+#: Request type -> its reply type; any request may instead be answered by ``Error`` (§3).
+REPLY_TO: Final[dict[type[Message], type[Message]]] = {
+    NodeInfoRequest: NodeInfo,
+    OpenSession: SessionOpened,
+    Step: StepResult,
+    CloseSession: SessionClosed,
+    Push: PushAck,
+    Forward: ForwardResult,
+    Backward: BackwardResult,
 }
 
 

@@ -1,20 +1,20 @@
 """Sans-IO stream multiplexer: many ordered, flow-controlled byte streams over one channel.
 
-See spec/transport.md §S1-§S4 (region "streams-rpc"). The multiplexer runs on the
+See spec/transport.md §3.2-§3.9. The multiplexer runs on the
 plaintext side of the secure channel: ``receive_data`` takes decrypted bytes and
 returns events; every call that produces output queues frames that
 ``data_to_send`` hands to the caller (who encrypts and writes them). Nothing here
 does I/O or reads a clock: ``send_ping(now)`` takes the time and ``PongReceived``
 gives it back, so the caller computes the round-trip time with its own clock.
 
-Frame (§S1.1), all integers big-endian::
+Frame (§3.2), all integers big-endian::
 
     0       1       2               4                               8                              12
     +-------+-------+---------------+-------------------------------+-------------------------------+---------
     |version| type  |    flags      |          stream id            |            length             | payload
     +-------+-------+---------------+-------------------------------+-------------------------------+---------
 
-Flow control (§S2): each direction of each stream has a window of
+Flow control (§3.4): each direction of each stream has a window of
 ``INITIAL_WINDOW`` bytes. A DATA payload uses up window; the receiver gives it
 back with WINDOW_UPDATE only for bytes the *application* has consumed
 (``consumed``), so a reader that stops reading - for a long GPU step, say - stops
@@ -61,7 +61,7 @@ __all__ = [
     "Event",
 ]
 
-# --------------------------------------------------------------------------- parameters (§S1.3)
+# --------------------------------------------------------------------------- parameters (§3.1)
 
 #: Frame format version carried in every header.
 VERSION: Final = 1
@@ -84,7 +84,7 @@ MAX_RESET_REASON: Final = 512
 PING_PAYLOAD_SIZE: Final = 8
 #: Pings we remember waiting for a reply; older ones are forgotten (their pong is ignored).
 MAX_OUTSTANDING_PINGS: Final = 16
-#: Default cap (implementation policy, §S2.4) on bytes the peer may have in flight or
+#: Default cap (implementation policy, §3.4) on bytes the peer may have in flight or
 #: buffered towards us over all streams before windows stop growing past INITIAL_WINDOW.
 RECEIVE_BUDGET: Final = 64 * 1024 * 1024
 
@@ -94,7 +94,7 @@ _SMALL_COPY: Final = 4096
 
 
 class FrameType(IntEnum):
-    """Frame types (§S1.2)."""
+    """Frame types (§3.3)."""
 
     DATA = 0  # stream bytes; FIN flag half-closes
     WINDOW_UPDATE = 1  # payload u32: credit added to the receiver's window
@@ -128,14 +128,23 @@ _PAYLOAD_LIMITS: Final = {
     FrameType.RESET: (4, 4 + MAX_RESET_REASON),
 }
 _SESSION_TYPES: Final = frozenset({FrameType.PING, FrameType.GO_AWAY})  # stream id 0
+# type value -> (type, allowed flags, min payload, max payload, on stream 0): one lookup per header.
+_RULES: Final = {
+    int(t): (t, int(_ALLOWED_FLAGS[t]), *_PAYLOAD_LIMITS[t], t in _SESSION_TYPES) for t in FrameType
+}
+# Plain ints for the hot path (IntFlag arithmetic is slow).
+_FIN: Final = int(Flag.FIN)
+_ACK: Final = int(Flag.ACK)
+_DATA: Final = int(FrameType.DATA)
+_VISIBLE_ASCII: Final = bytes(range(0x21, 0x7F))
 
 
-# --------------------------------------------------------------------------- frames (§S1)
+# --------------------------------------------------------------------------- frames (§3.2)
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One frame as on the wire. ``payload`` is type-specific (§S1.2)."""
+    """One frame as on the wire. ``payload`` is type-specific (§3.3)."""
 
     type: FrameType
     flags: Flag
@@ -148,35 +157,51 @@ def _malformed(message: str) -> RemoteProtocolError:
 
 
 def _check_header(version: int, ftype: int, flags: int, stream_id: int, length: int) -> FrameType:
-    """Validate a header before its payload is buffered (§S1.2). Returns the type."""
+    """Validate a header before its payload is buffered (§3.3). Returns the type."""
+    rule = _RULES.get(ftype) if version == VERSION else None
+    if rule is not None:
+        kind, allowed, low, high, session = rule
+        if not flags & ~allowed and low <= length <= high and (stream_id == 0) is session:
+            return kind
+    _header_error(version, ftype, flags, stream_id, length)
+    raise AssertionError("unreachable")
+
+
+def _header_error(version: int, ftype: int, flags: int, stream_id: int, length: int) -> None:
+    """Raise the precise error for a header that ``_check_header`` rejected."""
     if version != VERSION:
         raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"mux frame version {version}, expected {VERSION}")
-    try:
-        kind = FrameType(ftype)
-    except ValueError:
-        raise _malformed(f"unknown mux frame type {ftype}") from None
-    if flags & ~_ALLOWED_FLAGS[kind]:
+    if ftype not in _RULES:
+        raise _malformed(f"unknown mux frame type {ftype}")
+    kind, allowed, low, high, session = _RULES[ftype]
+    if flags & ~allowed:
         raise _malformed(f"flags {flags:#06x} not allowed on {kind.name}")
-    low, high = _PAYLOAD_LIMITS[kind]
     if length > high:
         code = ErrorCode.LIMIT_EXCEEDED if low != high else ErrorCode.MALFORMED
         raise RemoteProtocolError(code, f"{kind.name} payload of {length} bytes, limit {high}")
     if length < low:
         raise _malformed(f"{kind.name} payload of {length} bytes, at least {low} required")
-    if (stream_id == 0) != (kind in _SESSION_TYPES):
-        raise _malformed(f"{kind.name} on stream {stream_id}: " + ("must be stream 0" if kind in _SESSION_TYPES else "stream 0 is reserved"))
-    return kind
+    raise _malformed(f"{kind.name} on stream {stream_id}: " + ("must be stream 0" if session else "stream 0 is reserved"))
 
 
 def validate_protocol_name(name: bytes) -> str:
-    """Decode an OPEN payload (§S3.1): 1-128 bytes of visible ASCII starting with '/'."""
+    """Decode an OPEN payload (§3.5): 1-128 bytes of visible ASCII starting with '/'."""
+    known = _NAME_CACHE.get(name) if type(name) is bytes else None
+    if known is not None:
+        return known
     if not 1 <= len(name) <= MAX_PROTOCOL_NAME:
         raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"protocol name of {len(name)} bytes, must be 1-{MAX_PROTOCOL_NAME}")
-    if name[0] != 0x2F or any(not 0x21 <= b <= 0x7E for b in name):
+    if name[0] != 0x2F or bytes(name).translate(None, _VISIBLE_ASCII):
         raise RemoteProtocolError(
             ErrorCode.INVALID_FIELD, f"protocol name {bytes(name)!r} must be visible ASCII starting with '/'"
         )
-    return name.decode("ascii")
+    text = name.decode("ascii")
+    if len(_NAME_CACHE) < 256:  # a few protocol names recur on every call
+        _NAME_CACHE[bytes(name)] = text
+    return text
+
+
+_NAME_CACHE: dict[bytes, str] = {}
 
 
 def _decode_code_reason(payload: bytes, kind: str) -> tuple[int, str]:
@@ -207,7 +232,7 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def decode_frames(data: bytes) -> list[Frame]:
-    """Parse a complete byte string into frames, checking structure only (§S1).
+    """Parse a complete byte string into frames, checking structure only (§3.2).
 
     Stream state (unknown ids, windows) is the ``Mux``'s job. Trailing partial
     frames are MALFORMED here, since the input is declared complete.
@@ -231,7 +256,7 @@ def decode_frames(data: bytes) -> list[Frame]:
 
 
 def _check_payload(kind: FrameType, payload: bytes) -> None:
-    """Payload checks that need no stream state (§S1.2)."""
+    """Payload checks that need no stream state (§3.3)."""
     if kind is FrameType.OPEN:
         validate_protocol_name(payload)
     elif kind is FrameType.RESET or kind is FrameType.GO_AWAY:
@@ -243,7 +268,7 @@ def _check_payload(kind: FrameType, payload: bytes) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StreamOpened:
-    """The peer opened ``stream_id`` for ``protocol`` (§S3.1)."""
+    """The peer opened ``stream_id`` for ``protocol`` (§3.5)."""
 
     stream_id: int
     protocol: str
@@ -334,13 +359,13 @@ class _Stream:
 
 
 class Mux:
-    """One side of a multiplexed connection (§S1-§S4).
+    """One side of a multiplexed connection (§3.2-§3.9).
 
     ``initiator`` is True on the side that dialled the TCP connection: it opens
-    odd stream ids, the other side even ones (§S3.1).
+    odd stream ids, the other side even ones (§3.5).
 
     ``max_window`` bounds how far a stream's receive window may grow when its
-    reader keeps up (§S2.4), ``receive_budget`` bounds the total over all streams.
+    reader keeps up (§3.4), ``receive_budget`` bounds the total over all streams.
     Defaults give a throughput of several hundred MB/s on one stream while a
     stalled reader holds at most ``max_window`` bytes.
     """
@@ -365,7 +390,7 @@ class Mux:
         self._remote_open = 0  # live streams the peer opened
         self._local_open = 0
         self._granted = 0  # sum over streams of recv_window + buffered: our receive exposure
-        # receive parser state (§S1): a partial header or control payload, or a DATA payload in flight
+        # receive parser state (§3.2): a partial header or control payload, or a DATA payload in flight
         self._partial = bytearray()
         self._header: tuple[FrameType, int, int, int] | None = None  # control frame awaiting its payload
         self._data_left = 0  # payload bytes of the current DATA frame still to come
@@ -403,7 +428,7 @@ class Mux:
             name = protocol.encode("ascii")
             validate_protocol_name(name)
         except (UnicodeEncodeError, AttributeError, RemoteProtocolError):
-            raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"invalid protocol name {protocol!r} (§S3.1)") from None
+            raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"invalid protocol name {protocol!r} (§3.5)") from None
         if self._local_going_away or self._remote_going_away:
             raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "connection is going away; open a new one")
         if self._local_open >= self._max_streams:
@@ -448,8 +473,8 @@ class Mux:
             chunk = view[pos : pos + MAX_DATA_PAYLOAD] if size > MAX_DATA_PAYLOAD else view
             pos += len(chunk)
             last = pos >= size
-            flags = Flag.FIN if (last and end_stream) else 0
-            out.append(pack(VERSION, FrameType.DATA, flags, stream_id, len(chunk)))
+            flags = _FIN if (last and end_stream) else 0
+            out.append(pack(VERSION, _DATA, flags, stream_id, len(chunk)))
             if len(chunk):
                 out.append(chunk)
             if last:
@@ -471,7 +496,7 @@ class Mux:
         self._forget(stream_id, st)
 
     def consumed(self, stream_id: int, size: int) -> None:
-        """The application took ``size`` bytes of ``stream_id``: grant them back (§S2.2).
+        """The application took ``size`` bytes of ``stream_id``: grant them back (§3.4).
 
         A WINDOW_UPDATE is queued once half the stream's window has been consumed,
         so updates stay few. The window doubles (up to ``max_window`` and the
@@ -511,7 +536,7 @@ class Mux:
         return opaque
 
     def go_away(self, code: int = 0, reason: str = "") -> None:
-        """Queue GO_AWAY: we open no more streams and refuse the peer's new ones (§S3.4)."""
+        """Queue GO_AWAY: we open no more streams and refuse the peer's new ones (§3.8)."""
         if not self._local_going_away:
             self._local_going_away = True
             self._frame(FrameType.GO_AWAY, 0, 0, _encode_code_reason(code, reason))
@@ -540,16 +565,17 @@ class Mux:
         if self._error is not None:
             raise RemoteProtocolError(self._error.code, self._error.message)
         events: list[Event] = []
+        if type(data) is not bytes:
+            data = bytes(data)  # payload views below must not pin a buffer the caller reuses
         try:
-            with memoryview(data) as outer, outer.cast("B") as view:
-                self._parse(data, view, events)
+            self._parse(data, memoryview(data), events)
         except RemoteProtocolError as exc:
             self._error = exc
             self._partial = bytearray()
             raise
         return events
 
-    def _parse(self, data: object, view: memoryview, events: list[Event]) -> None:
+    def _parse(self, data: bytes, view: memoryview, events: list[Event]) -> None:
         pos, end = 0, len(view)
         partial = self._partial
         unpack = _HEADER.unpack_from
@@ -557,7 +583,7 @@ class Mux:
             left = self._data_left
             if left:  # inside a DATA payload: hand over what is here
                 n = min(left, end - pos)
-                if n == end and type(data) is bytes:
+                if n == end:
                     chunk: bytes | memoryview = data  # the whole buffer is payload: no copy, no view
                 else:
                     chunk = bytes(view[pos : pos + n]) if n <= _SMALL_COPY else view[pos : pos + n]
@@ -601,7 +627,7 @@ class Mux:
             self._handle(kind, flags, sid, payload, events)
 
     def _data_start(self, flags: int, sid: int, length: int, events: list[Event]) -> None:
-        """A DATA header: check stream state and window before any payload is accepted (§S2.1)."""
+        """A DATA header: check stream state and window before any payload is accepted (§3.4)."""
         st = self._streams.get(sid)
         if st is None:
             self._check_known(sid, FrameType.DATA)
@@ -611,12 +637,12 @@ class Mux:
                 raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"DATA on stream {sid} after FIN")
             if length > st.recv_window:
                 raise RemoteProtocolError(
-                    ErrorCode.LIMIT_EXCEEDED, f"{length} bytes on stream {sid} exceed its window of {st.recv_window} (§S2.1)"
+                    ErrorCode.LIMIT_EXCEEDED, f"{length} bytes on stream {sid} exceed its window of {st.recv_window} (§3.4)"
                 )
             st.recv_window -= length
             self._data_stream = st
         self._data_sid = sid
-        self._data_fin = bool(flags & Flag.FIN)
+        self._data_fin = bool(flags & _FIN)
         self._data_left = length
         if not length:
             self._data_done(events)
@@ -647,18 +673,18 @@ class Mux:
             delta = int.from_bytes(payload, "big")
             if st.send_window + delta > MAX_WINDOW:
                 raise RemoteProtocolError(
-                    ErrorCode.LIMIT_EXCEEDED, f"WINDOW_UPDATE makes stream {sid}'s window {st.send_window + delta} > {MAX_WINDOW} (§S2.1)"
+                    ErrorCode.LIMIT_EXCEEDED, f"WINDOW_UPDATE makes stream {sid}'s window {st.send_window + delta} > {MAX_WINDOW} (§3.4)"
                 )
             st.send_window += delta
             events.append(WindowUpdated(sid, delta))
         elif kind is FrameType.OPEN:
             protocol = validate_protocol_name(payload)
             if (sid & 1) == (1 if self.initiator else 0):
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"peer opened stream {sid} with our parity (§S3.1)")
+                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"peer opened stream {sid} with our parity (§3.5)")
             if sid <= self._last_remote_id:
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"stream id {sid} not above the last opened {self._last_remote_id} (§S3.1)")
+                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"stream id {sid} not above the last opened {self._last_remote_id} (§3.5)")
             if self._remote_going_away:
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, "OPEN after the peer's own GO_AWAY (§S3.4)")
+                raise RemoteProtocolError(ErrorCode.STREAM_STATE, "OPEN after the peer's own GO_AWAY (§3.8)")
             self._last_remote_id = sid
             if self._local_going_away:
                 self._frame(FrameType.RESET, 0, sid, _encode_code_reason(ErrorCode.CONNECTION_CLOSED, "connection is going away"))
@@ -681,12 +707,12 @@ class Mux:
             self._forget(sid, st)
             events.append(StreamReset(sid, code, reason))
         elif kind is FrameType.PING:
-            if flags & Flag.ACK:
+            if flags & _ACK:
                 sent_at = self._pings.pop(payload, None)
-                if sent_at is not None:  # a reply to a forgotten ping is ignored (§S4)
+                if sent_at is not None:  # a reply to a forgotten ping is ignored (§3.9)
                     events.append(PongReceived(payload, sent_at))
             else:
-                self._frame(FrameType.PING, Flag.ACK, 0, payload)
+                self._frame(FrameType.PING, _ACK, 0, payload)
                 events.append(PingReceived(payload))
         else:  # GO_AWAY
             code, reason = _decode_code_reason(payload, "GO_AWAY")
@@ -694,11 +720,11 @@ class Mux:
             events.append(GoAwayReceived(code, reason))
 
     def _check_known(self, sid: int, kind: FrameType) -> None:
-        """A frame for a stream that is not open: fine if it existed, fatal if never opened (§S3.3)."""
+        """A frame for a stream that is not open: fine if it existed, fatal if never opened (§3.7)."""
         ours = (sid & 1) == (1 if self.initiator else 0)
         existed = sid < self._next_local_id if ours else sid <= self._last_remote_id
         if not existed:
-            raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"{kind.name} on stream {sid}, which was never opened (§S3.3)")
+            raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"{kind.name} on stream {sid}, which was never opened (§3.7)")
 
     def _maybe_forget(self, sid: int, st: _Stream) -> None:
         if st.local_closed and st.remote_closed:

@@ -13,6 +13,7 @@ it raises only ``RemoteProtocolError``.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Final
 
 import msgpack
@@ -104,15 +105,19 @@ def encode_tensor(
     if tensor.dtype not in _ENCODABLE_DTYPES:
         raise LocalProtocolError(ErrorCode.INVALID_TENSOR, f"cannot encode dtype {tensor.dtype}; floating point only")
     if tensor.dim() > MAX_TENSOR_DIMS:
-        raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{tensor.dim()} dimensions > MAX_TENSOR_DIMS {MAX_TENSOR_DIMS}")
-    if tensor.numel() > MAX_TENSOR_ELEMENTS:
         raise LocalProtocolError(
-            ErrorCode.LIMIT_EXCEEDED, f"{tensor.numel()} elements > MAX_TENSOR_ELEMENTS {MAX_TENSOR_ELEMENTS}"
+            ErrorCode.LIMIT_EXCEEDED, f"{tensor.dim()} dimensions > MAX_TENSOR_DIMS {MAX_TENSOR_DIMS}"
+        )
+    if math.prod(dim or 1 for dim in tensor.shape) > MAX_TENSOR_ELEMENTS:  # §3.3 step 4, zeros left out
+        raise LocalProtocolError(
+            ErrorCode.LIMIT_EXCEEDED, f"shape {list(tensor.shape)} is over MAX_TENSOR_ELEMENTS {MAX_TENSOR_ELEMENTS}"
         )
     if codec is Codec.F16_ZSTD and not (
-        isinstance(zstd_level, int) and _MIN_ZSTD_LEVEL <= zstd_level <= _MAX_ZSTD_LEVEL
+        type(zstd_level) is int and _MIN_ZSTD_LEVEL <= zstd_level <= _MAX_ZSTD_LEVEL
     ):
-        raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"zstd level {zstd_level!r} not in [{_MIN_ZSTD_LEVEL}, {_MAX_ZSTD_LEVEL}]")
+        raise LocalProtocolError(
+            ErrorCode.INVALID_FIELD, f"zstd level {zstd_level!r} not in [{_MIN_ZSTD_LEVEL}, {_MAX_ZSTD_LEVEL}]"
+        )
 
     source = tensor.detach()
     dtype = _TORCH_DTYPE[codec]
@@ -277,17 +282,25 @@ def _check_shape(shape: object, max_elements: int) -> int:
             ErrorCode.LIMIT_EXCEEDED, f"tensor has {len(shape)} dimensions > MAX_TENSOR_DIMS {MAX_TENSOR_DIMS}"
         )
     count = 1
+    nonzero_product = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:  # bool is an int subclass; reject it too
             raise RemoteProtocolError(
                 ErrorCode.INVALID_FIELD, f"tensor dimensions must be unsigned integers, got {_kind(dim)} {dim!r:.40}"
             )
         if dim > max_elements:
-            raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"tensor dimension {dim} > element limit {max_elements}")
+            raise RemoteProtocolError(
+                ErrorCode.LIMIT_EXCEEDED, f"tensor dimension {dim} > element limit {max_elements}"
+            )
         count *= dim  # every factor <= max_elements and <= 8 factors: a small int
-    if count > max_elements:
+        nonzero_product *= dim or 1
+    # The product without the zeros bounds an empty tensor too: [2**24, 2**24, 2**24, 0]
+    # holds nothing, but its strides overflow int64 (a crash found by fuzzing).
+    if nonzero_product > max_elements:
         raise RemoteProtocolError(
-            ErrorCode.LIMIT_EXCEEDED, f"tensor of shape {list(shape)} has {count} elements > limit {max_elements}"
+            ErrorCode.LIMIT_EXCEEDED,
+            f"tensor of shape {list(shape)} has {count} elements, {nonzero_product} without its zero "
+            f"dimensions > limit {max_elements}",
         )
     return count
 
@@ -315,7 +328,9 @@ def _decompress(data: bytes | bytearray, expected: int) -> bytes:
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(ErrorCode.INVALID_TENSOR, f"corrupt zstd data: {exc}") from None
     if len(out) != expected:  # libzstd checks this itself; keep the rule explicit
-        raise RemoteProtocolError(ErrorCode.INVALID_TENSOR, f"zstd frame decompressed to {len(out)} bytes, not {expected}")
+        raise RemoteProtocolError(
+            ErrorCode.INVALID_TENSOR, f"zstd frame decompressed to {len(out)} bytes, not {expected}"
+        )
     return out
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import random
 from pathlib import Path
 
-import pytest
 
-from biopetals.dht.ids import ID_BITS, bucket_index, distance, key_id, node_id, random_id_in_bucket
+from biopetals.dht.ids import bucket_index, distance, key_id, node_id, random_id_in_bucket
 from biopetals.dht.lookup import Lookup
 from biopetals.dht.messages import Contact, FindNodeResponse, FindValueResponse, KeyResult, PingResponse
 from biopetals.dht.records import sign_record, to_ms
@@ -37,7 +37,7 @@ def test_sans_io_modules_import_no_io() -> None:
 
 
 def test_ids_and_distance() -> None:
-    assert key_id("m.0") == __import__("hashlib").sha256(b"m.0").digest()
+    assert key_id("m.0") == hashlib.sha256(b"m.0").digest()
     a, b = node_id(peer()), node_id(peer())
     assert distance(a, a) == 0 and distance(a, b) == distance(b, a) > 0
     own = node_id(peer())
@@ -173,7 +173,7 @@ def test_batched_value_lookup_groups_keys_and_validates_records() -> None:
         results = []
         for kid in q.targets:
             k = next(k for k in keys if key_id(k) == kid)
-            recs = (good[k], forged) if k == keys[0] else (good[k], good[keys[1]])  # keys[1] under a wrong key
+            recs = (good[k], forged) if k == keys[0] else (good[keys[1]], good[k])  # keys[1] under a wrong key
             results.append(KeyResult(recs, ()))
         assert lk.on_response(q.query_id, FindValueResponse(tuple(results)), NOW)
     assert lk.done

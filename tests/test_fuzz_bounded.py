@@ -65,8 +65,10 @@ def test_every_area_has_targets():
 @pytest.mark.parametrize("name", NAMES)
 def test_seed_vectors(name):
     _, files = TARGETS[name]
+    if not files:
+        pytest.skip("structure-aware target: it builds its inputs itself")
     seeds = fuzz_run.seed_inputs(files)
-    assert seeds, f"{name} has no seed vectors"
+    assert seeds, f"{name} names vector files without vectors"
     for seed in seeds:
         run_target(name, seed)
 

@@ -156,6 +156,7 @@ def test_encoder_accepts_views_grad_and_float64():
         (torch.ones(2, dtype=torch.bool), Codec.F32, ErrorCode.INVALID_TENSOR),
         (torch.ones([1] * (MAX_TENSOR_DIMS + 1)), Codec.F16, ErrorCode.LIMIT_EXCEEDED),
         (torch.zeros(1).expand(MAX_TENSOR_ELEMENTS + 1), Codec.F16, ErrorCode.LIMIT_EXCEEDED),
+        (torch.empty(4096, 4097, 0), Codec.F16, ErrorCode.LIMIT_EXCEEDED),
         (torch.ones(2), "f64", ErrorCode.INVALID_TENSOR),
     ],
 )
@@ -165,7 +166,7 @@ def test_encoder_refuses_what_a_receiver_would_reject(tensor, codec, code):
     assert info.value.code == code
 
 
-@pytest.mark.parametrize("level", [23, -8, 1.5, "3"])
+@pytest.mark.parametrize("level", [23, -8, 1.5, "3", True])
 def test_bad_zstd_level_is_a_local_error(level):
     with pytest.raises(LocalProtocolError):
         encode_tensor(torch.ones(2), Codec.F16_ZSTD, zstd_level=level)

@@ -1,6 +1,6 @@
 """One peer connection: TCP socket, handshake, secure channel, multiplexer, keepalive.
 
-See spec/transport.md §2 (handshake) and §S1-§S6 (streams). The sans-IO pieces
+See spec/transport.md §2 (handshake) and §3 (streams). The sans-IO pieces
 (``Handshake``, ``SecureChannel``, ``Mux``) do all protocol work; this module only
 moves bytes between them and the socket and turns their events into wake-ups.
 
@@ -50,7 +50,7 @@ log = logging.getLogger("biopetals.transport")
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """Tunables of the transport (spec/transport.md §S6 names the normative ones)."""
+    """Tunables of the transport (spec/transport.md §3.12 names the normative ones)."""
 
     #: Seconds a connection may take from TCP connect to a finished handshake.
     handshake_timeout: float = HANDSHAKE_TIMEOUT
@@ -60,7 +60,7 @@ class TransportConfig:
     keepalive_timeout: float = 10.0
     #: Default deadline of ``Host.call`` and ``Host.open_stream``.
     call_timeout: float = 30.0
-    #: Largest receive window one stream grows to when its reader keeps up (§S2.4).
+    #: Largest receive window one stream grows to when its reader keeps up (§3.4).
     max_window: int = 4 * 1024 * 1024
     #: Socket write-buffer high-water mark: ``send`` waits above it.
     write_buffer_high: int = 4 * 1024 * 1024
@@ -117,16 +117,26 @@ class Connection:
         self._pong_waiters: dict[bytes, asyncio.Future[float]] = {}
         self.rtt: float | None = None
         self._min_rtt: float | None = None
-        self._last_receive = self._loop.time()
         self._bytes_sent = 0
         self._bytes_received = 0
         self._flush_scheduled = False
+        self._batching = False  # a write went out this loop turn; later ones wait for _end_batch
         self.going_away = False
         self._closing = False
         self._close_reason: ConnectionClosedError | None = None
         self._closed: ConnectionClosedError | None = None
         self._closed_event = asyncio.Event()
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._event_handlers: dict[type, Callable[[Any], None]] = {
+            DataReceived: self._on_data_event,
+            WindowUpdated: self._on_window_event,
+            StreamOpened: self._on_opened_event,
+            StreamEnded: self._on_ended_event,
+            StreamReset: self._on_reset_event,
+            PongReceived: self._on_pong_event,
+            GoAwayReceived: self._on_go_away_event,
+            PingReceived: self._on_ping_event,
+        }
         self._abort_timer: asyncio.TimerHandle | None = None
         # Set by Host: called with each stream the peer opens, on GO_AWAY, and once closed.
         self.on_stream: Callable[[Stream], None] = lambda stream: stream.reset(ErrorCode.UNKNOWN_PROTOCOL, "no handlers")
@@ -143,8 +153,8 @@ class Connection:
     def is_closed(self) -> bool:
         return self._closed is not None
 
-    def open_stream(self, protocol: str) -> Stream:
-        """Open a stream for ``protocol`` (sent in its OPEN frame, §S3.1). Does not wait.
+    def open_stream(self, protocol: str, *, _flush: bool = True) -> Stream:
+        """Open a stream for ``protocol`` (sent in its OPEN frame, §3.5). Does not wait.
 
         The peer resets it with UNKNOWN_PROTOCOL if it has no handler; that
         surfaces as ``UnknownProtocolError`` from the stream's next operation.
@@ -161,12 +171,12 @@ class Connection:
             raise
         stream = Stream(self, sid, protocol, local=True)
         self._streams[sid] = stream
-        # Usually the caller sends at once and the OPEN frame leaves with its data.
-        self._flush_soon()
+        if _flush:  # else the caller sends at once and the OPEN frame leaves with its data
+            self._flush_soon()
         return stream
 
     async def ping(self, timeout: float | None = None) -> float:
-        """Send a PING and return the round-trip time in seconds (§S4)."""
+        """Send a PING and return the round-trip time in seconds (§3.9)."""
         if self._closed is not None:
             raise self._closed
         fut: asyncio.Future[float] = self._loop.create_future()
@@ -245,12 +255,12 @@ class Connection:
             await asyncio.sleep(interval)
             if self._closed is not None:
                 return
-            sent = self._loop.time()
+            received = self._bytes_received
             try:
                 await self.ping(timeout)
             except DeadlineExceeded:
-                if self._last_receive > sent:
-                    continue  # pong stuck behind bulk data: the peer is alive
+                if self._bytes_received > received:
+                    continue  # pong stuck behind bulk data: the peer is alive (§3.9)
                 self._abort(
                     ConnectionClosedError(
                         f"peer {self.peer_id} did not answer a keepalive ping within {timeout} s", code=ErrorCode.TIMEOUT
@@ -263,14 +273,36 @@ class Connection:
     # ------------------------------------------------------------------ output
 
     def _flush(self) -> None:
-        """Encrypt and write everything the multiplexer has queued (deferred inside dispatch)."""
-        if self._in_dispatch or self._transport.is_closing():
+        """Encrypt and write everything the multiplexer has queued.
+
+        Inside event dispatch this waits for the end of the dispatch. Otherwise the
+        first flush of a loop turn writes at once (no added latency) and later ones
+        in the same turn - 32 handlers answering together, say - are batched into
+        one encryption and one write at the end of the turn.
+        """
+        if self._in_dispatch or not self._mux.has_data_to_send() or self._transport.is_closing():
             return
-        data = self._mux.data_to_send()
-        if data:
-            wire = self._secure.encrypt(data)
-            self._bytes_sent += len(wire)
-            self._transport.write(wire)
+        if self._batching:
+            return  # _end_batch writes it, with whatever else this loop turn queues
+        self._write()
+        self._batching = True
+        self._loop.call_soon(self._end_batch)
+
+    def _flush_now(self) -> None:
+        """Write what is queued even inside a batch (the queue may hold views of a caller's buffer)."""
+        if not self._in_dispatch and self._mux.has_data_to_send() and not self._transport.is_closing():
+            self._write()
+
+    def _end_batch(self) -> None:
+        self._batching = False
+        if self._closed is None and self._mux.has_data_to_send() and not self._transport.is_closing():
+            self._write()
+
+    def _write(self) -> None:
+        wire = self._secure.encrypt(self._mux.data_to_send())
+        self._bytes_sent += len(wire)
+        # A view: asyncio keeps the unsent tail as ``data[n:]``, a copy for bytes.
+        self._transport.write(memoryview(wire) if len(wire) > 65536 else wire)
 
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
@@ -307,7 +339,6 @@ class Connection:
 
     def _data_received(self, data: bytes) -> None:
         self._bytes_received += len(data)
-        self._last_receive = self._loop.time()
         try:
             self._secure.receive_data(data)
         except ProtocolError as exc:
@@ -332,44 +363,52 @@ class Connection:
         self._flush()
 
     def _dispatch(self, event: object) -> None:
-        kind = type(event)
-        if kind is DataReceived:
-            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
-            if stream is not None:
-                stream._on_data(event.data)  # type: ignore[attr-defined]
-            else:
-                self._mux.consumed(event.stream_id, len(event.data))  # type: ignore[attr-defined]
-        elif kind is WindowUpdated:
-            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
-            if stream is not None:
-                stream._on_window()
-        elif kind is StreamOpened:
-            stream = Stream(self, event.stream_id, event.protocol, local=False)  # type: ignore[attr-defined]
-            self._streams[stream.stream_id] = stream
-            self.on_stream(stream)
-        elif kind is StreamEnded:
-            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
-            if stream is not None:
-                stream._on_end()
-                self._stream_maybe_done(stream)
-        elif kind is StreamReset:
-            stream = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
-            if stream is not None:
-                stream._on_reset(event.code, event.reason)  # type: ignore[attr-defined]
-        elif kind is PongReceived:
-            rtt = self._loop.time() - event.sent_at  # type: ignore[attr-defined]
-            self.rtt = rtt
-            self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
-            fut = self._pong_waiters.get(event.opaque)  # type: ignore[attr-defined]
-            if fut is not None and not fut.done():
-                fut.set_result(rtt)
-        elif kind is GoAwayReceived:
-            self.going_away = True
-            self.on_going_away(self)
-            if not self._streams:
-                self._loop.call_soon(self.close)
-        elif kind is PingReceived:
-            pass  # the multiplexer queued the pong
+        self._event_handlers[type(event)](event)
+
+    def _on_data_event(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_data(event.data)
+        else:
+            self._mux.consumed(event.stream_id, len(event.data))
+
+    def _on_window_event(self, event: WindowUpdated) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_window()
+
+    def _on_opened_event(self, event: StreamOpened) -> None:
+        stream = Stream(self, event.stream_id, event.protocol, local=False)
+        self._streams[event.stream_id] = stream
+        self.on_stream(stream)
+
+    def _on_ended_event(self, event: StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_end()
+            self._stream_maybe_done(stream)
+
+    def _on_reset_event(self, event: StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_reset(event.code, event.reason)
+
+    def _on_pong_event(self, event: PongReceived) -> None:
+        rtt = self._loop.time() - event.sent_at
+        self.rtt = rtt
+        self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
+        fut = self._pong_waiters.get(event.opaque)
+        if fut is not None and not fut.done():
+            fut.set_result(rtt)
+
+    def _on_go_away_event(self, event: GoAwayReceived) -> None:
+        self.going_away = True
+        self.on_going_away(self)
+        if not self._streams:
+            self._loop.call_soon(self.close)
+
+    def _on_ping_event(self, event: PingReceived) -> None:
+        pass  # the multiplexer already queued the pong
 
     # ------------------------------------------------------------------ stream bookkeeping
 

@@ -42,7 +42,7 @@ class DeadlineExceeded(TransportError):
 
 
 class StreamResetError(TransportError):
-    """The stream was aborted. ``code`` is what the resetting side gave (spec §S3.3):
+    """The stream was aborted. ``code`` is what the resetting side gave (spec §3.7):
     e.g. UNKNOWN_PROTOCOL, TIMEOUT (caller gave up), INTERNAL (handler crashed) or
     any code a handler raised in a ``ProtocolError``. ``by_peer`` tells who reset it."""
 

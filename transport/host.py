@@ -1,6 +1,6 @@
 """``Host``: this peer on the network - listen, dial, pool connections, serve and call RPCs.
 
-See spec/transport.md §S5 (RPC) and §S6 (connections). Usage::
+See spec/transport.md §3.10 (RPC) and §3.12 (connections). Usage::
 
     async with Host(identity, swarm_key=swarm_key) as host:
         await host.listen("0.0.0.0", 31337)
@@ -12,7 +12,7 @@ See spec/transport.md §S5 (RPC) and §S6 (connections). Usage::
 
 A peer is named by a ``PeerId`` (we must already know an address or hold a
 connection), a ``Multiaddr`` or a multiaddr string. One connection per peer is
-kept and reused (§S6.1); if both peers dial each other at once, both keep the
+kept and reused (§3.12); if both peers dial each other at once, both keep the
 connection dialled by the smaller peer id and retire the other (GO_AWAY, closed
 when its streams are done).
 
@@ -99,6 +99,7 @@ class Host:
         self._dials: dict[Any, asyncio.Future[Connection]] = {}
         self._handshaking: set[_Wire] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._dial_tasks: set[asyncio.Task[None]] = set()
         self._handshakes_completed = 0
         self._handshakes_failed: Counter[str] = Counter()
         self._closed_bytes = [0, 0]  # sent, received, of connections already closed
@@ -134,6 +135,8 @@ class Host:
             wire.abort()
         for fut in list(self._dials.values()):
             fut.cancel()
+        for task in list(self._dial_tasks):
+            task.cancel()
         conns = [c for group in self._conns.values() for c in group]
         for conn in conns:
             conn.close(0, "host shutting down")
@@ -236,18 +239,7 @@ class Host:
 
     async def _serve_unary(self, stream: Stream, handler: UnaryHandler) -> None:
         try:
-            try:
-                request = await stream.receive()
-            except EndOfStream:
-                stream.reset(ErrorCode.MALFORMED, "a call carries exactly one request message (§S5.1)")
-                return
-            try:
-                await stream.receive()
-            except EndOfStream:
-                pass  # exactly one request, then FIN
-            else:
-                stream.reset(ErrorCode.MALFORMED, "a call carries exactly one request message (§S5.1)")
-                return
+            request = await stream.receive_only()
             try:
                 response = await handler(stream.peer_id, request)
             except ProtocolError as exc:
@@ -257,8 +249,8 @@ class Host:
                 log.exception("handler for %s failed", stream.protocol)
                 stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
                 return
-            if not isinstance(response, (bytes, bytearray, memoryview)):
-                log.error("handler for %s returned %s, not bytes", stream.protocol, type(response).__name__)
+            if not isinstance(response, (bytes, bytearray, memoryview)) or not len(response):
+                log.error("handler for %s returned %r, not 1 or more bytes", stream.protocol, type(response).__name__)
                 stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
                 return
             await stream.send(response, end=True)
@@ -267,6 +259,9 @@ class Host:
         except asyncio.CancelledError:
             stream.reset(ErrorCode.CONNECTION_CLOSED, "peer is shutting down")
             raise
+        except Exception:  # a bug of ours must not take the host's task group down
+            log.exception("serving %s failed", stream.protocol)
+            stream.reset(ErrorCode.INTERNAL, f"internal error serving {stream.protocol}")
 
     async def _serve_stream(self, stream: Stream, handler: StreamHandler) -> None:
         try:
@@ -338,7 +333,9 @@ class Host:
             fut = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_consume_exception)
             self._dials[key] = fut
-            tg.create_task(self._dial_into(addr, key, fut))
+            task = tg.create_task(self._dial_into(addr, key, fut))
+            self._dial_tasks.add(task)
+            task.add_done_callback(self._dial_tasks.discard)
         try:
             async with asyncio.timeout(timeout):
                 conn = await asyncio.shield(fut)
@@ -398,7 +395,7 @@ class Host:
         self._handshakes_failed[_code_name(error.code)] += 1
 
     def _adopt(self, conn: Connection) -> None:
-        """A handshake finished: pool the connection, start its keepalive, dedupe (§S6.1)."""
+        """A handshake finished: pool the connection, start its keepalive, dedupe (§3.12)."""
         self._handshakes_completed += 1
         if not self._running or self._tg is None:
             conn.close(0, "host shutting down")
@@ -444,7 +441,7 @@ class Host:
             return conn.open_stream(protocol)
 
     async def call(self, peer: PeerLike, protocol: str, request: bytes, *, timeout: float | None = None) -> bytes:
-        """Request/response RPC (§S5.1): send ``request``, return the response, within ``timeout`` s.
+        """Request/response RPC (§3.11): send ``request``, return the response, within ``timeout`` s.
 
         Raises DeadlineExceeded, UnknownProtocolError, StreamResetError (the handler
         raised; ``.code`` is its error code), ConnectionClosedError or a handshake error.
@@ -453,9 +450,12 @@ class Host:
         try:
             async with asyncio.timeout(timeout):
                 for attempt in range(2):
-                    conn = await self.connect(peer, timeout=timeout)
+                    peer_id = peer if isinstance(peer, PeerId) else _resolve(peer)[0]
+                    conn = self.connection(peer_id) if peer_id is not None else None
+                    if conn is None:
+                        conn = await self.connect(peer, timeout=timeout)
                     try:
-                        stream = conn.open_stream(protocol)
+                        stream = conn.open_stream(protocol, _flush=False)
                     except ConnectionClosedError:
                         if attempt:
                             raise
@@ -494,16 +494,10 @@ class Host:
 
 
 async def _call_on(stream: Stream, request: bytes) -> bytes:
-    """Client side of §S5.1 on an open stream; resets the stream on any failure."""
+    """Client side of §3.11 on an open stream; resets the stream on any failure."""
     try:
         await stream.send(request, end=True)
-        response = await stream.receive()
-        try:
-            await stream.receive()
-        except EndOfStream:
-            return response
-        stream.reset(ErrorCode.MALFORMED, "a call's response is exactly one message (§S5.1)")
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"peer sent more than one response message on {stream.protocol}")
+        return await stream.receive_only()
     except BaseException as exc:
         if not stream.is_closed:
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -512,7 +506,7 @@ async def _call_on(stream: Stream, request: bytes) -> bytes:
 
 
 def _preference(conn: Connection) -> tuple[bytes, bytes]:
-    """Both peers rank a pair's connections alike: dialled by the smaller peer id first (§S6.1)."""
+    """Both peers rank a pair's connections alike: dialled by the smaller peer id first (§3.12)."""
     dialer = conn.local_peer_id if conn.initiator else conn.peer_id
     return (dialer.to_bytes(), conn.handshake_hash)
 
@@ -521,13 +515,24 @@ def _resolve(peer: PeerLike) -> tuple[PeerId | None, Multiaddr | None]:
     if isinstance(peer, PeerId):
         return peer, None
     if isinstance(peer, str):
+        known = _PARSED.get(peer)
+        if known is not None:
+            return known
         if peer.startswith("/"):
-            peer = Multiaddr.parse(peer)
+            addr = Multiaddr.parse(peer)
+            result: tuple[PeerId | None, Multiaddr | None] = (addr.peer_id, addr)
         else:
-            return PeerId.from_base58(peer), None
+            result = (PeerId.from_base58(peer), None)
+        if len(_PARSED) >= 1024:  # parsing base58 costs ~100 us; callers reuse a few strings
+            _PARSED.clear()
+        _PARSED[peer] = result
+        return result
     if isinstance(peer, Multiaddr):
         return peer.peer_id, peer
     raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"a peer is a PeerId, Multiaddr or multiaddr string, not {type(peer).__name__}")
+
+
+_PARSED: dict[str, tuple[PeerId | None, Multiaddr | None]] = {}
 
 
 def _check_protocol(protocol: str) -> str:

@@ -1,6 +1,6 @@
 """``Stream``: one multiplexed stream of messages, with backpressure both ways.
 
-See spec/transport.md §S3 (streams) and §S5 (messages on a stream). A stream
+See spec/transport.md §3.5 (streams) and §3.10 (messages on a stream). A stream
 carries *messages*: each is framed as in spec/tensors.md §6 (a 4-byte big-endian
 length, then 1 to ``MAX_FRAME_BYTES`` bytes), so the receiver gets exactly what
 the sender passed to ``send``.
@@ -59,7 +59,7 @@ class StreamStatistics:
 
 
 class Stream:
-    """A bidirectional stream of messages to one peer (spec/transport.md §S3, §S5).
+    """A bidirectional stream of messages to one peer (spec/transport.md §3.5, §3.10).
 
     ``await send(msg)``, ``await receive()`` (raises ``EndOfStream`` once the peer
     half-closed), ``await send_eof()`` (half-close), ``reset(code, reason)`` (abort),
@@ -117,9 +117,9 @@ class Stream:
         """
         if self._sending:
             raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: another task is already sending")
-        self._check_can_send()
-        view = memoryview(message).cast("B")
-        size = len(view)
+        if self._error is not None or self._send_closed:
+            self._check_can_send()
+        size = len(message) if type(message) is bytes else memoryview(message).nbytes
         if not 1 <= size <= MAX_FRAME_BYTES:
             raise LocalProtocolError(
                 ErrorCode.LIMIT_EXCEEDED if size else ErrorCode.MALFORMED,
@@ -131,17 +131,20 @@ class Stream:
             mux, sid, conn = self._mux, self.stream_id, self._conn
             if size <= MAX_DATA_PAYLOAD and mux.send_window(sid) >= size + LENGTH_PREFIX_BYTES:
                 # Small message, window open: one frame, one write (the common RPC case).
-                mux.send_data(sid, prefix + view.tobytes(), end_stream=end)
+                mux.send_data(sid, prefix + bytes(message), end_stream=end)
                 self._after_send(size, end)
                 conn._flush()
                 if conn._write_paused:
                     await conn._wait_writable()
                 return
+            view = memoryview(message).cast("B")
             pieces = (memoryview(prefix), view)
             for index, piece in enumerate(pieces):
                 last_piece = index == len(pieces) - 1
                 pos, total = 0, len(piece)
                 while pos < total:
+                    if self._error is not None:
+                        raise self._error  # reset or connection lost between two batches
                     window = mux.send_window(sid)
                     if window == 0:
                         await self._wait_window()
@@ -157,6 +160,7 @@ class Stream:
                         await conn._wait_writable()
             if not end:
                 self._after_send(size, end)
+            conn._flush_now()  # no view of ``message`` may outlive this call
         finally:
             self._sending = False
 
@@ -205,24 +209,45 @@ class Stream:
         dropped), ``ConnectionClosedError`` if the connection is gone, and
         ``RemoteProtocolError`` if the peer framed a message wrongly.
         """
+        message = await self._next_message()
+        if message is None:
+            raise EndOfStream(f"stream {self.stream_id} ({self.protocol}): the peer closed its side")
+        return message
+
+    async def receive_only(self) -> bytes:
+        """Exactly one message, then the end of the stream (a call's request or response, §3.11).
+
+        Anything else resets the stream with MALFORMED and raises RemoteProtocolError.
+        """
+        message = await self._next_message()
+        if message is not None and await self._next_message() is None:
+            return message
+        why = "no message" if message is None else "more than one message"
+        self.reset(ErrorCode.MALFORMED, f"expected exactly one message, got {why} (§3.11)")
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"stream {self.stream_id} ({self.protocol}): peer sent {why}, expected one")
+
+    async def _next_message(self) -> bytes | None:
+        """The next message, or None at a clean end of the stream."""
         if self._receiving:
             raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{self!r}: another task is already receiving")
+        conn = self._conn
         while True:
-            if self._ready is not None:
-                message, self._ready = self._ready, None
+            message = self._ready
+            if message is not None:
+                self._ready = None
                 self._messages_received += 1
                 return message
             if self._error is not None:
                 raise self._error
-            if self._absorb():
-                self._conn._flush()  # window updates for what we just consumed
+            if self._pending and self._absorb():
+                conn._flush()  # window update for what we just consumed, if one is due
                 continue
-            self._conn._flush()
+            conn._flush()
             if self._eof:
                 if self._need is not None or self._prefix:
                     raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self!r}: peer ended the stream inside a message")
-                raise EndOfStream(f"{self!r}: the peer closed its side")
-            fut = self._receive_waiter = self._conn._loop.create_future()
+                return None
+            fut = self._receive_waiter = conn._loop.create_future()
             self._receiving = True
             try:
                 await fut
@@ -245,6 +270,16 @@ class Stream:
         if self._ready is not None:
             return True  # one message at a time: the next waits until this one is taken
         pending = self._pending
+        if self._need is None and not self._prefix and len(pending) == 1:
+            chunk = pending[0]  # fast path: exactly one whole message is buffered (small RPCs)
+            if len(chunk) > LENGTH_PREFIX_BYTES and int.from_bytes(chunk[:LENGTH_PREFIX_BYTES], "big") == len(chunk) - LENGTH_PREFIX_BYTES:
+                pending.clear()
+                size = len(chunk)
+                self._ready = bytes(chunk[LENGTH_PREFIX_BYTES:])
+                self._bytes_received += size
+                self._pending_bytes -= size
+                self._mux.consumed(self.stream_id, size)
+                return True
         consumed = 0
         complete = False
         while pending:

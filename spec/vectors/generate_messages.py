@@ -34,7 +34,7 @@ import torch
 import zstandard
 
 from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.fields import ArrayOf, Blob, CodecName, Nested, TensorKind
+from biopetals.protocol.fields import ArrayOf, Blob, CodecName, MultiaddrText, Nested, PeerIdText, TensorKind
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import (
     MESSAGE_TYPES,
@@ -86,6 +86,8 @@ def _to_json(kind: Any, value: Any, codec: str | None) -> Any:
         return tensor_to_fields(value, codec or _DEFAULT_NAMES[value.dtype])
     if isinstance(kind, Blob):
         return value.hex()
+    if isinstance(kind, (PeerIdText, MultiaddrText)):
+        return str(value)
     if isinstance(kind, CodecName):
         return value.value
     if isinstance(kind, ArrayOf):
@@ -386,7 +388,12 @@ def accepted_vectors() -> list[dict]:
     add(
         "unknown body keys ignored, any value",
         "§2.4",
-        _pack(envelope(7, {0: SID, 9: {0: [1, 2.5, None]}, 200: Raw(b"\xd6\xff\x00\x00\x00\x01")})),
+        _pack(
+            envelope(
+                7,
+                {0: SID, 9: {0: [1, 2.5, None]}, 200: Raw(b"\xd6\xff\x00\x00\x00\x01"), 201: Raw(b"\xd5\x05\x00\x00")},
+            )
+        ),
         CloseSession(session_id=SID),
     )
     add(
@@ -516,7 +523,25 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
             "timestamp ext of length 5",
             _pack(envelope(7, {0: SID, 9: Raw(b"\xc7\x05\xff" + bytes(5))})),
             E.MALFORMED,
-            "§2.5 step 3: malformed timestamp",
+            "§2.5 step 2: timestamp of a wrong length",
+        ),
+        (
+            "fixext 1 timestamp",
+            _pack(envelope(7, {0: SID, 9: Raw(b"\xd4\xff\x00")})),
+            E.MALFORMED,
+            "§2.5 step 2: timestamp of a wrong length",
+        ),
+        (
+            "ext of reserved type -111 (fuzzer crash of scan_msgpack)",
+            bytes.fromhex("8300010107028200c410000102030405060708090a0b0c0d0e0f09c70591d950000000"),
+            E.MALFORMED,
+            "§2.5 step 2: reserved ext type",
+        ),
+        (
+            "fixext 4 of reserved type -2",
+            _pack(envelope(7, {0: SID, 9: Raw(b"\xd6\xfe" + bytes(4))})),
+            E.MALFORMED,
+            "§2.5 step 2: reserved ext type",
         ),
         ("top level is an array", _pack([1, 7, {0: SID}]), E.MALFORMED, "§2.5 step 3: not a map"),
         ("top level is an integer", b"\x07", E.MALFORMED, "§2.5 step 3: not a map"),
@@ -634,6 +659,25 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("empty multiaddr", packed(STEP, "f16", k5=[{**hop_b, 1: [""]}]), E.INVALID_FIELD, "§5.4 addrs item low"),
         ("multiaddr of 257 bytes", packed(STEP, "f16", k5=[{**hop_b, 1: ["/" * 257]}]), E.LIMIT_EXCEEDED, "§5.4"),
         ("peer id of 129 bytes", packed(STEP, "f16", k5=[{**hop_b, 0: "1" * 129}]), E.LIMIT_EXCEEDED, "§5.4 peer_id"),
+        ("peer id not base58", packed(STEP, "f16", k5=[{**hop_b, 0: "12D3KooW0OIl"}]), E.INVALID_FIELD, "§5.4 peer_id"),
+        (
+            "peer id of another key type",
+            packed(STEP, "f16", k5=[{**hop_b, 0: "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"}]),
+            E.INVALID_FIELD,
+            "§5.4 peer_id, spec/transport.md §1.3",
+        ),
+        (
+            "multiaddr that does not parse",
+            packed(STEP, "f16", k5=[{**hop_b, 1: ["/ip4/10.0.0.2/udp/31337"]}]),
+            E.INVALID_FIELD,
+            "§5.4 addrs, spec/transport.md §1.7",
+        ),
+        (
+            "multiaddr naming another peer",
+            packed(STEP, "f16", k5=[{**hop_b, 1: [f"/ip4/10.0.0.2/tcp/31337/p2p/{PEER_A}"]}]),
+            E.INVALID_FIELD,
+            "§5.4 cross-field rule",
+        ),
         ("hop session id empty", packed(STEP, "f16", k5=[{**hop_b, 2: b""}]), E.INVALID_FIELD, "§5.4 session_id"),
         # --- §2.5 step 8: cross-field rules
         ("OpenSession start == end", packed(OPEN, k1=8), E.INVALID_FIELD, "§5.1 start < end"),

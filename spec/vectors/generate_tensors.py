@@ -280,6 +280,18 @@ def invalid_tensor_vectors() -> list[dict]:
         "§3.3 step 4 dimension above the element limit (even when the product is 0)",
     )
     add(
+        "empty tensor whose non-zero dimensions multiply past the limit",
+        pack(tensor_map("f16", [4096, 4097, 0], b"")),
+        "LIMIT_EXCEEDED",
+        "§3.3 step 4 product of the non-zero entries above the limit",
+    )
+    add(
+        "fuzz crash: shape [2^24, 2^24, 2^24, 3, 0] (strides overflow int64)",
+        pack(tensor_map("f16", [1 << 24, 1 << 24, 1 << 24, 3, 0], b"")),
+        "LIMIT_EXCEEDED",
+        "§3.3 step 4 product of the non-zero entries above the limit",
+    )
+    add(
         "element count 4096 x 4097 over MAX_TENSOR_ELEMENTS",
         pack(tensor_map("f16", [4096, 4097], F16_12)),
         "LIMIT_EXCEEDED",

@@ -1,0 +1,174 @@
+"""Start a private swarm of ``biopetals-node`` processes on loopback (demo, benchmarks, tests).
+
+``LocalSwarm(model_path, [(0, 10), (10, 20), (20, 30)])`` writes a fresh swarm key
+into a temporary directory, starts one node process per span (the first with
+``--new-swarm``, the others joining through it), waits for each to print
+``READY <multiaddr>``, and stops them all on ``close()`` (SIGTERM, then SIGKILL
+after a grace period) - also when the caller is interrupted, since it is a
+context manager. Nodes are separate processes started through the command line;
+the client never imports the node's code.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from biopetals.protocol.swarm_key import SwarmKey
+from biopetals.transport.keyfiles import write_swarm_key
+
+__all__ = ["LocalSwarm", "NodeProcess"]
+
+
+@dataclass
+class NodeProcess:
+    start: int
+    end: int
+    process: subprocess.Popen
+    log_path: Path
+    addr: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> str:
+        return self.addr.rsplit("/p2p/", 1)[-1]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies without a word (for fault-tolerance tests)."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (the node announces itself offline), SIGKILL after ``grace`` seconds."""
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class LocalSwarm:
+    """Node processes on 127.0.0.1 serving ``spans`` of the checkpoint at ``model``."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        spans: list[tuple[int, int]],
+        *,
+        dtype: str = "float32",
+        extra_args: list[str] | None = None,
+        benchmark: bool = False,
+        ready_timeout: float = 180.0,
+        threads: int | None = None,
+    ) -> None:
+        self.model = str(model)
+        self.dtype = dtype
+        self.extra_args = list(extra_args or [])
+        self.benchmark = benchmark
+        self.ready_timeout = ready_timeout
+        self.threads = threads
+        self.dir = Path(tempfile.mkdtemp(prefix="biopetals-swarm-"))
+        self.key_path = self.dir / "swarm.key"
+        write_swarm_key(self.key_path, SwarmKey.generate())
+        self.nodes: list[NodeProcess] = []
+        try:
+            for start, end in spans:
+                self.add_node(start, end)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [n.addr for n in self.nodes if n.alive()][:3]
+
+    def _command(self, start: int, end: int) -> list[str]:
+        cmd = [sys.executable, "-m", "biopetals.node.cli", "--model", self.model, "--blocks", f"{start}:{end}",
+               "--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
+               "--no-progress"]
+        if not self.benchmark:
+            cmd.append("--no-benchmark")
+        peers = self.initial_peers
+        cmd += ["--initial-peers", *peers] if peers else ["--new-swarm"]
+        return cmd + self.extra_args
+
+    def add_node(self, start: int, end: int) -> NodeProcess:
+        """Start one more node for blocks ``[start, end)`` and wait until it serves."""
+        log_path = self.dir / f"node-{len(self.nodes)}-{start}-{end}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # READY must reach us at once through the pipe
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        proc = subprocess.Popen(self._command(start, end), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, start_new_session=True)
+        node = NodeProcess(start, end, proc, log_path)
+        self.nodes.append(node)
+        deadline = time.monotonic() + self.ready_timeout
+        assert proc.stdout is not None
+        with open(log_path, "w") as log:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"node {start}:{end} not ready in {self.ready_timeout:.0f} s; its output:\n"
+                                       + "".join(node.lines[-20:]))
+                ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
+                if not ready:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    proc.wait(5)
+                    raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
+                node.lines.append(line)
+                log.write(line)
+                if line.startswith("READY "):
+                    node.addr = line.split()[1]
+                    break
+        # keep draining its output so the pipe never fills up
+        _drain(proc, log_path)
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for node in self.nodes:
+            try:
+                node.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drain(proc: subprocess.Popen, log_path: Path) -> None:
+    import threading
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+
+    threading.Thread(target=pump, daemon=True, name=f"node-log-{proc.pid}").start()

@@ -1,0 +1,310 @@
+"""Inference sessions over the whole model: a chain of node sessions, with push and failover.
+
+``ChainSession`` (async) covers blocks ``[0, N)`` with a chain of ``SpanSession``s
+(one per route span). A step is sent to the first node only, with the rest of the
+chain as push hops (spec/messages.md §5.7); every node returns its output to us,
+and we record what each span was fed (its ``history``).
+
+Failover (spec/messages.md §5.9). When a span's result does not come (its node
+died: the stream closes at once; or it stalled: ``step_timeout``), the client
+
+1. avoids that peer for a while (exponential back-off, ``PeerHealth``),
+2. re-reads the announcements and routes the failed span's blocks anew, possibly
+   over several nodes,
+3. opens sessions there and replays the failed span's recorded inputs in their
+   original chunks and under their original ``step_id``s, chaining sub-spans,
+   which rebuilds the KV cache exactly as it was,
+4. resends the current step from that span on (push to the rest of the chain;
+   nodes that already ran it drop the duplicate, §5.7).
+
+A result that was pushed but does not arrive in time is first asked for directly
+(the node may only have missed the push), then the node is replaced.
+
+``InferenceSession`` is the synchronous user object (``model.inference_session``):
+one ``ChainSession`` for the batch, or one per row when the batch is padded (the
+node protocol carries no attention mask, so each row runs unpadded in its own
+session; outputs at padding positions are zeros).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import PeerFailure, SwarmError
+from .routing import MissingBlocksError, RouteSpan, format_route
+from .span_session import SpanSession
+
+if TYPE_CHECKING:
+    from .swarm import RemoteSwarm
+
+__all__ = ["ChainSession", "InferenceSession"]
+
+log = logging.getLogger("biopetals.client")
+
+
+class ChainSession:
+    """Blocks ``[0, N)`` for ``batch_size`` sequences of at most ``max_length`` tokens. Async API."""
+
+    def __init__(self, swarm: "RemoteSwarm", max_length: int, batch_size: int) -> None:
+        self.swarm = swarm
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.spans: list[SpanSession] = []
+        self.position = 0
+        self.failovers = 0  # replacements done, over the session's life
+        self.closed = False
+
+    @property
+    def route(self) -> list[tuple[str, int, int]]:
+        """``(peer_id, start, end)`` of every span in the chain now."""
+        return [(s.peer_id, s.start, s.end) for s in self.spans]
+
+    # ------------------------------------------------------------------ opening
+
+    async def _open_route(self, start: int, end: int, failures: list[PeerFailure]) -> list[SpanSession]:
+        """Sessions covering ``[start, end)``; re-routes around nodes that refuse or fail."""
+        cfg = self.swarm.config
+        force = False
+        for _ in range(cfg.max_failovers + 1):
+            try:
+                route = await self.swarm.find_route(start, end, needed_cache_tokens=self.max_length * self.batch_size,
+                                                    force=force)
+            except MissingBlocksError as exc:
+                if failures:
+                    raise SwarmError(str(exc), failures) from exc
+                raise
+            log.info("route for blocks %d:%d: %s", start, end, format_route(route))
+            opened = await asyncio.gather(*(self._open_span(r) for r in route), return_exceptions=True)
+            bad = [o for o in opened if isinstance(o, BaseException)]
+            if not bad:
+                return list(opened)  # type: ignore[arg-type]
+            for o in opened:
+                if isinstance(o, SpanSession):
+                    await o.close()
+            for o in bad:
+                if not isinstance(o, PeerFailure):
+                    raise o
+                failures.append(o)
+                self.swarm.failed(o)
+            force = True
+        raise SwarmError(f"could not open sessions for blocks {start}:{end} after {cfg.max_failovers + 1} routes.",
+                         failures)
+
+    async def _open_span(self, r: RouteSpan) -> SpanSession:
+        cfg = self.swarm.config
+        return await SpanSession.open(self.swarm.host, r.server, r.start, r.end, model=self.swarm.model_name,
+                                      max_length=self.max_length, batch_size=self.batch_size, codec=cfg.codec,
+                                      timeout=cfg.connect_timeout)
+
+    async def open(self) -> None:
+        self.spans = await self._open_route(0, self.swarm.n_blocks, [])
+
+    async def close(self) -> None:
+        self.closed = True
+        spans, self.spans = self.spans, []
+        await asyncio.gather(*(s.close() for s in spans), return_exceptions=True)
+
+    # ------------------------------------------------------------------ steps
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``hidden`` ``[batch, tokens, hidden]`` (the next tokens) through all blocks."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if not self.spans:
+            await self.open()
+        batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        if batch != self.batch_size:
+            raise ValueError(f"this session holds {self.batch_size} sequence(s), the step has {batch}")
+        if self.position + tokens > self.max_length:
+            raise ValueError(
+                f"the session's max_length is {self.max_length}: {self.position} tokens so far plus {tokens} new do "
+                "not fit; open a session with a larger max_length"
+            )
+        position = self.position
+        step_id = position + 1
+        timeout = self.swarm.config.step_timeout
+        failures: list[PeerFailure] = []
+        x = hidden
+        i = 0
+        send_from = 0  # index to (re)send the step to, with push to the rest; -1: already sent
+        asked_directly: set[int] = set()
+        while i < len(self.spans):
+            span = self.spans[i]
+            try:
+                if send_from == i:
+                    hops = tuple(s.hop() for s in self.spans[i + 1:])
+                    for s in self.spans[i:]:
+                        s.expect(step_id)
+                    await span.send_step(step_id, position, x, hops)
+                    send_from = -1
+                try:
+                    async with asyncio.timeout(timeout):
+                        out = await asyncio.shield(span.expect(step_id))
+                except TimeoutError:
+                    if i not in asked_directly:
+                        # maybe only the push was lost: ask this node directly once (§5.7)
+                        asked_directly.add(i)
+                        send_from = i
+                        continue
+                    raise PeerFailure(span.peer_id, f"no result for step {step_id} within {timeout:.0f} s") from None
+            except PeerFailure as failure:
+                failures.append(failure)
+                self.swarm.failed(failure)
+                if len(failures) > self.swarm.config.max_failovers:
+                    raise SwarmError(f"step at position {position} failed {len(failures)} times; giving up.",
+                                     failures) from failure
+                await self._replace(i, failures)
+                send_from = i
+                continue
+            span.record(step_id, position, x)
+            span.forget(step_id)
+            if out.shape != x.shape:
+                raise SwarmError(f"node {span.peer_id} returned shape {list(out.shape)} for input {list(x.shape)}")
+            x = out
+            i += 1
+        for s in self.spans:
+            self.swarm.health.record_success(s.peer_id)
+        self.position = position + tokens
+        return x
+
+    async def _replace(self, i: int, failures: list[PeerFailure]) -> None:
+        """Replace ``spans[i]`` by new sessions over its blocks, rebuilt from its history."""
+        old = self.spans[i]
+        old.abandon()
+        self.failovers += 1
+        timeout = self.swarm.config.step_timeout
+        while True:
+            new = await self._open_route(old.start, old.end, failures)
+            try:
+                for fed in old.history:
+                    x = fed.hidden
+                    for s in new:
+                        x = await s.run_step(fed.step_id, fed.position, x, timeout)
+            except PeerFailure as failure:
+                failures.append(failure)
+                self.swarm.failed(failure)
+                for s in new:
+                    s.abandon()
+                if len(failures) > self.swarm.config.max_failovers:
+                    raise SwarmError(f"could not rebuild blocks {old.start}:{old.end} on another node.",
+                                     failures) from failure
+                continue
+            break
+        log.warning("replaced %s (blocks %d:%d) by %s, replayed %d step(s)", old.peer_id, old.start, old.end,
+                    ", ".join(f"{s.peer_id} {s.start}:{s.end}" for s in new), len(old.history))
+        self.spans[i:i + 1] = new
+
+
+class InferenceSession:
+    """A synchronous inference session over the whole model (``with model.inference_session(...)``).
+
+    ``step(hidden, attention_mask=None)`` runs the next tokens' hidden states
+    ``[batch, tokens, hidden]`` through every remote block and returns the outputs.
+    ``attention_mask`` (1 = token, 0 = padding) for the new tokens only: with any
+    padding in the first step, each row gets its own chain (see the module docstring).
+    """
+
+    def __init__(self, swarm: "RemoteSwarm", max_length: int, batch_size: int | None = None) -> None:
+        self.swarm = swarm
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.chains: list[ChainSession] = []
+        self.per_row = False
+        self.position = 0  # columns stepped so far (padded length)
+        self.row_positions: list[int] = []
+        self.closed = False
+
+    # context manager
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def route(self) -> list[list[tuple[str, int, int]]]:
+        """Per chain: ``(peer_id, start, end)`` of each span (one chain unless rows run apart)."""
+        return [c.route for c in self.chains]
+
+    @property
+    def failovers(self) -> int:
+        return sum(c.failovers for c in self.chains)
+
+    def _ensure_open(self, batch: int, mask: torch.Tensor | None) -> None:
+        if self.chains:
+            return
+        if self.batch_size is not None and self.batch_size != batch:
+            raise ValueError(f"session opened for batch_size={self.batch_size}, step has {batch} sequences")
+        self.batch_size = batch
+        self.per_row = mask is not None and batch > 1 and not bool(mask.bool().all())
+        if self.per_row:
+            self.chains = [ChainSession(self.swarm, self.max_length, 1) for _ in range(batch)]
+        else:
+            self.chains = [ChainSession(self.swarm, self.max_length, batch)]
+        self.row_positions = [0] * batch
+        chains = self.chains
+
+        async def open_all() -> None:
+            await asyncio.gather(*(c.open() for c in chains))
+
+        try:
+            self.swarm.loop.run(open_all())
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if hidden.ndim != 3:
+            raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+        batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -tokens:].bool()
+        self._ensure_open(batch, attention_mask)
+        hidden = hidden.detach()
+        if not self.per_row:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("padding after the first step of a batched session is not supported; "
+                                 "pad the prompts in the first step (left padding)")
+            out = self.swarm.loop.run(self.chains[0].step(hidden))
+            self.row_positions = [p + tokens for p in self.row_positions]
+        else:
+            out = torch.zeros_like(hidden)
+            jobs, rows, masks = [], [], []
+            for b, chain in enumerate(self.chains):
+                keep = attention_mask[b] if attention_mask is not None else torch.ones(tokens, dtype=torch.bool)
+                if not bool(keep.any()):
+                    continue
+                jobs.append(chain.step(hidden[b:b + 1, keep]))
+                rows.append(b)
+                masks.append(keep)
+
+            async def run_all():
+                return await asyncio.gather(*jobs)
+
+            results = self.swarm.loop.run(run_all())
+            for b, keep, res in zip(rows, masks, results):
+                out[b, keep] = res[0].to(out.dtype)
+                self.row_positions[b] += int(keep.sum())
+        self.position += tokens
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.chains and self.swarm.loop.running:
+            try:
+                chains = self.chains
+
+                async def close_all() -> None:
+                    await asyncio.gather(*(c.close() for c in chains), return_exceptions=True)
+
+                self.swarm.loop.run(close_all(), timeout=15)
+            except Exception as exc:
+                log.debug("closing the session: %s", exc)

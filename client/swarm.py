@@ -1,0 +1,221 @@
+"""The client's view of the swarm: its network host, the DHT, announcements, peer health and routes.
+
+``RemoteSwarm`` owns the client's event loop thread (``LoopThread``), a transport
+``Host`` that dials only (it never listens: a client is not a server), and a DHT
+in client mode bootstrapped from ``initial_peers``. It
+
+* reads the per-block announcements of a model (spec/announcement.md) with one
+  batched DHT traversal (``get_many``) and turns them into ``ServerSpan`` offers;
+* keeps the measured RTT of every connected peer (transport keepalive);
+* avoids failing peers with exponential back-off (``routing.PeerHealth``);
+* finds routes with ``routing.find_route`` (sans-IO) and makes stateless
+  ``Forward``/``Backward`` calls with deadlines (spec/messages.md §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from biopetals.dht.ids import block_key
+from biopetals.dht.node import DHT
+from biopetals.dht.params import MAX_KEYS_PER_FIND
+from biopetals.protocol.announcement import State, decode_announcement
+from biopetals.protocol.envelope import PROTOCOL_NAME
+from biopetals.protocol.errors import ErrorCode, ProtocolError
+from biopetals.protocol.identity import Identity, PeerId
+from biopetals.protocol.messages import (
+    Backward,
+    BackwardResult,
+    Error,
+    Forward,
+    ForwardResult,
+    Message,
+    decode_message,
+    encode_message,
+)
+from biopetals.protocol.swarm_key import SwarmKey
+from biopetals.transport.connection import TransportConfig
+from biopetals.transport.host import Host
+from biopetals.transport.keyfiles import load_swarm_key
+
+from .errors import PeerFailure, describe_code, peer_failure_from
+from .loop import LoopThread
+from .routing import PeerHealth, RouteSpan, RoutingParams, ServerSpan, find_route
+from .span_session import dial_target
+
+__all__ = ["ClientConfig", "RemoteSwarm"]
+
+log = logging.getLogger("biopetals.client")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How the client talks to the swarm. Every remote call has a deadline."""
+
+    initial_peers: tuple[str, ...] = ()
+    swarm_key: str | bytes | SwarmKey | None = None  # path of the key file, raw 32 bytes, or a SwarmKey
+    codec: str = "f16"  # activations on the wire; "f32" is lossless for fp32 models
+    connect_timeout: float = 10.0  # s, dial + open a session
+    step_timeout: float = 60.0  # s, each span's result of one inference step
+    forward_timeout: float = 120.0  # s, one Forward/Backward call
+    max_failovers: int = 8  # replacements within one step/call before giving up
+    announcement_ttl: float = 5.0  # s, reuse fetched announcements this long
+    ban_base: float = 2.0  # s, first back-off of a failing peer (doubles per failure)
+    ban_cap: float = 300.0
+    routing: RoutingParams = field(default_factory=RoutingParams)
+    seed: int | None = None  # routing tie-break randomness (None: from the OS)
+
+
+def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
+    if value is None or isinstance(value, (SwarmKey, bytes)):
+        return value
+    return load_swarm_key(value)
+
+
+class RemoteSwarm:
+    """Network access for one client model; every public method is a coroutine run on ``self.loop``."""
+
+    def __init__(self, model_name: str, n_blocks: int, config: ClientConfig) -> None:
+        self.model_name = model_name
+        self.n_blocks = n_blocks
+        self.config = config
+        self.health = PeerHealth(base=config.ban_base, cap=config.ban_cap)
+        self.rng = random.Random(config.seed)
+        self.loop = LoopThread()
+        self.host: Host | None = None
+        self.dht: DHT | None = None
+        self._servers: list[ServerSpan] = []
+        self._fetched_at = -1e18
+        self._key = _swarm_key(config.swarm_key)
+        try:
+            self.loop.run(self._start(), timeout=config.connect_timeout + 30)
+        except BaseException:
+            self.loop.close()
+            raise
+
+    async def _start(self) -> None:
+        host = Host(Identity.generate(), swarm_key=self._key,
+                    config=TransportConfig(call_timeout=self.config.forward_timeout, keepalive_interval=5.0))
+        await host.__aenter__()
+        self.host = host
+        dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
+        try:
+            await dht.__aenter__()
+        except BaseException:
+            await host.__aexit__(None, None, None)
+            raise
+        self.dht = dht
+
+    def close(self) -> None:
+        if self.loop.running:
+            try:
+                self.loop.run(self._stop(), timeout=15)
+            except Exception as exc:  # closing must not raise
+                log.debug("closing the client swarm: %s", exc)
+            self.loop.close()
+
+    async def _stop(self) -> None:
+        if self.dht is not None:
+            await self.dht.__aexit__(None, None, None)
+        if self.host is not None:
+            await self.host.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ announcements
+
+    async def fetch_servers(self, force: bool = False) -> list[ServerSpan]:
+        """Every node announcing blocks of the model (one batched DHT traversal per 16 keys)."""
+        now = time.monotonic()
+        if not force and now - self._fetched_at < self.config.announcement_ttl and self._servers:
+            return self._servers
+        assert self.dht is not None
+        keys = [block_key(self.model_name, i) for i in range(self.n_blocks)]
+        chunks = [keys[i:i + MAX_KEYS_PER_FIND] for i in range(0, len(keys), MAX_KEYS_PER_FIND)]
+        results = await asyncio.gather(*(self.dht.get_many(chunk) for chunk in chunks))
+        offers: dict[str, ServerSpan] = {}
+        for result in results:
+            for records in result.values():
+                for subkey, (value, _expiration) in records.items():
+                    try:
+                        peer = str(PeerId.from_bytes(subkey))
+                        ann = decode_announcement(value)
+                    except ProtocolError as exc:
+                        log.debug("ignoring an invalid announcement: %s", exc)
+                        continue
+                    if peer in offers:
+                        continue  # one record per block, all alike
+                    offers[peer] = ServerSpan(
+                        peer_id=peer, start=ann.start, end=ann.end, addrs=tuple(ann.addrs),
+                        inference_tps=ann.inference_tps, forward_tps=ann.forward_tps,
+                        cache_tokens_left=ann.cache_tokens_left, online=ann.state == State.ONLINE,
+                    )
+        self._servers = sorted(offers.values(), key=lambda s: (s.start, s.end, s.peer_id))
+        self._fetched_at = now
+        return self._servers
+
+    def rtts(self) -> dict[str, float]:
+        """Measured round trips of the peers we hold connections to."""
+        out = {}
+        assert self.host is not None
+        for conn in self.host.connections():
+            rtt = conn.statistics().min_rtt
+            if rtt is not None:
+                out[str(conn.peer_id)] = rtt
+        return out
+
+    async def find_route(self, start: int, end: int, *, needed_cache_tokens: int = 0, force: bool = False,
+                         forward: bool = False) -> list[RouteSpan]:
+        servers = await self.fetch_servers(force=force)
+        if forward:  # stateless calls: rank by batched-forward throughput, ignore cache room
+            servers = [
+                ServerSpan(s.peer_id, s.start, s.end, s.addrs, s.forward_tps or s.inference_tps, s.forward_tps,
+                           s.cache_tokens_left, s.online)
+                for s in servers
+            ]
+            needed_cache_tokens = 0
+        return find_route(servers, start, end, now=time.monotonic(), rng=self.rng, rtts=self.rtts(),
+                          health=self.health, needed_cache_tokens=needed_cache_tokens,
+                          params=self.config.routing, model=self.model_name)
+
+    def failed(self, failure: PeerFailure) -> None:
+        until = self.health.record_failure(failure.peer_id, time.monotonic())
+        log.warning("avoiding %s for %.0f s: %s", failure.peer_id, until - time.monotonic(), failure.reason)
+        # a node that failed may have stopped: the next route re-reads the DHT
+        self._fetched_at = -1e18
+
+    # ------------------------------------------------------------------ stateless calls
+
+    async def call(self, server: ServerSpan, request: Message, expected: type[Message], timeout: float,
+                   codec: str | None = None) -> Message:
+        """One request/response call (spec/messages.md §2.1); any failure is a ``PeerFailure``."""
+        assert self.host is not None
+        try:
+            data = await self.host.call(dial_target(server), PROTOCOL_NAME, encode_message(request, codec), timeout=timeout)
+            reply = decode_message(data, expected=(expected, Error))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise peer_failure_from(server.peer_id, exc) from exc
+        if isinstance(reply, Error):
+            raise PeerFailure(server.peer_id, f"{describe_code(reply.code)}: {reply.message}", int(reply.code))
+        return reply
+
+    async def forward(self, route: RouteSpan, hidden, codec: str):
+        request = Forward(model=self.model_name, start=route.start, end=route.end, hidden=hidden, codec=codec)
+        reply = await self.call(route.server, request, ForwardResult, self.config.forward_timeout, codec)
+        if tuple(reply.hidden.shape) != tuple(hidden.shape):
+            raise PeerFailure(route.peer_id, f"ForwardResult shape {list(reply.hidden.shape)} != {list(hidden.shape)}",
+                              int(ErrorCode.INVALID_TENSOR))
+        return reply.hidden
+
+    async def backward(self, route: RouteSpan, hidden, grad_outputs, codec: str):
+        request = Backward(model=self.model_name, start=route.start, end=route.end, hidden=hidden,
+                           grad_outputs=grad_outputs, codec=codec)
+        reply = await self.call(route.server, request, BackwardResult, self.config.forward_timeout, codec)
+        if tuple(reply.grad_inputs.shape) != tuple(hidden.shape):
+            raise PeerFailure(route.peer_id, f"BackwardResult shape {list(reply.grad_inputs.shape)} != {list(hidden.shape)}",
+                              int(ErrorCode.INVALID_TENSOR))
+        return reply.grad_inputs

@@ -1,0 +1,126 @@
+"""The compute side of a node: its ``BlockSpan``, one worker thread, and the tensor work.
+
+Every computation runs on one worker thread per device (a single-thread executor),
+off the asyncio event loop; torch releases the GIL while it computes, so the loop
+keeps serving the network meanwhile. The executor's queue is FIFO, and each session
+has at most one step in flight (node/handler.py), so sessions progress round-robin.
+
+Batching: requests are run one by one (no cross-session batching). On a CPU a
+decode step is already matrix-vector bound per session and batching several
+sessions' steps needs ragged KV caches; a batched forward of one request (fine
+tuning, prefill) is a single call. See spec/messages.md §5 and §6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from biopetals.models.blocks import BlockSpan, SpanCache, kv_cache_bytes
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+from biopetals.protocol.tensors import Codec
+
+__all__ = ["Backend", "WIRE_DTYPE"]
+
+T = TypeVar("T")
+
+#: The dtype each codec carries: results are converted to it before the finiteness
+#: check, so an fp16 overflow is caught here (spec/messages.md §7.3).
+WIRE_DTYPE = {Codec.F32: torch.float32, Codec.BF16: torch.bfloat16, Codec.F16: torch.float16, Codec.F16_ZSTD: torch.float16}
+
+
+def _finite_on_wire(tensor: torch.Tensor, codec: Codec, what: str) -> torch.Tensor:
+    wire = tensor.detach().to(device="cpu", dtype=WIRE_DTYPE[Codec(codec)])
+    if not bool(torch.isfinite(wire).all()):
+        raise RemoteProtocolError(
+            ErrorCode.NON_FINITE, f"the node computed NaN or infinity in {what} (as {Codec(codec).value})"
+        )
+    return wire
+
+
+class Backend:
+    """Blocks ``[span.start, span.end)`` and the single worker that runs them."""
+
+    def __init__(self, span: BlockSpan, *, max_queue: int = 1024) -> None:
+        self.span = span
+        self.max_queue = max_queue
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="biopetals-compute")
+        self._queued = 0
+        self._views: dict[tuple[int, int], BlockSpan] = {}
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def view(self, start: int, end: int) -> BlockSpan:
+        """The sub-span ``[start, end)`` sharing the weights (cached)."""
+        if (start, end) == (self.span.start, self.span.end):
+            return self.span
+        key = (start, end)
+        if key not in self._views:
+            self._views[key] = self.span.sub(start, end)
+        return self._views[key]
+
+    def cache_bytes(self, start: int, end: int, batch_size: int, max_length: int) -> int:
+        return kv_cache_bytes(self.span.config, end - start, self.span.dtype, batch_size, max_length)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker thread, in FIFO order; ``BUSY`` when the queue is full."""
+        if self._queued >= self.max_queue:
+            raise RemoteProtocolError(ErrorCode.BUSY, f"{self._queued} requests queued on this node; retry later or elsewhere")
+        self._queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._queued -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ work (worker thread)
+
+    def allocate(self, start: int, end: int, batch_size: int, max_length: int) -> SpanCache:
+        return self.view(start, end).allocate_cache(batch_size, max_length)
+
+    def step(
+        self, view: BlockSpan, cache: SpanCache, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec
+    ) -> torch.Tensor:
+        """One inference step; on any failure the cache is left as it was (spec/messages.md §2.6)."""
+        before = cache.length
+        padding = cache.padding_mask
+        try:
+            out = view.inference_step(hidden, cache, prompts=prompts)
+            return _finite_on_wire(out, codec, "the step's outputs")
+        except BaseException:
+            _rollback(cache, before, padding)
+            raise
+
+    def forward(self, view: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec) -> torch.Tensor:
+        with torch.no_grad():
+            out = view.forward(hidden, prompts=prompts)
+        return _finite_on_wire(out, codec, "the forward outputs")
+
+    def backward(
+        self,
+        view: BlockSpan,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        prompts: torch.Tensor | None,
+        codec: Codec,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, prompts=prompts)
+        grad_inputs = _finite_on_wire(grad_inputs, codec, "the input gradients")
+        if grad_prompts is not None:
+            grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
+        return grad_inputs, grad_prompts
+
+
+def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> None:
+    """Forget positions appended by a failed step: attention reads only the filled prefix."""
+    for layer in cache.cache.layers:
+        layer.cumulative_length.fill_(length)
+    cache.length = length
+    cache.padding_mask = padding

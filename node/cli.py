@@ -1,0 +1,143 @@
+"""``biopetals-node``: serve a range of transformer blocks of a model to a private swarm.
+
+Example::
+
+    biopetals-node --model ./Llama3-OpenBioLLM-8B --blocks 0:16 --swarm-key lab.key --new-swarm
+    biopetals-node --model ./Llama3-OpenBioLLM-8B --blocks 16:32 --swarm-key lab.key \\
+        --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
+
+On start it prints what it serves, its multiaddrs, and a last line ``READY <multiaddr>``
+(for scripts and tests). SIGINT/SIGTERM announce it offline, then stop it. See
+node/server.py for the start-up order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from biopetals.models.blocks import DTYPES
+from biopetals.models.config import ModelConfigError
+from biopetals.node.quant import QUANT_MODES, QuantError
+from biopetals.node.server import NodeOptions, run_node
+from biopetals.protocol.errors import ProtocolError
+from biopetals.protocol.identity import Identity
+from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
+
+DEFAULT_PORT = 31337
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START:END, e.g. 0:16") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END")
+    return start, end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="biopetals-node",
+        description="Serve transformer blocks [START, END) of a Llama-family model to a BioPetals swarm.",
+        epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM: announce offline, then stop.",
+    )
+    p.add_argument("--model", required=True,
+                   help="Hugging Face checkpoint: a directory (config.json + safetensors) or a hub name in the local cache (offline)")
+    p.add_argument("--blocks", required=True, type=_blocks, metavar="START:END",
+                   help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16)")
+    p.add_argument("--swarm-key", required=True, metavar="FILE",
+                   help="the swarm key file of the private swarm (IPFS swarm.key format); only holders can connect")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, all interfaces)")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
+                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members to join through")
+    p.add_argument("--new-swarm", action="store_true",
+                   help="start a new swarm (no initial peers); this node is its first DHT node")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks (default float32)")
+    p.add_argument("--quant", choices=QUANT_MODES, default="none",
+                   help="weight quantisation through bitsandbytes (default none)")
+    p.add_argument("--max-cache-tokens", type=int, default=16384, metavar="N",
+                   help="total KV-cache budget, in tokens over all served blocks, summed over sessions and batch (default 16384)")
+    p.add_argument("--max-session-tokens", type=int, default=8192, metavar="N",
+                   help="KV-cache budget of one session, batch_size x max_length tokens (default 8192)")
+    p.add_argument("--identity", metavar="FILE",
+                   help="Ed25519 identity key file (created if missing) for a stable peer id; default: a new identity each run")
+    p.add_argument("--device", default="cpu", help="torch device of the blocks: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds after which an idle session is closed (default 60)")
+    p.add_argument("--announce-interval", type=float, default=60.0,
+                   help="seconds between DHT re-announcements (records expire after 3 intervals; default 60)")
+    p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    return p
+
+
+async def _main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
+    options = NodeOptions(
+        model=args.model,
+        start=args.blocks[0],
+        end=args.blocks[1],
+        identity=identity,
+        swarm_key=load_swarm_key(args.swarm_key),
+        host=args.host,
+        port=args.port,
+        initial_peers=list(args.initial_peers),
+        dtype=args.dtype,
+        quant=args.quant,
+        device=args.device,
+        max_cache_tokens=args.max_cache_tokens,
+        max_session_tokens=args.max_session_tokens,
+        idle_timeout=args.idle_timeout,
+        announce_interval=args.announce_interval,
+        benchmark=not args.no_benchmark,
+        progress=not args.no_progress,
+    )
+    await run_node(options, stop)
+
+
+_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, ValueError)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.new_swarm and not args.initial_peers:
+        parser.error("give --initial-peers to join a swarm, or --new-swarm to start one")
+    if args.new_swarm and args.initial_peers:
+        parser.error("--new-swarm and --initial-peers exclude each other")
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(_main(args))
+    except _EXPECTED as e:
+        print(f"biopetals-node: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:  # errors inside the Host's TaskGroup arrive wrapped
+        leaves = _leaves(group)
+        if not all(isinstance(e, _EXPECTED) for e in leaves):
+            raise
+        for e in leaves:
+            print(f"biopetals-node: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

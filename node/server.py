@@ -1,0 +1,170 @@
+"""``run_node``: a whole node - host, DHT, blocks, service and announcements - until stopped.
+
+Order of start-up (spec/announcement.md §2.1 for the states):
+
+1. listen and join the DHT (``--new-swarm``: no initial peers);
+2. announce ``JOINING`` for every block;
+3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
+   measure throughput, both on the worker thread so the DHT keeps answering;
+4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
+   ``READY <multiaddr>``; re-announce every ``announce_interval`` s.
+
+On stop (``stop`` event, set by SIGINT/SIGTERM in node/cli.py) it announces
+``OFFLINE`` with a short expiry first, then closes sessions and connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from biopetals.dht.node import DHT
+from biopetals.models.blocks import BlockSpan
+from biopetals.models.config import load_config, model_info
+from biopetals.node.announcer import AnnouncementInfo, Announcer
+from biopetals.node.backend import Backend
+from biopetals.node.benchmark import measure_throughput
+from biopetals.node.budget import CacheBudget
+from biopetals.node.handler import NodeService, ServiceConfig
+from biopetals.node.quant import quantize_span
+from biopetals.protocol.announcement import State
+from biopetals.protocol.identity import Identity
+from biopetals.protocol.swarm_key import SwarmKey
+from biopetals.transport.host import Host
+
+__all__ = ["NodeOptions", "run_node", "VERSION"]
+
+VERSION = "biopetals/0.1.0"
+log = logging.getLogger("biopetals.node")
+
+
+@dataclass
+class NodeOptions:
+    model: str
+    start: int
+    end: int
+    identity: Identity
+    swarm_key: SwarmKey | None
+    host: str = "0.0.0.0"
+    port: int = 31337
+    initial_peers: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    quant: str = "none"
+    device: str = "cpu"
+    max_cache_tokens: int = 16384
+    max_session_tokens: int = 8192
+    idle_timeout: float = 60.0
+    announce_interval: float = 60.0
+    benchmark: bool = True
+    progress: bool = True
+
+
+def _primary_ip() -> str:
+    """This machine's address on its default route (no packet is sent); 127.0.0.1 without one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def dialable_addrs(host: Host) -> list[str]:
+    """Our multiaddrs with /p2p/, a wildcard bind replaced by this machine's address."""
+    out = []
+    for addr in host.addrs:
+        text = str(addr)
+        if addr.host in ("0.0.0.0", "::"):
+            text = text.replace(f"/{addr.host}/", f"/{_primary_ip()}/", 1) if addr.host == "0.0.0.0" else text
+        out.append(text)
+    return out
+
+
+def load_span(options: NodeOptions) -> BlockSpan:
+    span = BlockSpan.load(
+        options.model, options.start, options.end, dtype=options.dtype, device=options.device, progress=options.progress
+    )
+    if options.quant != "none":
+        quantize_span(span, options.quant)
+    return span
+
+
+async def run_node(
+    options: NodeOptions,
+    stop: asyncio.Event,
+    *,
+    out: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> None:
+    """Run the node until ``stop`` is set."""
+    config, _ = load_config(options.model)  # fails early on an unsupported architecture
+    info = model_info(options.model, config)
+    n_layers = int(config.num_hidden_layers)
+    if not 0 <= options.start < options.end <= n_layers:
+        raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
+    async with Host(options.identity, swarm_key=options.swarm_key) as host:
+        await host.listen(options.host, options.port)
+        addrs = dialable_addrs(host)
+        async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
+            announcer = Announcer(
+                dht,
+                AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION, tuple(addrs)),
+                interval=options.announce_interval,
+                ttl=max(3 * options.announce_interval, 30.0),
+            )
+            await announcer.announce(State.JOINING, (0.0, 0.0), 0)
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            span = await loop.run_in_executor(None, load_span, options)
+            loaded = time.perf_counter() - started
+            throughput = (0.0, 0.0)
+            if options.benchmark:
+                throughput = await loop.run_in_executor(None, measure_throughput, span)
+            backend = Backend(span)
+            budget = CacheBudget(
+                span.cache_bytes_per_token(), options.max_cache_tokens, min(options.max_session_tokens, options.max_cache_tokens)
+            )
+            service = NodeService(
+                host,
+                backend,
+                budget,
+                ServiceConfig(
+                    model=info.dht_prefix,
+                    version=VERSION,
+                    dtype=options.dtype,
+                    quant=options.quant,
+                    idle_timeout=options.idle_timeout,
+                ),
+                throughput=throughput,
+            )
+            service.install()
+            await announcer.announce(State.ONLINE, throughput, budget.tokens_left)
+            out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
+                f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
+            out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
+            for addr in addrs:
+                out(f"listening on {addr}")
+            out(f"READY {addrs[0]}")
+            refresher = asyncio.create_task(
+                announcer.run(lambda: (service.throughput, service.budget.tokens_left))
+            )
+            try:
+                await stop.wait()
+            finally:
+                refresher.cancel()
+                host.remove_handler("/biopetals/node/1")
+                try:
+                    async with asyncio.timeout(10):
+                        await announcer.announce(State.OFFLINE, throughput, 0)
+                    out("announced offline")
+                except (TimeoutError, Exception) as exc:  # still shut down
+                    log.warning("could not announce offline: %s", exc)
+                await service.aclose()
+                backend.shutdown()
+    out("stopped")

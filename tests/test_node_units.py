@@ -1,0 +1,96 @@
+"""Sans-IO parts of the node: the KV-cache budget, session rules, announcement records, rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support_models import make_tiny_checkpoint
+
+from biopetals.models.blocks import BlockSpan
+from biopetals.node.announcer import AnnouncementInfo, announcement_records
+from biopetals.node.backend import Backend
+from biopetals.node.budget import CacheBudget
+from biopetals.node.sessions import Session, SessionTable
+from biopetals.protocol.announcement import State, decode_announcement
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+
+
+def test_budget_per_session_and_total():
+    budget = CacheBudget(bytes_per_token=100, total_tokens=1000, session_tokens=400)
+    assert budget.tokens_left == 1000
+    with pytest.raises(RemoteProtocolError) as info:
+        budget.reserve(b"big", 401 * 100)
+    assert info.value.code == ErrorCode.CACHE_BUDGET and "per session" in info.value.message
+    budget.reserve(b"a", 400 * 100)
+    budget.reserve(b"b", 400 * 100)
+    assert budget.tokens_left == 200
+    with pytest.raises(RemoteProtocolError) as info:
+        budget.reserve(b"c", 300 * 100)
+    assert info.value.code == ErrorCode.CACHE_BUDGET and "free" in info.value.message
+    assert budget.release(b"a") == 40000 and budget.release(b"a") == 0
+    budget.reserve(b"c", 300 * 100)
+    assert budget.tokens_left == 300 and budget.statistics().sessions == 2
+
+
+class _Cache:
+    length = 0
+
+
+def _session(now=0.0) -> Session:
+    return Session(b"s", 0, 4, 1, 10, "f32", _Cache(), None, last_activity=now)
+
+
+def test_session_positions_duplicates_and_idle():
+    s = _session()
+    s.check_step(0, 3, 1, 64, 64)
+    for args, code in (
+        ((1, 1, 1, 64, 64), ErrorCode.BAD_POSITION),  # gap
+        ((0, 11, 1, 64, 64), ErrorCode.BAD_POSITION),  # over max_length
+        ((0, 1, 2, 64, 64), ErrorCode.INVALID_TENSOR),  # batch
+        ((0, 1, 1, 32, 64), ErrorCode.HIDDEN_SIZE_MISMATCH),
+    ):
+        with pytest.raises(RemoteProtocolError) as info:
+            s.check_step(*args)
+        assert info.value.code == code
+    assert not s.is_duplicate(0)
+    s.last_step_id = 5
+    assert s.is_duplicate(5) and s.is_duplicate(4) and not s.is_duplicate(6)
+    table = SessionTable(idle_timeout=10)
+    table.add(s)
+    with pytest.raises(RemoteProtocolError):
+        table.add(_session())
+    assert table.expired(9.9) == [] and table.expired(10.0) == [s]
+    table.remove(b"s")
+    with pytest.raises(RemoteProtocolError) as info:
+        table.get(b"s")
+    assert info.value.code == ErrorCode.UNKNOWN_SESSION
+
+
+def test_announcement_records_one_per_block():
+    info = AnnouncementInfo("tiny.abcd1234", 2, 5, "float32", "none", "biopetals/0.1.0", ("/ip4/127.0.0.1/tcp/1",))
+    records = announcement_records(info, State.ONLINE, (10.0, 100.0), 77)
+    assert [k for k, _ in records] == ["tiny.abcd1234.2", "tiny.abcd1234.3", "tiny.abcd1234.4"]
+    ann = decode_announcement(records[0][1])
+    assert (ann.state, ann.start, ann.end, ann.cache_tokens_left) == (State.ONLINE, 2, 5, 77)
+
+
+def test_failed_step_leaves_the_cache_as_it_was(tmp_path):
+    """spec/messages.md §2.6: a step whose result is not finite in the session's codec changes nothing."""
+    span = BlockSpan.load(make_tiny_checkpoint(tmp_path / "m", with_tokenizer=False, num_layers=2), 0, 2)
+    backend = Backend(span)
+    try:
+        cache = span.allocate_cache(1, 8)
+        x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(0))
+        first = backend.step(span, cache, x[:, :2], None, "f32")
+        with pytest.raises(RemoteProtocolError) as info:
+            backend.step(span, cache, torch.full((1, 1, 64), 1e30), None, "f16")  # overflows fp16
+        assert info.value.code == ErrorCode.NON_FINITE
+        assert cache.length == 2
+        again = backend.step(span, cache, x[:, 2:], None, "f32")
+        fresh = span.allocate_cache(1, 8)
+        with torch.no_grad():
+            ref = span.inference_step(x, fresh)
+        assert torch.allclose(torch.cat([first, again], 1), ref, atol=1e-6)
+    finally:
+        backend.shutdown()

@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from biopetals.dht.node import DHT
 from biopetals.models.blocks import BlockSpan

@@ -52,15 +52,13 @@ _FIXED: Final = {
     0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,  # uint 8..64
     0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # int 8..64
 }
-_FIXEXT: Final = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}  # fixext 1..16: data bytes after the type byte
-#: Data lengths of the one predefined ext type, -1 (timestamp 32/64/96).
-_TIMESTAMP_LENGTHS: Final = (4, 8, 12)
-# Variable-length formats: first byte -> (width of the big-endian length, extra header bytes, kind);
-# an ext's type byte is read separately.
+#: The ext formats (fixext 1-16, ext 8/16/32): no message of this protocol uses them (§2.5 step 2).
+_EXT: Final = frozenset((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))
+
+# Variable-length formats: first byte -> (width of the big-endian length, kind).
 _SIZED: Final = {
-    0xC4: (1, 0, "bin"), 0xC5: (2, 0, "bin"), 0xC6: (4, 0, "bin"),
-    0xC7: (1, 0, "ext"), 0xC8: (2, 0, "ext"), 0xC9: (4, 0, "ext"),
-    0xD9: (1, 0, "str"), 0xDA: (2, 0, "str"), 0xDB: (4, 0, "str"),
+    0xC4: (1, "bin"), 0xC5: (2, "bin"), 0xC6: (4, "bin"),
+    0xD9: (1, "str"), 0xDA: (2, "str"), 0xDB: (4, "str"),
 }
 _CONTAINERS: Final = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # -> (width, children per entry)
 
@@ -79,12 +77,12 @@ def scan_msgpack(
 ) -> int:
     """Check that ``data`` is exactly one msgpack object within the structural limits.
 
-    Walks the format headers only (str, bin and ext payloads are skipped, not copied),
+    Walks the format headers only (str and bin payloads are skipped, not copied),
     so its cost is proportional to the number of objects, which it bounds. Reports the
     first problem in byte order (spec/messages.md §2.5 step 2): truncation, the
-    reserved byte 0xc1, a reserved ext type, a timestamp of a wrong length or trailing
-    bytes are ``MALFORMED``; too many objects, too deep,
-    or a container, str or ext longer than ``max_container`` is ``LIMIT_EXCEEDED``.
+    reserved byte 0xc1, any ext format or trailing bytes are ``MALFORMED``; too many
+    objects, too deep, or a container or str longer than ``max_container`` is
+    ``LIMIT_EXCEEDED``.
     Returns the number of objects.
     """
     view = memoryview(data)
@@ -128,18 +126,17 @@ def scan_msgpack(
             length, kind = first & 0x1F, "str"
         elif first in _FIXED:
             length, kind = _FIXED[first], "fixed"
-        elif first in _FIXEXT:
-            length, kind = _FIXEXT[first], "ext"
-            pos = _check_ext_type(view, pos, length)
         elif first in _SIZED:
-            width, extra, kind = _SIZED[first]
+            width, kind = _SIZED[first]
             length, pos = _read_length(view, pos, width)
-            if kind != "bin" and length > max_container:
+            if kind == "str" and length > max_container:
                 raise RemoteProtocolError(
-                    ErrorCode.LIMIT_EXCEEDED, f"{kind} of {length} bytes > MAX_MSGPACK_CONTAINER {max_container}"
+                    ErrorCode.LIMIT_EXCEEDED, f"str of {length} bytes > MAX_MSGPACK_CONTAINER {max_container}"
                 )
-            if kind == "ext":
-                pos = _check_ext_type(view, pos, length)
+        elif first in _EXT:
+            # Their meaning (timestamps, application types) is library-specific; the
+            # protocol never uses them, so no receiver has to interpret one.
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack ext format 0x{first:02x} at byte {pos - 1}")
         else:  # 0xc1, the one byte msgpack never uses
             raise RemoteProtocolError(ErrorCode.MALFORMED, f"reserved msgpack byte 0x{first:02x} at byte {pos - 1}")
         if length > size - pos:
@@ -148,18 +145,6 @@ def scan_msgpack(
     if pos != size:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"{size - pos} trailing bytes after the message")
     return count
-
-
-def _check_ext_type(view: memoryview, pos: int, length: int) -> int:
-    """Read an ext's type byte: types -128..-2 are reserved by msgpack, -1 is a timestamp (§2.5 step 2)."""
-    if pos >= len(view):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack ext type truncated at byte {pos}")
-    ext_type = view[pos] - 256 if view[pos] >= 0x80 else view[pos]
-    if ext_type < -1:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack ext type {ext_type} is reserved")
-    if ext_type == -1 and length not in _TIMESTAMP_LENGTHS:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"msgpack timestamp of {length} bytes (4, 8 or 12)")
-    return pos + 1
 
 
 def _read_length(view: memoryview, pos: int, width: int) -> tuple[int, int]:
@@ -209,8 +194,8 @@ def unpack_envelope(
             max_ext_len=MAX_MSGPACK_CONTAINER,
         )
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        # After the scan only content errors remain: invalid UTF-8, a malformed
-        # timestamp ext. (RemoteProtocolError from the key hook is not caught here.)
+        # After the scan only invalid UTF-8 remains (RemoteProtocolError from the key
+        # hook is not caught here).
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}") from None
     # Steps 3-6.
     if not isinstance(obj, dict):

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
-import sys
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 

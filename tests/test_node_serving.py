@@ -10,7 +10,6 @@ costs seconds); each test opens its own sessions.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 import torch
@@ -20,12 +19,10 @@ from support_models import make_tiny_checkpoint
 from support_swarm import RawClient, Swarm
 
 from biopetals.models.config import model_info
-from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.messages import (
     Backward,
     BackwardResult,
     CloseSession,
-    Error,
     Forward,
     ForwardResult,
     Hop,
@@ -36,6 +33,7 @@ from biopetals.protocol.messages import (
     SessionOpened,
     Step,
     StepResult,
+    encode_message,
 )
 
 PROMPT = 5
@@ -144,8 +142,8 @@ def test_push_between_two_nodes(two_nodes, reference, checkpoint):
             outs_a, outs_b = [], []
             chunks = [(0, PROMPT)] + [(p, p + 1) for p in range(PROMPT, PROMPT + 4)]
             for step_id, (lo, hi) in enumerate(chunks):
-                await sa.send(__import__("biopetals.protocol.messages", fromlist=["encode_message"]).encode_message(
-                    Step(session_id=oa.session_id, step_id=step_id, position=lo, hidden=hidden_states[0][:, lo:hi], next=(hop,)), "f32"))
+                step = Step(session_id=oa.session_id, step_id=step_id, position=lo, hidden=hidden_states[0][:, lo:hi], next=(hop,))
+                await sa.send(encode_message(step, "f32"))
                 ra = await client.receive(sa)
                 rb = await client.receive(sb)
                 assert isinstance(ra, StepResult) and isinstance(rb, StepResult), (ra, rb)

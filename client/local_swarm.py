@@ -12,12 +12,13 @@ the client never imports the node's code.
 from __future__ import annotations
 
 import os
-import select
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,31 +117,25 @@ class LocalSwarm:
                                 text=True, env=env, start_new_session=True)
         node = NodeProcess(start, end, proc, log_path)
         self.nodes.append(node)
+        lines: queue.Queue[str | None] = queue.Queue()
+        _pump(proc, log_path, lines)
         deadline = time.monotonic() + self.ready_timeout
-        assert proc.stdout is not None
-        with open(log_path, "w") as log:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"node {start}:{end} not ready in {self.ready_timeout:.0f} s; its output:\n"
-                                       + "".join(node.lines[-20:]))
-                ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
-                if not ready:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
-                    continue
-                line = proc.stdout.readline()
-                if not line:
-                    proc.wait(5)
-                    raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
-                node.lines.append(line)
-                log.write(line)
-                if line.startswith("READY "):
-                    node.addr = line.split()[1]
-                    break
-        # keep draining its output so the pipe never fills up
-        _drain(proc, log_path)
-        return node
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"node {start}:{end} not ready in {self.ready_timeout:.0f} s; its output:\n"
+                                   + "".join(node.lines[-20:]))
+            try:
+                line = lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                proc.wait(5)
+                raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
+            node.lines.append(line)
+            if line.startswith("READY "):
+                node.addr = line.split()[1]
+                return node
 
     def close(self) -> None:
         for node in self.nodes:
@@ -161,8 +156,8 @@ class LocalSwarm:
         self.close()
 
 
-def _drain(proc: subprocess.Popen, log_path: Path) -> None:
-    import threading
+def _pump(proc: subprocess.Popen, log_path: Path, lines: "queue.Queue[str | None]") -> None:
+    """Copy the node's output to its log file and to ``lines`` (None at the end), in a thread."""
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -170,5 +165,7 @@ def _drain(proc: subprocess.Popen, log_path: Path) -> None:
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
+                lines.put(line)
+        lines.put(None)
 
     threading.Thread(target=pump, daemon=True, name=f"node-log-{proc.pid}").start()

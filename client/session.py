@@ -136,11 +136,12 @@ class ChainSession:
             span = self.spans[i]
             try:
                 if send_from == i:
-                    hops = tuple(s.hop() for s in self.spans[i + 1:])
-                    for s in self.spans[i:]:
+                    push = self.swarm.config.use_push
+                    hops = tuple(s.hop() for s in self.spans[i + 1:]) if push else ()
+                    for s in self.spans[i:] if push else [span]:
                         s.expect(step_id)
                     await span.send_step(step_id, position, x, hops)
-                    send_from = -1
+                    send_from = -1 if push else i + 1
                 try:
                     async with asyncio.timeout(timeout):
                         out = await asyncio.shield(span.expect(step_id))

@@ -62,6 +62,7 @@ class ClientConfig:
     connect_timeout: float = 10.0  # s, dial + open a session
     step_timeout: float = 60.0  # s, each span's result of one inference step
     forward_timeout: float = 120.0  # s, one Forward/Backward call
+    use_push: bool = True  # server-to-server push (spec/messages.md §5.7); False: the client relays each hop
     max_failovers: int = 8  # replacements within one step/call before giving up
     announcement_ttl: float = 5.0  # s, reuse fetched announcements this long
     ban_base: float = 2.0  # s, first back-off of a failing peer (doubles per failure)

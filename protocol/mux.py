@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Final, Union
+from typing import Final, Protocol, Union
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
@@ -59,6 +59,7 @@ __all__ = [
     "PongReceived",
     "GoAwayReceived",
     "Event",
+    "MuxEventSink",
 ]
 
 # --------------------------------------------------------------------------- parameters (§3.1)
@@ -332,6 +333,52 @@ class GoAwayReceived:
 Event = Union[StreamOpened, DataReceived, StreamEnded, StreamReset, WindowUpdated, PingReceived, PongReceived, GoAwayReceived]
 
 
+class MuxEventSink(Protocol):
+    """Receives ``Mux.receive_data_into``'s events as calls, one method per event class above."""
+
+    def stream_opened(self, stream_id: int, protocol: str) -> None: ...
+    def data_received(self, stream_id: int, data: bytes | memoryview) -> None: ...
+    def stream_ended(self, stream_id: int) -> None: ...
+    def stream_reset(self, stream_id: int, code: int, reason: str) -> None: ...
+    def window_updated(self, stream_id: int, delta: int) -> None: ...
+    def ping_received(self, opaque: bytes) -> None: ...
+    def pong_received(self, opaque: bytes, sent_at: float) -> None: ...
+    def go_away_received(self, code: int, reason: str) -> None: ...
+
+
+class _EventCollector:
+    """The sink behind ``Mux.receive_data``: turns each call back into its event object."""
+
+    __slots__ = ("events",)
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def stream_opened(self, stream_id: int, protocol: str) -> None:
+        self.events.append(StreamOpened(stream_id, protocol))
+
+    def data_received(self, stream_id: int, data: bytes | memoryview) -> None:
+        self.events.append(DataReceived(stream_id, data))  # type: ignore[arg-type]
+
+    def stream_ended(self, stream_id: int) -> None:
+        self.events.append(StreamEnded(stream_id))
+
+    def stream_reset(self, stream_id: int, code: int, reason: str) -> None:
+        self.events.append(StreamReset(stream_id, code, reason))
+
+    def window_updated(self, stream_id: int, delta: int) -> None:
+        self.events.append(WindowUpdated(stream_id, delta))
+
+    def ping_received(self, opaque: bytes) -> None:
+        self.events.append(PingReceived(opaque))
+
+    def pong_received(self, opaque: bytes, sent_at: float) -> None:
+        self.events.append(PongReceived(opaque, sent_at))
+
+    def go_away_received(self, code: int, reason: str) -> None:
+        self.events.append(GoAwayReceived(code, reason))
+
+
 @dataclass(frozen=True, slots=True)
 class MuxStatistics:
     local_streams: int  # open streams we opened
@@ -562,20 +609,28 @@ class Mux:
         violation; the connection is then unusable (every later call raises the
         same error) and should be closed.
         """
+        collector = _EventCollector()
+        self.receive_data_into(data, collector)
+        return collector.events
+
+    def receive_data_into(self, data: bytes | bytearray | memoryview, sink: MuxEventSink) -> None:
+        """``receive_data``, but each event is a call on ``sink`` (no event objects: the hot path).
+
+        The calls are made in the order ``receive_data`` would list the events;
+        on a violation the calls already made stand and RemoteProtocolError is raised.
+        """
         if self._error is not None:
             raise RemoteProtocolError(self._error.code, self._error.message)
-        events: list[Event] = []
         if type(data) is not bytes:
             data = bytes(data)  # payload views below must not pin a buffer the caller reuses
         try:
-            self._parse(data, memoryview(data), events)
+            self._parse(data, memoryview(data), sink)
         except RemoteProtocolError as exc:
             self._error = exc
             self._partial = bytearray()
             raise
-        return events
 
-    def _parse(self, data: bytes, view: memoryview, events: list[Event]) -> None:
+    def _parse(self, data: bytes, view: memoryview, sink: MuxEventSink) -> None:
         pos, end = 0, len(view)
         partial = self._partial
         unpack = _HEADER.unpack_from
@@ -589,9 +644,9 @@ class Mux:
                     chunk = bytes(view[pos : pos + n]) if n <= _SMALL_COPY else view[pos : pos + n]
                 pos += n
                 self._data_left = left - n
-                self._data_chunk(chunk, events)
+                self._data_chunk(chunk, sink)
                 if not self._data_left:
-                    self._data_done(events)
+                    self._data_done(sink)
                 continue
             if self._header is None:
                 if not partial and end - pos >= HEADER_SIZE:
@@ -608,7 +663,7 @@ class Mux:
                 version, ftype, flags, sid, length = header
                 kind = _check_header(version, ftype, flags, sid, length)
                 if kind is FrameType.DATA:
-                    self._data_start(flags, sid, length, events)
+                    self._data_start(flags, sid, length, sink)
                     continue
                 self._header = (kind, flags, sid, length)
             kind, flags, sid, length = self._header
@@ -624,9 +679,9 @@ class Mux:
                 payload = bytes(partial)
                 partial.clear()
             self._header = None
-            self._handle(kind, flags, sid, payload, events)
+            self._handle(kind, flags, sid, payload, sink)
 
-    def _data_start(self, flags: int, sid: int, length: int, events: list[Event]) -> None:
+    def _data_start(self, flags: int, sid: int, length: int, sink: MuxEventSink) -> None:
         """A DATA header: check stream state and window before any payload is accepted (§3.4)."""
         st = self._streams.get(sid)
         if st is None:
@@ -645,25 +700,25 @@ class Mux:
         self._data_fin = bool(flags & _FIN)
         self._data_left = length
         if not length:
-            self._data_done(events)
+            self._data_done(sink)
 
-    def _data_chunk(self, chunk: bytes | memoryview, events: list[Event]) -> None:
+    def _data_chunk(self, chunk: bytes | memoryview, sink: MuxEventSink) -> None:
         st = self._data_stream
         if st is not None and self._streams.get(self._data_sid) is st:
             st.buffered += len(chunk)
-            events.append(DataReceived(self._data_sid, chunk))
+            sink.data_received(self._data_sid, chunk)
 
-    def _data_done(self, events: list[Event]) -> None:
+    def _data_done(self, sink: MuxEventSink) -> None:
         st, sid = self._data_stream, self._data_sid
         self._data_stream = None
         if self._data_fin and st is not None and self._streams.get(sid) is st:
             st.remote_closed = True
             self._granted -= st.recv_window
             st.recv_window = 0
-            events.append(StreamEnded(sid))
+            sink.stream_ended(sid)
             self._maybe_forget(sid, st)
 
-    def _handle(self, kind: FrameType, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+    def _handle(self, kind: FrameType, flags: int, sid: int, payload: bytes, sink: MuxEventSink) -> None:
         """A complete non-DATA frame."""
         if kind is FrameType.WINDOW_UPDATE:
             st = self._streams.get(sid)
@@ -676,7 +731,7 @@ class Mux:
                     ErrorCode.LIMIT_EXCEEDED, f"WINDOW_UPDATE makes stream {sid}'s window {st.send_window + delta} > {MAX_WINDOW} (§3.4)"
                 )
             st.send_window += delta
-            events.append(WindowUpdated(sid, delta))
+            sink.window_updated(sid, delta)
         elif kind is FrameType.OPEN:
             protocol = validate_protocol_name(payload)
             if (sid & 1) == (1 if self.initiator else 0):
@@ -697,7 +752,7 @@ class Mux:
             self._streams[sid] = _Stream(local=False)
             self._remote_open += 1
             self._granted += INITIAL_WINDOW
-            events.append(StreamOpened(sid, protocol))
+            sink.stream_opened(sid, protocol)
         elif kind is FrameType.RESET:
             code, reason = _decode_code_reason(payload, "RESET")
             st = self._streams.get(sid)
@@ -705,19 +760,19 @@ class Mux:
                 self._check_known(sid, kind)
                 return
             self._forget(sid, st)
-            events.append(StreamReset(sid, code, reason))
+            sink.stream_reset(sid, code, reason)
         elif kind is FrameType.PING:
             if flags & _ACK:
                 sent_at = self._pings.pop(payload, None)
                 if sent_at is not None:  # a reply to a forgotten ping is ignored (§3.9)
-                    events.append(PongReceived(payload, sent_at))
+                    sink.pong_received(payload, sent_at)
             else:
                 self._frame(FrameType.PING, _ACK, 0, payload)
-                events.append(PingReceived(payload))
+                sink.ping_received(payload)
         else:  # GO_AWAY
             code, reason = _decode_code_reason(payload, "GO_AWAY")
             self._remote_going_away = True
-            events.append(GoAwayReceived(code, reason))
+            sink.go_away_received(code, reason)
 
     def _check_known(self, sid: int, kind: FrameType) -> None:
         """A frame for a stream that is not open: fine if it existed, fatal if never opened (§3.7)."""

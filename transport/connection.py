@@ -28,17 +28,7 @@ from typing import Any, Callable
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from biopetals.protocol.handshake import HANDSHAKE_TIMEOUT, Handshake, HandshakeResult, Role
 from biopetals.protocol.identity import Identity, PeerId
-from biopetals.protocol.mux import (
-    DataReceived,
-    GoAwayReceived,
-    Mux,
-    PingReceived,
-    PongReceived,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
-)
+from biopetals.protocol.mux import Mux
 
 from .errors import ConnectionClosedError, DeadlineExceeded
 from .streams import Stream
@@ -127,16 +117,6 @@ class Connection:
         self._closed: ConnectionClosedError | None = None
         self._closed_event = asyncio.Event()
         self._keepalive_task: asyncio.Task[None] | None = None
-        self._event_handlers: dict[type, Callable[[Any], None]] = {
-            DataReceived: self._on_data_event,
-            WindowUpdated: self._on_window_event,
-            StreamOpened: self._on_opened_event,
-            StreamEnded: self._on_ended_event,
-            StreamReset: self._on_reset_event,
-            PongReceived: self._on_pong_event,
-            GoAwayReceived: self._on_go_away_event,
-            PingReceived: self._on_ping_event,
-        }
         self._abort_timer: asyncio.TimerHandle | None = None
         # Set by Host: called with each stream the peer opens, on GO_AWAY, and once closed.
         self.on_stream: Callable[[Stream], None] = lambda stream: stream.reset(ErrorCode.UNKNOWN_PROTOCOL, "no handlers")
@@ -280,13 +260,14 @@ class Connection:
         in the same turn - 32 handlers answering together, say - are batched into
         one encryption and one write at the end of the turn.
         """
-        if self._in_dispatch or not self._mux.has_data_to_send() or self._transport.is_closing():
-            return
-        if self._batching:
-            return  # _end_batch writes it, with whatever else this loop turn queues
+        if self._in_dispatch or self._batching or not self._mux.has_data_to_send() or self._transport.is_closing():
+            return  # (when batching, _end_batch writes it with whatever else this loop turn queues)
         self._write()
-        self._batching = True
-        self._loop.call_soon(self._end_batch)
+        if len(self._streams) > 1:
+            # Other streams may answer in this same turn: batch them. With one stream (a lone
+            # call) nothing else is coming, and the end-of-turn callback would only cost time.
+            self._batching = True
+            self._loop.call_soon(self._end_batch)
 
     def _flush_now(self) -> None:
         """Write what is queued even inside a batch (the queue may hold views of a caller's buffer)."""
@@ -337,7 +318,7 @@ class Connection:
 
     # ------------------------------------------------------------------ input
 
-    def _data_received(self, data: bytes) -> None:
+    def _data_received(self, data: bytes | memoryview) -> None:
         self._bytes_received += len(data)
         try:
             self._secure.receive_data(data)
@@ -347,13 +328,16 @@ class Connection:
         self._pump()
 
     def _pump(self) -> None:
-        """Decrypt and dispatch every complete frame buffered in the secure channel."""
-        secure, mux, dispatch = self._secure, self._mux, self._dispatch
+        """Decrypt and dispatch every complete frame buffered in the secure channel.
+
+        The multiplexer calls this connection's ``MuxEventSink`` methods below
+        directly (no event objects on this path).
+        """
+        secure, receive = self._secure, self._mux.receive_data_into
         self._in_dispatch = True
         try:
             while (plaintext := secure.next_plaintext()) is not None:
-                for event in mux.receive_data(plaintext):
-                    dispatch(event)
+                receive(plaintext, self)
         except ProtocolError as exc:
             self._in_dispatch = False
             self._abort_for(exc)
@@ -362,52 +346,51 @@ class Connection:
             self._in_dispatch = False
         self._flush()
 
-    def _dispatch(self, event: object) -> None:
-        self._event_handlers[type(event)](event)
+    # -- MuxEventSink (spec/transport.md §3.3): one method per multiplexer event
 
-    def _on_data_event(self, event: DataReceived) -> None:
-        stream = self._streams.get(event.stream_id)
+    def data_received(self, stream_id: int, data: bytes | memoryview) -> None:
+        stream = self._streams.get(stream_id)
         if stream is not None:
-            stream._on_data(event.data)
+            stream._on_data(data)
         else:
-            self._mux.consumed(event.stream_id, len(event.data))
+            self._mux.consumed(stream_id, len(data))
 
-    def _on_window_event(self, event: WindowUpdated) -> None:
-        stream = self._streams.get(event.stream_id)
+    def window_updated(self, stream_id: int, delta: int) -> None:
+        stream = self._streams.get(stream_id)
         if stream is not None:
             stream._on_window()
 
-    def _on_opened_event(self, event: StreamOpened) -> None:
-        stream = Stream(self, event.stream_id, event.protocol, local=False)
-        self._streams[event.stream_id] = stream
+    def stream_opened(self, stream_id: int, protocol: str) -> None:
+        stream = Stream(self, stream_id, protocol, local=False)
+        self._streams[stream_id] = stream
         self.on_stream(stream)
 
-    def _on_ended_event(self, event: StreamEnded) -> None:
-        stream = self._streams.get(event.stream_id)
+    def stream_ended(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
         if stream is not None:
             stream._on_end()
             self._stream_maybe_done(stream)
 
-    def _on_reset_event(self, event: StreamReset) -> None:
-        stream = self._streams.get(event.stream_id)
+    def stream_reset(self, stream_id: int, code: int, reason: str) -> None:
+        stream = self._streams.get(stream_id)
         if stream is not None:
-            stream._on_reset(event.code, event.reason)
+            stream._on_reset(code, reason)
 
-    def _on_pong_event(self, event: PongReceived) -> None:
-        rtt = self._loop.time() - event.sent_at
+    def pong_received(self, opaque: bytes, sent_at: float) -> None:
+        rtt = self._loop.time() - sent_at
         self.rtt = rtt
         self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
-        fut = self._pong_waiters.get(event.opaque)
+        fut = self._pong_waiters.get(opaque)
         if fut is not None and not fut.done():
             fut.set_result(rtt)
 
-    def _on_go_away_event(self, event: GoAwayReceived) -> None:
+    def go_away_received(self, code: int, reason: str) -> None:
         self.going_away = True
         self.on_going_away(self)
         if not self._streams:
             self._loop.call_soon(self.close)
 
-    def _on_ping_event(self, event: PingReceived) -> None:
+    def ping_received(self, opaque: bytes) -> None:
         pass  # the multiplexer already queued the pong
 
     # ------------------------------------------------------------------ stream bookkeeping
@@ -465,12 +448,20 @@ class Connection:
         self.on_closed(self)
 
 
-class _Wire(asyncio.Protocol):
+#: Size of each connection's receive buffer (one ``recv_into`` per socket read).
+_RECV_BUFFER = 256 * 1024
+
+
+class _Wire(asyncio.BufferedProtocol):
     """asyncio callbacks of one TCP connection: the handshake first, then the Connection.
 
     ``on_ready(connection)`` runs once the handshake is done (before any stream data
     is dispatched); ``on_failed(error, peername)`` if it fails or times out.
     A dialling wire also resolves ``ready``.
+
+    A ``BufferedProtocol``: the socket is read into one buffer per connection
+    (``recv_into``) instead of a fresh 256 KiB bytes object per read, whose
+    allocation and shrinking cost more than the decryption of a small frame.
     """
 
     def __init__(
@@ -499,6 +490,7 @@ class _Wire(asyncio.Protocol):
         self._peername: Any = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[Connection] | None = self._loop.create_future() if initiator else None
+        self._recv_buffer = memoryview(bytearray(_RECV_BUFFER))
 
     # -- asyncio.Protocol
 
@@ -517,12 +509,16 @@ class _Wire(asyncio.Protocol):
             transport.write(first)
         self._timer = self._loop.call_later(self._config.handshake_timeout, self._handshake_timed_out)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._recv_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Consumers copy what they keep (SecureChannel buffers it), so the buffer is free again on return.
         conn = self._conn
         if conn is not None:
-            conn._data_received(data)
+            conn._data_received(self._recv_buffer[:nbytes])
             return
-        self._feed_handshake(data)
+        self._feed_handshake(bytes(self._recv_buffer[:nbytes]))
 
     def eof_received(self) -> bool:
         if self._conn is None and self._handshake is not None:

@@ -140,10 +140,13 @@ class Host:
         conns = [c for group in self._conns.values() for c in group]
         for conn in conns:
             conn.close(0, "host shutting down")
-        for task in list(self._handler_tasks):
+        handlers = list(self._handler_tasks)
+        for task in handlers:
             task.cancel()
         if conns:
             await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=self.config.close_timeout + 1)
+        if handlers:
+            await asyncio.wait(handlers)  # unary handlers run outside the task group
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -230,12 +233,15 @@ class Host:
             return
         unary, handler = entry
         assert self._tg is not None
-        coro = self._serve_unary(stream, handler) if unary else self._serve_stream(stream, handler)
-        task = self._tg.create_task(coro)
+        if unary:
+            # A plain task (one done-callback, not the task group's two): _serve_unary lets only
+            # CancelledError out, and _shutdown cancels and awaits these itself.
+            task = stream.connection._loop.create_task(self._serve_unary(stream, handler))
+            stream._task_to_cancel = task  # the caller gave up: stop working for it
+        else:
+            task = self._tg.create_task(self._serve_stream(stream, handler))
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
-        if unary:
-            stream._task_to_cancel = task  # the caller gave up: stop working for it
 
     async def _serve_unary(self, stream: Stream, handler: UnaryHandler) -> None:
         try:

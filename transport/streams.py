@@ -220,8 +220,11 @@ class Stream:
         Anything else resets the stream with MALFORMED and raises RemoteProtocolError.
         """
         message = await self._next_message()
-        if message is not None and await self._next_message() is None:
-            return message
+        if message is not None:
+            if self._eof and self._error is None and not self._pending and self._ready is None and self._need is None and not self._prefix:
+                return message  # the end of the stream is already here (a small call): no second pass
+            if await self._next_message() is None:
+                return message
         why = "no message" if message is None else "more than one message"
         self.reset(ErrorCode.MALFORMED, f"expected exactly one message, got {why} (§3.11)")
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"stream {self.stream_id} ({self.protocol}): peer sent {why}, expected one")

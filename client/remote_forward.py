@@ -14,7 +14,6 @@ since calls are stateless, the retry is simply the same call elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import torch

@@ -53,11 +53,11 @@ def discover_targets() -> dict[str, Target]:
 
 
 def seed_inputs(vector_files: list[str]) -> list[bytes]:
-    """The bytes of every vector (valid and invalid) in the named spec/vectors files."""
+    """The bytes of every vector (valid, accepted and invalid) in the named spec/vectors files."""
     seeds = []
     for file_name in vector_files:
         doc = json.loads((VECTORS_DIR / file_name).read_text())
-        for vector in doc.get("valid", []) + doc.get("invalid", []):
+        for vector in doc.get("valid", []) + doc.get("accepted", []) + doc.get("invalid", []):
             if "hex" in vector:
                 seeds.append(bytes.fromhex(vector["hex"]))
     return seeds

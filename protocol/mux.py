@@ -663,7 +663,23 @@ class Mux:
                 version, ftype, flags, sid, length = header
                 kind = _check_header(version, ftype, flags, sid, length)
                 if kind is FrameType.DATA:
-                    self._data_start(flags, sid, length, sink)
+                    st = self._streams.get(sid)
+                    if st is None or st.remote_closed or length > st.recv_window or end - pos < length:
+                        self._data_start(flags, sid, length, sink)  # split payload, or an error, or a gone stream
+                        continue
+                    # Fast path, the usual case: the whole payload is here and the stream is open.
+                    st.recv_window -= length
+                    if length:
+                        chunk = bytes(view[pos : pos + length]) if length <= _SMALL_COPY else view[pos : pos + length]
+                        pos += length
+                        st.buffered += length
+                        sink.data_received(sid, chunk)
+                    if flags & _FIN and self._streams.get(sid) is st:
+                        st.remote_closed = True
+                        self._granted -= st.recv_window
+                        st.recv_window = 0
+                        sink.stream_ended(sid)
+                        self._maybe_forget(sid, st)
                     continue
                 self._header = (kind, flags, sid, length)
             kind, flags, sid, length = self._header

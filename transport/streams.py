@@ -67,6 +67,14 @@ class Stream:
     another receives; two tasks sending (or receiving) at once is an error.
     """
 
+    # One Stream per call: slots make creating it and every attribute access on the hot path cheaper.
+    __slots__ = (
+        "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_parts", "_assembled",
+        "_need", "_prefix", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
+        "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_messages_sent", "_messages_received",
+        "_bytes_sent", "_bytes_received", "__weakref__",
+    )
+
     def __init__(self, connection: Connection, stream_id: int, protocol: str, *, local: bool) -> None:
         self._conn = connection
         self._mux = connection._mux

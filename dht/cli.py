@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
+from biopetals.transport.addresses import dialable_addrs
 from biopetals.transport.host import Host
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
@@ -82,16 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true", help="read commands from stdin (see below)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
-
-
-def _primary_ip() -> str:
-    """This machine's address on its default route (no packet is sent); 127.0.0.1 without one."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 def _subkey_text(subkey: bytes) -> str:
@@ -156,8 +146,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.announce:
             announce = [str(Multiaddr.parse(a).without_peer_id()) for a in args.announce]
         else:
-            announce = [str(Multiaddr(a.kind, _primary_ip() if a.host == "0.0.0.0" else a.host, a.port))
-                        for a in listen if a.host != "::"]
+            announce = [str(a.without_peer_id()) for a in dialable_addrs(listen)]
         print(str(Multiaddr.parse(announce[0]).with_peer_id(identity.peer_id)), flush=True)
         async with DHT(host, initial_peers=args.initial_peers, config=config, announce_addrs=announce) as dht:
             log.info("DHT node %s up; %d contacts after bootstrap", identity.peer_id, len(dht.table))

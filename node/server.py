@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +34,7 @@ from biopetals.node.quant import quantize_span
 from biopetals.protocol.announcement import State
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
+from biopetals.transport.addresses import dialable_addrs as transport_dialable_addrs
 from biopetals.transport.host import Host
 
 __all__ = ["NodeOptions", "run_node", "VERSION"]
@@ -64,25 +64,9 @@ class NodeOptions:
     progress: bool = True
 
 
-def _primary_ip() -> str:
-    """This machine's address on its default route (no packet is sent); 127.0.0.1 without one."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 def dialable_addrs(host: Host) -> list[str]:
     """Our multiaddrs with /p2p/, a wildcard bind replaced by this machine's address."""
-    out = []
-    for addr in host.addrs:
-        text = str(addr)
-        if addr.host in ("0.0.0.0", "::"):
-            text = text.replace(f"/{addr.host}/", f"/{_primary_ip()}/", 1) if addr.host == "0.0.0.0" else text
-        out.append(text)
-    return out
+    return [str(addr) for addr in transport_dialable_addrs(host.addrs)]
 
 
 def load_span(options: NodeOptions) -> BlockSpan:

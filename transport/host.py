@@ -47,6 +47,9 @@ UnaryHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
 StreamHandler = Callable[[PeerId, Stream], Awaitable[None]]
 PeerLike = Union[PeerId, Multiaddr, str]
 
+#: Handler tasks tracked before the set is first swept for tasks that ended without running.
+_PRUNE_HANDLERS = 64
+
 _HINTS = {
     ErrorCode.SWARM_KEY_MISMATCH: " - use the swarm key file (e.g. lab.key) of the swarm you are joining, or none for a public swarm",
     ErrorCode.PEER_ID_MISMATCH: " - the /p2p/ id in the address is wrong or stale (another node now listens there)",
@@ -99,6 +102,7 @@ class Host:
         self._dials: dict[Any, asyncio.Future[Connection]] = {}
         self._handshaking: set[_Wire] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._prune_handlers_at = _PRUNE_HANDLERS
         self._dial_tasks: set[asyncio.Task[None]] = set()
         self._handshakes_completed = 0
         self._handshakes_failed: Counter[str] = Counter()
@@ -140,7 +144,7 @@ class Host:
         conns = [c for group in self._conns.values() for c in group]
         for conn in conns:
             conn.close(0, "host shutting down")
-        handlers = list(self._handler_tasks)
+        handlers = [t for t in self._handler_tasks if not t.done()]
         for task in handlers:
             task.cancel()
         if conns:
@@ -233,15 +237,22 @@ class Host:
             return
         unary, handler = entry
         assert self._tg is not None
+        tasks = self._handler_tasks
         if unary:
-            # A plain task (one done-callback, not the task group's two): _serve_unary lets only
-            # CancelledError out, and _shutdown cancels and awaits these itself.
+            # A plain task with no done-callback (each costs a loop turn per call): _serve_unary
+            # lets only CancelledError out and removes itself from the set when it ends;
+            # _shutdown cancels and awaits these itself.
             task = stream.connection._loop.create_task(self._serve_unary(stream, handler))
             stream._task_to_cancel = task  # the caller gave up: stop working for it
+            tasks.add(task)
+            if len(tasks) >= self._prune_handlers_at:
+                # A task cancelled before its first step never ran its body: drop such leftovers.
+                tasks.difference_update([t for t in tasks if t.done()])
+                self._prune_handlers_at = max(_PRUNE_HANDLERS, 2 * len(tasks))
         else:
             task = self._tg.create_task(self._serve_stream(stream, handler))
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _serve_unary(self, stream: Stream, handler: UnaryHandler) -> None:
         try:
@@ -268,6 +279,8 @@ class Host:
         except Exception:  # a bug of ours must not take the host's task group down
             log.exception("serving %s failed", stream.protocol)
             stream.reset(ErrorCode.INTERNAL, f"internal error serving {stream.protocol}")
+        finally:
+            self._handler_tasks.discard(stream._task_to_cancel)  # type: ignore[arg-type]
 
     async def _serve_stream(self, stream: Stream, handler: StreamHandler) -> None:
         try:
@@ -489,7 +502,7 @@ class Host:
             inbound=sum(not s.initiator for s in stats),
             outbound=sum(s.initiator for s in stats),
             streams_open=sum(s.streams_open for s in stats),
-            handlers_running=len(self._handler_tasks),
+            handlers_running=sum(not t.done() for t in self._handler_tasks),
             dials_in_progress=len(self._dials),
             handshakes_in_progress=len(self._handshaking),
             handshakes_completed=self._handshakes_completed,

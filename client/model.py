@@ -13,8 +13,9 @@ prepare its cache (``_prepare_cache_for_generation``); we hand it a
 and the number of tokens that session has taken in this call. generate then runs
 prefill and one token per step; each ``forward`` sends the new tokens' embeddings
 through the session (KV caches live on the nodes) and computes logits locally.
-Positions are the session's (each row's unpadded token count), which equals
-transformers' ``cumsum(attention_mask) - 1`` for left-padded rows.
+A padded batch runs as one session: each step carries the padding mask of its new
+tokens (spec/messages.md §8.1) and the nodes derive positions from it exactly as
+generate() does, ``cumsum(attention_mask) - 1`` (§5.6).
 
 Inside ``with model.inference_session(max_length=...) as s:``, ``generate()``
 continues that session: pass only the *new* tokens; the output is those tokens
@@ -260,20 +261,10 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def _stateless(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Forward through all blocks without a session; padded rows run unpadded, one by one."""
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            return remote_blocks(self.swarm, embeds).to(embeds.dtype)
-        mask = attention_mask[:, -embeds.shape[1]:].bool()
-        rows = []
-        for b in range(embeds.shape[0]):
-            keep = mask[b]
-            row = torch.zeros_like(embeds[b])
-            if bool(keep.any()):
-                out = remote_blocks(self.swarm, embeds[b:b + 1, keep])[0].to(embeds.dtype)
-                index = keep.nonzero()[:, 0]
-                row = row.index_copy(0, index, out)
-            rows.append(row)
-        return torch.stack(rows)
+        """Forward through all blocks without a session; the padding mask travels with the batch
+        (spec/messages.md §6.1, §8.1): positions ``0 .. T - 1`` as transformers' model uses."""
+        mask = None if attention_mask is None else attention_mask[:, -embeds.shape[1]:]
+        return remote_blocks(self.swarm, embeds, mask).to(embeds.dtype)
 
 
 class AutoDistributedModelForCausalLM:

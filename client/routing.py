@@ -24,6 +24,12 @@ in back-off (``PeerHealth``) are not candidates.
 
 A block nobody usable serves makes ``MissingBlocksError``, which names the missing
 block ranges, the nodes found, and the nodes left out (and why).
+
+Deadlines (``step_deadline``): how long to wait for one span's result of one
+inference step before calling its node stalled. The same cost model gives the
+expected time, scaled by a slack factor and kept within ``[floor, ceiling]``, so a
+stalled node is replaced after seconds, not after a fixed minute, while a long
+prefill on a slow node still gets the time it needs.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ __all__ = [
     "route_cost",
     "missing_ranges",
     "format_route",
+    "DeadlineParams",
+    "expected_step_time",
+    "step_deadline",
 ]
 
 
@@ -121,11 +130,12 @@ class PeerHealth:
     _failures: dict[str, int] = field(default_factory=dict)
     _banned_until: dict[str, float] = field(default_factory=dict)
 
-    def record_failure(self, peer_id: str, now: float) -> float:
-        """Ban ``peer_id``; returns until when."""
+    def record_failure(self, peer_id: str, now: float, at_least: float = 0.0) -> float:
+        """Ban ``peer_id``; returns until when. ``at_least``: the shortest ban for this failure
+        (a node that stalled usually stays stalled longer than ``base``)."""
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
-        until = now + min(self.cap, self.base * 2 ** (count - 1))
+        until = now + min(self.cap, max(at_least, self.base * 2 ** (count - 1)))
         self._banned_until[peer_id] = until
         return until
 
@@ -178,6 +188,43 @@ def _rtt(server: ServerSpan, rtts: Mapping[str, float], params: RoutingParams) -
 def route_cost(route: Iterable[RouteSpan], rtts: Mapping[str, float], params: RoutingParams = RoutingParams()) -> float:
     """Expected seconds per decode token of ``route`` under the cost model (no jitter)."""
     return sum(_rtt(r.server, rtts, params) + (r.end - r.start) * _block_time(r.server, params) for r in route)
+
+
+@dataclass(frozen=True)
+class DeadlineParams:
+    """How an inference step's deadline per span is set (see ``step_deadline``)."""
+
+    floor: float = 5.0  # s, no deadline is shorter (scheduling noise, a busy node's queue)
+    factor: float = 8.0  # slack: deadline = factor x expected time
+    ceiling: float = 60.0  # s, no deadline is longer, whatever the estimate
+
+
+def expected_step_time(
+    server: ServerSpan,
+    start: int,
+    end: int,
+    batch: int,
+    tokens: int,
+    rtt: float | None,
+    params: RoutingParams = RoutingParams(),
+) -> float:
+    """Expected seconds for ``server`` to return one step of ``batch x tokens`` new tokens over
+    blocks ``[start, end)``: the first token at its decode rate, the others at its batched
+    forward rate (never faster than decode), for the share of its span used, plus a round trip
+    each way (the push in, the result back)."""
+    decode = server.inference_tps if server.inference_tps > 0 and math.isfinite(server.inference_tps) else params.default_tps
+    batched = server.forward_tps if server.forward_tps > 0 and math.isfinite(server.forward_tps) else 0.0
+    batched = max(batched, decode)
+    share = max(1, end - start) / max(1, server.n_blocks)
+    compute = share * (1.0 / decode + max(0, batch * tokens - 1) / batched)
+    if rtt is None or not math.isfinite(rtt) or rtt < 0:
+        rtt = params.default_rtt
+    return compute + 2 * max(rtt, params.min_rtt)
+
+
+def step_deadline(expected: float, params: DeadlineParams = DeadlineParams()) -> float:
+    """``clamp(factor x expected, floor, ceiling)``: seconds to wait for one span's result."""
+    return min(params.ceiling, max(params.floor, params.factor * expected))
 
 
 def find_route(

@@ -5,10 +5,18 @@
 chain as push hops (spec/messages.md §5.7); every node returns its output to us,
 and we record what each span was fed (its ``history``).
 
-Failover (spec/messages.md §5.9). When a span's result does not come (its node
-died: the stream closes at once; or it stalled: ``step_timeout``), the client
+Deadlines. Every wait has one: opening (``connect_timeout``), and each span's
+result of each step, with the send itself, by an adaptive deadline
+(``RemoteSwarm.step_deadline``: ``step_timeout_factor`` x the time the node's
+announced throughput and the RTT predict for the step's tokens, within
+``[step_timeout_floor, step_timeout]``), so a stalled node (alive, not answering)
+is found in seconds.
 
-1. avoids that peer for a while (exponential back-off, ``PeerHealth``),
+Failover (spec/messages.md §5.9). When a span's result does not come (its node
+died: the stream closes at once; or it stalled: the deadline passes), the client
+
+1. avoids that peer for a while (exponential back-off, ``PeerHealth``; a stalled
+   peer at least ``stall_ban`` seconds),
 2. re-reads the announcements and routes the failed span's blocks anew, possibly
    over several nodes,
 3. opens sessions there and replays the failed span's recorded inputs in their
@@ -18,12 +26,13 @@ died: the stream closes at once; or it stalled: ``step_timeout``), the client
    nodes that already ran it drop the duplicate, §5.7).
 
 A result that was pushed but does not arrive in time is first asked for directly
-(the node may only have missed the push), then the node is replaced.
+(the node may only have missed the push), then the node is replaced; a node we
+sent the step to ourselves is replaced at its first missed deadline.
 
 ``InferenceSession`` is the synchronous user object (``model.inference_session``):
-one ``ChainSession`` for the batch, or one per row when the batch is padded (the
-node protocol carries no attention mask, so each row runs unpadded in its own
-session; outputs at padding positions are zeros).
+one ``ChainSession`` for the whole batch. A padded batch is one session too: each
+step carries the padding mask of its new tokens (spec/messages.md §8.1), recorded
+with the history so that a replay rebuilds the node's mask as well.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+
+from biopetals.protocol.errors import ErrorCode
 
 from .errors import PeerFailure, SwarmError
 from .routing import MissingBlocksError, RouteSpan, format_route
@@ -110,8 +121,14 @@ class ChainSession:
 
     # ------------------------------------------------------------------ steps
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``hidden`` ``[batch, tokens, hidden]`` (the next tokens) through all blocks."""
+    def _deadline(self, span: SpanSession, batch: int, tokens: int) -> float:
+        return self.swarm.step_deadline(span.server, span.start, span.end, batch, tokens)
+
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``hidden`` ``[batch, tokens, hidden]`` (the next tokens) through all blocks.
+
+        ``mask``: ``[batch, tokens]`` padding mask of these tokens (1 = token, 0 = padding), or None.
+        """
         if self.closed:
             raise SwarmError("the inference session is closed")
         if not self.spans:
@@ -124,34 +141,39 @@ class ChainSession:
                 f"the session's max_length is {self.max_length}: {self.position} tokens so far plus {tokens} new do "
                 "not fit; open a session with a larger max_length"
             )
+        if mask is not None:
+            mask = mask.detach().to(device="cpu", dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None  # no padding: the same as no mask (§8.1)
         position = self.position
         step_id = position + 1
-        timeout = self.swarm.config.step_timeout
         failures: list[PeerFailure] = []
         x = hidden
         i = 0
         send_from = 0  # index to (re)send the step to, with push to the rest; -1: already sent
-        asked_directly: set[int] = set()
+        asked_directly: set[int] = set()  # spans that got this step from us, not by push
         while i < len(self.spans):
             span = self.spans[i]
+            timeout = self._deadline(span, batch, tokens)
             try:
-                if send_from == i:
-                    push = self.swarm.config.use_push
-                    hops = tuple(s.hop() for s in self.spans[i + 1:]) if push else ()
-                    for s in self.spans[i:] if push else [span]:
-                        s.expect(step_id)
-                    await span.send_step(step_id, position, x, hops)
-                    send_from = -1 if push else i + 1
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(timeout):  # the send too: a stalled node stops reading
+                        if send_from == i:
+                            push = self.swarm.config.use_push
+                            hops = tuple(s.hop() for s in self.spans[i + 1:]) if push else ()
+                            for s in self.spans[i:] if push else [span]:
+                                s.expect(step_id)
+                            asked_directly.add(i)
+                            await span.send_step(step_id, position, x, hops, mask=mask)
+                            send_from = -1 if push else i + 1
                         out = await asyncio.shield(span.expect(step_id))
                 except TimeoutError:
                     if i not in asked_directly:
                         # maybe only the push was lost: ask this node directly once (§5.7)
-                        asked_directly.add(i)
                         send_from = i
                         continue
-                    raise PeerFailure(span.peer_id, f"no result for step {step_id} within {timeout:.0f} s") from None
+                    raise PeerFailure(span.peer_id, f"no result for step {step_id} within {timeout:.1f} s",
+                                      int(ErrorCode.TIMEOUT)) from None
             except PeerFailure as failure:
                 failures.append(failure)
                 self.swarm.failed(failure)
@@ -160,8 +182,9 @@ class ChainSession:
                                      failures) from failure
                 await self._replace(i, failures)
                 send_from = i
+                asked_directly.discard(i)
                 continue
-            span.record(step_id, position, x)
+            span.record(step_id, position, x, mask)
             span.forget(step_id)
             if out.shape != x.shape:
                 raise SwarmError(f"node {span.peer_id} returned shape {list(out.shape)} for input {list(x.shape)}")
@@ -177,14 +200,14 @@ class ChainSession:
         old = self.spans[i]
         old.abandon()
         self.failovers += 1
-        timeout = self.swarm.config.step_timeout
         while True:
             new = await self._open_route(old.start, old.end, failures)
             try:
                 for fed in old.history:
                     x = fed.hidden
+                    batch, tokens = int(x.shape[0]), int(x.shape[1])
                     for s in new:
-                        x = await s.run_step(fed.step_id, fed.position, x, timeout)
+                        x = await s.run_step(fed.step_id, fed.position, x, self._deadline(s, batch, tokens), fed.mask)
             except PeerFailure as failure:
                 failures.append(failure)
                 self.swarm.failed(failure)
@@ -205,8 +228,9 @@ class InferenceSession:
 
     ``step(hidden, attention_mask=None)`` runs the next tokens' hidden states
     ``[batch, tokens, hidden]`` through every remote block and returns the outputs.
-    ``attention_mask`` (1 = token, 0 = padding) for the new tokens only: with any
-    padding in the first step, each row gets its own chain (see the module docstring).
+    ``attention_mask`` (1 = token, 0 = padding), as transformers passes it (over all
+    tokens so far, or the new ones only): its new columns travel with the step
+    (spec/messages.md §8.1), and the nodes derive positions from it (§5.6).
     """
 
     def __init__(self, swarm: "RemoteSwarm", max_length: int, batch_size: int | None = None) -> None:
@@ -214,9 +238,7 @@ class InferenceSession:
         self.max_length = max_length
         self.batch_size = batch_size
         self.chains: list[ChainSession] = []
-        self.per_row = False
-        self.position = 0  # columns stepped so far (padded length)
-        self.row_positions: list[int] = []
+        self.position = 0  # columns stepped so far (padding included)
         self.closed = False
 
     # context manager
@@ -228,32 +250,22 @@ class InferenceSession:
 
     @property
     def route(self) -> list[list[tuple[str, int, int]]]:
-        """Per chain: ``(peer_id, start, end)`` of each span (one chain unless rows run apart)."""
+        """Per chain: ``(peer_id, start, end)`` of each span (one chain: the whole batch)."""
         return [c.route for c in self.chains]
 
     @property
     def failovers(self) -> int:
         return sum(c.failovers for c in self.chains)
 
-    def _ensure_open(self, batch: int, mask: torch.Tensor | None) -> None:
+    def _ensure_open(self, batch: int) -> None:
         if self.chains:
             return
         if self.batch_size is not None and self.batch_size != batch:
             raise ValueError(f"session opened for batch_size={self.batch_size}, step has {batch} sequences")
         self.batch_size = batch
-        self.per_row = mask is not None and batch > 1 and not bool(mask.bool().all())
-        if self.per_row:
-            self.chains = [ChainSession(self.swarm, self.max_length, 1) for _ in range(batch)]
-        else:
-            self.chains = [ChainSession(self.swarm, self.max_length, batch)]
-        self.row_positions = [0] * batch
-        chains = self.chains
-
-        async def open_all() -> None:
-            await asyncio.gather(*(c.open() for c in chains))
-
+        self.chains = [ChainSession(self.swarm, self.max_length, batch)]
         try:
-            self.swarm.loop.run(open_all())
+            self.swarm.loop.run(self.chains[0].open())
         except BaseException:
             self.close()
             raise
@@ -264,34 +276,14 @@ class InferenceSession:
         if hidden.ndim != 3:
             raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
         batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        mask = None
         if attention_mask is not None:
-            attention_mask = attention_mask[:, -tokens:].bool()
-        self._ensure_open(batch, attention_mask)
-        hidden = hidden.detach()
-        if not self.per_row:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("padding after the first step of a batched session is not supported; "
-                                 "pad the prompts in the first step (left padding)")
-            out = self.swarm.loop.run(self.chains[0].step(hidden))
-            self.row_positions = [p + tokens for p in self.row_positions]
-        else:
-            out = torch.zeros_like(hidden)
-            jobs, rows, masks = [], [], []
-            for b, chain in enumerate(self.chains):
-                keep = attention_mask[b] if attention_mask is not None else torch.ones(tokens, dtype=torch.bool)
-                if not bool(keep.any()):
-                    continue
-                jobs.append(chain.step(hidden[b:b + 1, keep]))
-                rows.append(b)
-                masks.append(keep)
-
-            async def run_all():
-                return await asyncio.gather(*jobs)
-
-            results = self.swarm.loop.run(run_all())
-            for b, keep, res in zip(rows, masks, results):
-                out[b, keep] = res[0].to(out.dtype)
-                self.row_positions[b] += int(keep.sum())
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < tokens:
+                raise ValueError(f"attention_mask must be [{batch}, tokens so far or new tokens], "
+                                 f"got {list(attention_mask.shape)}")
+            mask = attention_mask[:, -tokens:]
+        self._ensure_open(batch)
+        out = self.swarm.loop.run(self.chains[0].step(hidden.detach(), mask))
         self.position += tokens
         return out
 

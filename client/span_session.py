@@ -8,7 +8,7 @@ the node by server-to-server push, §5.7) and resolves the waiter for that
 ``step_id``, an invalid message) fails every waiter with a ``PeerFailure`` and
 marks the session dead.
 
-``history`` is what the session was fed: ``(step_id, position, hidden)`` for each
+``history`` is what the session was fed: ``(step_id, position, hidden, mask)`` for each
 step whose result arrived, in order. It is the client's copy of the inputs that
 rebuild this span's KV cache on a replacement node (§5.9).
 
@@ -72,6 +72,7 @@ class _Fed:
     step_id: int
     position: int
     hidden: torch.Tensor
+    mask: torch.Tensor | None = None  # padding mask of the step's tokens (spec/messages.md §8.1)
 
 
 class SpanSession:
@@ -151,10 +152,12 @@ class SpanSession:
             self._waiters[step_id] = fut
         return fut
 
-    async def send_step(self, step_id: int, position: int, hidden: torch.Tensor, hops: tuple[Hop, ...] = ()) -> None:
+    async def send_step(self, step_id: int, position: int, hidden: torch.Tensor, hops: tuple[Hop, ...] = (),
+                        mask: torch.Tensor | None = None) -> None:
         if self._failure is not None:
             raise self._failure
-        message = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=hidden, next=hops)
+        message = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=hidden, next=hops,
+                       mask=mask)
         data = encode_message(message, self.codec)
         try:
             async with self._send_lock:
@@ -164,9 +167,9 @@ class SpanSession:
             self._fail(failure)
             raise failure from exc
 
-    def record(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
-        """The node processed ``hidden`` at ``position``: remember it for a replay."""
-        self.history.append(_Fed(step_id, position, hidden))
+    def record(self, step_id: int, position: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """The node processed ``hidden`` (with padding ``mask``) at ``position``: remember it for a replay."""
+        self.history.append(_Fed(step_id, position, hidden, mask))
         self.position = position + int(hidden.shape[1])
 
     def forget(self, step_id: int) -> None:
@@ -175,19 +178,20 @@ class SpanSession:
             fut.cancel()
         self._results.pop(step_id, None)
 
-    async def run_step(self, step_id: int, position: int, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
-        """Send one step directly (no push) and wait for its result; records it."""
+    async def run_step(self, step_id: int, position: int, hidden: torch.Tensor, timeout: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Send one step directly (no push) and wait for its result, all within ``timeout``; records it."""
         fut = self.expect(step_id)
         try:
-            await self.send_step(step_id, position, hidden)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # the send too: a stalled node stops reading
+                await self.send_step(step_id, position, hidden, mask=mask)
                 out = await asyncio.shield(fut)
         except TimeoutError:
             failure = PeerFailure(self.peer_id, f"no result for step {step_id} within {timeout:.1f} s", int(ErrorCode.TIMEOUT))
             raise failure from None
         finally:
             self._waiters.pop(step_id, None)
-        self.record(step_id, position, hidden)
+        self.record(step_id, position, hidden, mask)
         return out
 
     # ------------------------------------------------------------------ reader

@@ -44,7 +44,16 @@ from biopetals.transport.keyfiles import load_swarm_key
 
 from .errors import PeerFailure, describe_code, peer_failure_from
 from .loop import LoopThread
-from .routing import PeerHealth, RouteSpan, RoutingParams, ServerSpan, find_route
+from .routing import (
+    DeadlineParams,
+    PeerHealth,
+    RouteSpan,
+    RoutingParams,
+    ServerSpan,
+    expected_step_time,
+    find_route,
+    step_deadline,
+)
 from .span_session import dial_target
 
 __all__ = ["ClientConfig", "RemoteSwarm"]
@@ -60,7 +69,13 @@ class ClientConfig:
     swarm_key: str | bytes | SwarmKey | None = None  # path of the key file, raw 32 bytes, or a SwarmKey
     codec: str = "f16"  # activations on the wire; "f32" is lossless for fp32 models
     connect_timeout: float = 10.0  # s, dial + open a session
-    step_timeout: float = 60.0  # s, each span's result of one inference step
+    # Deadline for each span's result of one inference step (adaptive, ``routing.step_deadline``):
+    #   clamp(step_timeout_factor x expected, step_timeout_floor, step_timeout), where expected is
+    #   the step's tokens over the node's announced throughput (its share of the span) + 2 x RTT.
+    step_timeout: float = 60.0  # s, ceiling: no step waits longer, whatever the estimate
+    step_timeout_floor: float = 5.0  # s, no step deadline is shorter
+    step_timeout_factor: float = 8.0  # slack over the expected time
+    stall_ban: float = 30.0  # s, a peer that missed a deadline is avoided at least this long
     forward_timeout: float = 120.0  # s, one Forward/Backward call
     use_push: bool = True  # server-to-server push (spec/messages.md §5.7); False: the client relays each hop
     max_failovers: int = 8  # replacements within one step/call before giving up
@@ -181,8 +196,21 @@ class RemoteSwarm:
                           health=self.health, needed_cache_tokens=needed_cache_tokens,
                           params=self.config.routing, model=self.model_name)
 
+    def step_deadline(self, server: ServerSpan, start: int, end: int, batch: int, tokens: int) -> float:
+        """Seconds to wait for ``server``'s result of one step over ``[start, end)`` (``ClientConfig``)."""
+        cfg = self.config
+        expected = expected_step_time(server, start, end, batch, tokens, self.rtts().get(server.peer_id),
+                                      cfg.routing)
+        params = DeadlineParams(floor=min(cfg.step_timeout_floor, cfg.step_timeout), factor=cfg.step_timeout_factor,
+                                ceiling=cfg.step_timeout)
+        return step_deadline(expected, params)
+
     def failed(self, failure: PeerFailure) -> None:
-        until = self.health.record_failure(failure.peer_id, time.monotonic())
+        # A missed deadline (a stalled node) is avoided at least ``stall_ban``; other failures
+        # back off from ``ban_base``, doubling while they repeat.
+        stalled = failure.code == int(ErrorCode.TIMEOUT)
+        until = self.health.record_failure(failure.peer_id, time.monotonic(),
+                                           at_least=self.config.stall_ban if stalled else 0.0)
         log.warning("avoiding %s for %.0f s: %s", failure.peer_id, until - time.monotonic(), failure.reason)
         # a node that failed may have stopped: the next route re-reads the DHT
         self._fetched_at = -1e18
@@ -204,17 +232,18 @@ class RemoteSwarm:
             raise PeerFailure(server.peer_id, f"{describe_code(reply.code)}: {reply.message}", int(reply.code))
         return reply
 
-    async def forward(self, route: RouteSpan, hidden, codec: str):
-        request = Forward(model=self.model_name, start=route.start, end=route.end, hidden=hidden, codec=codec)
+    async def forward(self, route: RouteSpan, hidden, codec: str, mask=None):
+        request = Forward(model=self.model_name, start=route.start, end=route.end, hidden=hidden, codec=codec,
+                          mask=mask)
         reply = await self.call(route.server, request, ForwardResult, self.config.forward_timeout, codec)
         if tuple(reply.hidden.shape) != tuple(hidden.shape):
             raise PeerFailure(route.peer_id, f"ForwardResult shape {list(reply.hidden.shape)} != {list(hidden.shape)}",
                               int(ErrorCode.INVALID_TENSOR))
         return reply.hidden
 
-    async def backward(self, route: RouteSpan, hidden, grad_outputs, codec: str):
+    async def backward(self, route: RouteSpan, hidden, grad_outputs, codec: str, mask=None):
         request = Backward(model=self.model_name, start=route.start, end=route.end, hidden=hidden,
-                           grad_outputs=grad_outputs, codec=codec)
+                           grad_outputs=grad_outputs, codec=codec, mask=mask)
         reply = await self.call(route.server, request, BackwardResult, self.config.forward_timeout, codec)
         if tuple(reply.grad_inputs.shape) != tuple(hidden.shape):
             raise PeerFailure(route.peer_id, f"BackwardResult shape {list(reply.grad_inputs.shape)} != {list(hidden.shape)}",

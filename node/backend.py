@@ -23,7 +23,7 @@ from biopetals.models.blocks import BlockSpan, SpanCache, kv_cache_bytes
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
-__all__ = ["Backend", "WIRE_DTYPE"]
+__all__ = ["Backend", "WIRE_DTYPE", "session_positions"]
 
 T = TypeVar("T")
 
@@ -86,21 +86,42 @@ class Backend:
         return self.view(start, end).allocate_cache(batch_size, max_length)
 
     def step(
-        self, view: BlockSpan, cache: SpanCache, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec
+        self,
+        view: BlockSpan,
+        cache: SpanCache,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        codec: Codec,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One inference step; on any failure the cache is left as it was (spec/messages.md §2.6)."""
+        """One inference step; on any failure the cache is left as it was (spec/messages.md §2.6).
+
+        ``mask``: the padding mask of the new tokens (§8.1); rotary positions follow
+        from the session's whole mask (§5.6).
+        """
         before = cache.length
         padding = cache.padding_mask
+        positions = None
+        if mask is not None or padding is not None:
+            mask, positions = session_positions(padding, mask, int(hidden.shape[0]), int(hidden.shape[1]), before)
         try:
-            out = view.inference_step(hidden, cache, prompts=prompts)
+            out = view.inference_step(hidden, cache, position_ids=positions, attention_mask=mask, prompts=prompts)
             return _finite_on_wire(out, codec, "the step's outputs")
         except BaseException:
             _rollback(cache, before, padding)
             raise
 
-    def forward(self, view: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec) -> torch.Tensor:
+    def forward(
+        self,
+        view: BlockSpan,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        codec: Codec,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1).
         with torch.no_grad():
-            out = view.forward(hidden, prompts=prompts)
+            out = view.forward(hidden, attention_mask=mask, prompts=prompts)
         return _finite_on_wire(out, codec, "the forward outputs")
 
     def backward(
@@ -110,12 +131,33 @@ class Backend:
         grad_outputs: torch.Tensor,
         prompts: torch.Tensor | None,
         codec: Codec,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, prompts=prompts)
+        grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, attention_mask=mask, prompts=prompts)
         grad_inputs = _finite_on_wire(grad_inputs, codec, "the input gradients")
         if grad_prompts is not None:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
         return grad_inputs, grad_prompts
+
+
+def session_positions(
+    past: torch.Tensor | None, new: torch.Tensor | None, batch: int, tokens: int, past_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens' padding mask and rotary positions in a session (spec/messages.md §5.6).
+
+    ``past``: the mask of the ``past_length`` positions in the cache (None: no padding);
+    ``new``: the step's mask ``[batch, tokens]`` (None: no padding). Positions are
+    ``cumsum(mask) - 1`` over the whole row, padding set to 0: exactly what
+    transformers' ``generate()`` computes for a left-padded batch.
+    """
+    if new is None:
+        new = torch.ones(batch, tokens, dtype=torch.bool)
+    new = new.to(torch.bool)
+    if past is None:
+        past = torch.ones(batch, past_length, dtype=torch.bool)
+    full = torch.cat([past.to(device="cpu", dtype=torch.bool), new.cpu()], dim=1)
+    positions = (full.long().cumsum(-1) - 1).masked_fill(~full, 0)
+    return new, positions[:, -tokens:]
 
 
 def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> None:

@@ -209,14 +209,17 @@ class NodeService:
     async def _forward(self, request: Forward) -> ForwardResult:
         self._check_stateless(request)
         view = self.backend.view(request.start, request.end)
-        out = await self.backend.run(self.backend.forward, view, request.hidden, request.prompts, request.codec)
+        out = await self.backend.run(
+            self.backend.forward, view, request.hidden, request.prompts, request.codec, request.mask
+        )
         return ForwardResult(hidden=out)
 
     async def _backward(self, request: Backward) -> BackwardResult:
         self._check_stateless(request)
         view = self.backend.view(request.start, request.end)
         grad_inputs, grad_prompts = await self.backend.run(
-            self.backend.backward, view, request.hidden, request.grad_outputs, request.prompts, request.codec
+            self.backend.backward, view, request.hidden, request.grad_outputs, request.prompts, request.codec,
+            request.mask,
         )
         return BackwardResult(grad_inputs=grad_inputs, grad_prompts=grad_prompts)
 
@@ -353,7 +356,9 @@ class NodeService:
                 hidden = step.hidden
                 session.check_step(step.position, step.tokens, hidden.shape[0], hidden.shape[2], self.span.hidden_size)
                 own, rest = self._split_prompts(session, step)
-                out = await self.backend.run(self.backend.step, session.span, session.cache, hidden, own, session.codec)
+                out = await self.backend.run(
+                    self.backend.step, session.span, session.cache, hidden, own, session.codec, step.mask
+                )
             except ProtocolError as exc:
                 await session.owner.send(error_from_exception(exc, step.step_id))
                 return
@@ -373,6 +378,7 @@ class NodeService:
                 hidden=out,
                 prompts=rest,
                 next=step.next[1:],
+                mask=step.mask,  # every span of the chain pads the same tokens (§5.3)
             )
             task = asyncio.get_running_loop().create_task(self._push(step.next[0], push, session.codec))
             self._tasks.add(task)

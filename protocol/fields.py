@@ -46,8 +46,10 @@ __all__ = [
     "ArrayOf",
     "Nested",
     "TensorKind",
+    "PaddingMask",
     "ACTIVATIONS",
     "PROMPTS",
+    "MASK",
     "WireField",
     "wire",
     "U64_MAX",
@@ -359,6 +361,48 @@ class TensorKind(Kind):
         return encode_tensor(value, codec if codec is not None else _CODEC_FOR_DTYPE[value.dtype])
 
 
+@dataclass(frozen=True)
+class PaddingMask(Kind):
+    """A padding mask: ``bin``, one byte per token, row-major ``[batch, tokens]``, each 0 or 1.
+
+    See spec/messages.md §8.1. Python value: a ``torch.bool`` tensor (``[batch * tokens]``
+    as decoded; the message's cross-field rule checks the length against ``hidden`` and
+    reshapes it to ``[batch, tokens]``). A constructor takes a bool or integer tensor of
+    0/1 values.
+    """
+
+    hi: int
+
+    def decode(self, raw: object) -> torch.Tensor:
+        if type(raw) is not bytes:
+            raise Violation(ErrorCode.INVALID_FIELD, f"expected bin, got {_kind(raw)}")
+        if len(raw) < 1:
+            raise Violation(ErrorCode.INVALID_FIELD, "0 bytes < minimum 1")
+        if len(raw) > self.hi:  # the frame limit bounds it already; stated for other receivers
+            raise Violation(ErrorCode.LIMIT_EXCEEDED, f"{len(raw)} bytes > maximum {self.hi}")
+        values = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if bool((values > 1).any()):
+            bad = int(values[values > 1][0])
+            raise Violation(ErrorCode.INVALID_FIELD, f"a byte is {bad}; each must be 0 (padding) or 1 (token)")
+        return values.bool()
+
+    def check(self, value: object) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise Violation(ErrorCode.INVALID_FIELD, f"expected a torch.Tensor, got {_kind(value)}")
+        if value.dtype.is_floating_point or value.dtype.is_complex:
+            raise Violation(ErrorCode.INVALID_FIELD, f"mask must be bool or integer, got {value.dtype}")
+        if value.ndim != 2 or value.numel() < 1:
+            raise Violation(ErrorCode.INVALID_TENSOR, f"mask must be [batch, tokens], got shape {list(value.shape)}")
+        if value.numel() > self.hi:
+            raise Violation(ErrorCode.LIMIT_EXCEEDED, f"mask of {value.numel()} tokens > maximum {self.hi}")
+        if value.dtype != torch.bool and bool(((value != 0) & (value != 1)).any()):
+            raise Violation(ErrorCode.INVALID_FIELD, "mask values must be 0 (padding) or 1 (token)")
+        return value.detach().to(device="cpu", dtype=torch.bool)
+
+    def encode(self, value: Any, codec: Codec | None) -> object:
+        return value.to(torch.uint8).contiguous().numpy().tobytes()
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or infinite.
 
@@ -380,6 +424,8 @@ ACTIVATIONS: Final = TensorKind("activations", (_BATCH, ("tokens", MAX_SEQUENCE_
 PROMPTS: Final = TensorKind(
     "prompts", (("blocks", MAX_BLOCKS), _BATCH, ("prefix", MAX_SEQUENCE_LENGTH), _HIDDEN)
 )
+#: ``[batch, tokens]`` padding mask of the step's or request's tokens (spec/messages.md §8.1).
+MASK: Final = PaddingMask(MAX_BATCH * MAX_SEQUENCE_LENGTH)
 
 
 @dataclass(frozen=True)

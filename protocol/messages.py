@@ -32,6 +32,7 @@ from biopetals.protocol.errors import (
 )
 from biopetals.protocol.fields import (
     ACTIVATIONS,
+    MASK,
     PROMPTS,
     U64_MAX,
     ArrayOf,
@@ -242,6 +243,26 @@ def _prompts_rule(prompts: torch.Tensor | None, hidden: torch.Tensor, blocks: in
         raise Violation(ErrorCode.INVALID_TENSOR, f"prompts prefix {prompts.shape[2]} > {tokens} tokens")
 
 
+def _mask_rule(message: "WireStruct", hidden: torch.Tensor) -> None:
+    """``mask`` has one entry per token of ``hidden`` (spec/messages.md §8.1), else ``INVALID_TENSOR``.
+
+    Normalises it to ``[batch, tokens]``, and to absent when no token is padding:
+    an all-ones mask means what no mask means, and the canonical encoding omits it.
+    """
+    mask = message.mask  # type: ignore[attr-defined]
+    if mask is None:
+        return
+    batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+    if mask.ndim == 1 and mask.numel() == batch * tokens:
+        mask = mask.reshape(batch, tokens)
+    if tuple(mask.shape) != (batch, tokens):
+        shape = [mask.numel()] if mask.ndim == 1 else list(mask.shape)
+        raise Violation(
+            ErrorCode.INVALID_TENSOR, f"mask of {shape} entries does not fit hidden [{batch}, {tokens}, ...]"
+        )
+    object.__setattr__(message, "mask", None if bool(mask.all()) else mask)
+
+
 # ----------------------------------------------------------------------------- messages
 
 
@@ -330,6 +351,7 @@ class _StepBody(Message):
     hidden: torch.Tensor = wire(3, ACTIVATIONS)
     prompts: torch.Tensor | None = wire(4, PROMPTS, optional=True)
     next: tuple[Hop, ...] = wire(5, HOPS, optional=True)
+    mask: torch.Tensor | None = wire(6, MASK, optional=True)
 
     @property
     def tokens(self) -> int:
@@ -357,6 +379,7 @@ class _StepBody(Message):
                     ErrorCode.INVALID_TENSOR,
                     f"prompts cover {self.prompts.shape[0]} blocks, not more than the {covered} blocks of the hops",
                 )
+        _mask_rule(self, self.hidden)  # rule 5
 
 
 @dataclass(frozen=True, eq=False)
@@ -419,10 +442,12 @@ class Forward(Message):
     hidden: torch.Tensor = wire(4, ACTIVATIONS)
     codec: Codec = wire(3, CODEC, optional=False)
     prompts: torch.Tensor | None = wire(5, PROMPTS, optional=True)
+    mask: torch.Tensor | None = wire(6, MASK, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
         _prompts_rule(self.prompts, self.hidden, self.end - self.start)
+        _mask_rule(self, self.hidden)
 
 
 @dataclass(frozen=True, eq=False)
@@ -445,6 +470,7 @@ class Backward(Message):
     grad_outputs: torch.Tensor = wire(5, ACTIVATIONS)
     codec: Codec = wire(3, CODEC)
     prompts: torch.Tensor | None = wire(6, PROMPTS, optional=True)
+    mask: torch.Tensor | None = wire(7, MASK, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -454,6 +480,7 @@ class Backward(Message):
                 f"grad_outputs shape {list(self.grad_outputs.shape)} != hidden shape {list(self.hidden.shape)}",
             )
         _prompts_rule(self.prompts, self.hidden, self.end - self.start)
+        _mask_rule(self, self.hidden)
 
 
 @dataclass(frozen=True, eq=False)

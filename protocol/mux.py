@@ -668,18 +668,18 @@ class Mux:
                         self._data_start(flags, sid, length, sink)  # split payload, or an error, or a gone stream
                         continue
                     # Fast path, the usual case: the whole payload is here and the stream is open.
+                    # State first, then the sink's calls (they may call back into the mux).
                     st.recv_window -= length
+                    st.buffered += length
+                    fin = flags & _FIN
+                    if fin:
+                        self._remote_fin(sid, st)
                     if length:
                         chunk = bytes(view[pos : pos + length]) if length <= _SMALL_COPY else view[pos : pos + length]
                         pos += length
-                        st.buffered += length
                         sink.data_received(sid, chunk)
-                    if flags & _FIN and self._streams.get(sid) is st:
-                        st.remote_closed = True
-                        self._granted -= st.recv_window
-                        st.recv_window = 0
+                    if fin:
                         sink.stream_ended(sid)
-                        self._maybe_forget(sid, st)
                     continue
                 self._header = (kind, flags, sid, length)
             kind, flags, sid, length = self._header
@@ -728,11 +728,18 @@ class Mux:
         st, sid = self._data_stream, self._data_sid
         self._data_stream = None
         if self._data_fin and st is not None and self._streams.get(sid) is st:
-            st.remote_closed = True
-            self._granted -= st.recv_window
-            st.recv_window = 0
+            self._remote_fin(sid, st)
             sink.stream_ended(sid)
-            self._maybe_forget(sid, st)
+
+    def _remote_fin(self, sid: int, st: _Stream) -> None:
+        """The peer's FIN: no more credit to hold for it; the stream goes once both sides ended.
+
+        Done before the sink hears of it, so the sink sees the stream already closed.
+        """
+        st.remote_closed = True
+        self._granted -= st.recv_window
+        st.recv_window = 0
+        self._maybe_forget(sid, st)
 
     def _handle(self, kind: FrameType, flags: int, sid: int, payload: bytes, sink: MuxEventSink) -> None:
         """A complete non-DATA frame."""

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from biopetals.client.routing import (
+    DeadlineParams,
     MissingBlocksError,
     PeerHealth,
     RoutingParams,
     ServerSpan,
+    expected_step_time,
     find_route,
     missing_ranges,
     route_cost,
+    step_deadline,
 )
 
 
@@ -116,6 +119,37 @@ def test_backoff_doubles_and_success_resets():
     health.record_success("x")
     assert not health.is_banned("x", 0.0)
     assert health.record_failure("x", 0.0) == 1.0
+
+
+def test_a_stall_is_banned_at_least_its_minimum_and_still_backs_off():
+    health = PeerHealth(base=1.0, cap=300.0)
+    assert health.record_failure("x", 10.0, at_least=30.0) == 40.0
+    assert health.record_failure("x", 10.0, at_least=30.0) == 40.0  # 2 s of back-off < the 30 s minimum
+    for _ in range(4):
+        until = health.record_failure("x", 10.0, at_least=30.0)
+    assert until == 10.0 + 32.0  # the back-off (1, 2, 4, ... 32 s) outgrows the minimum
+    assert health.is_banned("x", 41.0) and not health.is_banned("x", 42.5)
+
+
+def test_expected_step_time_follows_throughput_tokens_share_and_rtt():
+    node = ServerSpan("a", 0, 8, (), inference_tps=10.0, forward_tps=100.0)
+    one = expected_step_time(node, 0, 8, 1, 1, rtt=0.01)
+    assert one == pytest.approx(0.1 + 0.02)  # one token at the decode rate + a round trip each way
+    prefill = expected_step_time(node, 0, 8, 2, 51, rtt=0.01)
+    assert prefill == pytest.approx(0.1 + 101 / 100.0 + 0.02)  # the rest at the batched rate
+    assert expected_step_time(node, 0, 2, 1, 1, rtt=0.01) == pytest.approx(0.1 / 4 + 0.02)  # 2 of its 8 blocks
+    unknown = ServerSpan("b", 0, 8)  # announces 0: the routing default rate; no RTT measured: the default
+    params = RoutingParams(default_tps=5.0, default_rtt=0.05)
+    assert expected_step_time(unknown, 0, 8, 1, 1, rtt=None, params=params) == pytest.approx(0.2 + 0.1)
+    slow_forward = ServerSpan("c", 0, 8, (), inference_tps=10.0, forward_tps=1.0)  # never below decode speed
+    assert expected_step_time(slow_forward, 0, 8, 1, 3, rtt=0.0) == pytest.approx(0.3 + 2 * 1e-4)
+
+
+def test_step_deadline_is_clamped_between_floor_and_ceiling():
+    params = DeadlineParams(floor=2.0, factor=8.0, ceiling=60.0)
+    assert step_deadline(0.01, params) == 2.0  # a fast decode step: the floor
+    assert step_deadline(1.0, params) == 8.0  # factor x expected
+    assert step_deadline(100.0, params) == 60.0  # a huge prefill on a slow node: the ceiling
 
 
 def test_only_banned_peer_gives_missing_blocks_with_reason():

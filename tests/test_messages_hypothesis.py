@@ -101,6 +101,16 @@ def prompts_for(draw, hidden: torch.Tensor, dtype: torch.dtype, blocks: int | No
     return draw(tensors((blocks, batch, draw(st.integers(1, tokens)), size), dtype))
 
 
+@st.composite
+def masks_for(draw, hidden: torch.Tensor) -> torch.Tensor | None:
+    """A padding mask for ``hidden`` (spec/messages.md §8.1), or none."""
+    if not draw(st.booleans()):
+        return None
+    batch, tokens = hidden.shape[:2]
+    bits = draw(st.lists(st.booleans(), min_size=batch * tokens, max_size=batch * tokens))
+    return torch.tensor(bits, dtype=torch.bool).reshape(batch, tokens)
+
+
 PEERS = [Identity.from_private_bytes(bytes([seed]) * 32).peer_id for seed in range(1, 5)]
 
 
@@ -132,7 +142,8 @@ def step_bodies(draw, cls: type[Message], dtype: torch.dtype) -> Message:
     hops = draw(hop_chains())
     covered = hops[-1].end - hops[0].start if hops else 0
     prompts = draw(prompts_for(hidden, dtype, blocks=covered + draw(st.integers(1, 3))))
-    return cls(session_id=draw(SESSION_IDS), step_id=draw(U64), position=position, hidden=hidden, prompts=prompts, next=hops)
+    return cls(session_id=draw(SESSION_IDS), step_id=draw(U64), position=position, hidden=hidden, prompts=prompts,
+               next=hops, mask=draw(masks_for(hidden)))
 
 
 @st.composite
@@ -170,7 +181,7 @@ def messages(draw, cls: type[Message], dtype: torch.dtype) -> Message:
         extra = {"grad_outputs": draw(activations(dtype, tuple(hidden.shape)))} if cls is Backward else {}
         return cls(
             model=draw(text(1, 256)), start=start, end=end, codec=draw(CODECS), hidden=hidden,
-            prompts=draw(prompts_for(hidden, dtype, blocks=end - start)), **extra,
+            prompts=draw(prompts_for(hidden, dtype, blocks=end - start)), mask=draw(masks_for(hidden)), **extra,
         )
     if cls is ForwardResult:
         return cls(hidden=draw(activations(dtype)))

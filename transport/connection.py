@@ -5,8 +5,10 @@ See spec/transport.md §2 (handshake) and §3 (streams). The sans-IO pieces
 moves bytes between them and the socket and turns their events into wake-ups.
 
 Reading is done in asyncio protocol callbacks, not a reader task: each chunk from
-the socket is decrypted, parsed and dispatched to its ``Stream`` right away, and
-all frames this produces (pongs, window updates) go out in one write. Writing is
+the socket (read into one buffer per connection, ``BufferedProtocol``) is
+decrypted, parsed and dispatched to its ``Stream`` right away - the multiplexer
+calls this connection's ``MuxEventSink`` methods, no event objects - and all
+frames this produces (pongs, window updates) go out in one write. Writing is
 ``transport.write`` with the transport's high-water mark as backpressure
 (``pause_writing``/``resume_writing``), so a sender never outruns the socket by
 more than ``TransportConfig.write_buffer_high`` bytes. The only task per connection

@@ -34,7 +34,16 @@ import torch
 import zstandard
 
 from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.fields import ArrayOf, Blob, CodecName, MultiaddrText, Nested, PeerIdText, TensorKind
+from biopetals.protocol.fields import (
+    ArrayOf,
+    Blob,
+    CodecName,
+    MultiaddrText,
+    Nested,
+    PaddingMask,
+    PeerIdText,
+    TensorKind,
+)
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import (
     MESSAGE_TYPES,
@@ -82,6 +91,8 @@ _DEFAULT_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "
 
 
 def _to_json(kind: Any, value: Any, codec: str | None) -> Any:
+    if isinstance(kind, PaddingMask):  # [[0, 1, ...], ...]: one 0/1 per token, per row (§8.1)
+        return [[int(v) for v in row] for row in value.to(torch.uint8).tolist()]
     if isinstance(kind, TensorKind):
         return tensor_to_fields(value, codec or _DEFAULT_NAMES[value.dtype])
     if isinstance(kind, Blob):
@@ -98,6 +109,8 @@ def _to_json(kind: Any, value: Any, codec: str | None) -> Any:
 
 
 def _from_json(kind: Any, value: Any) -> Any:
+    if isinstance(kind, PaddingMask):
+        return torch.tensor(value, dtype=torch.bool)
     if isinstance(kind, TensorKind):
         return tensor_from_fields(value)
     if isinstance(kind, Blob):
@@ -262,6 +275,9 @@ HOP_B = Hop(peer_id=PEER_B, addrs=(f"/ip4/10.0.0.2/tcp/31337/p2p/{PEER_B}",), se
 HOP_A = Hop(peer_id=PEER_A, session_id=SID3, start=16, end=24)
 
 STEP = Step(session_id=SID, step_id=0, position=0, hidden=hidden())
+#: A left-padded batch of two: row 0 starts with one padding token (spec/messages.md §8.1).
+MASK_22 = torch.tensor([[0, 1], [1, 1]], dtype=torch.bool)
+STEP_22 = Step(session_id=SID, step_id=1, position=0, hidden=t([2, 2, 4], H224))
 NODE_INFO = NodeInfo(
     version="biopetals/0.1.0",
     model=MODEL,
@@ -335,6 +351,16 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             Step(session_id=SID, step_id=9, position=0, hidden=hidden(), prompts=t([24, 1, 2, 4]), next=(HOP_B, HOP_A)),
             "f16",
         ),
+        (
+            "Step [2, 2, 4] with a padding mask (row 0 left-padded)",
+            Step(session_id=SID, step_id=1, position=0, hidden=t([2, 2, 4], H224), mask=MASK_22),
+            "f16",
+        ),
+        (
+            "Step with a padding mask and a push hop",
+            Step(session_id=SID, step_id=7, position=3, hidden=t([2, 2, 4], H224), next=(HOP_A,), mask=MASK_22),
+            "f16",
+        ),
         ("StepResult", StepResult(session_id=SID, step_id=0, hidden=hidden()), "f16"),
         ("CloseSession", CloseSession(session_id=SID), None),
         ("SessionClosed", SessionClosed(session_id=SID), None),
@@ -350,6 +376,11 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             Forward(model=MODEL, start=3, end=5, codec=Codec.F16, hidden=hidden(), prompts=t([2, 1, 1, 4])),
             "f16",
         ),
+        (
+            "Forward with a padding mask",
+            Forward(model=MODEL, start=0, end=2, codec=Codec.F32, hidden=t([2, 2, 4], H224, "f32"), mask=MASK_22),
+            "f32",
+        ),
         ("ForwardResult", ForwardResult(hidden=hidden("f32")), "f32"),
         ("Backward f32", BACKWARD, "f32"),
         (
@@ -364,6 +395,19 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
                 prompts=t([2, 1, 2, 4], None, "bf16"),
             ),
             "bf16",
+        ),
+        (
+            "Backward with a padding mask",
+            Backward(
+                model=MODEL,
+                start=0,
+                end=2,
+                codec=Codec.F32,
+                hidden=t([2, 2, 4], H224, "f32"),
+                grad_outputs=t([2, 2, 4], None, "f32"),
+                mask=MASK_22,
+            ),
+            "f32",
         ),
         ("BackwardResult", BackwardResult(grad_inputs=hidden("f32")), "f32"),
         (
@@ -397,6 +441,20 @@ def accepted_vectors() -> list[dict]:
         _pack(envelope(5, {**body_of(STEP, "f16"), 5: [{**HOP_A._encode_body(None), 7: True}]})),
         Step(session_id=SID, step_id=0, position=0, hidden=hidden(), next=(HOP_A,)),
         "f16",
+    )
+    add(
+        "all-ones padding mask means no mask",
+        "§8.1 (absent and all-ones are the same mask; senders omit it)",
+        _pack(envelope(5, {**body_of(STEP_22, "f16"), 6: b"\x01\x01\x01\x01"})),
+        STEP_22,
+        "f16",
+    )
+    add(
+        "nil padding mask is absent",
+        "§2.3",
+        _pack(envelope(11, {**body_of(FORWARD, "f32"), 6: None})),
+        FORWARD,
+        "f32",
     )
     add(
         "envelope keys in descending order",
@@ -780,6 +838,42 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
             packed(BackwardResult(grad_inputs=hidden()), "f16", k1=f16([2, 2, 1, 4])),
             E.INVALID_TENSOR,
             "§6.2 grad_prompts",
+        ),
+        # --- §8.1 padding mask
+        ("mask given an array", packed(STEP_22, "f16", k6=[[0, 1], [1, 1]]), E.INVALID_FIELD, "§8.1 type (bin)"),
+        ("mask given a tensor map", packed(STEP_22, "f16", k6=f16([2, 2])), E.INVALID_FIELD, "§8.1 type (bin)"),
+        ("mask given str", packed(STEP_22, "f16", k6="0111"), E.INVALID_FIELD, "§8.1 type (bin)"),
+        ("empty mask", packed(STEP_22, "f16", k6=b""), E.INVALID_FIELD, "§8.1 length low"),
+        # (over MAX_BATCH x MAX_SEQUENCE_LENGTH bytes, LIMIT_EXCEEDED: 512 KiB of hex is too big
+        # for this file; tests/test_padding_mask.py checks it)
+        ("mask byte 2", packed(STEP_22, "f16", k6=b"\x00\x01\x02\x01"), E.INVALID_FIELD, "§8.1 byte values"),
+        ("mask byte 0xff", packed(FORWARD, "f32", k6=b"\x01\xff"), E.INVALID_FIELD, "§8.1 byte values"),
+        ("mask shorter than batch x tokens", packed(STEP_22, "f16", k6=b"\x00\x01\x01"), E.INVALID_TENSOR, "§5.3 rule 5, §8.1"),
+        ("mask longer than batch x tokens", packed(STEP_22, "f16", k6=bytes([1]) * 5), E.INVALID_TENSOR, "§5.3 rule 5, §8.1"),
+        (
+            "Forward mask of wrong length",
+            packed(FORWARD, "f32", k6=b"\x00\x01\x01"),
+            E.INVALID_TENSOR,
+            "§6.1 mask, §8.1",
+        ),
+        ("Backward mask of wrong length", packed(BACKWARD, "f32", k7=b"\x01"), E.INVALID_TENSOR, "§6.2 mask, §8.1"),
+        (
+            "Push mask of wrong length",
+            packed(Push(session_id=SID2, step_id=0, position=0, hidden=hidden()), "f16", k6=b"\x01" * 3),
+            E.INVALID_TENSOR,
+            "§5.7, §5.3 rule 5",
+        ),
+        (
+            "rule order: prompts (rule 2) before mask (rule 5)",
+            packed(STEP_22, "f16", k4=f16([8, 1, 1, 4]), k6=b"\x01"),
+            E.INVALID_TENSOR,
+            "§5.3 rules in order",
+        ),
+        (
+            "field order: a bad mask byte (key 6, step 7) before position + tokens (step 8)",
+            packed(STEP_22, "f16", k2=8191, k6=b"\x07\x01\x01\x01"),
+            E.INVALID_FIELD,
+            "§2.5 step 7 before step 8",
         ),
         # --- §2.5: the first broken rule wins
         (

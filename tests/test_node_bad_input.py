@@ -121,6 +121,11 @@ def test_session_stream_errors_keep_the_session(node):
             # too many msgpack objects: over MAX_MESSAGE_OBJECTS
             body = {0: sid, 1: 11, 2: 2, 3: encode_tensor(h(), "f32"), 9: [0] * 1000, 10: [0] * 1000, 11: [0] * 1000, 12: [0] * 1000, 13: [0] * 1000}
             expect(await client.exchange(stream, raw(5, body)), ErrorCode.LIMIT_EXCEEDED)
+            # padding mask (spec/messages.md §8.1): wrong length, a byte other than 0/1, not bin
+            for mask, code in ((b"\x01\x00", ErrorCode.INVALID_TENSOR), (b"\x02", ErrorCode.INVALID_FIELD),
+                               ([1], ErrorCode.INVALID_FIELD)):
+                body = {0: sid, 1: 11, 2: 2, 3: encode_tensor(h(), "f32"), 6: mask}
+                expect(await client.exchange(stream, raw(5, body)), code)
             # the session still holds exactly 2 positions: position 2 continues it
             ok = await client.exchange(stream, Step(session_id=sid, step_id=12, position=2, hidden=h()), "f32")
             assert isinstance(ok, StepResult), ok

@@ -93,6 +93,9 @@ class RoutingParams:
     default_tps: float = 10.0  # tokens/s over a span, when a node announces 0
     tie_jitter: float = 0.03  # relative: costs closer than this are ties
     min_rtt: float = 1e-4
+    # s added per block served by a recently failed peer that is the only one left for
+    # some blocks: large enough that it serves only what no healthy peer can.
+    last_resort_penalty: float = 1000.0
 
 
 class MissingBlocksError(LookupError):
@@ -249,16 +252,24 @@ def find_route(
     rtts = rtts or {}
     found = [s for s in servers if s.start < end and s.end > start and s.start < s.end]
     usable: list[ServerSpan] = []
+    banned: list[ServerSpan] = []
     excluded: dict[str, str] = {}
     for s in found:
         if not s.online:
             excluded[s.peer_id] = "not online"
-        elif health is not None and health.is_banned(s.peer_id, now):
-            excluded[s.peer_id] = f"failed recently, avoided for {health.banned_until(s.peer_id, now) - now:.0f} s"
         elif s.cache_tokens_left < needed_cache_tokens:
             excluded[s.peer_id] = f"only {s.cache_tokens_left} cache tokens left, {needed_cache_tokens} needed"
+        elif health is not None and health.is_banned(s.peer_id, now):
+            excluded[s.peer_id] = f"failed recently, avoided for {health.banned_until(s.peer_id, now) - now:.0f} s"
+            banned.append(s)
         else:
             usable.append(s)
+    last_resort: set[int] = set()
+    if banned and missing_ranges(usable, start, end) and not missing_ranges(usable + banned, start, end):
+        # A peer that failed recently (perhaps only slow, not dead) beats no route at all;
+        # the penalty keeps it to the blocks no healthy peer serves.
+        last_resort = {id(s) for s in banned}
+        usable += banned
     missing = missing_ranges(usable, start, end)
     if missing:
         raise MissingBlocksError(missing, sorted(found, key=lambda s: (s.start, s.end, s.peer_id)), excluded, model)
@@ -283,6 +294,8 @@ def find_route(
                 continue
             base = _rtt(s, rtts, params) * jitter[id(s)]
             per_block = _block_time(s, params) * jitter[id(s)]
+            if id(s) in last_resort:
+                per_block += params.last_resort_penalty
             for j in bounds:
                 if j <= i or j > min(s.end, end):
                     continue

@@ -152,11 +152,22 @@ def test_step_deadline_is_clamped_between_floor_and_ceiling():
     assert step_deadline(100.0, params) == 60.0  # a huge prefill on a slow node: the ceiling
 
 
-def test_only_banned_peer_gives_missing_blocks_with_reason():
+def test_banned_peer_is_a_last_resort_only_for_blocks_nobody_else_serves():
     health = PeerHealth()
     health.record_failure("a", 0.0)
-    with pytest.raises(MissingBlocksError, match="failed recently"):
-        find_route([S("a", 0, 8)], 0, 8, now=0.5, rng=random.Random(0), health=health)
+    assert spans(find_route([S("a", 0, 8)], 0, 8, now=0.5, rng=random.Random(0), health=health)) == [("a", 0, 8)]
+    # "b" covers 4:8 healthily, so the banned "a" serves only 0:4 although it is faster.
+    servers = [S("a", 0, 8, tps=1000), S("b", 4, 8, tps=10)]
+    route = find_route(servers, 0, 8, now=0.5, rng=random.Random(0), health=health)
+    assert spans(route) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_banned_peer_that_cannot_fill_the_gap_is_reported_with_its_reason():
+    health = PeerHealth()
+    health.record_failure("a", 0.0)
+    with pytest.raises(MissingBlocksError, match="failed recently") as err:
+        find_route([S("a", 0, 4)], 0, 8, now=0.5, rng=random.Random(0), health=health)
+    assert err.value.missing == [(0, 8)]  # no usable peer serves any of them
 
 
 def test_cache_room_and_offline_state_are_respected():

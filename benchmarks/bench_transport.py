@@ -8,6 +8,11 @@ Measures, in one run and against the same server process:
 * MB/s of 16 MiB messages (request of 16 MiB, 2-byte response), one at a time
   and 32 at once.
 
+BioPetals rows are measured twice where the server's handler kind matters: with
+``async def`` handlers (``Host.set_handler``, a task per request) and with inline
+handlers (``Host.set_inline_handler``, called in the receive path; rows marked
+"inline"). The client side (``Host.call``) is the same for both.
+
 The plain baseline is the usual asyncio code: ``StreamReader.readexactly`` on a
 4-byte big-endian length prefix, ``writer.write`` + ``drain``. Both servers run in
 one child process, the client in this one, so each side has its own event loop.
@@ -15,6 +20,7 @@ Targets (issue 3): 8 KiB RTT at most 1.5x plain TCP; at least 250 MB/s for 16 Mi
 
     .venv/bin/python benchmarks/bench_transport.py            # full run, markdown table
     .venv/bin/python benchmarks/bench_transport.py --quick    # fewer rounds
+    .venv/bin/python benchmarks/bench_transport.py --rtt      # RTT and CPU rows only (no 16 MiB rows)
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from biopetals.transport.host import Host
 
 ECHO = "/bench/echo/1"
 SINK = "/bench/sink/1"
+ECHO_INLINE = "/bench/echo-inline/1"
+SINK_INLINE = "/bench/sink-inline/1"
 _LEN = struct.Struct(">I")
 MiB = 1 << 20
 
@@ -70,6 +78,8 @@ async def _serve(conn: mp.connection.Connection, swarm_key: bytes) -> None:
     async with Host(Identity.generate(), swarm_key=swarm_key, config=TransportConfig(keepalive_interval=0)) as host:
         host.set_handler(ECHO, echo)
         host.set_handler(SINK, sink)
+        host.set_inline_handler(ECHO_INLINE, lambda peer_id, request: request)
+        host.set_inline_handler(SINK_INLINE, lambda peer_id, request: b"ok")
         addrs = await host.listen("127.0.0.1", 0)
         conn.send((plain_port, str(addrs[0])))
         loop = asyncio.get_running_loop()
@@ -154,7 +164,9 @@ class Cpu:
         self.seconds = time.process_time() + self._server() - self._start
 
 
-async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool, pipe: mp.connection.Connection) -> list[tuple[str, str, str, str]]:
+async def _client(
+    plain_port: int, addr: str, swarm_key: bytes, quick: bool, rtt_only: bool, pipe: mp.connection.Connection
+) -> list[tuple[str, str, str, str]]:
     rtt_rounds = 500 if quick else 3000
     big_rounds = 3 if quick else 8
     conc_big_rounds = 1 if quick else 2
@@ -168,28 +180,38 @@ async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool, pip
         async def ours(protocol: str, payload: bytes) -> bytes:
             return await host.call(peer, protocol, payload, timeout=60)
 
-        # warm up both paths (connections, allocator)
+        # warm up every path (connections, allocator)
         for _ in range(50):
             await plain.call(b"e", b"x" * 8192)
             await ours(ECHO, b"x" * 8192)
+            await ours(ECHO_INLINE, b"x" * 8192)
 
         for size, label in ((64, "64 B"), (8192, "8 KiB")):
             payload = os.urandom(size)
             with Cpu(pipe) as pc:
                 p = _median_p99(await _timed(lambda: plain.call(b"e", payload), rtt_rounds))
-            with Cpu(pipe) as bc:
-                b = _median_p99(await _timed(lambda: ours(ECHO, payload), rtt_rounds))
-            rows.append((f"RTT {label}, 1 stream: median / p99 (us)", f"{p[0]*1e6:.0f} / {p[1]*1e6:.0f}",
-                         f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p[0]:.2f}x"))
-            pcpu, bcpu = pc.seconds / rtt_rounds * 1e6, bc.seconds / rtt_rounds * 1e6
-            rows.append((f"CPU per {label} call, client + server (us)", f"{pcpu:.0f}", f"{bcpu:.0f}", f"{bcpu/pcpu:.2f}x"))
+            pcpu = pc.seconds / rtt_rounds * 1e6
+            for protocol, kind in ((ECHO, ""), (ECHO_INLINE, ", inline handler")):
+                with Cpu(pipe) as bc:
+                    b = _median_p99(await _timed(lambda protocol=protocol: ours(protocol, payload), rtt_rounds))
+                rows.append((f"RTT {label}, 1 stream{kind}: median / p99 (us)", f"{p[0]*1e6:.0f} / {p[1]*1e6:.0f}",
+                             f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p[0]:.2f}x"))
+                bcpu = bc.seconds / rtt_rounds * 1e6
+                rows.append((f"CPU per {label} call{kind}, client + server (us)", f"{pcpu:.0f}", f"{bcpu:.0f}", f"{bcpu/pcpu:.2f}x"))
             per = max(20, rtt_rounds // 32)
             pl, pw = await _timed_concurrent([lambda c=c: c.call(b"e", payload) for c in plains], per)
-            bl, bw = await _timed_concurrent([lambda: ours(ECHO, payload)] * 32, per)
-            p, b = _median_p99(pl), _median_p99(bl)
-            rows.append((f"RTT {label}, 32 concurrent: median / p99 (us)", f"{p[0]*1e6:.0f} / {p[1]*1e6:.0f}",
-                         f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p[0]:.2f}x"))
-            rows.append((f"calls/s {label}, 32 concurrent", f"{len(pl)/pw:.0f}", f"{len(bl)/bw:.0f}", f"{(len(bl)/bw)/(len(pl)/pw):.2f}x"))
+            for protocol, kind in ((ECHO, ""), (ECHO_INLINE, ", inline handler")):
+                bl, bw = await _timed_concurrent([lambda protocol=protocol: ours(protocol, payload)] * 32, per)
+                p2, b = _median_p99(pl), _median_p99(bl)
+                rows.append((f"RTT {label}, 32 concurrent{kind}: median / p99 (us)", f"{p2[0]*1e6:.0f} / {p2[1]*1e6:.0f}",
+                             f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p2[0]:.2f}x"))
+                rows.append((f"calls/s {label}, 32 concurrent{kind}", f"{len(pl)/pw:.0f}", f"{len(bl)/bw:.0f}",
+                             f"{(len(bl)/bw)/(len(pl)/pw):.2f}x"))
+        if rtt_only:
+            plain.close()
+            for c in plains:
+                c.close()
+            return rows
 
         big = os.urandom(16 * MiB)
         await plain.call(b"s", big)
@@ -199,6 +221,8 @@ async def _client(plain_port: int, addr: str, swarm_key: bytes, quick: bool, pip
         with Cpu(pipe) as bc:
             b = statistics.median(await _timed(lambda: ours(SINK, big), big_rounds))
         rows.append(("16 MiB messages, 1 stream (MB/s)", f"{16*MiB/p/1e6:.0f}", f"{16*MiB/b/1e6:.0f}", f"{p/b:.2f}x"))
+        b2 = statistics.median(await _timed(lambda: ours(SINK_INLINE, big), big_rounds))
+        rows.append(("16 MiB messages, 1 stream, inline handler (MB/s)", f"{16*MiB/p/1e6:.0f}", f"{16*MiB/b2/1e6:.0f}", f"{p/b2:.2f}x"))
         pm, bm = big_rounds * 16 * MiB / pc.seconds / 1e6, big_rounds * 16 * MiB / bc.seconds / 1e6
         rows.append(("16 MiB messages: MB per CPU-second, client + server", f"{pm:.0f}", f"{bm:.0f}", f"{bm/pm:.2f}x"))
         _, pw = await _timed_concurrent([lambda c=c: c.call(b"s", big) for c in plains], conc_big_rounds)
@@ -218,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--public", action="store_true", help="public swarm (no swarm key)")
+    parser.add_argument("--rtt", action="store_true", help="only the RTT, CPU and calls/s rows (skip 16 MiB messages)")
     args = parser.parse_args()
     swarm_key = None if args.public else os.urandom(32)
     ctx = mp.get_context("spawn")
@@ -226,7 +251,7 @@ def main() -> None:
     server.start()
     try:
         plain_port, addr = parent.recv()
-        rows = asyncio.run(_client(plain_port, addr, swarm_key, args.quick, parent))
+        rows = asyncio.run(_client(plain_port, addr, swarm_key, args.quick, args.rtt, parent))
     finally:
         parent.send("stop")
         server.join(10)

@@ -126,7 +126,8 @@ class DHT:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         if not self.client_mode:
-            self.host.set_handler(params.PROTOCOL, self._serve)
+            # Inline (no task per request): answering is sans-IO and in-memory (dht/handler.py).
+            self.host.set_inline_handler(params.PROTOCOL, self._serve)
         try:
             await self.bootstrap()
         except BaseException:
@@ -155,7 +156,8 @@ class DHT:
 
     # ------------------------------------------------------------------ server side
 
-    async def _serve(self, peer: PeerId, request: bytes) -> bytes:
+    def _serve(self, peer: PeerId, request: bytes) -> bytes:
+        """Inline handler (``Host.set_inline_handler``): must not wait; a stale contact's ping is its own task."""
         response, to_ping = self.handler.handle_bytes(peer.multihash, request, self.clock())
         if to_ping is not None:
             self._ping_stale(to_ping)

@@ -6,6 +6,7 @@ See spec/transport.md §3.10 (RPC) and §3.12 (connections). Usage::
         await host.listen("0.0.0.0", 31337)
         print(host.addrs)                                   # [/ip4/.../tcp/31337/p2p/12D3KooW...]
         host.set_handler("/echo/1", echo)                   # async def echo(peer_id, request) -> bytes
+        host.set_inline_handler("/lookup/1", lookup)        # def lookup(peer_id, request) -> bytes (cheap, §3.11)
         host.set_stream_handler("/chat/1", chat)            # async def chat(peer_id, stream) -> None
         reply = await host.call("/ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...", "/echo/1", b"hi", timeout=5)
         stream = await host.open_stream(peer_id, "/chat/1")
@@ -18,11 +19,29 @@ when its streams are done).
 
 All background work (keepalives, handlers, dials) runs in the host's
 ``asyncio.TaskGroup``; leaving ``async with`` closes every connection and waits for it.
+
+Unary handlers come in two kinds (the wire is the same, spec/transport.md §3.11):
+
+* ``set_handler``: ``async def handler(peer_id, request) -> bytes``, run as a task per
+  request; may await anything, is cancelled when the caller resets the stream.
+* ``set_inline_handler``: ``def handler(peer_id, request) -> bytes``, called directly
+  in the receive path once the whole request (OPEN, DATA, FIN) is in; its response
+  leaves in the same write as everything else that read produced. No task, no future,
+  no loop turn - roughly half the cost of a small call on the serving side. The
+  handler must be cheap and must never block: in-memory lookups such as the DHT's
+  RPCs, not model steps or I/O (the whole connection, and every other, waits while
+  it runs).
+
+``call`` itself creates no task: when a connection is pooled and the request fits
+in one frame, it queues OPEN + DATA + FIN, awaits one future that the receive path
+resolves with the response, and keeps its deadline with one ``loop.call_at`` timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import socket
 from collections import Counter
@@ -32,23 +51,30 @@ from typing import Any, Awaitable, Callable, Union
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
-from biopetals.protocol.mux import validate_protocol_name
+from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
+from biopetals.protocol.limits import MAX_FRAME_BYTES
+from biopetals.protocol.mux import MAX_DATA_PAYLOAD, validate_protocol_name
 from biopetals.protocol.swarm_key import SwarmKey
 
 from .connection import Connection, TransportConfig, _Wire
 from .errors import ConnectionClosedError, DeadlineExceeded, EndOfStream, StreamResetError, TransportError
-from .streams import Stream
+from .streams import Stream, StreamStatistics
 
-__all__ = ["Host", "HostStatistics", "UnaryHandler", "StreamHandler", "PeerLike"]
+__all__ = ["Host", "HostStatistics", "UnaryHandler", "InlineHandler", "StreamHandler", "PeerLike"]
 
 log = logging.getLogger("biopetals.transport")
 
 UnaryHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
+InlineHandler = Callable[[PeerId, bytes], Union[bytes, bytearray, memoryview]]
 StreamHandler = Callable[[PeerId, Stream], Awaitable[None]]
 PeerLike = Union[PeerId, Multiaddr, str]
 
 #: Handler tasks tracked before the set is first swept for tasks that ended without running.
 _PRUNE_HANDLERS = 64
+#: Kinds of handler (``Host._handlers``).
+_UNARY, _STREAM, _INLINE = range(3)
+#: Largest request ``call`` sends without waiting: one DATA frame with its length prefix.
+_ONE_FRAME = MAX_DATA_PAYLOAD - LENGTH_PREFIX_BYTES
 
 _HINTS = {
     ErrorCode.SWARM_KEY_MISMATCH: " - use the swarm key file (e.g. lab.key) of the swarm you are joining, or none for a public swarm",
@@ -74,6 +100,7 @@ class HostStatistics:
     handshakes_failed: dict[str, int]  # by error code name
     bytes_sent: int
     bytes_received: int
+    inline_requests: int = 0  # requests answered by inline handlers (no task each), since start
 
 
 class Host:
@@ -96,7 +123,7 @@ class Host:
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
-        self._handlers: dict[str, tuple[bool, Callable[..., Awaitable[Any]]]] = {}
+        self._handlers: dict[str, tuple[int, Any]] = {}  # protocol -> (_UNARY | _STREAM | _INLINE, handler)
         self._conns: dict[PeerId, list[Connection]] = {}
         self._addresses: dict[PeerId, Multiaddr] = {}
         self._dials: dict[Any, asyncio.Future[Connection]] = {}
@@ -107,6 +134,7 @@ class Host:
         self._handshakes_completed = 0
         self._handshakes_failed: Counter[str] = Counter()
         self._closed_bytes = [0, 0]  # sent, received, of connections already closed
+        self._inline_requests = 0
 
     @property
     def peer_id(self) -> PeerId:
@@ -220,12 +248,33 @@ class Host:
 
         Raise a ``ProtocolError`` to answer with its code and message (the caller
         gets ``StreamResetError``); any other exception answers INTERNAL.
+        Each request runs in its own task; a handler that never awaits is better
+        served by ``set_inline_handler``.
         """
-        self._handlers[_check_protocol(protocol)] = (True, handler)
+        self._handlers[_check_protocol(protocol)] = (_UNARY, handler)
+
+    def set_inline_handler(self, protocol: str, handler: InlineHandler) -> None:
+        """Serve request/response calls with a plain function: ``def handler(peer_id, request: bytes) -> bytes``.
+
+        Called directly in the receive path once the whole request has arrived (a big
+        request is buffered until its FIN first); the response goes out in the same
+        loop turn. No task, future or loop turn per request. Contract: the handler is
+        cheap and never blocks or waits - in-memory lookups such as DHT RPCs; anything
+        that computes for long or does I/O belongs in an async ``set_handler``. It
+        cannot be cancelled (it has finished before the caller could give up). Errors
+        are answered as for ``set_handler``: ``ProtocolError`` resets the stream with
+        its code, any other exception with INTERNAL; the host keeps serving. The
+        returned buffer must not be modified afterwards.
+        """
+        if inspect.iscoroutinefunction(handler):
+            raise LocalProtocolError(
+                ErrorCode.INVALID_FIELD, f"inline handler for {protocol!r} is a coroutine function: use set_handler for async handlers"
+            )
+        self._handlers[_check_protocol(protocol)] = (_INLINE, _InlineServer(self, handler))
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve streams: ``async def handler(peer_id, stream)``; the stream is closed when it returns."""
-        self._handlers[_check_protocol(protocol)] = (False, handler)
+        self._handlers[_check_protocol(protocol)] = (_STREAM, handler)
 
     def remove_handler(self, protocol: str) -> None:
         self._handlers.pop(protocol, None)
@@ -235,10 +284,13 @@ class Host:
         if entry is None:
             stream.reset(ErrorCode.UNKNOWN_PROTOCOL, f"peer {self.peer_id} has no handler for protocol {stream.protocol!r}")
             return
-        unary, handler = entry
+        kind, handler = entry
+        if kind == _INLINE:
+            stream._unary = handler  # an _InlineServer: called once the request is complete
+            return
         assert self._tg is not None
         tasks = self._handler_tasks
-        if unary:
+        if kind == _UNARY:
             # A plain task with no done-callback (each costs a loop turn per call): _serve_unary
             # lets only CancelledError out and removes itself from the set when it ends;
             # _shutdown cancels and awaits these itself.
@@ -466,24 +518,63 @@ class Host:
         raised; ``.code`` is its error code), ConnectionClosedError or a handshake error.
         """
         timeout = self.config.call_timeout if timeout is None else timeout
+        # Fast path (module docstring): a pooled connection and a one-frame request. No task,
+        # no asyncio.timeout: one future resolved by the receive path, one call_at timer.
+        peer_id = peer if type(peer) is PeerId else _resolve(peer)[0]
+        conn = self.connection(peer_id) if peer_id is not None else None
+        size = len(request) if type(request) is bytes else memoryview(request).nbytes
+        if conn is not None and 0 < size <= _ONE_FRAME and not conn._write_paused:
+            try:
+                stream = conn.open_stream(protocol, _flush=False)
+            except ConnectionClosedError:
+                pass  # pooled connection retired a moment ago: the general path dials anew
+            else:
+                loop = conn._loop
+                reply = _CallReply(loop.create_future())
+                stream._unary = reply
+                if stream._try_send_last(request):
+                    deadline = loop.time() + timeout
+                    timer = loop.call_at(deadline, reply.expire, stream, protocol, peer, timeout)
+                    try:
+                        return await reply.future
+                    except StreamResetError as exc:
+                        if not _refused(exc, stream.statistics()):
+                            raise
+                        # The peer refused the stream while retiring this connection: once more, fresh.
+                    except asyncio.CancelledError:
+                        if not stream.is_closed:
+                            stream.reset(ErrorCode.TIMEOUT, "caller gave up")
+                        raise
+                    finally:
+                        timer.cancel()
+                    return await self._call_general(peer, protocol, request, max(0.0, deadline - loop.time()), attempts=1)
+                stream._unary = None
+                return await self._call_general(peer, protocol, request, timeout, stream=stream)
+        return await self._call_general(peer, protocol, request, timeout)
+
+    async def _call_general(
+        self, peer: PeerLike, protocol: str, request: bytes, timeout: float, *, attempts: int = 2, stream: Stream | None = None
+    ) -> bytes:
+        """``call`` for every case: dial if needed, any request size (waits for windows), one retry."""
         try:
             async with asyncio.timeout(timeout):
-                for attempt in range(2):
-                    peer_id = peer if isinstance(peer, PeerId) else _resolve(peer)[0]
-                    conn = self.connection(peer_id) if peer_id is not None else None
-                    if conn is None:
-                        conn = await self.connect(peer, timeout=timeout)
-                    try:
-                        stream = conn.open_stream(protocol, _flush=False)
-                    except ConnectionClosedError:
-                        if attempt:
-                            raise
-                        continue  # pooled connection retired a moment ago: the next one is fresh
+                for attempt in range(attempts):
+                    if stream is None:
+                        peer_id = peer if isinstance(peer, PeerId) else _resolve(peer)[0]
+                        conn = self.connection(peer_id) if peer_id is not None else None
+                        if conn is None:
+                            conn = await self.connect(peer, timeout=timeout)
+                        try:
+                            stream = conn.open_stream(protocol, _flush=False)
+                        except ConnectionClosedError:
+                            if attempt == attempts - 1:
+                                raise
+                            continue  # pooled connection retired a moment ago: the next one is fresh
                     try:
                         return await _call_on(stream, request)
                     except StreamResetError as exc:
-                        refused = exc.code == ErrorCode.CONNECTION_CLOSED and stream.statistics().messages_received == 0
-                        if refused and attempt == 0 and exc.by_peer:
+                        if attempt < attempts - 1 and _refused(exc, stream.statistics()):
+                            stream = None
                             continue  # the peer refused the stream while retiring this connection
                         raise
                 raise AssertionError("unreachable")
@@ -509,7 +600,97 @@ class Host:
             handshakes_failed=dict(self._handshakes_failed),
             bytes_sent=self._closed_bytes[0] + sum(s.bytes_sent for s in stats),
             bytes_received=self._closed_bytes[1] + sum(s.bytes_received for s in stats),
+            inline_requests=self._inline_requests,
         )
+
+    # ------------------------------------------------------------------ inline handlers
+
+    def _serve_inline(self, handler: InlineHandler, stream: Stream, request: bytes) -> None:
+        """Run an inline handler on a complete request and queue its response (set_inline_handler).
+
+        Runs inside the connection's receive path: nothing may escape from here, or the
+        multiplexer would take the exception for the peer's fault and close the connection.
+        """
+        self._inline_requests += 1
+        try:
+            response = handler(stream._conn.peer_id, request)
+        except ProtocolError as exc:
+            stream.reset(exc.code, exc.message)
+            return
+        except Exception:
+            log.exception("handler for %s failed", stream.protocol)
+            stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+            return
+        if not isinstance(response, (bytes, bytearray, memoryview)) or not 1 <= len(response) <= MAX_FRAME_BYTES:
+            if inspect.iscoroutine(response):
+                response.close()  # an async function registered as inline: say so, without a never-awaited warning
+            log.error("inline handler for %s returned %r, not 1 to %d bytes", stream.protocol, type(response).__name__, MAX_FRAME_BYTES)
+            stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+            return
+        try:
+            if stream._try_send_last(response):
+                return
+        except ProtocolError:  # the stream or connection went away under us
+            return
+        # Bigger than the peer's window: send it as an async handler would, in a task.
+        if self._running and self._tg is not None:
+            task = stream.connection._loop.create_task(self._send_response(stream, response))
+            stream._task_to_cancel = task
+            self._handler_tasks.add(task)
+
+    async def _send_response(self, stream: Stream, response: bytes | bytearray | memoryview) -> None:
+        try:
+            await stream.send(response, end=True)
+        except (TransportError, RemoteProtocolError):
+            pass  # stream reset or connection gone: nobody to answer
+        except asyncio.CancelledError:
+            stream.reset(ErrorCode.CONNECTION_CLOSED, "peer is shutting down")
+            raise
+        except Exception:
+            log.exception("answering %s failed", stream.protocol)
+            stream.reset(ErrorCode.INTERNAL, f"internal error serving {stream.protocol}")
+        finally:
+            self._handler_tasks.discard(stream._task_to_cancel)  # type: ignore[arg-type]
+
+
+class _InlineServer:
+    """Unary receiver of streams for an inline handler's protocol: serves each complete request."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self, host: Host, handler: InlineHandler) -> None:
+        self.complete = functools.partial(host._serve_inline, handler)
+
+    def failed(self, stream: Stream, error: BaseException) -> None:
+        pass  # the request never completed (reset, connection lost, malformed): nobody to answer
+
+
+class _CallReply:
+    """Unary receiver of a call's stream: resolves ``future`` with the response or the error."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bytes]) -> None:
+        self.future = future
+
+    def complete(self, stream: Stream, message: bytes) -> None:
+        if not self.future.done():
+            self.future.set_result(message)
+
+    def failed(self, stream: Stream, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def expire(self, stream: Stream, protocol: str, peer: Any, timeout: float) -> None:
+        """The deadline passed: fail the call, and tell the peer to stop working for it (RESET TIMEOUT)."""
+        self.failed(stream, DeadlineExceeded(f"call {protocol} to {peer} did not complete within {timeout} s"))
+        if not stream.is_closed:
+            stream.reset(ErrorCode.TIMEOUT, "caller gave up")
+
+
+def _refused(exc: StreamResetError, stats: StreamStatistics) -> bool:
+    """The peer refused the stream (GO_AWAY sent): retrying on a fresh connection is safe."""
+    return exc.by_peer and exc.code == ErrorCode.CONNECTION_CLOSED and stats.messages_received == 0
 
 
 async def _call_on(stream: Stream, request: bytes) -> bytes:

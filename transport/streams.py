@@ -15,6 +15,13 @@ sender - only while the application is inside ``receive()`` (assembling the mess
 it asked for). Data nobody asked for stays buffered (at most one window) and stops
 the writer; the stream is never reset for being slow.
 
+Unary mode (§3.11, the hot path of ``Host.call`` and of inline handlers): a stream
+with ``_unary`` set consumes data on arrival like a waiting ``receive()`` and, once
+exactly one message and the FIN are in, hands the message to ``_unary.complete``
+right inside the receive path - no task, no future of its own, no extra loop turn.
+Anything else (a second message, FIN inside or before the message) resets the
+stream with MALFORMED and reports a RemoteProtocolError, as ``receive_only`` does.
+
 Streams are made by ``Host.open_stream`` / handed to stream handlers; never directly.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
@@ -42,6 +49,13 @@ __all__ = ["Stream", "StreamStatistics", "SEND_BATCH"]
 #: big enough for few Python-level steps per message, small enough that concurrent
 #: streams interleave.
 SEND_BATCH = 1024 * 1024
+
+
+class UnaryReceiver(Protocol):
+    """Told once what a unary-mode stream received: the one message, or why there is none."""
+
+    def complete(self, stream: Stream, message: bytes) -> None: ...
+    def failed(self, stream: Stream, error: BaseException) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ class Stream:
     __slots__ = (
         "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_parts", "_assembled",
         "_need", "_prefix", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
-        "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_messages_sent", "_messages_received",
+        "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_unary", "_messages_sent", "_messages_received",
         "_bytes_sent", "_bytes_received", "__weakref__",
     )
 
@@ -100,6 +114,7 @@ class Stream:
         # either side
         self._error: TransportError | RemoteProtocolError | None = None
         self._task_to_cancel: asyncio.Task[None] | None = None  # a unary handler working for the peer
+        self._unary: UnaryReceiver | None = None  # unary mode (module docstring): told of the one message
         self._messages_sent = self._messages_received = 0
         self._bytes_sent = self._bytes_received = 0
 
@@ -178,6 +193,29 @@ class Stream:
         if end:
             self._send_closed = True
             self._conn._stream_maybe_done(self)
+
+    def _try_send_last(self, message: bytes | bytearray | memoryview) -> bool:
+        """Queue ``message`` with FIN now if it fits the send window (no waiting); False if not.
+
+        The unary fast path (§3.11): a call's request, an inline handler's response.
+        ``message`` (1 to MAX_FRAME_BYTES bytes, checked by the caller) is referenced
+        until the connection's next flush.
+        """
+        if self._sending or self._error is not None or self._send_closed:
+            return False
+        size = len(message) if type(message) is bytes else memoryview(message).nbytes
+        mux, sid = self._mux, self.stream_id
+        if mux.send_window(sid) < size + LENGTH_PREFIX_BYTES:
+            return False
+        prefix = size.to_bytes(LENGTH_PREFIX_BYTES, "big")
+        if size <= MAX_DATA_PAYLOAD:
+            mux.send_data(sid, prefix + bytes(message), end_stream=True)  # one frame
+        else:
+            mux.send_data(sid, prefix)
+            mux.send_data(sid, memoryview(message).cast("B"), end_stream=True)
+        self._after_send(size, True)
+        self._conn._flush()
+        return True
 
     async def send_eof(self) -> None:
         """Half-close: the peer's ``receive`` raises ``EndOfStream`` after our last message.
@@ -406,9 +444,12 @@ class Stream:
         if self._discard:
             self._mux.consumed(self.stream_id, len(data))
             return
+        if self._unary is not None and self._ready is not None:
+            self._unary_malformed("more than one message")
+            return
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._receiving:
+        if self._receiving or self._unary is not None:
             # The application is waiting for a message: consume right away, so the
             # window goes back to the sender now, and wake it only when complete.
             try:
@@ -423,7 +464,28 @@ class Stream:
 
     def _on_end(self) -> None:
         self._eof = True
-        self._wake(self._receive_waiter)
+        unary = self._unary
+        if unary is None:
+            self._wake(self._receive_waiter)
+            return
+        if self._error is not None:
+            return  # already reported by _fail
+        message = self._ready
+        if message is None or self._pending or self._need is not None or self._prefix:
+            self._unary_malformed("no message" if message is None else "more than one message")
+            return
+        self._ready = None
+        self._messages_received += 1
+        self._unary = None
+        unary.complete(self, message)
+
+    def _unary_malformed(self, why: str) -> None:
+        """A unary stream carried something other than exactly one message (§3.11)."""
+        unary, self._unary = self._unary, None  # told below, with the reason, not by _fail
+        self.reset(ErrorCode.MALFORMED, f"expected exactly one message, got {why} (§3.11)")
+        if unary is not None:
+            error = RemoteProtocolError(ErrorCode.MALFORMED, f"stream {self.stream_id} ({self.protocol}): peer sent {why}, expected one")
+            unary.failed(self, error)
 
     def _on_reset(self, code: int, reason: str) -> None:
         self._fail(stream_reset_error(code, reason))
@@ -447,6 +509,10 @@ class Stream:
         self._wake(self._receive_waiter)
         self._wake(self._window_waiter)
         self._conn._stream_failed(self)
+        unary = self._unary
+        if unary is not None:
+            self._unary = None
+            unary.failed(self, self._error)
 
     @staticmethod
     def _wake(fut: asyncio.Future[None] | None) -> None:

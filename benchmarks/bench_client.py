@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP, for the local baseline and the client alike (nodes set it
+# themselves): idle OpenMP threads sleep instead of spinning on the cores that the other
+# processes of the benchmark need. See node/cli.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.local_swarm import LocalSwarm
@@ -95,7 +101,8 @@ def spans(n_blocks: int, n_nodes: int) -> list[tuple[int, int]]:
     return [(b[i], b[i + 1]) for i in range(n_nodes)]
 
 
-def bench_model(name: str, path: Path, node_counts: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def bench_model(name: str, path: Path, node_counts: list[int], new_tokens: int, repeats: int,
+                threads: int | None = None) -> list[dict]:
     config, _ = load_config(path)
     vocab, n_blocks = int(config.vocab_size), int(config.num_hidden_layers)
     rows = []
@@ -107,7 +114,7 @@ def bench_model(name: str, path: Path, node_counts: list[int], new_tokens: int, 
     rows.append(local)
     print(f"  {name} local: {dec:.1f} tok/s decode, {fwd:.0f} tok/s forward", file=sys.stderr, flush=True)
     for n in node_counts:
-        with LocalSwarm(path, spans(n_blocks, n)) as swarm:
+        with LocalSwarm(path, spans(n_blocks, n), threads=threads) as swarm:
             model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
                                                                     swarm_key=swarm.key_path)
             try:
@@ -138,23 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer tokens and 1-2 nodes only")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens per measurement (default 32; 12 quick)")
     p.add_argument("--repeats", type=int, default=None, help="measurements per setup (median; default 2, quick 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the local model, the client and each node (default: torch's, one per core)")
     p.add_argument("--skip-smollm2", action="store_true")
     p.add_argument("--skip-1b", action="store_true")
     args = p.parse_args(argv)
     new_tokens = args.new_tokens or (12 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 2)
     nodes = [1, 2] if args.quick else [1, 2, 3]
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows: list[dict] = []
     t0 = time.monotonic()
     if not args.skip_smollm2:
         from biopetals.models.smollm2 import smollm2_path
 
-        rows += bench_model("SmolLM2-135M", smollm2_path(), nodes, new_tokens, repeats)
+        rows += bench_model("SmolLM2-135M", smollm2_path(), nodes, new_tokens, repeats, args.threads)
     if not args.skip_1b:
         with tempfile.TemporaryDirectory(prefix="bench-1b-") as tmp:
             path = make_1b(Path(tmp) / "llama-1b-shape")
-            rows += bench_model("Llama 1B-shape (8 x 2048)", path, nodes, new_tokens, repeats)
+            rows += bench_model("Llama 1B-shape (8 x 2048)", path, nodes, new_tokens, repeats, args.threads)
     print(f"\n{table(rows)}\n")
     print(f"fp32 compute, f16 activations on the wire, {torch.get_num_threads()} torch threads per process, "
           f"{new_tokens} decode tokens per measurement; total {time.monotonic() - t0:.0f} s")

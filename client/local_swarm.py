@@ -103,6 +103,8 @@ class LocalSwarm:
                "--no-progress"]
         if not self.benchmark:
             cmd.append("--no-benchmark")
+        if self.threads is not None:
+            cmd += ["--num-threads", str(self.threads)]
         peers = self.initial_peers
         cmd += ["--initial-peers", *peers] if peers else ["--new-swarm"]
         return cmd + self.extra_args
@@ -113,6 +115,8 @@ class LocalSwarm:
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # READY must reach us at once through the pipe
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        # idle OpenMP threads sleep instead of spinning (node/cli.py sets it too; see there)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         proc = subprocess.Popen(self._command(start, end), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, start_new_session=True)
         node = NodeProcess(start, end, proc, log_path)

@@ -23,7 +23,7 @@ from biopetals.models.blocks import BlockSpan, SpanCache, kv_cache_bytes
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
-__all__ = ["Backend", "WIRE_DTYPE", "session_positions"]
+__all__ = ["Backend", "WIRE_DTYPE", "session_positions", "set_threads"]
 
 T = TypeVar("T")
 
@@ -41,13 +41,24 @@ def _finite_on_wire(tensor: torch.Tensor, codec: Codec, what: str) -> torch.Tens
     return wire
 
 
+def set_threads(num_threads: int) -> None:
+    """Use ``num_threads`` intra-op threads in the calling thread (0: leave torch's default).
+
+    Called in every thread that computes: OpenMP keeps the team size per thread.
+    """
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
 class Backend:
     """Blocks ``[span.start, span.end)`` and the single worker that runs them."""
 
-    def __init__(self, span: BlockSpan, *, max_queue: int = 1024) -> None:
+    def __init__(self, span: BlockSpan, *, max_queue: int = 1024, num_threads: int = 0) -> None:
         self.span = span
         self.max_queue = max_queue
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="biopetals-compute")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="biopetals-compute", initializer=set_threads, initargs=(num_threads,)
+        )
         self._queued = 0
         self._views: dict[tuple[int, int], BlockSpan] = {}
 

@@ -383,6 +383,7 @@ class NodeService:
             task = asyncio.get_running_loop().create_task(self._push(step.next[0], push, session.codec))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0)  # let the push go out first: the next node's compute is the critical path
         await session.owner.send(StepResult(session_id=session.session_id, step_id=step.step_id, hidden=out), session.codec)
 
     def _split_prompts(self, session: Session, step: Step | Push) -> tuple[torch.Tensor | None, torch.Tensor | None]:

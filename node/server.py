@@ -26,7 +26,7 @@ from biopetals.dht.node import DHT
 from biopetals.models.blocks import BlockSpan
 from biopetals.models.config import load_config, model_info
 from biopetals.node.announcer import AnnouncementInfo, Announcer
-from biopetals.node.backend import Backend
+from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
@@ -56,6 +56,7 @@ class NodeOptions:
     dtype: str = "float32"
     quant: str = "none"
     device: str = "cpu"
+    num_threads: int = 0  # torch intra-op threads; 0: torch's default
     max_cache_tokens: int = 16384
     max_session_tokens: int = 8192
     idle_timeout: float = 60.0
@@ -70,6 +71,7 @@ def dialable_addrs(host: Host) -> list[str]:
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
+    set_threads(options.num_threads)  # this executor thread's OpenMP team (loading, the benchmark)
     span = BlockSpan.load(
         options.model, options.start, options.end, dtype=options.dtype, device=options.device, progress=options.progress
     )
@@ -108,7 +110,7 @@ async def run_node(
             throughput = (0.0, 0.0)
             if options.benchmark:
                 throughput = await loop.run_in_executor(None, measure_throughput, span)
-            backend = Backend(span)
+            backend = Backend(span, num_threads=options.num_threads)
             budget = CacheBudget(
                 span.cache_bytes_per_token(), options.max_cache_tokens, min(options.max_session_tokens, options.max_cache_tokens)
             )

@@ -1,6 +1,7 @@
 """The bundled SmolLM2-135M-Instruct: GGUF -> safetensors conversion and spans on the real model.
 
-Slow (the conversion dequantises 272 tensors, ~20 s here): run with ``-m slow``.
+The conversion dequantises 272 tensors (~20 s here); it runs in CI, since the bundled model
+is the real-model check of the block code.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from biopetals.models.blocks import BlockSpan
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import model_info
 from biopetals.models.smollm2 import gguf_path, smollm2_path
-
-pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the function of ribosomes in a cell?"}]
 

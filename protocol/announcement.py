@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Final
 
 import msgpack
 
-from biopetals.protocol.envelope import is_uint, scan_msgpack
+from biopetals.protocol.envelope import is_uint, unpack_uint_keyed_map
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.fields import U64_MAX, ArrayOf, Float, Text, UInt, Violation, wire
 from biopetals.protocol.limits import MAX_BLOCKS, MAX_LABEL_BYTES, MAX_MULTIADDR_BYTES
@@ -118,43 +118,16 @@ def encode_announcement(announcement: Announcement) -> bytes:
     return data
 
 
-def _pairs(pairs: list[tuple[object, object]]) -> dict[int, object]:
-    result: dict[int, object] = {}
-    for key, value in pairs:
-        if not is_uint(key):
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"map key {key!r:.40} is not an unsigned integer")
-        if key in result:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"duplicate map key {key}")
-        result[key] = value
-    return result
-
-
 def decode_announcement(data: bytes | bytearray | memoryview) -> Announcement:
     """Parse a DHT record value (spec/announcement.md §3). Raises only ``RemoteProtocolError``."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise LocalProtocolError(ErrorCode.MALFORMED, f"expected bytes, got {type(data).__name__}")
-    if len(data) > MAX_ANNOUNCEMENT_BYTES:
-        raise RemoteProtocolError(
-            ErrorCode.LIMIT_EXCEEDED, f"announcement of {len(data)} bytes > {MAX_ANNOUNCEMENT_BYTES}"
-        )
-    scan_msgpack(data, max_objects=_MAX_OBJECTS, max_depth=_MAX_DEPTH, max_container=_MAX_CONTAINER)
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=False,
-            object_pairs_hook=_pairs,
-            max_bin_len=MAX_ANNOUNCEMENT_BYTES,
-            max_str_len=_MAX_CONTAINER,
-            max_array_len=_MAX_CONTAINER,
-            max_map_len=_MAX_CONTAINER,
-            max_ext_len=_MAX_CONTAINER,
-        )
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"announcement must be a map, got {type(obj).__name__}")
+    obj = unpack_uint_keyed_map(
+        data,
+        what="announcement",
+        max_bytes=MAX_ANNOUNCEMENT_BYTES,
+        max_objects=_MAX_OBJECTS,
+        max_depth=_MAX_DEPTH,
+        max_container=_MAX_CONTAINER,
+    )
     fmt = obj.get(_KEY_FORMAT)
     if not is_uint(fmt):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "key 0 (format) absent or not an unsigned integer")

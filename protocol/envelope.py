@@ -165,6 +165,48 @@ def _pairs_to_dict(pairs: list[tuple[object, object]]) -> dict[int, object]:
     return result
 
 
+def unpack_uint_keyed_map(
+    data: bytes | bytearray | memoryview,
+    *,
+    what: str,
+    max_bytes: int,
+    max_objects: int = MAX_MESSAGE_OBJECTS,
+    max_depth: int = MAX_MESSAGE_DEPTH,
+    max_container: int = MAX_MSGPACK_CONTAINER,
+) -> dict[int, object]:
+    """Size check, structure scan, then parse of a msgpack map whose maps all have unique
+    unsigned-integer keys (spec/messages.md §2.5 steps 1-3; spec/announcement.md reuses them).
+
+    ``what`` names the object in error messages. Raises only ``RemoteProtocolError`` on bad bytes.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise LocalProtocolError(ErrorCode.MALFORMED, f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{what} of {len(data)} bytes > {max_bytes}")
+    # The scan bounds everything the parse below allocates.
+    scan_msgpack(data, max_objects=max_objects, max_depth=max_depth, max_container=max_container)
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,  # keys are checked by _pairs_to_dict
+            object_pairs_hook=_pairs_to_dict,
+            max_bin_len=max_bytes,
+            max_str_len=max_container,
+            max_array_len=max_container,
+            max_map_len=max_container,
+            max_ext_len=max_container,
+        )
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        # After the scan only invalid UTF-8 remains (RemoteProtocolError from the key
+        # hook is not caught here).
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what} must be a map, got {type(obj).__name__}")
+    return obj
+
+
 def unpack_envelope(
     data: bytes | bytearray | memoryview, known_types: Container[int]
 ) -> tuple[int, dict[int, object]]:
@@ -173,33 +215,8 @@ def unpack_envelope(
     ``known_types`` are the type codes the caller accepts here; any other is
     ``UNKNOWN_MESSAGE``. Raises only ``RemoteProtocolError`` on bad bytes.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise LocalProtocolError(ErrorCode.MALFORMED, f"expected bytes, got {type(data).__name__}")
-    # Step 1 (the framing layer normally refused such a frame already).
-    if len(data) > MAX_FRAME_BYTES:
-        raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{len(data)} bytes > MAX_FRAME_BYTES {MAX_FRAME_BYTES}")
-    # Step 2: the scan bounds everything the parse below allocates.
-    scan_msgpack(data)
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=False,  # keys are checked by _pairs_to_dict
-            object_pairs_hook=_pairs_to_dict,
-            max_bin_len=MAX_FRAME_BYTES,
-            max_str_len=MAX_MSGPACK_CONTAINER,
-            max_array_len=MAX_MSGPACK_CONTAINER,
-            max_map_len=MAX_MSGPACK_CONTAINER,
-            max_ext_len=MAX_MSGPACK_CONTAINER,
-        )
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        # After the scan only invalid UTF-8 remains (RemoteProtocolError from the key
-        # hook is not caught here).
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}") from None
-    # Steps 3-6.
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"message must be a map, got {type(obj).__name__}")
+    # Steps 1-3, then 4-6.
+    obj = unpack_uint_keyed_map(data, what="message", max_bytes=MAX_FRAME_BYTES)
     version = obj.get(KEY_VERSION)
     if not is_uint(version):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "envelope key 0 (version) absent or not an unsigned integer")

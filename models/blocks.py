@@ -371,3 +371,93 @@ class BlockSpan(nn.Module):
         if prompts.shape[2] > length:
             raise SpanInputError(f"{prompts.shape[2]} prompt positions but only {length} tokens")
         return prompts.to(device=self.device, dtype=self.dtype)
+
+
+# -------------------------------------------------------------------- batched decode
+
+
+class _BatchedDecodeKV(Cache):
+    """Several sessions' caches seen as one batch for a single-token step.
+
+    ``update`` appends row ``i``'s new key/value to session ``i``'s own reserved cache,
+    then returns all rows' filled prefixes zero-padded on the right to the longest
+    one; the attention mask hides the padding, so each row attends exactly to its own
+    session's tokens.
+    """
+
+    def __init__(self, caches: list[SpanCache], rows: list[slice], offset: int) -> None:
+        super().__init__(layers=[])
+        self.caches = caches
+        self.rows = rows
+        self.offset = offset
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        j = layer_idx - self.offset
+        keys, values = [], []
+        for cache, rows in zip(self.caches, self.rows):
+            k, v = cache.cache.layers[j].update(key_states[rows], value_states[rows])
+            keys.append(k)
+            values.append(v)
+        longest = max(k.shape[2] for k in keys)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return nn.functional.pad(t, (0, 0, 0, longest - t.shape[2]))
+
+        return torch.cat([pad(k) for k in keys]), torch.cat([pad(v) for v in values])
+
+
+def batched_decode_step(span: BlockSpan, hiddens: list[torch.Tensor], caches: list[SpanCache]) -> list[torch.Tensor]:
+    """One-token inference steps of several sessions on ``span`` in one batched call.
+
+    ``hiddens[i]``: ``[B_i, 1, H]`` for ``caches[i]`` (no step mask, no prompts).
+    Equivalent to ``span.inference_step(hiddens[i], caches[i])`` for each ``i``
+    (same positions, same keys; within float rounding): the weights are read once
+    for all rows instead of once per session. On failure some caches may have been
+    appended to; the caller rolls them back.
+    """
+    if len(hiddens) != len(caches) or not caches:
+        raise SpanInputError("need one hidden tensor per cache")
+    rows, masks, positions = [], [], []
+    at = 0
+    for hidden, cache in zip(hiddens, caches):
+        if hidden.ndim != 3 or hidden.shape[1] != 1 or hidden.shape[2] != span.hidden_size:
+            raise SpanInputError(f"a batched decode step takes [B, 1, {span.hidden_size}], got {list(hidden.shape)}")
+        if (cache.start, cache.end) != (span.start, span.end) or hidden.shape[0] != cache.batch_size:
+            raise SpanInputError("cache does not match the span or the batch")
+        if cache.length + 1 > cache.max_length:
+            raise SpanInputError(f"1 token after {cache.length} exceeds the cache's max_length {cache.max_length}")
+        b = int(hidden.shape[0])
+        rows.append(slice(at, at + b))
+        at += b
+        past = cache.padding_mask
+        if past is None:
+            past = torch.ones(b, cache.length, dtype=torch.bool, device=span.device)
+        full = torch.cat([past.to(span.device), torch.ones(b, 1, dtype=torch.bool, device=span.device)], dim=1)
+        masks.append(full)
+        positions.append((full.long().cumsum(-1) - 1)[:, -1:])
+    longest = max(m.shape[1] for m in masks)
+    keys = torch.cat([nn.functional.pad(m, (0, longest - m.shape[1])) for m in masks])  # [N, longest]
+    hidden = torch.cat(hiddens).to(device=span.device, dtype=span.dtype)
+    position_ids = torch.cat(positions)
+    mask = keys[:, None, None, :]  # bool [N, 1, 1, keys]: True = attend (sdpa convention)
+    if span.config._attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=span.dtype, device=span.device).masked_fill(~mask, torch.finfo(span.dtype).min)
+    kv = _BatchedDecodeKV(caches, rows, span.start)
+    with torch.no_grad():
+        position_embeddings = span.rotary(hidden, position_ids)
+        for layer in span.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=kv,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+    outs = []
+    for cache, r, full in zip(caches, rows, masks):
+        cache.length += 1
+        if cache.padding_mask is not None:
+            cache.padding_mask = full
+        outs.append(hidden[r])
+    return outs

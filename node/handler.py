@@ -356,8 +356,8 @@ class NodeService:
                 hidden = step.hidden
                 session.check_step(step.position, step.tokens, hidden.shape[0], hidden.shape[2], self.span.hidden_size)
                 own, rest = self._split_prompts(session, step)
-                out = await self.backend.run(
-                    self.backend.step, session.span, session.cache, hidden, own, session.codec, step.mask
+                out = await self.backend.run_step(
+                    session.span, session.cache, hidden, own, session.codec, step.mask
                 )
             except ProtocolError as exc:
                 await session.owner.send(error_from_exception(exc, step.step_id))

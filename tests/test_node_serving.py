@@ -225,3 +225,45 @@ def test_32_concurrent_sessions_make_progress(two_nodes, reference, checkpoint):
     assert len(results) == 32
     for out in results:
         assert (out - outputs[3][:, :steps]).abs().max().item() <= 1e-5
+
+
+def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, reference, checkpoint):
+    """12 sessions with caches of different lengths decode at once on a fresh node: their
+    steps share batched calls (the node prints its batching counters when it stops) and
+    every session still equals transformers within 1e-5 (node/backend.py, batching)."""
+    _, hidden_states, outputs = reference
+    model = name(checkpoint)
+    total = PROMPT + DECODE
+    inputs = hidden_states[0]
+
+    async def one(client, addr, k):
+        prefill = 1 + k % 5  # ragged caches: each session is at a different length
+        stream, opened = await client.open_session(addr, OpenSession(model=model, start=0, end=4, max_length=total, batch_size=1, codec="f32"))
+        assert isinstance(opened, SessionOpened), opened
+        chunks = [(0, prefill)] + [(p, p + 1) for p in range(prefill, total)]
+        outs = []
+        for step_id, (lo, hi) in enumerate(chunks):
+            r = await client.exchange(stream, Step(session_id=opened.session_id, step_id=step_id, position=lo, hidden=inputs[:, lo:hi]), "f32")
+            assert isinstance(r, StepResult), r
+            outs.append(r.hidden.float())
+        await client.exchange(stream, CloseSession(session_id=opened.session_id))
+        return torch.cat(outs, 1)
+
+    with Swarm(tmp_path) as swarm:
+        node = swarm.start_node(checkpoint, "0:4")
+
+        async def go():
+            async with RawClient(swarm.swarm_key, timeout=120) as client:
+                return await asyncio.gather(*(one(client, node.addr, k) for k in range(12)))
+
+        results = run(go())
+        assert node.stop() == 0
+        log = node.output()
+    for out in results:
+        assert (out - outputs[3]).abs().max().item() <= 1e-5
+    line = next(l for l in log.splitlines() if l.startswith("batching: "))
+    batched = int(line.split("batched: ")[1].split()[0])
+    decode = int(line.split("decode steps: ")[1].split(",")[0])
+    print(f"\n{line}")
+    assert decode >= 12 * (total - 5)
+    assert batched > 0, line

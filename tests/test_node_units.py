@@ -94,3 +94,54 @@ def test_failed_step_leaves_the_cache_as_it_was(tmp_path):
         assert torch.allclose(torch.cat([first, again], 1), ref, atol=1e-6)
     finally:
         backend.shutdown()
+
+
+def test_queued_decode_steps_batch_and_fail_alone(tmp_path):
+    """node/backend.py batching: decode steps queued behind a busy worker run as one call,
+    equal to running each session alone; a non-finite row or an overflowing cache fails
+    only its own session and leaves its cache as it was."""
+    import asyncio
+    import threading
+
+    span = BlockSpan.load(make_tiny_checkpoint(tmp_path / "m", with_tokenizer=False, num_layers=2), 0, 2)
+    backend = Backend(span)
+    gen = torch.Generator().manual_seed(0)
+    prefix = [torch.randn(1, n, 64, generator=gen) for n in (2, 5, 3, 7)]
+    caches = [span.allocate_cache(1, 8) for _ in prefix]
+    refs = [span.allocate_cache(1, 8) for _ in prefix]
+    for x, c, r in zip(prefix, caches, refs):
+        backend.step(span, c, x, None, "f32")
+        backend.step(span, r, x, None, "f32")
+
+    async def round_(hiddens, codecs):
+        gate = threading.Event()
+        busy = asyncio.ensure_future(backend.run(gate.wait))
+        await asyncio.sleep(0.05)  # the worker is now blocked: the steps below queue up
+        steps = [asyncio.ensure_future(backend.run_step(span, c, h, None, k)) for c, h, k in zip(caches, hiddens, codecs)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        return await asyncio.gather(*steps, return_exceptions=True)
+
+    try:
+        new = [torch.randn(1, 1, 64, generator=gen) for _ in prefix]
+        new[1] = torch.full((1, 1, 64), 1e30)  # overflows f16: only session 1 fails
+        outs = asyncio.run(round_(new, ["f32", "f16", "f32", "f32"]))
+        assert backend.stats.batched_calls == 1 and backend.stats.largest_batch == 4
+        assert isinstance(outs[1], RemoteProtocolError) and outs[1].code == ErrorCode.NON_FINITE
+        assert [c.length for c in caches] == [3, 5, 4, 8]
+        for i in (0, 2, 3):
+            alone = backend.step(span, refs[i], new[i], None, "f32")
+            assert (outs[i] - alone).abs().max().item() <= 1e-5
+
+        # session 3 is full: the batched call is refused, the steps rerun one by one
+        new = [torch.randn(1, 1, 64, generator=gen) for _ in prefix]
+        outs = asyncio.run(round_(new, ["f32"] * 4))
+        assert backend.stats.fallbacks == 1
+        assert not isinstance(outs[0], BaseException) and isinstance(outs[3], Exception)
+        assert [c.length for c in caches] == [4, 6, 5, 8]
+        for i in (0, 2):
+            alone = backend.step(span, refs[i], new[i], None, "f32")
+            assert (outs[i] - alone).abs().max().item() <= 1e-5
+    finally:
+        backend.shutdown()

@@ -138,6 +138,18 @@ _FIN: Final = int(Flag.FIN)
 _ACK: Final = int(Flag.ACK)
 _DATA: Final = int(FrameType.DATA)
 _VISIBLE_ASCII: Final = bytes(range(0x21, 0x7F))
+# Enum members as module constants: ``FrameType.X`` is an attribute lookup through the enum
+# class (~70 ns) and packing an IntEnum calls ``__index__``; the hot path uses these instead.
+_K_DATA: Final = FrameType.DATA
+_K_WINDOW_UPDATE: Final = FrameType.WINDOW_UPDATE
+_K_OPEN: Final = FrameType.OPEN
+_K_RESET: Final = FrameType.RESET
+_K_PING: Final = FrameType.PING
+_T_WINDOW_UPDATE: Final = int(FrameType.WINDOW_UPDATE)
+_T_OPEN: Final = int(FrameType.OPEN)
+_T_RESET: Final = int(FrameType.RESET)
+_T_PING: Final = int(FrameType.PING)
+_T_GO_AWAY: Final = int(FrameType.GO_AWAY)
 
 
 # --------------------------------------------------------------------------- frames (§3.2)
@@ -203,6 +215,8 @@ def validate_protocol_name(name: bytes) -> str:
 
 
 _NAME_CACHE: dict[bytes, str] = {}
+#: Protocol names ``Mux.open_stream`` already validated, with their encoding.
+_OPEN_NAMES: dict[str, bytes] = {}
 
 
 def _decode_code_reason(payload: bytes, kind: str) -> tuple[int, str]:
@@ -464,18 +478,22 @@ class Mux:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
-    def _frame(self, kind: FrameType, flags: int, sid: int, payload: bytes = b"") -> None:
+    def _frame(self, kind: int, flags: int, sid: int, payload: bytes = b"") -> None:
         self._out.append(_HEADER.pack(VERSION, kind, flags, sid, len(payload)) + payload)
 
     # ------------------------------------------------------------------ local actions
 
     def open_stream(self, protocol: str) -> int:
         """Open a stream for ``protocol`` and return its id. The OPEN frame is queued."""
-        try:
-            name = protocol.encode("ascii")
-            validate_protocol_name(name)
-        except (UnicodeEncodeError, AttributeError, RemoteProtocolError):
-            raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"invalid protocol name {protocol!r} (§3.5)") from None
+        name = _OPEN_NAMES.get(protocol) if type(protocol) is str else None
+        if name is None:
+            try:
+                name = protocol.encode("ascii")
+                validate_protocol_name(name)
+            except (UnicodeEncodeError, AttributeError, RemoteProtocolError):
+                raise LocalProtocolError(ErrorCode.INVALID_FIELD, f"invalid protocol name {protocol!r} (§3.5)") from None
+            if type(protocol) is str and len(_OPEN_NAMES) < 256:  # a few names recur on every call
+                _OPEN_NAMES[protocol] = name
         if self._local_going_away or self._remote_going_away:
             raise LocalProtocolError(ErrorCode.CONNECTION_CLOSED, "connection is going away; open a new one")
         if self._local_open >= self._max_streams:
@@ -487,7 +505,7 @@ class Mux:
         self._streams[sid] = _Stream(local=True)
         self._local_open += 1
         self._granted += INITIAL_WINDOW
-        self._frame(FrameType.OPEN, 0, sid, name)
+        self._out.append(_HEADER.pack(VERSION, _T_OPEN, 0, sid, len(name)) + name)
         return sid
 
     def send_window(self, stream_id: int) -> int:
@@ -512,8 +530,17 @@ class Mux:
         if size > st.send_window:
             raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{size} bytes > send window {st.send_window} of stream {stream_id}")
         st.send_window -= size
-        pack = _HEADER.pack
         out = self._out
+        if size <= MAX_DATA_PAYLOAD:  # one frame (every small message): no splitting loop
+            out.append(_HEADER.pack(VERSION, _DATA, _FIN if end_stream else 0, stream_id, size))
+            if size:
+                out.append(data)
+            if end_stream:
+                st.local_closed = True
+                if st.remote_closed:
+                    self._forget(stream_id, st)
+            return
+        pack = _HEADER.pack
         view = memoryview(data) if size > MAX_DATA_PAYLOAD else data
         pos = 0
         while True:
@@ -539,7 +566,7 @@ class Mux:
         st = self._streams.get(stream_id)
         if st is None:
             return
-        self._frame(FrameType.RESET, 0, stream_id, _encode_code_reason(code, reason))
+        self._frame(_T_RESET, 0, stream_id, _encode_code_reason(code, reason))
         self._forget(stream_id, st)
 
     def consumed(self, stream_id: int, size: int) -> None:
@@ -570,7 +597,7 @@ class Mux:
             delta += grow
         st.recv_window += delta
         self._granted += delta
-        self._frame(FrameType.WINDOW_UPDATE, 0, stream_id, delta.to_bytes(4, "big"))
+        self._out.append(_HEADER.pack(VERSION, _T_WINDOW_UPDATE, 0, stream_id, 4) + delta.to_bytes(4, "big"))
 
     def send_ping(self, now: float) -> bytes:
         """Queue a PING; the matching ``PongReceived`` carries ``now`` back. Returns the opaque value."""
@@ -579,14 +606,14 @@ class Mux:
         if len(self._pings) >= MAX_OUTSTANDING_PINGS:
             del self._pings[next(iter(self._pings))]
         self._pings[opaque] = now
-        self._frame(FrameType.PING, 0, 0, opaque)
+        self._frame(_T_PING, 0, 0, opaque)
         return opaque
 
     def go_away(self, code: int = 0, reason: str = "") -> None:
         """Queue GO_AWAY: we open no more streams and refuse the peer's new ones (§3.8)."""
         if not self._local_going_away:
             self._local_going_away = True
-            self._frame(FrameType.GO_AWAY, 0, 0, _encode_code_reason(code, reason))
+            self._frame(_T_GO_AWAY, 0, 0, _encode_code_reason(code, reason))
 
     def statistics(self) -> MuxStatistics:
         return MuxStatistics(
@@ -661,8 +688,11 @@ class Mux:
                     header = unpack(partial, 0)
                     partial.clear()
                 version, ftype, flags, sid, length = header
-                kind = _check_header(version, ftype, flags, sid, length)
-                if kind is FrameType.DATA:
+                if ftype == _DATA and version == VERSION and not flags & ~_FIN and sid and length <= MAX_DATA_PAYLOAD:
+                    kind = _K_DATA  # the usual frame: the checks of _check_header, inline
+                else:
+                    kind = _check_header(version, ftype, flags, sid, length)
+                if kind is _K_DATA:
                     st = self._streams.get(sid)
                     if st is None or st.remote_closed or length > st.recv_window or end - pos < length:
                         self._data_start(flags, sid, length, sink)  # split payload, or an error, or a gone stream
@@ -680,6 +710,11 @@ class Mux:
                         sink.data_received(sid, chunk)
                     if fin:
                         sink.stream_ended(sid)
+                    continue
+                if end - pos >= length:  # the whole control frame is here: no parser state to keep
+                    payload = bytes(view[pos : pos + length])
+                    pos += length
+                    self._handle(kind, flags, sid, payload, sink)
                     continue
                 self._header = (kind, flags, sid, length)
             kind, flags, sid, length = self._header
@@ -739,11 +774,12 @@ class Mux:
         st.remote_closed = True
         self._granted -= st.recv_window
         st.recv_window = 0
-        self._maybe_forget(sid, st)
+        if st.local_closed:
+            self._forget(sid, st)
 
     def _handle(self, kind: FrameType, flags: int, sid: int, payload: bytes, sink: MuxEventSink) -> None:
         """A complete non-DATA frame."""
-        if kind is FrameType.WINDOW_UPDATE:
+        if kind is _K_WINDOW_UPDATE:
             st = self._streams.get(sid)
             if st is None:
                 self._check_known(sid, kind)
@@ -755,7 +791,7 @@ class Mux:
                 )
             st.send_window += delta
             sink.window_updated(sid, delta)
-        elif kind is FrameType.OPEN:
+        elif kind is _K_OPEN:
             protocol = validate_protocol_name(payload)
             if (sid & 1) == (1 if self.initiator else 0):
                 raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"peer opened stream {sid} with our parity (§3.5)")
@@ -765,18 +801,18 @@ class Mux:
                 raise RemoteProtocolError(ErrorCode.STREAM_STATE, "OPEN after the peer's own GO_AWAY (§3.8)")
             self._last_remote_id = sid
             if self._local_going_away:
-                self._frame(FrameType.RESET, 0, sid, _encode_code_reason(ErrorCode.CONNECTION_CLOSED, "connection is going away"))
+                self._frame(_T_RESET, 0, sid, _encode_code_reason(ErrorCode.CONNECTION_CLOSED, "connection is going away"))
                 return
             if self._remote_open >= self._max_streams:
                 self._frame(
-                    FrameType.RESET, 0, sid, _encode_code_reason(ErrorCode.LIMIT_EXCEEDED, f"more than {self._max_streams} concurrent streams")
+                    _T_RESET, 0, sid, _encode_code_reason(ErrorCode.LIMIT_EXCEEDED, f"more than {self._max_streams} concurrent streams")
                 )
                 return
             self._streams[sid] = _Stream(local=False)
             self._remote_open += 1
             self._granted += INITIAL_WINDOW
             sink.stream_opened(sid, protocol)
-        elif kind is FrameType.RESET:
+        elif kind is _K_RESET:
             code, reason = _decode_code_reason(payload, "RESET")
             st = self._streams.get(sid)
             if st is None:
@@ -784,13 +820,13 @@ class Mux:
                 return
             self._forget(sid, st)
             sink.stream_reset(sid, code, reason)
-        elif kind is FrameType.PING:
+        elif kind is _K_PING:
             if flags & _ACK:
                 sent_at = self._pings.pop(payload, None)
                 if sent_at is not None:  # a reply to a forgotten ping is ignored (§3.9)
                     sink.pong_received(payload, sent_at)
             else:
-                self._frame(FrameType.PING, _ACK, 0, payload)
+                self._frame(_T_PING, _ACK, 0, payload)
                 sink.ping_received(payload)
         else:  # GO_AWAY
             code, reason = _decode_code_reason(payload, "GO_AWAY")

@@ -17,6 +17,7 @@ API (h11 style, no I/O)::
     ch.receive_data(chunk)                           # bytes read from the socket; b"" = EOF
     while (pt := ch.next_plaintext()) is not None:   # one frame's plaintext at a time
         ...
+    ch.receive_frames(chunk, handle)                 # both at once, ``chunk`` only borrowed (hot path)
 
 A frame that fails to authenticate raises ``RemoteProtocolError(FRAME_AUTH_FAILED)`` and the
 channel is dead (every later call raises ``LocalProtocolError``): the connection must be closed.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Callable, Final
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.noise import MAX_MESSAGE_LEN, TAGLEN, CipherState, DecryptError
@@ -131,6 +132,49 @@ class SecureChannel:
         # until the next read defeats malloc's reuse of it (measured: recv() 10x slower).
         self._buf += data
 
+    def receive_frames(self, data: bytes | bytearray | memoryview, handle: Callable[[bytes], object]) -> None:
+        """``receive_data(data)``, then ``handle(plaintext)`` for every complete frame, in order.
+
+        The receive hot path: ``data`` is only borrowed (the caller may reuse it once this
+        returns). Whole frames are decrypted straight out of it when nothing is buffered, so
+        only a trailing partial frame is copied. Raises as ``receive_data`` and
+        ``next_plaintext`` do, and lets whatever ``handle`` raises through (later frames
+        are then left undecrypted).
+        """
+        if self._dead or self._eof or not data or self._pos != len(self._buf):
+            self.receive_data(data)  # raises if dead; EOF; or a partial frame is waiting: append
+            while (plaintext := self.next_plaintext()) is not None:
+                handle(plaintext)
+            return
+        recv, interval = self._recv, self._rekey_interval
+        end = len(data) if type(data) is bytes else memoryview(data).nbytes
+        pos = 0
+        while end - pos >= FRAME_HEADER_LEN:
+            (clen,) = _HDR.unpack_from(data, pos)
+            if clen < TAGLEN:
+                self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame length {clen} < 16-byte tag"))
+            start = pos + FRAME_HEADER_LEN
+            stop = start + clen
+            if stop > end:
+                break
+            try:
+                plaintext = recv.decrypt_with_ad(None, memoryview(data)[start:stop])
+            except DecryptError:
+                self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame {self._received} failed to authenticate"))
+            except RemoteProtocolError as exc:  # nonce exhaustion
+                self._fail(exc)
+            pos = stop
+            self._received += 1
+            if recv.n % interval == 0:
+                recv.rekey()
+            handle(plaintext)
+        if pos < end:  # a partial frame: keep a copy until the rest arrives
+            buf = self._buf
+            if self._pos:
+                buf.clear()
+                self._pos = 0
+            buf += memoryview(data)[pos:end]
+
     def next_plaintext(self) -> bytes | None:
         """The next frame's plaintext, or None until a whole frame is buffered.
 
@@ -153,13 +197,14 @@ class SecureChannel:
                 self._fail(RemoteProtocolError(ErrorCode.CONNECTION_CLOSED, "peer closed inside a frame"))
             return None
         start = pos + FRAME_HEADER_LEN
-        with memoryview(buf) as view:
-            try:
-                plaintext = self._recv.decrypt_with_ad(None, view[start : start + clen])
-            except DecryptError:
-                self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame {self._received} failed to authenticate"))
-            except RemoteProtocolError as exc:  # nonce exhaustion
-                self._fail(exc)
+        # The view is a temporary: CPython releases it (and the bytearray's export, which would
+        # block resizing it) as soon as the call returns; _fail replaces the buffer, never resizes it.
+        try:
+            plaintext = self._recv.decrypt_with_ad(None, memoryview(buf)[start : start + clen])
+        except DecryptError:
+            self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame {self._received} failed to authenticate"))
+        except RemoteProtocolError as exc:  # nonce exhaustion
+            self._fail(exc)
         self._pos = start + clen
         self._received += 1
         if self._recv.n % self._rekey_interval == 0:

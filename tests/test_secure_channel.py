@@ -159,3 +159,38 @@ def test_nonce_exhaustion_refuses_to_encrypt() -> None:
 def test_unkeyed_cipher_states_are_refused() -> None:
     with pytest.raises(LocalProtocolError):
         SecureChannel(CipherState(), CipherState(os.urandom(32)))
+
+
+@pytest.mark.parametrize("interval", [1, 2, 3, REKEY_INTERVAL])
+def test_receive_frames_from_a_reused_buffer_equals_the_buffered_path(interval: int) -> None:
+    """The connection's hot path decrypts straight out of a buffer it overwrites after each
+    read; any chunking must give the plaintexts ``receive_data``/``next_plaintext`` give."""
+    rnd = random.Random(interval)
+    for _ in range(40):
+        k1, k2 = os.urandom(32), os.urandom(32)
+        a = SecureChannel(CipherState(k1), CipherState(k2), rekey_interval=interval)
+        b = SecureChannel(CipherState(k2), CipherState(k1), rekey_interval=interval)
+        ref_channel = SecureChannel(CipherState(k2), CipherState(k1), rekey_interval=interval)
+        msgs = [os.urandom(rnd.choice([1, 5, 100, 8226, 70000])) for _ in range(rnd.randint(1, 6))]
+        wire = b"".join(bytes(a.encrypt(m)) for m in msgs)
+        got: list[bytes] = []
+        buf = bytearray(len(wire))
+        pos = 0
+        while pos < len(wire):
+            piece = wire[pos:pos + rnd.choice([1, 2, 3, 17, 1000, 9000, 100000])]
+            pos += len(piece)
+            buf[:len(piece)] = piece
+            b.receive_frames(memoryview(buf)[:len(piece)], got.append)
+            buf[:len(piece)] = b"\xff" * len(piece)  # the caller reuses its buffer
+        ref_channel.receive_data(wire)
+        assert b"".join(got) == b"".join(drain(ref_channel)) == b"".join(msgs)
+        assert b.statistics().buffered_bytes == 0
+
+
+def test_receive_frames_rejects_a_tampered_frame() -> None:
+    a, b = pair()
+    wire = bytearray(a.encrypt(b"hello"))
+    wire[5] ^= 1
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_frames(bytes(wire), lambda p: None)
+    assert err.value.code == ErrorCode.FRAME_AUTH_FAILED

@@ -6,7 +6,8 @@ moves bytes between them and the socket and turns their events into wake-ups.
 
 Reading is done in asyncio protocol callbacks, not a reader task: each chunk from
 the socket (read into one buffer per connection, ``BufferedProtocol``) is
-decrypted, parsed and dispatched to its ``Stream`` right away - the multiplexer
+decrypted (whole frames straight out of that buffer: ``SecureChannel.receive_frames``),
+parsed and dispatched to its ``Stream`` right away - the multiplexer
 calls this connection's ``MuxEventSink`` methods, no event objects - and all
 frames this produces (pongs, window updates) go out in one write. Writing is
 ``transport.write`` with the transport's high-water mark as backpressure
@@ -22,6 +23,7 @@ Connections are made by ``Host`` (``host.py``); this module's public types are
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from dataclasses import dataclass
@@ -103,6 +105,7 @@ class Connection:
         peer = transport.get_extra_info("peername")
         self.remote_address: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
         self._streams: dict[int, Stream] = {}
+        self._receive_plaintext = functools.partial(self._mux.receive_data_into, sink=self)
         self._in_dispatch = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -321,13 +324,23 @@ class Connection:
     # ------------------------------------------------------------------ input
 
     def _data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the socket (a view of the reused receive buffer): decrypt and dispatch at once.
+
+        ``SecureChannel.receive_frames`` decrypts whole frames straight out of ``data`` and
+        hands each plaintext to the multiplexer, which calls this connection's
+        ``MuxEventSink`` methods; then everything this produced goes out in one write.
+        """
         self._bytes_received += len(data)
+        self._in_dispatch = True
         try:
-            self._secure.receive_data(data)
+            self._secure.receive_frames(data, self._receive_plaintext)
         except ProtocolError as exc:
+            self._in_dispatch = False
             self._abort_for(exc)
             return
-        self._pump()
+        finally:
+            self._in_dispatch = False
+        self._flush()
 
     def _pump(self) -> None:
         """Decrypt and dispatch every complete frame buffered in the secure channel.
@@ -371,7 +384,8 @@ class Connection:
         stream = self._streams.get(stream_id)
         if stream is not None:
             stream._on_end()
-            self._stream_maybe_done(stream)
+            if not self._mux.is_open(stream_id):
+                self._drop_stream(stream)
 
     def stream_reset(self, stream_id: int, code: int, reason: str) -> None:
         stream = self._streams.get(stream_id)

@@ -322,7 +322,9 @@ class Host:
                 log.error("handler for %s returned %r, not 1 or more bytes", stream.protocol, type(response).__name__)
                 stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
                 return
-            await stream.send(response, end=True)
+            # One frame that fits the window (the usual response): queue it with FIN, no waiting.
+            if len(response) > _ONE_FRAME or not stream._try_send_last(response):
+                await stream.send(response, end=True)
         except (TransportError, RemoteProtocolError):
             pass  # stream reset or connection gone: nobody to answer
         except asyncio.CancelledError:
@@ -365,8 +367,14 @@ class Host:
 
     def connection(self, peer_id: PeerId) -> Connection | None:
         """The pooled connection to ``peer_id``, if one is open."""
+        group = self._conns.get(peer_id)
+        if group is None:
+            return None
+        if len(group) == 1:  # the usual case: one connection per peer
+            conn = group[0]
+            return None if conn._closed is not None or conn.going_away else conn
         best = None
-        for conn in self._conns.get(peer_id, ()):
+        for conn in group:
             if conn.is_closed or conn.going_away:
                 continue
             if best is None or _preference(conn) < _preference(best):

@@ -28,6 +28,7 @@ Streams are made by ``Host.open_stream`` / handed to stream handlers; never dire
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol
@@ -49,6 +50,11 @@ __all__ = ["Stream", "StreamStatistics", "SEND_BATCH"]
 #: big enough for few Python-level steps per message, small enough that concurrent
 #: streams interleave.
 SEND_BATCH = 1024 * 1024
+
+# The message length prefix (spec/tensors.md §6) read straight from a buffer: int.from_bytes
+# of a memoryview slice would first copy the slice into a bytes object.
+_PREFIX = struct.Struct(">I")
+assert _PREFIX.size == LENGTH_PREFIX_BYTES
 
 
 class UnaryReceiver(Protocol):
@@ -101,7 +107,7 @@ class Stream:
         self._parts: list[bytes | memoryview] = []  # consumed parts of the message being assembled
         self._assembled = 0
         self._need: int | None = None  # size of the message being assembled, once its prefix is read
-        self._prefix = bytearray()
+        self._prefix = b""  # bytes of a length prefix split across chunks (immutable: no allocation per stream)
         self._ready: bytes | None = None  # a complete message not yet returned
         self._receiving = False  # a task is inside receive(): data is consumed on arrival
         self._receive_waiter: asyncio.Future[None] | None = None
@@ -213,8 +219,14 @@ class Stream:
         else:
             mux.send_data(sid, prefix)
             mux.send_data(sid, memoryview(message).cast("B"), end_stream=True)
-        self._after_send(size, True)
-        self._conn._flush()
+        # _after_send(size, True), inline: this runs twice per call
+        self._messages_sent += 1
+        self._bytes_sent += size
+        self._send_closed = True
+        conn = self._conn
+        if not mux.is_open(sid):
+            conn._drop_stream(self)
+        conn._flush()
         return True
 
     async def send_eof(self) -> None:
@@ -321,9 +333,9 @@ class Stream:
         pending = self._pending
         if self._need is None and not self._prefix and len(pending) == 1:
             chunk = pending[0]  # fast path: exactly one whole message is buffered (small RPCs)
-            if len(chunk) > LENGTH_PREFIX_BYTES and int.from_bytes(chunk[:LENGTH_PREFIX_BYTES], "big") == len(chunk) - LENGTH_PREFIX_BYTES:
+            size = len(chunk)
+            if size > LENGTH_PREFIX_BYTES and _PREFIX.unpack_from(chunk)[0] == size - LENGTH_PREFIX_BYTES:
                 pending.clear()
-                size = len(chunk)
                 self._ready = bytes(chunk[LENGTH_PREFIX_BYTES:])
                 self._bytes_received += size
                 self._pending_bytes -= size
@@ -343,7 +355,7 @@ class Stream:
                     pending[0] = memoryview(chunk)[take:]
                 if len(self._prefix) == LENGTH_PREFIX_BYTES:
                     size = int.from_bytes(self._prefix, "big")
-                    self._prefix.clear()
+                    self._prefix = b""
                     if not 1 <= size <= MAX_FRAME_BYTES:
                         self._pending_bytes -= consumed
                         self._protocol_violation(size)
@@ -457,7 +469,9 @@ class Stream:
             except RemoteProtocolError:
                 complete = True  # _fail already set the error; wake the reader
             if complete:
-                self._wake(self._receive_waiter)
+                waiter = self._receive_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
 
     def _on_window(self) -> None:
         self._wake(self._window_waiter)

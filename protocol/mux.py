@@ -557,6 +557,23 @@ class Mux:
             st.local_closed = True
             self._maybe_forget(stream_id, st)
 
+    def send_last_message(self, stream_id: int, prefix: bytes, message: bytes | bytearray | memoryview, size: int) -> int:
+        """The unary fast path (§3.11): ``prefix + message`` (``size`` bytes in all, at most
+        ``MAX_DATA_PAYLOAD``) in one DATA frame with FIN, if the stream is open for sending and
+        its window allows. Returns 0 if not (nothing queued), 1 if queued, 2 if queued and the
+        stream is now closed both ways (forgotten). Same frames as ``send_data(..., end_stream=True)``.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.local_closed or size > st.send_window:
+            return 0
+        st.send_window -= size
+        self._out.append(b"".join((_HEADER.pack(VERSION, _DATA, _FIN, stream_id, size), prefix, message)))
+        st.local_closed = True
+        if st.remote_closed:
+            self._forget(stream_id, st)
+            return 2
+        return 1
+
     def end_stream(self, stream_id: int) -> None:
         """Half-close: queue an empty DATA frame with FIN."""
         self.send_data(stream_id, b"", end_stream=True)

@@ -144,3 +144,52 @@ def test_the_sink_sees_a_finished_stream_already_closed() -> None:
     a.receive_data_into(b.data_to_send(), Sink())  # type: ignore[arg-type]
     assert seen == [("data", False), ("end", False)]
     assert a.statistics().local_streams == 0 and not a.has_data_to_send()
+
+
+def test_shared_deadline_timer_keeps_every_calls_deadline() -> None:
+    """Calls share one deadline timer (Host._deadlines): out-of-order deadlines, a slow call in
+    front of many fast ones, and the server hears RESET(TIMEOUT) for each call that expires."""
+
+    async def main() -> None:
+        cancelled: list[bytes] = []
+
+        async def slow(peer_id: PeerId, request: bytes) -> bytes:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(request)
+                raise
+            return b"late"
+
+        async with Host(Identity.generate(), swarm_key=SWARM, config=FAST) as server, Host(
+            Identity.generate(), swarm_key=SWARM, config=FAST
+        ) as client:
+            server.set_handler("/slow/1", slow)
+            server.set_handler("/echo/1", echo)
+            (addr,) = await server.listen("127.0.0.1", 0)
+            conn = await client.connect(addr)
+            loop = asyncio.get_running_loop()
+
+            async def timed(request: bytes, timeout: float) -> float:
+                start = loop.time()
+                with pytest.raises(DeadlineExceeded):
+                    await client.call(conn.peer_id, "/slow/1", request, timeout=timeout)
+                return loop.time() - start
+
+            long_call = asyncio.ensure_future(timed(b"long", 0.6))
+            await asyncio.sleep(0.01)
+            short_call = asyncio.ensure_future(timed(b"short", 0.15))  # earlier deadline than the one queued
+            # Many fast calls finish behind the slow ones; the queue stays bounded.
+            for i in range(3000):
+                assert await client.call(conn.peer_id, "/echo/1", b"%d" % i, timeout=5) == b"%d" % i
+            assert len(client._deadlines) <= 2 * 1024 + 2
+            short, long = await short_call, await long_call
+            assert 0.14 <= short < 0.5 and 0.59 <= long < 1.2
+            for _ in range(100):
+                if len(cancelled) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(cancelled) == [b"long", b"short"]  # RESET(TIMEOUT) reached the server for both
+            assert server.statistics().handlers_running == 0
+
+    run(main())

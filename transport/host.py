@@ -23,7 +23,9 @@ All background work (keepalives, handlers, dials) runs in the host's
 Unary handlers come in two kinds (the wire is the same, spec/transport.md §3.11):
 
 * ``set_handler``: ``async def handler(peer_id, request) -> bytes``, run as a task per
-  request; may await anything, is cancelled when the caller resets the stream.
+  request, started once the whole request is in (the request is gathered by the same
+  receive path as for inline handlers, so no task waits for it); may await anything,
+  is cancelled when the caller resets the stream.
 * ``set_inline_handler``: ``def handler(peer_id, request) -> bytes``, called directly
   in the receive path once the whole request (OPEN, DATA, FIN) is in; its response
   leaves in the same write as everything else that read produced. No task, no future,
@@ -34,7 +36,8 @@ Unary handlers come in two kinds (the wire is the same, spec/transport.md §3.11
 
 ``call`` itself creates no task: when a connection is pooled and the request fits
 in one frame, it queues OPEN + DATA + FIN, awaits one future that the receive path
-resolves with the response, and keeps its deadline with one ``loop.call_at`` timer.
+resolves with the response; its deadline is kept by one timer shared by all calls
+(``Host._deadlines``), not a timer per call.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import functools
 import inspect
 import logging
 import socket
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Union
 
@@ -71,6 +74,8 @@ PeerLike = Union[PeerId, Multiaddr, str]
 
 #: Handler tasks tracked before the set is first swept for tasks that ended without running.
 _PRUNE_HANDLERS = 64
+#: Entries in ``Host._deadlines`` before it is first swept for finished calls.
+_COMPACT_DEADLINES = 1024
 #: Kinds of handler (``Host._handlers``).
 _UNARY, _STREAM, _INLINE = range(3)
 #: Largest request ``call`` sends without waiting: one DATA frame with its length prefix.
@@ -135,6 +140,12 @@ class Host:
         self._handshakes_failed: Counter[str] = Counter()
         self._closed_bytes = [0, 0]  # sent, received, of connections already closed
         self._inline_requests = 0
+        # Deadlines of fast-path calls (``call``): one timer for all, armed at the earliest
+        # (spec/transport.md §3.11). Calls mostly end in the order they start, so finished
+        # ones are trimmed from the front; a rare compaction drops the rest.
+        self._deadlines: deque[_CallReply] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._compact_deadlines_at = _COMPACT_DEADLINES
 
     @property
     def peer_id(self) -> PeerId:
@@ -175,6 +186,10 @@ class Host:
         handlers = [t for t in self._handler_tasks if not t.done()]
         for task in handlers:
             task.cancel()
+        if self._deadline_timer is not None:  # every pending call fails as its connection closes
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
         if conns:
             await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=self.config.close_timeout + 1)
         if handlers:
@@ -251,7 +266,7 @@ class Host:
         Each request runs in its own task; a handler that never awaits is better
         served by ``set_inline_handler``.
         """
-        self._handlers[_check_protocol(protocol)] = (_UNARY, handler)
+        self._handlers[_check_protocol(protocol)] = (_UNARY, _AsyncServer(self, handler))
 
     def set_inline_handler(self, protocol: str, handler: InlineHandler) -> None:
         """Serve request/response calls with a plain function: ``def handler(peer_id, request: bytes) -> bytes``.
@@ -285,30 +300,40 @@ class Host:
             stream.reset(ErrorCode.UNKNOWN_PROTOCOL, f"peer {self.peer_id} has no handler for protocol {stream.protocol!r}")
             return
         kind, handler = entry
-        if kind == _INLINE:
-            stream._unary = handler  # an _InlineServer: called once the request is complete
+        if kind != _STREAM:
+            # Unary (inline or async): told once the whole request is in (an _InlineServer
+            # answers right there; an _AsyncServer starts the handler's task with the request).
+            stream._unary = handler
             return
         assert self._tg is not None
         tasks = self._handler_tasks
-        if kind == _UNARY:
-            # A plain task with no done-callback (each costs a loop turn per call): _serve_unary
-            # lets only CancelledError out and removes itself from the set when it ends;
-            # _shutdown cancels and awaits these itself.
-            task = stream.connection._loop.create_task(self._serve_unary(stream, handler))
-            stream._task_to_cancel = task  # the caller gave up: stop working for it
-            tasks.add(task)
-            if len(tasks) >= self._prune_handlers_at:
-                # A task cancelled before its first step never ran its body: drop such leftovers.
-                tasks.difference_update([t for t in tasks if t.done()])
-                self._prune_handlers_at = max(_PRUNE_HANDLERS, 2 * len(tasks))
-        else:
-            task = self._tg.create_task(self._serve_stream(stream, handler))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        task = self._tg.create_task(self._serve_stream(stream, handler))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    async def _serve_unary(self, stream: Stream, handler: UnaryHandler) -> None:
+    def _start_unary(self, handler: UnaryHandler, stream: Stream, request: bytes) -> None:
+        """A complete request for an async handler: run it in a task (set_handler, §3.11).
+
+        No task exists before the request is complete, so a request that never completes
+        (reset, malformed, connection lost) costs no task at all.
+        """
+        if not self._running or self._tg is None:
+            stream.reset(ErrorCode.CONNECTION_CLOSED, "peer is shutting down")
+            return
+        tasks = self._handler_tasks
+        # A plain task with no done-callback (each costs a loop turn per call): _serve_unary
+        # lets only CancelledError out and removes itself from the set when it ends;
+        # _shutdown cancels and awaits these itself.
+        task = stream._conn._loop.create_task(self._serve_unary(stream, handler, request))
+        stream._task_to_cancel = task  # the caller gave up: stop working for it
+        tasks.add(task)
+        if len(tasks) >= self._prune_handlers_at:
+            # A task cancelled before its first step never ran its body: drop such leftovers.
+            tasks.difference_update([t for t in tasks if t.done()])
+            self._prune_handlers_at = max(_PRUNE_HANDLERS, 2 * len(tasks))
+
+    async def _serve_unary(self, stream: Stream, handler: UnaryHandler, request: bytes) -> None:
         try:
-            request = await stream.receive_only()
             try:
                 response = await handler(stream.peer_id, request)
             except ProtocolError as exc:
@@ -527,7 +552,7 @@ class Host:
         """
         timeout = self.config.call_timeout if timeout is None else timeout
         # Fast path (module docstring): a pooled connection and a one-frame request. No task,
-        # no asyncio.timeout: one future resolved by the receive path, one call_at timer.
+        # no asyncio.timeout: one future resolved by the receive path, the shared deadline timer.
         peer_id = peer if type(peer) is PeerId else _resolve(peer)[0]
         conn = self.connection(peer_id) if peer_id is not None else None
         size = len(request) if type(request) is bytes else memoryview(request).nbytes
@@ -538,11 +563,11 @@ class Host:
                 pass  # pooled connection retired a moment ago: the general path dials anew
             else:
                 loop = conn._loop
-                reply = _CallReply(loop.create_future())
+                reply = _CallReply(loop.create_future(), stream, protocol, peer, timeout)
                 stream._unary = reply
                 if stream._try_send_last(request):
-                    deadline = loop.time() + timeout
-                    timer = loop.call_at(deadline, reply.expire, stream, protocol, peer, timeout)
+                    deadline = reply.deadline = loop.time() + timeout
+                    self._watch_deadline(reply, loop)
                     try:
                         return await reply.future
                     except StreamResetError as exc:
@@ -554,11 +579,50 @@ class Host:
                             stream.reset(ErrorCode.TIMEOUT, "caller gave up")
                         raise
                     finally:
-                        timer.cancel()
+                        reply.finish()
                     return await self._call_general(peer, protocol, request, max(0.0, deadline - loop.time()), attempts=1)
                 stream._unary = None
                 return await self._call_general(peer, protocol, request, timeout, stream=stream)
         return await self._call_general(peer, protocol, request, timeout)
+
+    def _watch_deadline(self, reply: _CallReply, loop: asyncio.AbstractEventLoop) -> None:
+        """Expire ``reply`` at ``reply.deadline`` unless it finishes first (one timer for all calls)."""
+        queue = self._deadlines
+        while queue and queue[0].stream is None:
+            queue.popleft()  # finished calls at the front
+        if queue and reply.deadline < queue[-1].deadline:
+            # Out of order (a shorter timeout than an earlier call's): a timer of its own.
+            reply.timer = loop.call_at(reply.deadline, self._expire_one, reply)
+            return
+        queue.append(reply)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(reply.deadline, self._check_deadlines, loop)
+        elif len(queue) >= self._compact_deadlines_at:
+            # A slow call at the front keeps finished ones behind it: drop them now and then.
+            self._deadlines = queue = deque(r for r in queue if r.stream is not None)
+            self._compact_deadlines_at = max(_COMPACT_DEADLINES, 2 * len(queue))
+
+    def _check_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The shared deadline timer fired: expire every call past its deadline, re-arm for the next."""
+        self._deadline_timer = None
+        queue = self._deadlines
+        now = loop.time()
+        while queue:
+            reply = queue[0]
+            if reply.stream is None:
+                queue.popleft()
+            elif reply.deadline <= now:
+                queue.popleft()
+                reply.expire()
+            else:
+                self._deadline_timer = loop.call_at(reply.deadline, self._check_deadlines, loop)
+                return
+
+    @staticmethod
+    def _expire_one(reply: _CallReply) -> None:
+        reply.timer = None
+        if reply.stream is not None:
+            reply.expire()
 
     async def _call_general(
         self, peer: PeerLike, protocol: str, request: bytes, timeout: float, *, attempts: int = 2, stream: Stream | None = None
@@ -673,13 +737,34 @@ class _InlineServer:
         pass  # the request never completed (reset, connection lost, malformed): nobody to answer
 
 
+class _AsyncServer:
+    """Unary receiver of streams for an async handler's protocol: starts a task per complete request."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self, host: Host, handler: UnaryHandler) -> None:
+        self.complete = functools.partial(host._start_unary, handler)
+
+    def failed(self, stream: Stream, error: BaseException) -> None:
+        pass  # the request never completed (reset, connection lost, malformed): nobody to answer
+
+
 class _CallReply:
-    """Unary receiver of a call's stream: resolves ``future`` with the response or the error."""
+    """Unary receiver of a call's stream: resolves ``future`` with the response or the error.
 
-    __slots__ = ("future",)
+    Also the call's entry in ``Host._deadlines``: ``stream`` is None once the call has finished.
+    """
 
-    def __init__(self, future: asyncio.Future[bytes]) -> None:
+    __slots__ = ("future", "stream", "protocol", "peer", "timeout", "deadline", "timer")
+
+    def __init__(self, future: asyncio.Future[bytes], stream: Stream, protocol: str, peer: Any, timeout: float) -> None:
         self.future = future
+        self.stream: Stream | None = stream
+        self.protocol = protocol
+        self.peer = peer
+        self.timeout = timeout
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None  # only for a deadline out of order
 
     def complete(self, stream: Stream, message: bytes) -> None:
         if not self.future.done():
@@ -689,9 +774,19 @@ class _CallReply:
         if not self.future.done():
             self.future.set_exception(error)
 
-    def expire(self, stream: Stream, protocol: str, peer: Any, timeout: float) -> None:
+    def finish(self) -> None:
+        """The call returned or raised: no deadline to keep; let go of the stream and peer."""
+        self.stream = self.peer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def expire(self) -> None:
         """The deadline passed: fail the call, and tell the peer to stop working for it (RESET TIMEOUT)."""
-        self.failed(stream, DeadlineExceeded(f"call {protocol} to {peer} did not complete within {timeout} s"))
+        stream = self.stream
+        if stream is None:
+            return
+        self.failed(stream, DeadlineExceeded(f"call {self.protocol} to {self.peer} did not complete within {self.timeout} s"))
         if not stream.is_closed:
             stream.reset(ErrorCode.TIMEOUT, "caller gave up")
 

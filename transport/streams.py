@@ -15,7 +15,7 @@ sender - only while the application is inside ``receive()`` (assembling the mess
 it asked for). Data nobody asked for stays buffered (at most one window) and stops
 the writer; the stream is never reset for being slow.
 
-Unary mode (§3.11, the hot path of ``Host.call`` and of inline handlers): a stream
+Unary mode (§3.11, the hot path of ``Host.call`` and of unary handlers, inline or async): a stream
 with ``_unary`` set consumes data on arrival like a waiting ``receive()`` and, once
 exactly one message and the FIN are in, hands the message to ``_unary.complete``
 right inside the receive path - no task, no future of its own, no extra loop turn.
@@ -211,20 +211,27 @@ class Stream:
             return False
         size = len(message) if type(message) is bytes else memoryview(message).nbytes
         mux, sid = self._mux, self.stream_id
-        if mux.send_window(sid) < size + LENGTH_PREFIX_BYTES:
-            return False
-        prefix = size.to_bytes(LENGTH_PREFIX_BYTES, "big")
-        if size <= MAX_DATA_PAYLOAD:
-            mux.send_data(sid, prefix + bytes(message), end_stream=True)  # one frame
+        prefix = _PREFIX.pack(size)
+        if size <= MAX_DATA_PAYLOAD - LENGTH_PREFIX_BYTES:
+            # One frame (every small message): header, prefix and message joined once.
+            queued = mux.send_last_message(sid, prefix, message, size + LENGTH_PREFIX_BYTES)
+            if not queued:
+                return False
         else:
-            mux.send_data(sid, prefix)
-            mux.send_data(sid, memoryview(message).cast("B"), end_stream=True)
+            if mux.send_window(sid) < size + LENGTH_PREFIX_BYTES:
+                return False
+            if size <= MAX_DATA_PAYLOAD:
+                mux.send_data(sid, prefix + bytes(message), end_stream=True)  # frames as before: split by the mux
+            else:
+                mux.send_data(sid, prefix)
+                mux.send_data(sid, memoryview(message).cast("B"), end_stream=True)
+            queued = 1 if mux.is_open(sid) else 2
         # _after_send(size, True), inline: this runs twice per call
         self._messages_sent += 1
         self._bytes_sent += size
         self._send_closed = True
         conn = self._conn
-        if not mux.is_open(sid):
+        if queued == 2:
             conn._drop_stream(self)
         conn._flush()
         return True
@@ -456,6 +463,15 @@ class Stream:
         if self._discard:
             self._mux.consumed(self.stream_id, len(data))
             return
+        if self._unary is not None and self._ready is None and not self._pending and self._need is None and not self._prefix:
+            # Unary fast path: this chunk is exactly one whole message (a small call's request or
+            # response, one DATA frame): what _absorb's own fast path does, without the queue.
+            size = len(data)
+            if size > LENGTH_PREFIX_BYTES and _PREFIX.unpack_from(data)[0] == size - LENGTH_PREFIX_BYTES:
+                self._ready = bytes(data[LENGTH_PREFIX_BYTES:])
+                self._bytes_received += size
+                self._mux.consumed(self.stream_id, size)
+                return
         if self._unary is not None and self._ready is not None:
             self._unary_malformed("more than one message")
             return

@@ -29,7 +29,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from biopetals.protocol.handshake import HANDSHAKE_TIMEOUT, Handshake, HandshakeResult, Role
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.mux import Mux

@@ -60,7 +60,7 @@ from biopetals.protocol.mux import MAX_DATA_PAYLOAD, validate_protocol_name
 from biopetals.protocol.swarm_key import SwarmKey
 
 from .connection import Connection, TransportConfig, _Wire
-from .errors import ConnectionClosedError, DeadlineExceeded, EndOfStream, StreamResetError, TransportError
+from .errors import ConnectionClosedError, DeadlineExceeded, StreamResetError, TransportError
 from .streams import Stream, StreamStatistics
 
 __all__ = ["Host", "HostStatistics", "UnaryHandler", "InlineHandler", "StreamHandler", "PeerLike"]

@@ -123,8 +123,7 @@ class Backend:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker thread, in FIFO order; ``BUSY`` when the queue is full."""
-        if self._queued >= self.max_queue:
-            raise RemoteProtocolError(ErrorCode.BUSY, f"{self._queued} requests queued on this node; retry later or elsewhere")
+        self._check_room()
         self._queued += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -143,8 +142,7 @@ class Backend:
         """``step`` on the worker; decode steps may share one batched call with other sessions'."""
         if prompts is not None or mask is not None or hidden.ndim != 3 or hidden.shape[1] != 1:
             return await self.run(self.step, view, cache, hidden, prompts, codec, mask)
-        if self._queued >= self.max_queue:
-            raise RemoteProtocolError(ErrorCode.BUSY, f"{self._queued} requests queued on this node; retry later or elsewhere")
+        self._check_room()
         item = _Decode(view, cache, hidden, codec)
         self._queued += 1
         try:
@@ -155,6 +153,10 @@ class Backend:
             return await asyncio.wrap_future(item.future)
         finally:
             self._queued -= 1
+
+    def _check_room(self) -> None:
+        if self._queued >= self.max_queue:
+            raise RemoteProtocolError(ErrorCode.BUSY, f"{self._queued} requests queued on this node; retry later or elsewhere")
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -266,7 +266,7 @@ class Host:
         Each request runs in its own task; a handler that never awaits is better
         served by ``set_inline_handler``.
         """
-        self._handlers[_check_protocol(protocol)] = (_UNARY, _AsyncServer(self, handler))
+        self._handlers[_check_protocol(protocol)] = (_UNARY, _UnaryServer(functools.partial(self._start_unary, handler)))
 
     def set_inline_handler(self, protocol: str, handler: InlineHandler) -> None:
         """Serve request/response calls with a plain function: ``def handler(peer_id, request: bytes) -> bytes``.
@@ -285,7 +285,7 @@ class Host:
             raise LocalProtocolError(
                 ErrorCode.INVALID_FIELD, f"inline handler for {protocol!r} is a coroutine function: use set_handler for async handlers"
             )
-        self._handlers[_check_protocol(protocol)] = (_INLINE, _InlineServer(self, handler))
+        self._handlers[_check_protocol(protocol)] = (_INLINE, _UnaryServer(functools.partial(self._serve_inline, handler)))
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve streams: ``async def handler(peer_id, stream)``; the stream is closed when it returns."""
@@ -301,8 +301,8 @@ class Host:
             return
         kind, handler = entry
         if kind != _STREAM:
-            # Unary (inline or async): told once the whole request is in (an _InlineServer
-            # answers right there; an _AsyncServer starts the handler's task with the request).
+            # Unary (inline or async): told once the whole request is in (an inline handler
+            # answers right there; an async one gets a task started with the request).
             stream._unary = handler
             return
         assert self._tg is not None
@@ -725,25 +725,14 @@ class Host:
             self._handler_tasks.discard(stream._task_to_cancel)  # type: ignore[arg-type]
 
 
-class _InlineServer:
-    """Unary receiver of streams for an inline handler's protocol: serves each complete request."""
+class _UnaryServer:
+    """Unary receiver of streams for one protocol: ``complete(stream, request)`` serves each
+    complete request (an inline handler right there, an async one by starting its task)."""
 
     __slots__ = ("complete",)
 
-    def __init__(self, host: Host, handler: InlineHandler) -> None:
-        self.complete = functools.partial(host._serve_inline, handler)
-
-    def failed(self, stream: Stream, error: BaseException) -> None:
-        pass  # the request never completed (reset, connection lost, malformed): nobody to answer
-
-
-class _AsyncServer:
-    """Unary receiver of streams for an async handler's protocol: starts a task per complete request."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self, host: Host, handler: UnaryHandler) -> None:
-        self.complete = functools.partial(host._start_unary, handler)
+    def __init__(self, complete: Callable[[Stream, bytes], None]) -> None:
+        self.complete = complete
 
     def failed(self, stream: Stream, error: BaseException) -> None:
         pass  # the request never completed (reset, connection lost, malformed): nobody to answer

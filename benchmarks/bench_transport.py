@@ -3,8 +3,10 @@
 Measures, in one run and against the same server process:
 
 * median and p99 round-trip time of 64 B and 8 KiB request/response calls,
-  one at a time on one connection, and 32 at once (BioPetals: 32 concurrent
-  streams on one connection; plain TCP has no multiplexing, so 32 connections);
+  one at a time on one connection (plain and BioPetals in interleaved blocks, so
+  a drift of the machine's speed during the run hits both alike), and 32 at once
+  (BioPetals: 32 concurrent streams on one connection; plain TCP has no
+  multiplexing, so 32 connections);
 * MB/s of 16 MiB messages (request of 16 MiB, 2-byte response), one at a time
   and 32 at once.
 
@@ -45,6 +47,8 @@ ECHO_INLINE = "/bench/echo-inline/1"
 SINK_INLINE = "/bench/sink-inline/1"
 _LEN = struct.Struct(">I")
 MiB = 1 << 20
+#: The one-stream RTT rows are measured in this many interleaved blocks per kind.
+RTT_BLOCKS = 10
 
 
 # --------------------------------------------------------------------------- server process
@@ -188,15 +192,27 @@ async def _client(
 
         for size, label in ((64, "64 B"), (8192, "8 KiB")):
             payload = os.urandom(size)
-            with Cpu(pipe) as pc:
-                p = _median_p99(await _timed(lambda: plain.call(b"e", payload), rtt_rounds))
-            pcpu = pc.seconds / rtt_rounds * 1e6
-            for protocol, kind in ((ECHO, ""), (ECHO_INLINE, ", inline handler")):
-                with Cpu(pipe) as bc:
-                    b = _median_p99(await _timed(lambda protocol=protocol: ours(protocol, payload), rtt_rounds))
+            # Interleaved blocks (plain, ours, ours inline, plain, ...): a change in the machine's
+            # state during the run (other tenants, clocks) affects all three alike.
+            kinds = {
+                "plain": lambda payload=payload: plain.call(b"e", payload),
+                "": lambda payload=payload: ours(ECHO, payload),
+                ", inline handler": lambda payload=payload: ours(ECHO_INLINE, payload),
+            }
+            samples: dict[str, list[float]] = {k: [] for k in kinds}
+            cpu = dict.fromkeys(kinds, 0.0)
+            for _ in range(RTT_BLOCKS):
+                for kind, fn in kinds.items():
+                    with Cpu(pipe) as c:
+                        samples[kind] += await _timed(fn, rtt_rounds // RTT_BLOCKS)
+                    cpu[kind] += c.seconds
+            p = _median_p99(samples["plain"])
+            pcpu = cpu["plain"] / len(samples["plain"]) * 1e6
+            for kind in ("", ", inline handler"):
+                b = _median_p99(samples[kind])
                 rows.append((f"RTT {label}, 1 stream{kind}: median / p99 (us)", f"{p[0]*1e6:.0f} / {p[1]*1e6:.0f}",
                              f"{b[0]*1e6:.0f} / {b[1]*1e6:.0f}", f"{b[0]/p[0]:.2f}x"))
-                bcpu = bc.seconds / rtt_rounds * 1e6
+                bcpu = cpu[kind] / len(samples[kind]) * 1e6
                 rows.append((f"CPU per {label} call{kind}, client + server (us)", f"{pcpu:.0f}", f"{bcpu:.0f}", f"{bcpu/pcpu:.2f}x"))
             per = max(20, rtt_rounds // 32)
             pl, pw = await _timed_concurrent([lambda c=c: c.call(b"e", payload) for c in plains], per)

@@ -353,6 +353,11 @@ class MuxEventSink(Protocol):
     def stream_opened(self, stream_id: int, protocol: str) -> None: ...
     def data_received(self, stream_id: int, data: bytes | memoryview) -> None: ...
     def stream_ended(self, stream_id: int) -> None: ...
+    # Two pairs of events fused into one call, for the unary hot path (§3.11):
+    def data_ended(self, stream_id: int, data: bytes | memoryview) -> None:
+        """DATA with FIN and a payload: ``data_received`` then ``stream_ended``."""
+    def unary_opened(self, stream_id: int, protocol: str, data: bytes | memoryview) -> None:
+        """OPEN directly followed by the stream's DATA with FIN: ``stream_opened`` then ``data_ended``."""
     def stream_reset(self, stream_id: int, code: int, reason: str) -> None: ...
     def window_updated(self, stream_id: int, delta: int) -> None: ...
     def ping_received(self, opaque: bytes) -> None: ...
@@ -376,6 +381,12 @@ class _EventCollector:
 
     def stream_ended(self, stream_id: int) -> None:
         self.events.append(StreamEnded(stream_id))
+
+    def data_ended(self, stream_id: int, data: bytes | memoryview) -> None:
+        self.events += (DataReceived(stream_id, data), StreamEnded(stream_id))  # type: ignore[arg-type]
+
+    def unary_opened(self, stream_id: int, protocol: str, data: bytes | memoryview) -> None:
+        self.events += (StreamOpened(stream_id, protocol), DataReceived(stream_id, data), StreamEnded(stream_id))  # type: ignore[arg-type]
 
     def stream_reset(self, stream_id: int, code: int, reason: str) -> None:
         self.events.append(StreamReset(stream_id, code, reason))
@@ -485,6 +496,29 @@ class Mux:
 
     def open_stream(self, protocol: str) -> int:
         """Open a stream for ``protocol`` and return its id. The OPEN frame is queued."""
+        sid, name, _ = self._open(protocol)
+        self._out.append(_HEADER.pack(VERSION, _T_OPEN, 0, sid, len(name)) + name)
+        return sid
+
+    def open_unary(self, protocol: str, prefix: bytes, message: bytes | bytearray | memoryview, size: int) -> int:
+        """Open a stream and send its one message with FIN (the unary fast path, §3.11); returns its id.
+
+        ``prefix + message`` is ``size`` bytes, at most ``MAX_DATA_PAYLOAD`` (a new stream's
+        window, INITIAL_WINDOW, always allows it). Queues the same frames as ``open_stream``
+        followed by ``send_last_message``, joined into one buffer.
+        """
+        if size > MAX_DATA_PAYLOAD:
+            raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{size} bytes do not fit one DATA frame ({MAX_DATA_PAYLOAD})")
+        sid, name, st = self._open(protocol)
+        st.send_window -= size
+        st.local_closed = True
+        self._out.append(
+            b"".join((_HEADER.pack(VERSION, _T_OPEN, 0, sid, len(name)), name, _HEADER.pack(VERSION, _DATA, _FIN, sid, size), prefix, message))
+        )
+        return sid
+
+    def _open(self, protocol: str) -> tuple[int, bytes, _Stream]:
+        """Checks and state of a new local stream; the caller queues its OPEN frame."""
         name = _OPEN_NAMES.get(protocol) if type(protocol) is str else None
         if name is None:
             try:
@@ -502,11 +536,10 @@ class Mux:
         if sid > _MAX_U32:
             raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, "stream ids exhausted; open a new connection")
         self._next_local_id += 2
-        self._streams[sid] = _Stream(local=True)
+        st = self._streams[sid] = _Stream(local=True)
         self._local_open += 1
         self._granted += INITIAL_WINDOW
-        self._out.append(_HEADER.pack(VERSION, _T_OPEN, 0, sid, len(name)) + name)
-        return sid
+        return sid, name, st
 
     def send_window(self, stream_id: int) -> int:
         """Bytes ``send_data`` accepts now on ``stream_id`` (0 for a closed or unknown stream)."""
@@ -707,6 +740,8 @@ class Mux:
                 version, ftype, flags, sid, length = header
                 if ftype == _DATA and version == VERSION and not flags & ~_FIN and sid and length <= MAX_DATA_PAYLOAD:
                     kind = _K_DATA  # the usual frame: the checks of _check_header, inline
+                elif ftype == _T_OPEN and version == VERSION and not flags and sid and 0 < length <= MAX_PROTOCOL_NAME:
+                    kind = _K_OPEN  # the other one of every call, as inline
                 else:
                     kind = _check_header(version, ftype, flags, sid, length)
                 if kind is _K_DATA:
@@ -718,19 +753,39 @@ class Mux:
                     # State first, then the sink's calls (they may call back into the mux).
                     st.recv_window -= length
                     st.buffered += length
-                    fin = flags & _FIN
-                    if fin:
+                    if flags & _FIN:
                         self._remote_fin(sid, st)
-                    if length:
+                        if not length:
+                            sink.stream_ended(sid)
+                            continue
+                        chunk = bytes(view[pos : pos + length]) if length <= _SMALL_COPY else view[pos : pos + length]
+                        pos += length
+                        sink.data_ended(sid, chunk)
+                    elif length:
                         chunk = bytes(view[pos : pos + length]) if length <= _SMALL_COPY else view[pos : pos + length]
                         pos += length
                         sink.data_received(sid, chunk)
-                    if fin:
-                        sink.stream_ended(sid)
                     continue
                 if end - pos >= length:  # the whole control frame is here: no parser state to keep
                     payload = bytes(view[pos : pos + length])
                     pos += length
+                    if kind is _K_OPEN and end - pos > HEADER_SIZE:
+                        # A unary request (§3.11): the stream's one DATA with FIN right behind its OPEN?
+                        dversion, dtype, dflags, dsid, dlength = unpack(view, pos)
+                        if (
+                            dsid == sid and dtype == _DATA and dflags == _FIN and dversion == VERSION
+                            and 0 < dlength <= MAX_DATA_PAYLOAD and end - pos - HEADER_SIZE >= dlength
+                        ):
+                            st, protocol = self._open_remote(sid, payload)
+                            if st is not None:  # else refused (RESET queued): the DATA is dropped as usual
+                                pos += HEADER_SIZE
+                                chunk = bytes(view[pos : pos + dlength]) if dlength <= _SMALL_COPY else view[pos : pos + dlength]
+                                pos += dlength
+                                st.recv_window -= dlength  # INITIAL_WINDOW >= MAX_DATA_PAYLOAD: always within
+                                st.buffered += dlength
+                                self._remote_fin(sid, st)
+                                sink.unary_opened(sid, protocol, chunk)
+                            continue
                     self._handle(kind, flags, sid, payload, sink)
                     continue
                 self._header = (kind, flags, sid, length)
@@ -796,7 +851,11 @@ class Mux:
 
     def _handle(self, kind: FrameType, flags: int, sid: int, payload: bytes, sink: MuxEventSink) -> None:
         """A complete non-DATA frame."""
-        if kind is _K_WINDOW_UPDATE:
+        if kind is _K_OPEN:  # first: every call opens a stream
+            st, protocol = self._open_remote(sid, payload)
+            if st is not None:
+                sink.stream_opened(sid, protocol)
+        elif kind is _K_WINDOW_UPDATE:
             st = self._streams.get(sid)
             if st is None:
                 self._check_known(sid, kind)
@@ -808,27 +867,6 @@ class Mux:
                 )
             st.send_window += delta
             sink.window_updated(sid, delta)
-        elif kind is _K_OPEN:
-            protocol = validate_protocol_name(payload)
-            if (sid & 1) == (1 if self.initiator else 0):
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"peer opened stream {sid} with our parity (§3.5)")
-            if sid <= self._last_remote_id:
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"stream id {sid} not above the last opened {self._last_remote_id} (§3.5)")
-            if self._remote_going_away:
-                raise RemoteProtocolError(ErrorCode.STREAM_STATE, "OPEN after the peer's own GO_AWAY (§3.8)")
-            self._last_remote_id = sid
-            if self._local_going_away:
-                self._frame(_T_RESET, 0, sid, _encode_code_reason(ErrorCode.CONNECTION_CLOSED, "connection is going away"))
-                return
-            if self._remote_open >= self._max_streams:
-                self._frame(
-                    _T_RESET, 0, sid, _encode_code_reason(ErrorCode.LIMIT_EXCEEDED, f"more than {self._max_streams} concurrent streams")
-                )
-                return
-            self._streams[sid] = _Stream(local=False)
-            self._remote_open += 1
-            self._granted += INITIAL_WINDOW
-            sink.stream_opened(sid, protocol)
         elif kind is _K_RESET:
             code, reason = _decode_code_reason(payload, "RESET")
             st = self._streams.get(sid)
@@ -849,6 +887,27 @@ class Mux:
             code, reason = _decode_code_reason(payload, "GO_AWAY")
             self._remote_going_away = True
             sink.go_away_received(code, reason)
+
+    def _open_remote(self, sid: int, payload: bytes) -> tuple[_Stream | None, str]:
+        """The peer's OPEN (§3.5): its stream, or None if refused (a RESET is queued). Raises on violations."""
+        protocol = validate_protocol_name(payload)
+        if (sid & 1) == (1 if self.initiator else 0):
+            raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"peer opened stream {sid} with our parity (§3.5)")
+        if sid <= self._last_remote_id:
+            raise RemoteProtocolError(ErrorCode.STREAM_STATE, f"stream id {sid} not above the last opened {self._last_remote_id} (§3.5)")
+        if self._remote_going_away:
+            raise RemoteProtocolError(ErrorCode.STREAM_STATE, "OPEN after the peer's own GO_AWAY (§3.8)")
+        self._last_remote_id = sid
+        if self._local_going_away:
+            self._frame(_T_RESET, 0, sid, _encode_code_reason(ErrorCode.CONNECTION_CLOSED, "connection is going away"))
+            return None, protocol
+        if self._remote_open >= self._max_streams:
+            self._frame(_T_RESET, 0, sid, _encode_code_reason(ErrorCode.LIMIT_EXCEEDED, f"more than {self._max_streams} concurrent streams"))
+            return None, protocol
+        st = self._streams[sid] = _Stream(local=False)
+        self._remote_open += 1
+        self._granted += INITIAL_WINDOW
+        return st, protocol
 
     def _check_known(self, sid: int, kind: FrameType) -> None:
         """A frame for a stream that is not open: fine if it existed, fatal if never opened (§3.7)."""

@@ -151,6 +151,23 @@ class SecureChannel:
         ``next_plaintext`` do, and lets whatever ``handle`` raises through (later frames
         are then left undecrypted).
         """
+        if self._pos == len(self._buf) and not self._dead and not self._eof:
+            # The usual read: exactly one whole frame, nothing buffered before it.
+            size = len(data)
+            if size > FRAME_HEADER_LEN and (data[0] << 8 | data[1]) == size - FRAME_HEADER_LEN >= TAGLEN:
+                recv = self._recv
+                n = recv.n
+                if n < MAX_NONCE:
+                    try:
+                        plaintext = recv._aead.decrypt(_pack_nonce(n), data[FRAME_HEADER_LEN:], None)
+                    except InvalidTag:
+                        self._fail(RemoteProtocolError(ErrorCode.FRAME_AUTH_FAILED, f"frame {self._received} failed to authenticate"))
+                    recv.n = n = n + 1
+                    self._received += 1
+                    if n % self._rekey_interval == 0:
+                        recv.rekey()
+                    handle(plaintext)
+                    return
         if self._dead or self._eof or not data or self._pos != len(self._buf):
             self.receive_data(data)  # raises if dead; EOF; or a partial frame is waiting: append
             while (plaintext := self.next_plaintext()) is not None:

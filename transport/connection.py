@@ -36,6 +36,7 @@ from biopetals.protocol.mux import Mux
 
 from .errors import ConnectionClosedError, DeadlineExceeded
 from .streams import Stream
+from .unary import UnaryCall, UnaryRequest, UnaryServer
 
 __all__ = ["Connection", "ConnectionStatistics", "TransportConfig"]
 
@@ -84,6 +85,16 @@ class Connection:
     ``rtt`` is the last measured round-trip time (keepalive or ``ping``).
     """
 
+    # More attributes than CPython shares keys for (30): slots keep attribute access on the
+    # receive path a fixed offset instead of a per-instance dict lookup.
+    __slots__ = (
+        "_loop", "_transport", "_secure", "_mux", "_config", "peer_id", "local_peer_id", "initiator", "handshake_hash",
+        "remote_address", "_streams", "_receive_plaintext", "_in_dispatch", "_write_paused", "_drain_waiters",
+        "_pong_waiters", "rtt", "_min_rtt", "_bytes_sent", "_bytes_received", "_flush_scheduled", "_batching",
+        "going_away", "_closing", "_close_reason", "_closed", "_closed_event", "_keepalive_task", "_abort_timer",
+        "on_stream", "unary_servers", "on_going_away", "on_closed", "__weakref__",
+    )
+
     def __init__(
         self,
         transport: asyncio.Transport,
@@ -104,7 +115,8 @@ class Connection:
         self.handshake_hash = result.handshake_hash
         peer = transport.get_extra_info("peername")
         self.remote_address: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
-        self._streams: dict[int, Stream] = {}
+        # Stream, or on the unary hot path its light stand-in (unary.py): UnaryCall, UnaryRequest.
+        self._streams: dict[int, Stream | UnaryCall | UnaryRequest] = {}
         self._receive_plaintext = functools.partial(self._mux.receive_data_into, sink=self)
         self._in_dispatch = False
         self._write_paused = False
@@ -125,6 +137,8 @@ class Connection:
         self._abort_timer: asyncio.TimerHandle | None = None
         # Set by Host: called with each stream the peer opens, on GO_AWAY, and once closed.
         self.on_stream: Callable[[Stream], None] = lambda stream: stream.reset(ErrorCode.UNKNOWN_PROTOCOL, "no handlers")
+        # Set by Host: its unary protocols; a stream opened for one gets a UnaryRequest, no Stream.
+        self.unary_servers: dict[str, UnaryServer] = {}
         self.on_going_away: Callable[[Connection], None] = lambda conn: None
         self.on_closed: Callable[[Connection], None] = lambda conn: None
 
@@ -144,21 +158,37 @@ class Connection:
         The peer resets it with UNKNOWN_PROTOCOL if it has no handler; that
         surfaces as ``UnknownProtocolError`` from the stream's next operation.
         """
-        if self._closed is not None:
-            raise self._closed
-        if self.going_away or self._closing:
-            raise ConnectionClosedError(f"connection to {self.peer_id} is going away; open a new one")
+        self._check_open()
         try:
             sid = self._mux.open_stream(protocol)
         except LocalProtocolError as exc:
-            if exc.code == ErrorCode.CONNECTION_CLOSED:
-                raise ConnectionClosedError(exc.message) from None
-            raise
+            raise _closed_error(exc) from None
         stream = Stream(self, sid, protocol, local=True)
         self._streams[sid] = stream
         if _flush:  # else the caller sends at once and the OPEN frame leaves with its data
             self._flush_soon()
         return stream
+
+    def open_unary(self, protocol: str, request: bytes | bytearray | memoryview, size: int, peer: Any, timeout: float) -> UnaryCall:
+        """Send a one-frame request (``size`` <= ``unary.ONE_FRAME`` bytes) on a new stream, now.
+
+        The unary hot path of ``Host.call`` (§3.11): OPEN, DATA and FIN go out in one
+        write, and the returned ``UnaryCall``'s future gets the response.
+        """
+        self._check_open()
+        try:
+            sid = self._mux.open_unary(protocol, size.to_bytes(4, "big"), request, size + 4)
+        except LocalProtocolError as exc:
+            raise _closed_error(exc) from None
+        call = self._streams[sid] = UnaryCall(self, sid, protocol, peer, timeout)
+        self._flush()
+        return call
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+        if self.going_away or self._closing:
+            raise ConnectionClosedError(f"connection to {self.peer_id} is going away; open a new one")
 
     async def ping(self, timeout: float | None = None) -> float:
         """Send a PING and return the round-trip time in seconds (§3.9)."""
@@ -376,9 +406,31 @@ class Connection:
             stream._on_window()
 
     def stream_opened(self, stream_id: int, protocol: str) -> None:
+        server = self.unary_servers.get(protocol)
+        if server is not None:
+            self._streams[stream_id] = UnaryRequest(self, stream_id, protocol, server)
+            return
         stream = Stream(self, stream_id, protocol, local=False)
         self._streams[stream_id] = stream
         self.on_stream(stream)
+
+    def data_ended(self, stream_id: int, data: bytes | memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._mux.consumed(stream_id, len(data))
+            return
+        stream._on_last_data(data)
+        if not self._mux.is_open(stream_id):
+            self._drop_stream(stream)
+
+    def unary_opened(self, stream_id: int, protocol: str, data: bytes | memoryview) -> None:
+        server = self.unary_servers.get(protocol)
+        if server is None:  # a stream handler's, or none: as if the two frames came apart
+            self.stream_opened(stream_id, protocol)
+            self.data_ended(stream_id, data)
+            return
+        request = self._streams[stream_id] = UnaryRequest(self, stream_id, protocol, server)
+        request._on_only_data(data)
 
     def stream_ended(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
@@ -462,6 +514,11 @@ class Connection:
             self._keepalive_task.cancel()
         self._closed_event.set()
         self.on_closed(self)
+
+
+def _closed_error(exc: LocalProtocolError) -> LocalProtocolError:
+    """The multiplexer refused a new stream: a going-away connection is a ConnectionClosedError."""
+    return ConnectionClosedError(exc.message) if exc.code == ErrorCode.CONNECTION_CLOSED else exc
 
 
 #: Size of each connection's receive buffer (one ``recv_into`` per socket read).

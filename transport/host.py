@@ -54,14 +54,14 @@ from typing import Any, Awaitable, Callable, Union
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
-from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
 from biopetals.protocol.limits import MAX_FRAME_BYTES
-from biopetals.protocol.mux import MAX_DATA_PAYLOAD, validate_protocol_name
+from biopetals.protocol.mux import validate_protocol_name
 from biopetals.protocol.swarm_key import SwarmKey
 
 from .connection import Connection, TransportConfig, _Wire
 from .errors import ConnectionClosedError, DeadlineExceeded, StreamResetError, TransportError
-from .streams import Stream, StreamStatistics
+from .streams import Stream
+from .unary import ONE_FRAME, UnaryCall, UnaryRequest, UnaryServer
 
 __all__ = ["Host", "HostStatistics", "UnaryHandler", "InlineHandler", "StreamHandler", "PeerLike"]
 
@@ -76,10 +76,6 @@ PeerLike = Union[PeerId, Multiaddr, str]
 _PRUNE_HANDLERS = 64
 #: Entries in ``Host._deadlines`` before it is first swept for finished calls.
 _COMPACT_DEADLINES = 1024
-#: Kinds of handler (``Host._handlers``).
-_UNARY, _STREAM, _INLINE = range(3)
-#: Largest request ``call`` sends without waiting: one DATA frame with its length prefix.
-_ONE_FRAME = MAX_DATA_PAYLOAD - LENGTH_PREFIX_BYTES
 
 _HINTS = {
     ErrorCode.SWARM_KEY_MISMATCH: " - use the swarm key file (e.g. lab.key) of the swarm you are joining, or none for a public swarm",
@@ -128,7 +124,9 @@ class Host:
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
-        self._handlers: dict[str, tuple[int, Any]] = {}  # protocol -> (_UNARY | _STREAM | _INLINE, handler)
+        self._stream_handlers: dict[str, StreamHandler] = {}
+        # Unary protocols, inline or async; shared with every connection (Connection.unary_servers).
+        self._unary_servers: dict[str, UnaryServer] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._addresses: dict[PeerId, Multiaddr] = {}
         self._dials: dict[Any, asyncio.Future[Connection]] = {}
@@ -143,7 +141,7 @@ class Host:
         # Deadlines of fast-path calls (``call``): one timer for all, armed at the earliest
         # (spec/transport.md §3.11). Calls mostly end in the order they start, so finished
         # ones are trimmed from the front; a rare compaction drops the rest.
-        self._deadlines: deque[_CallReply] = deque()
+        self._deadlines: deque[UnaryCall] = deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._compact_deadlines_at = _COMPACT_DEADLINES
 
@@ -266,7 +264,7 @@ class Host:
         Each request runs in its own task; a handler that never awaits is better
         served by ``set_inline_handler``.
         """
-        self._handlers[_check_protocol(protocol)] = (_UNARY, _UnaryServer(functools.partial(self._start_unary, handler)))
+        self._set_unary(protocol, UnaryServer(functools.partial(self._start_unary, handler)))
 
     def set_inline_handler(self, protocol: str, handler: InlineHandler) -> None:
         """Serve request/response calls with a plain function: ``def handler(peer_id, request: bytes) -> bytes``.
@@ -285,25 +283,27 @@ class Host:
             raise LocalProtocolError(
                 ErrorCode.INVALID_FIELD, f"inline handler for {protocol!r} is a coroutine function: use set_handler for async handlers"
             )
-        self._handlers[_check_protocol(protocol)] = (_INLINE, _UnaryServer(functools.partial(self._serve_inline, handler)))
+        self._set_unary(protocol, UnaryServer(functools.partial(self._serve_inline, handler)))
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve streams: ``async def handler(peer_id, stream)``; the stream is closed when it returns."""
-        self._handlers[_check_protocol(protocol)] = (_STREAM, handler)
+        self._unary_servers.pop(_check_protocol(protocol), None)
+        self._stream_handlers[protocol] = handler
+
+    def _set_unary(self, protocol: str, server: UnaryServer) -> None:
+        self._stream_handlers.pop(_check_protocol(protocol), None)
+        self._unary_servers[protocol] = server
 
     def remove_handler(self, protocol: str) -> None:
-        self._handlers.pop(protocol, None)
+        self._stream_handlers.pop(protocol, None)
+        self._unary_servers.pop(protocol, None)
 
     def _on_stream(self, stream: Stream) -> None:
-        entry = self._handlers.get(stream.protocol) if self._running else None
-        if entry is None:
+        """A stream opened by a peer for a protocol that is not unary (those are served by
+        UnaryRequest, which the connection creates itself)."""
+        handler = self._stream_handlers.get(stream.protocol) if self._running else None
+        if handler is None:
             stream.reset(ErrorCode.UNKNOWN_PROTOCOL, f"peer {self.peer_id} has no handler for protocol {stream.protocol!r}")
-            return
-        kind, handler = entry
-        if kind != _STREAM:
-            # Unary (inline or async): told once the whole request is in (an inline handler
-            # answers right there; an async one gets a task started with the request).
-            stream._unary = handler
             return
         assert self._tg is not None
         tasks = self._handler_tasks
@@ -348,7 +348,7 @@ class Host:
                 stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
                 return
             # One frame that fits the window (the usual response): queue it with FIN, no waiting.
-            if len(response) > _ONE_FRAME or not stream._try_send_last(response):
+            if len(response) > ONE_FRAME or not stream._try_send_last(response):
                 await stream.send(response, end=True)
         except (TransportError, RemoteProtocolError):
             pass  # stream reset or connection gone: nobody to answer
@@ -505,6 +505,7 @@ class Host:
             conn.close(0, "host shutting down")
             return
         conn.on_stream = self._on_stream
+        conn.unary_servers = self._unary_servers
         conn.on_going_away = self._on_going_away
         conn.on_closed = self._on_closed
         group = self._conns.setdefault(conn.peer_id, [])
@@ -556,39 +557,34 @@ class Host:
         peer_id = peer if type(peer) is PeerId else _resolve(peer)[0]
         conn = self.connection(peer_id) if peer_id is not None else None
         size = len(request) if type(request) is bytes else memoryview(request).nbytes
-        if conn is not None and 0 < size <= _ONE_FRAME and not conn._write_paused:
+        if conn is not None and 0 < size <= ONE_FRAME and not conn._write_paused:
             try:
-                stream = conn.open_stream(protocol, _flush=False)
+                call = conn.open_unary(protocol, request, size, peer, timeout)
             except ConnectionClosedError:
                 pass  # pooled connection retired a moment ago: the general path dials anew
             else:
                 loop = conn._loop
-                reply = _CallReply(loop.create_future(), stream, protocol, peer, timeout)
-                stream._unary = reply
-                if stream._try_send_last(request):
-                    deadline = reply.deadline = loop.time() + timeout
-                    self._watch_deadline(reply, loop)
-                    try:
-                        return await reply.future
-                    except StreamResetError as exc:
-                        if not _refused(exc, stream.statistics()):
-                            raise
-                        # The peer refused the stream while retiring this connection: once more, fresh.
-                    except asyncio.CancelledError:
-                        if not stream.is_closed:
-                            stream.reset(ErrorCode.TIMEOUT, "caller gave up")
+                deadline = call.deadline = loop.time() + timeout
+                self._watch_deadline(call, loop)
+                try:
+                    return await call.future
+                except StreamResetError as exc:
+                    if not _refused(exc, call.received):
                         raise
-                    finally:
-                        reply.finish()
-                    return await self._call_general(peer, protocol, request, max(0.0, deadline - loop.time()), attempts=1)
-                stream._unary = None
-                return await self._call_general(peer, protocol, request, timeout, stream=stream)
+                    # The peer refused the stream while retiring this connection: once more, fresh.
+                except asyncio.CancelledError:
+                    if not call.is_closed:
+                        call.reset(ErrorCode.TIMEOUT, "caller gave up")
+                    raise
+                finally:
+                    call.finish()
+                return await self._call_general(peer, protocol, request, max(0.0, deadline - loop.time()), attempts=1)
         return await self._call_general(peer, protocol, request, timeout)
 
-    def _watch_deadline(self, reply: _CallReply, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch_deadline(self, reply: UnaryCall, loop: asyncio.AbstractEventLoop) -> None:
         """Expire ``reply`` at ``reply.deadline`` unless it finishes first (one timer for all calls)."""
         queue = self._deadlines
-        while queue and queue[0].stream is None:
+        while queue and not queue[0].active:
             queue.popleft()  # finished calls at the front
         if queue and reply.deadline < queue[-1].deadline:
             # Out of order (a shorter timeout than an earlier call's): a timer of its own.
@@ -599,7 +595,7 @@ class Host:
             self._deadline_timer = loop.call_at(reply.deadline, self._check_deadlines, loop)
         elif len(queue) >= self._compact_deadlines_at:
             # A slow call at the front keeps finished ones behind it: drop them now and then.
-            self._deadlines = queue = deque(r for r in queue if r.stream is not None)
+            self._deadlines = queue = deque(r for r in queue if r.active)
             self._compact_deadlines_at = max(_COMPACT_DEADLINES, 2 * len(queue))
 
     def _check_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -609,7 +605,7 @@ class Host:
         now = loop.time()
         while queue:
             reply = queue[0]
-            if reply.stream is None:
+            if not reply.active:
                 queue.popleft()
             elif reply.deadline <= now:
                 queue.popleft()
@@ -619,10 +615,9 @@ class Host:
                 return
 
     @staticmethod
-    def _expire_one(reply: _CallReply) -> None:
+    def _expire_one(reply: UnaryCall) -> None:
         reply.timer = None
-        if reply.stream is not None:
-            reply.expire()
+        reply.expire()
 
     async def _call_general(
         self, peer: PeerLike, protocol: str, request: bytes, timeout: float, *, attempts: int = 2, stream: Stream | None = None
@@ -645,7 +640,7 @@ class Host:
                     try:
                         return await _call_on(stream, request)
                     except StreamResetError as exc:
-                        if attempt < attempts - 1 and _refused(exc, stream.statistics()):
+                        if attempt < attempts - 1 and _refused(exc, stream.statistics().messages_received > 0):
                             stream = None
                             continue  # the peer refused the stream while retiring this connection
                         raise
@@ -706,7 +701,7 @@ class Host:
             return
         # Bigger than the peer's window: send it as an async handler would, in a task.
         if self._running and self._tg is not None:
-            task = stream.connection._loop.create_task(self._send_response(stream, response))
+            task = stream._conn._loop.create_task(self._send_response(stream, response))
             stream._task_to_cancel = task
             self._handler_tasks.add(task)
 
@@ -725,64 +720,9 @@ class Host:
             self._handler_tasks.discard(stream._task_to_cancel)  # type: ignore[arg-type]
 
 
-class _UnaryServer:
-    """Unary receiver of streams for one protocol: ``complete(stream, request)`` serves each
-    complete request (an inline handler right there, an async one by starting its task)."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self, complete: Callable[[Stream, bytes], None]) -> None:
-        self.complete = complete
-
-    def failed(self, stream: Stream, error: BaseException) -> None:
-        pass  # the request never completed (reset, connection lost, malformed): nobody to answer
-
-
-class _CallReply:
-    """Unary receiver of a call's stream: resolves ``future`` with the response or the error.
-
-    Also the call's entry in ``Host._deadlines``: ``stream`` is None once the call has finished.
-    """
-
-    __slots__ = ("future", "stream", "protocol", "peer", "timeout", "deadline", "timer")
-
-    def __init__(self, future: asyncio.Future[bytes], stream: Stream, protocol: str, peer: Any, timeout: float) -> None:
-        self.future = future
-        self.stream: Stream | None = stream
-        self.protocol = protocol
-        self.peer = peer
-        self.timeout = timeout
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None  # only for a deadline out of order
-
-    def complete(self, stream: Stream, message: bytes) -> None:
-        if not self.future.done():
-            self.future.set_result(message)
-
-    def failed(self, stream: Stream, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-    def finish(self) -> None:
-        """The call returned or raised: no deadline to keep; let go of the stream and peer."""
-        self.stream = self.peer = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def expire(self) -> None:
-        """The deadline passed: fail the call, and tell the peer to stop working for it (RESET TIMEOUT)."""
-        stream = self.stream
-        if stream is None:
-            return
-        self.failed(stream, DeadlineExceeded(f"call {self.protocol} to {self.peer} did not complete within {self.timeout} s"))
-        if not stream.is_closed:
-            stream.reset(ErrorCode.TIMEOUT, "caller gave up")
-
-
-def _refused(exc: StreamResetError, stats: StreamStatistics) -> bool:
+def _refused(exc: StreamResetError, received: bool) -> bool:
     """The peer refused the stream (GO_AWAY sent): retrying on a fresh connection is safe."""
-    return exc.by_peer and exc.code == ErrorCode.CONNECTION_CLOSED and stats.messages_received == 0
+    return exc.by_peer and exc.code == ErrorCode.CONNECTION_CLOSED and not received
 
 
 async def _call_on(stream: Stream, request: bytes) -> bytes:

@@ -489,6 +489,10 @@ class Stream:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
 
+    def _on_last_data(self, data: bytes | memoryview) -> None:
+        self._on_data(data)
+        self._on_end()
+
     def _on_window(self) -> None:
         self._wake(self._window_waiter)
 

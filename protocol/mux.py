@@ -701,7 +701,8 @@ class Mux:
         if type(data) is not bytes:
             data = bytes(data)  # payload views below must not pin a buffer the caller reuses
         try:
-            self._parse(data, memoryview(data), sink)
+            if self._data_left or self._header is not None or self._partial or not self._receive_unary(data, sink):
+                self._parse(data, memoryview(data), sink)
         except RemoteProtocolError as exc:
             self._error = exc
             self._partial = bytearray()
@@ -776,15 +777,9 @@ class Mux:
                             dsid == sid and dtype == _DATA and dflags == _FIN and dversion == VERSION
                             and 0 < dlength <= MAX_DATA_PAYLOAD and end - pos - HEADER_SIZE >= dlength
                         ):
-                            st, protocol = self._open_remote(sid, payload)
-                            if st is not None:  # else refused (RESET queued): the DATA is dropped as usual
-                                pos += HEADER_SIZE
-                                chunk = bytes(view[pos : pos + dlength]) if dlength <= _SMALL_COPY else view[pos : pos + dlength]
-                                pos += dlength
-                                st.recv_window -= dlength  # INITIAL_WINDOW >= MAX_DATA_PAYLOAD: always within
-                                st.buffered += dlength
-                                self._remote_fin(sid, st)
-                                sink.unary_opened(sid, protocol, chunk)
+                            pos += HEADER_SIZE
+                            self._open_with_data(sid, payload, view[pos : pos + dlength], sink)
+                            pos += dlength
                             continue
                     self._handle(kind, flags, sid, payload, sink)
                     continue
@@ -803,6 +798,50 @@ class Mux:
                 partial.clear()
             self._header = None
             self._handle(kind, flags, sid, payload, sink)
+
+    def _receive_unary(self, data: bytes, sink: MuxEventSink) -> bool:
+        """The two shapes of a small call's frame, whole (§3.11): a response - one DATA with FIN -
+        or a request - OPEN followed by its stream's one DATA with FIN. Handled here, without
+        ``_parse``'s general loop; False (nothing done) for anything else."""
+        size = len(data)
+        if size <= HEADER_SIZE:
+            return False
+        version, ftype, flags, sid, length = _HEADER.unpack_from(data)
+        if version != VERSION or not sid:
+            return False
+        if ftype == _DATA:
+            if flags != _FIN or size != HEADER_SIZE + length or length > MAX_DATA_PAYLOAD:
+                return False
+            st = self._streams.get(sid)
+            if st is None or st.remote_closed or length > st.recv_window:
+                return False  # an error, or a stream already gone: the general path says which
+            st.recv_window -= length
+            st.buffered += length
+            self._remote_fin(sid, st)
+            sink.data_ended(sid, data[HEADER_SIZE:] if length <= _SMALL_COPY else memoryview(data)[HEADER_SIZE:])
+            return True
+        start = HEADER_SIZE + length  # of the DATA frame, if this is an OPEN
+        if ftype != _T_OPEN or flags or not 0 < length <= MAX_PROTOCOL_NAME or size <= start + HEADER_SIZE:
+            return False
+        dversion, dtype, dflags, dsid, dlength = _HEADER.unpack_from(data, start)
+        if dsid != sid or dtype != _DATA or dflags != _FIN or dversion != VERSION or size != start + HEADER_SIZE + dlength:
+            return False
+        if dlength > MAX_DATA_PAYLOAD:
+            return False
+        start += HEADER_SIZE
+        self._open_with_data(sid, data[HEADER_SIZE : HEADER_SIZE + length], data[start:] if dlength <= _SMALL_COPY else memoryview(data)[start:], sink)
+        return True
+
+    def _open_with_data(self, sid: int, name: bytes, data: bytes | memoryview, sink: MuxEventSink) -> None:
+        """An OPEN with its stream's only DATA (with FIN, ``data`` not empty) right behind it."""
+        st, protocol = self._open_remote(sid, name)
+        if st is None:
+            return  # refused (RESET queued): the DATA is dropped, as for any stream already gone
+        length = len(data)
+        st.recv_window -= length  # INITIAL_WINDOW >= MAX_DATA_PAYLOAD: always within
+        st.buffered += length
+        self._remote_fin(sid, st)
+        sink.unary_opened(sid, protocol, data if type(data) is bytes or length > _SMALL_COPY else bytes(data))
 
     def _data_start(self, flags: int, sid: int, length: int, sink: MuxEventSink) -> None:
         """A DATA header: check stream state and window before any payload is accepted (§3.4)."""

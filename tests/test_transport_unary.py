@@ -178,3 +178,25 @@ def test_open_unary_refuses_more_than_one_frame() -> None:
         a.open_unary("/x/1", b"", b"x" * (64 * KiB + 1), 64 * KiB + 1)
     assert getattr(info.value, "code", None) == ErrorCode.LIMIT_EXCEEDED
     assert a.statistics().local_streams == 0 and not a.has_data_to_send()
+
+
+@pytest.mark.parametrize("with_open", [False, True])
+def test_the_whole_buffer_fast_path_still_refuses_an_oversized_data_frame(with_open: bool) -> None:
+    """A DATA frame over MAX_DATA_PAYLOAD is LIMIT_EXCEEDED even when it is the whole input,
+    the shape the multiplexer's small-call fast path takes (``Mux._receive_unary``)."""
+    import struct
+
+    a, b = Mux(initiator=True), Mux(initiator=False, max_window=4 * 1024 * KiB)
+    size = 64 * KiB + 1
+    name = b"/x/1"
+    if with_open:
+        wire = struct.pack(">BBHII", 1, 4, 0, 1, len(name)) + name
+    else:
+        sid = a.open_stream("/x/1")
+        b.receive_data(a.data_to_send())
+        b._streams[sid].recv_window = 2 * size  # as if WINDOW_UPDATEs had granted it
+        wire = b""
+    wire += struct.pack(">BBHII", 1, 0, 1, 1, size) + bytes(size)
+    with pytest.raises(RemoteProtocolError) as info:
+        b.receive_data(wire)
+    assert info.value.code == ErrorCode.LIMIT_EXCEEDED

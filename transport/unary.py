@@ -247,10 +247,14 @@ class UnaryRequest(_StandIn):
     def _on_only_data(self, data: bytes | memoryview) -> None:
         """The stream's only DATA, with FIN, arrived with its OPEN (``Connection.unary_opened``):
         anything but exactly one message is MALFORMED."""
-        if not self._keep(data):
+        message = _whole_message(data)
+        if message is None:
             self.reset(ErrorCode.MALFORMED, "expected exactly one message (§3.11)")
             return
-        self._on_end()
+        self._conn._mux.consumed(self.stream_id, len(data))
+        server, self._server = self._server, None
+        if server is not None:
+            server.complete(self, message)
 
     def _on_last_data(self, data: bytes | memoryview) -> None:
         """DATA with FIN on a request opened earlier: usually the whole request at once."""

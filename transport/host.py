@@ -47,6 +47,7 @@ import functools
 import inspect
 import logging
 import socket
+import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Union
@@ -72,6 +73,8 @@ InlineHandler = Callable[[PeerId, bytes], Union[bytes, bytearray, memoryview]]
 StreamHandler = Callable[[PeerId, Stream], Awaitable[None]]
 PeerLike = Union[PeerId, Multiaddr, str]
 
+#: Unary handler tasks start eagerly where asyncio can (Task(eager_start=True), Python >= 3.12).
+_EAGER_TASKS = sys.version_info >= (3, 12)
 #: Handler tasks tracked before the set is first swept for tasks that ended without running.
 _PRUNE_HANDLERS = 64
 #: Entries in ``Host._deadlines`` before it is first swept for finished calls.
@@ -324,7 +327,15 @@ class Host:
         # A plain task with no done-callback (each costs a loop turn per call): _serve_unary
         # lets only CancelledError out and removes itself from the set when it ends;
         # _shutdown cancels and awaits these itself.
-        task = stream._conn._loop.create_task(self._serve_unary(stream, handler, request))
+        coro = self._serve_unary(stream, handler, request)
+        if _EAGER_TASKS:
+            # Python >= 3.12: the handler starts right here, inside its own task, and a handler
+            # that finishes without waiting has answered before this returns (no loop turn).
+            task = asyncio.Task(coro, loop=stream._conn._loop, eager_start=True)
+            if task.done():
+                return
+        else:
+            task = stream._conn._loop.create_task(coro)
         stream._task_to_cancel = task  # the caller gave up: stop working for it
         tasks.add(task)
         if len(tasks) >= self._prune_handlers_at:

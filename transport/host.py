@@ -25,7 +25,8 @@ Unary handlers come in two kinds (the wire is the same, spec/transport.md §3.11
 * ``set_handler``: ``async def handler(peer_id, request) -> bytes``, run as a task per
   request, started once the whole request is in (the request is gathered by the same
   receive path as for inline handlers, so no task waits for it); may await anything,
-  is cancelled when the caller resets the stream.
+  is cancelled when the caller resets the stream. On Python >= 3.12 the task starts
+  eagerly (its first step runs in the receive path, inside the task).
 * ``set_inline_handler``: ``def handler(peer_id, request) -> bytes``, called directly
   in the receive path once the whole request (OPEN, DATA, FIN) is in; its response
   leaves in the same write as everything else that read produced. No task, no future,
@@ -37,7 +38,8 @@ Unary handlers come in two kinds (the wire is the same, spec/transport.md §3.11
 ``call`` itself creates no task: when a connection is pooled and the request fits
 in one frame, it queues OPEN + DATA + FIN, awaits one future that the receive path
 resolves with the response; its deadline is kept by one timer shared by all calls
-(``Host._deadlines``), not a timer per call.
+(``Host._deadlines``), not a timer per call. Both ends of such a call use light stand-ins
+for a ``Stream`` (unary.py), which hand over to a real one for anything unusual.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
-from biopetals.transport.addresses import dialable_addrs
+from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
@@ -143,11 +143,9 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with Host(identity, swarm_key=swarm_key) as host:
         listen = await host.listen(args.host, args.port)
-        if args.announce:
-            announce = [str(Multiaddr.parse(a).without_peer_id()) for a in args.announce]
-        else:
-            announce = [str(a.without_peer_id()) for a in dialable_addrs(listen)]
-        print(str(Multiaddr.parse(announce[0]).with_peer_id(identity.peer_id)), flush=True)
+        addrs = announce_addrs(args.announce or [], listen, identity.peer_id)
+        announce = [str(a.without_peer_id()) for a in addrs]
+        print(str(addrs[0]), flush=True)
         async with DHT(host, initial_peers=args.initial_peers, config=config, announce_addrs=announce) as dht:
             log.info("DHT node %s up; %d contacts after bootstrap", identity.peer_id, len(dht.table))
             if args.initial_peers and not len(dht.table):

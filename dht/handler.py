@@ -28,20 +28,28 @@ from .messages import (
     decode_request,
     encode,
 )
+from .ratelimit import PeerRateLimiter
 from .routing import RoutingTable
 from .storage import Storage
 
+#: The answer to a peer over its request rate (spec/dht.md §7), the same bytes every time.
+_BUSY = encode(ErrorResponse(int(ErrorCode.BUSY), "too many requests from this peer; retry later"))
+
 
 class RequestHandler:
-    """Server side of one DHT node: its routing table and its storage."""
+    """Server side of one DHT node: its routing table and its storage, and optionally a
+    per-peer rate limit (requests over it are answered BUSY without being decoded)."""
 
-    def __init__(self, table: RoutingTable, storage: Storage) -> None:
+    def __init__(self, table: RoutingTable, storage: Storage, *, limiter: PeerRateLimiter | None = None) -> None:
         self.table = table
         self.storage = storage
+        self.limiter = limiter
         self.requests_handled = 0
 
     def handle_bytes(self, sender_peer_id: bytes, data: bytes, now: float) -> tuple[bytes, Contact | None]:
         """Response bytes for request bytes; bad requests get an ERROR response."""
+        if self.limiter is not None and not self.limiter.allow(sender_peer_id, now):
+            return _BUSY, None
         try:
             request = decode_request(data)
         except RemoteProtocolError as e:

@@ -31,6 +31,7 @@ from biopetals.transport.host import Host
 
 from . import params
 from .handler import RequestHandler
+from .ratelimit import PeerRateLimiter
 from .ids import key_id, node_id, random_id_in_bucket
 from .lookup import Lookup, LookupResult, Query
 from .messages import (
@@ -69,6 +70,10 @@ class DHTConfig:
     tick: float = 1.0
     #: Seconds between bootstrap attempts while the routing table is empty.
     bootstrap_retry: float = 5.0
+    #: Requests per second each peer may make of us (sustained, and in a burst); more are
+    #: answered BUSY (dht/ratelimit.py). A lookup sends only a few requests to each peer.
+    request_rate: float = 100.0
+    request_burst: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,9 @@ class DHT:
         self.peer_id: bytes = host.peer_id.multihash
         self.table = RoutingTable(self.peer_id, self.config.k)
         self.storage = Storage()
-        self.handler = RequestHandler(self.table, self.storage)
+        self.handler = RequestHandler(
+            self.table, self.storage, limiter=PeerRateLimiter(self.config.request_rate, self.config.request_burst)
+        )
         self.initial_peers = [str(a) for a in initial_peers]
         self.client_mode = client_mode
         self._announce = None if announce_addrs is None else tuple(str(a) for a in announce_addrs)
@@ -195,7 +202,8 @@ class DHT:
         return str(addr.with_peer_id(pid))
 
     async def _request(self, contact: Contact, request: Any) -> Response | None:
-        """One RPC; None on any failure (timeout, refused, error response, bad bytes)."""
+        """One RPC; None on any failure (timeout, refused, error response, bad bytes) except
+        BUSY, which comes back as its ErrorResponse: the peer is alive, only overloaded."""
         try:
             data = await self.host.call(
                 self._dial_target(contact), params.PROTOCOL, encode(request), timeout=self.config.request_timeout
@@ -206,11 +214,12 @@ class DHT:
             return None
         if isinstance(response, ErrorResponse):
             log.debug("DHT request to %s answered with error %s: %s", PeerId(contact.peer_id), response.code, response.message)
-            return None
+            return response if response.code == ErrorCode.BUSY else None
         return response
 
     async def ping(self, contact: Contact) -> bool:
-        return isinstance(await self._request(contact, PingRequest(self.sender_addrs)), PingResponse)
+        """True if ``contact`` answered (a BUSY answer counts: it is alive)."""
+        return isinstance(await self._request(contact, PingRequest(self.sender_addrs)), (PingResponse, ErrorResponse))
 
     async def _lookup(self, targets: list[bytes], find_value: bool) -> dict[bytes, LookupResult]:
         """Drive a ``Lookup`` (spec/dht.md §8.2-8.3) with real requests and the wall clock."""
@@ -236,7 +245,9 @@ class DHT:
                 for task in done:
                     q = running.pop(task)
                     response = task.result()
-                    if response is not None and lookup.on_response(q.query_id, response, now):
+                    if isinstance(response, ErrorResponse):  # BUSY: ask others, keep the contact
+                        lookup.on_failure(q.query_id, now)
+                    elif response is not None and lookup.on_response(q.query_id, response, now):
                         self._heard_from(q.contact)
                     else:
                         lookup.on_failure(q.query_id, now)  # no-op if on_response already failed it
@@ -383,4 +394,6 @@ class DHT:
             "rejected": st.rejected,
             "expired": st.expired,
             "own_records": len(self._own),
+            "requests_handled": self.handler.requests_handled,
+            "requests_refused_busy": self.handler.limiter.refused if self.handler.limiter is not None else 0,
         }

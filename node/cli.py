@@ -32,6 +32,7 @@ from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
+from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
 DEFAULT_PORT = 31337
@@ -45,6 +46,14 @@ def _blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END")
     return start, end
+
+
+def _multiaddr(text: str) -> str:
+    try:
+        Multiaddr.parse(text)
+    except MultiaddrError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the swarm key file of the private swarm (IPFS swarm.key format); only holders can connect")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, all interfaces)")
+    p.add_argument("--announce", nargs="+", default=[], type=_multiaddr, metavar="MULTIADDR",
+                   help="addresses to announce to the swarm instead of the listen address, e.g. a public address "
+                        "behind NAT: /ip4/203.0.113.7/tcp/31337 or /dns4/node1.lab.example/tcp/31337 "
+                        "(default: the listen address; with 0.0.0.0, this machine's primary IPv4 address)")
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
                    help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members to join through")
     p.add_argument("--new-swarm", action="store_true",
@@ -110,6 +123,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_session_tokens=args.max_session_tokens,
         idle_timeout=args.idle_timeout,
         announce_interval=args.announce_interval,
+        announce=list(args.announce),
         benchmark=not args.no_benchmark,
         progress=not args.no_progress,
     )

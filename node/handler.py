@@ -115,6 +115,7 @@ class NodeService:
         self.throughput = throughput  # (inference tokens/s, forward tokens/s)
         self.clock = clock
         self.sessions = SessionTable(config.idle_timeout)
+        self.started = clock()
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -137,6 +138,10 @@ class NodeService:
             cache_tokens_left=self.budget.tokens_left,
             inference_tps=float(self.throughput[0]),
             forward_tps=float(self.throughput[1]),
+            sessions_open=len(self.sessions),
+            decode_steps=self.backend.stats.decode_steps,
+            batched_steps=self.backend.stats.batched_steps,
+            uptime=max(0.0, float(self.clock() - self.started)),
         )
 
     # ------------------------------------------------------------------ streams

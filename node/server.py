@@ -34,7 +34,7 @@ from biopetals.node.quant import quantize_span
 from biopetals.protocol.announcement import State
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
-from biopetals.transport.addresses import dialable_addrs as transport_dialable_addrs
+from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
 
 __all__ = ["NodeOptions", "run_node", "VERSION"]
@@ -61,13 +61,9 @@ class NodeOptions:
     max_session_tokens: int = 8192
     idle_timeout: float = 60.0
     announce_interval: float = 60.0
+    announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
     benchmark: bool = True
     progress: bool = True
-
-
-def dialable_addrs(host: Host) -> list[str]:
-    """Our multiaddrs with /p2p/, a wildcard bind replaced by this machine's address."""
-    return [str(addr) for addr in transport_dialable_addrs(host.addrs)]
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -94,7 +90,7 @@ async def run_node(
         raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
-        addrs = dialable_addrs(host)
+        addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
             announcer = Announcer(
                 dht,

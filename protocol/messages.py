@@ -310,6 +310,11 @@ class NodeInfo(Message):
     cache_tokens_left: int = wire(7, UInt(0, U64_MAX))
     inference_tps: float = wire(8, Float())
     forward_tps: float = wire(9, Float())
+    # Load, optional (a revision 1 addition; None from a node that does not report it).
+    sessions_open: int | None = wire(10, UInt(0, U64_MAX), optional=True)
+    decode_steps: int | None = wire(11, UInt(0, U64_MAX), optional=True)
+    batched_steps: int | None = wire(12, UInt(0, U64_MAX), optional=True)
+    uptime: float | None = wire(13, Float(), optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)

@@ -2,7 +2,10 @@
 
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.multiaddr import Multiaddr
-from biopetals.transport.addresses import dialable_addrs, primary_ip
+import pytest
+
+from biopetals.protocol.multiaddr import MultiaddrError
+from biopetals.transport.addresses import announce_addrs, dialable_addrs, primary_ip
 
 
 def test_wildcard_becomes_a_concrete_address_and_peer_id_is_kept():
@@ -16,3 +19,18 @@ def test_wildcard_becomes_a_concrete_address_and_peer_id_is_kept():
 def test_ipv6_wildcard_dropped_and_concrete_addresses_kept():
     addrs = [Multiaddr.parse("/ip6/::/tcp/1"), Multiaddr.parse("/ip4/127.0.0.1/tcp/2"), Multiaddr.parse("/dns/x.org/tcp/3")]
     assert [str(a) for a in dialable_addrs(addrs)] == ["/ip4/127.0.0.1/tcp/2", "/dns/x.org/tcp/3"]
+
+
+def test_announced_addresses_replace_the_listen_addresses_and_carry_our_peer_id():
+    me, other = Identity.generate().peer_id, Identity.generate().peer_id
+    listen = [Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4001/p2p/{me}")]
+    assert [str(a) for a in announce_addrs([], listen, me)] == [f"/ip4/127.0.0.1/tcp/4001/p2p/{me}"]
+    given = ["/ip4/203.0.113.7/tcp/31337", f"/dns4/node1.lab.example/tcp/31337/p2p/{me}"]
+    assert [str(a) for a in announce_addrs(given, listen, me)] == [
+        f"/ip4/203.0.113.7/tcp/31337/p2p/{me}",
+        f"/dns4/node1.lab.example/tcp/31337/p2p/{me}",
+    ]
+    with pytest.raises(MultiaddrError, match=str(other)):
+        announce_addrs([f"/ip4/203.0.113.7/tcp/31337/p2p/{other}"], listen, me)
+    with pytest.raises(MultiaddrError):
+        announce_addrs(["/ip4/203.0.113.7/udp/31337"], listen, me)

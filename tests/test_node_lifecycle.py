@@ -7,6 +7,7 @@ Real processes (tests/support_swarm.py). A DHT client reads the nodes' announcem
 from __future__ import annotations
 
 import asyncio
+import socket
 import json
 import subprocess
 
@@ -27,7 +28,7 @@ from biopetals.protocol.messages import CloseSession, NodeInfo, NodeInfoRequest,
 def test_help_documents_every_option():
     out = subprocess.run(NODE_COMMAND + ["--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     for option in ("--model", "--blocks", "--swarm-key", "--port", "--host", "--initial-peers", "--new-swarm", "--dtype",
-                   "--quant", "--max-cache-tokens", "--identity", "--device", "--idle-timeout", "--announce-interval"):
+                   "--quant", "--max-cache-tokens", "--identity", "--device", "--idle-timeout", "--announce-interval", "--announce"):
         assert option in out, option
     assert "31337" in out and "int8" in out and "nf4" in out and "bfloat16" in out
 
@@ -56,12 +57,22 @@ async def _announcements(swarm, addr, model, blocks):
     return {key: {str(PeerId(sub)): decode_announcement(value) for sub, (value, _) in recs.items()} for key, recs in found.items()}
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_announce_online_then_offline_on_sigterm_and_bf16(tmp_path, capsys):
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", with_tokenizer=False)
     model = model_info(ckpt).dht_prefix
     with Swarm(tmp_path) as swarm:
         a = swarm.start_node(ckpt, "0:4")
-        b = swarm.start_node(ckpt, "4:8", "--dtype", "bfloat16")
+        # b announces a DNS name instead of its listen address (what a node behind NAT does);
+        # everything below reaches b through it.
+        port = _free_port()
+        b = swarm.start_node(ckpt, "4:8", "--dtype", "bfloat16", "--port", str(port), "--announce", f"/dns4/localhost/tcp/{port}")
+        assert b.addr == f"/dns4/localhost/tcp/{port}/p2p/{b.peer_id}"
         seen = asyncio.run(_announcements(swarm, a.addr, model, range(8)))
         for block in range(8):
             node = a if block < 4 else b
@@ -70,6 +81,8 @@ def test_announce_online_then_offline_on_sigterm_and_bf16(tmp_path, capsys):
             assert (ann.start, ann.end) == ((0, 4) if block < 4 else (4, 8))
             assert ann.dtype == ("float32" if block < 4 else "bfloat16") and ann.quant == "none"
             assert node.addr in ann.addrs and ann.inference_tps > 0 and ann.forward_tps > 0
+            if node is b:
+                assert ann.addrs == (b.addr,)
 
         # bf16 numbers, reported: node B against transformers' fp32 model
         ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

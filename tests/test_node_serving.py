@@ -92,6 +92,8 @@ def test_node_info(two_nodes, checkpoint):
     assert (info.model, info.start, info.end, info.dtype, info.quant) == (name(checkpoint), 0, 4, "float32", "none")
     assert info.hidden_size == 64 and info.cache_tokens_left == 4096
     assert info.inference_tps > 0 and info.forward_tps > 0
+    assert info.sessions_open is not None and info.decode_steps is not None and info.batched_steps is not None
+    assert info.batched_steps <= info.decode_steps and info.uptime is not None and info.uptime > 0
 
 
 async def _session_steps(client, addr, model, start, end, inputs, codec="f32"):
@@ -254,9 +256,10 @@ def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, reference, chec
 
         async def go():
             async with RawClient(swarm.swarm_key, timeout=120) as client:
-                return await asyncio.gather(*(one(client, node.addr, k) for k in range(12)))
+                results = await asyncio.gather(*(one(client, node.addr, k) for k in range(12)))
+                return results, await client.request(node.addr, NodeInfoRequest())
 
-        results = run(go())
+        results, info = run(go())
         assert node.stop() == 0
         log = node.output()
     for out in results:
@@ -267,3 +270,7 @@ def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, reference, chec
     print(f"\n{line}")
     assert decode >= 12 * (total - 5)
     assert batched > 0, line
+    # The same counters, live, in NodeInfo (spec/messages.md §4.2, keys 10-13).
+    assert isinstance(info, NodeInfo)
+    assert (info.sessions_open, info.decode_steps, info.batched_steps) == (0, decode, batched)
+    assert info.uptime is not None and info.uptime > 0

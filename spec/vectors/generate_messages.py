@@ -24,6 +24,8 @@ hops as objects, absent optional fields left out, tensors as
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import struct
 import sys
@@ -317,6 +319,11 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
                 inference_tps=0.0,
                 forward_tps=0.1,
             ),
+            None,
+        ),
+        (
+            "NodeInfo with the optional load fields (§4.2, keys 10-13)",
+            dataclasses.replace(NODE_INFO, sessions_open=3, decode_steps=(1 << 40) + 7, batched_steps=0, uptime=86400.5),
             None,
         ),
         ("OpenSession, node chooses the session id", OPEN, None),
@@ -671,6 +678,8 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("Step without hidden", packed(STEP, "f16", k3=DROP), E.INVALID_FIELD, "§2.5 step 7a, §5.3"),
         ("Step with nil step_id", packed(STEP, "f16", k1=None), E.INVALID_FIELD, "§2.5 step 7a"),
         ("NodeInfo without forward_tps", packed(NODE_INFO, k9=DROP), E.INVALID_FIELD, "§2.5 step 7a, §4.2"),
+        ("NodeInfo with a negative uptime", packed(NODE_INFO, k13=-1.0), E.INVALID_FIELD, "§4.2 uptime"),
+        ("NodeInfo with sessions_open as a string", packed(NODE_INFO, k10="3"), E.INVALID_FIELD, "§4.2 sessions_open"),
         ("Error without code", packed(ERROR, k0=DROP), E.INVALID_FIELD, "§2.5 step 7a, §7.1"),
         ("Hop without peer_id", packed(STEP, "f16", k5=[{k: x for k, x in hop_b.items() if k}]), E.INVALID_FIELD, "§5.4"),
         ("uint field given a str", packed(STEP, "f16", k1="1"), E.INVALID_FIELD, "§2.5 step 7b, §1.1"),

@@ -20,13 +20,11 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from biopetals.dht.ids import block_key
 from biopetals.dht.node import DHT
-from biopetals.dht.params import MAX_KEYS_PER_FIND
-from biopetals.protocol.announcement import State, decode_announcement
+from biopetals.protocol.announcement import State
 from biopetals.protocol.envelope import PROTOCOL_NAME
-from biopetals.protocol.errors import ErrorCode, ProtocolError
-from biopetals.protocol.identity import Identity, PeerId
+from biopetals.protocol.errors import ErrorCode
+from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import (
     Backward,
     BackwardResult,
@@ -42,6 +40,7 @@ from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
 from biopetals.transport.keyfiles import load_swarm_key
 
+from .announcements import read_announcements
 from .errors import PeerFailure, describe_code, peer_failure_from
 from .loop import LoopThread
 from .routing import (
@@ -148,26 +147,14 @@ class RemoteSwarm:
         if not force and now - self._fetched_at < self.config.announcement_ttl and self._servers:
             return self._servers
         assert self.dht is not None
-        keys = [block_key(self.model_name, i) for i in range(self.n_blocks)]
-        chunks = [keys[i:i + MAX_KEYS_PER_FIND] for i in range(0, len(keys), MAX_KEYS_PER_FIND)]
-        results = await asyncio.gather(*(self.dht.get_many(chunk) for chunk in chunks))
-        offers: dict[str, ServerSpan] = {}
-        for result in results:
-            for records in result.values():
-                for subkey, (value, _expiration) in records.items():
-                    try:
-                        peer = str(PeerId.from_bytes(subkey))
-                        ann = decode_announcement(value)
-                    except ProtocolError as exc:
-                        log.debug("ignoring an invalid announcement: %s", exc)
-                        continue
-                    if peer in offers:
-                        continue  # one record per block, all alike
-                    offers[peer] = ServerSpan(
-                        peer_id=peer, start=ann.start, end=ann.end, addrs=tuple(ann.addrs),
-                        inference_tps=ann.inference_tps, forward_tps=ann.forward_tps,
-                        cache_tokens_left=ann.cache_tokens_left, online=ann.state == State.ONLINE,
-                    )
+        offers = {
+            peer: ServerSpan(
+                peer_id=peer, start=ann.start, end=ann.end, addrs=tuple(ann.addrs),
+                inference_tps=ann.inference_tps, forward_tps=ann.forward_tps,
+                cache_tokens_left=ann.cache_tokens_left, online=ann.state == State.ONLINE,
+            )
+            for peer, ann in (await read_announcements(self.dht, self.model_name, self.n_blocks)).items()
+        }
         self._servers = sorted(offers.values(), key=lambda s: (s.start, s.end, s.peer_id))
         self._fetched_at = now
         return self._servers

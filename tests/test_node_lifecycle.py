@@ -10,6 +10,7 @@ import asyncio
 import socket
 import json
 import subprocess
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -122,3 +123,10 @@ def test_announce_online_then_offline_on_sigterm_and_bf16(tmp_path, capsys):
         for block in range(4, 8):
             assert seen[block_key(model, block)][b.peer_id].state == State.OFFLINE
         assert a.alive()
+        # biopetals-swarm reports the gap B left, with exit status 1 (for monitoring scripts)
+        status = subprocess.run(
+            [sys.executable, "-m", "biopetals.client.status", "--model", str(ckpt), "--swarm-key", str(swarm.key_path),
+             "--initial-peers", a.addr], capture_output=True, text=True, timeout=120,
+        )
+        assert status.returncode == 1, status.stderr
+        assert "NOT SERVED: blocks 4:8 have no online node" in status.stdout and "OFFLINE" in status.stdout

@@ -10,6 +10,9 @@ costs seconds); each test opens its own sessions.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,6 +97,27 @@ def test_node_info(two_nodes, checkpoint):
     assert info.inference_tps > 0 and info.forward_tps > 0
     assert info.sessions_open is not None and info.decode_steps is not None and info.batched_steps is not None
     assert info.batched_steps <= info.decode_steps and info.uptime is not None and info.uptime > 0
+
+
+def test_swarm_status_command(two_nodes, checkpoint):
+    """``biopetals-swarm`` lists both nodes from the DHT, asks each for NodeInfo, sees every block served."""
+    swarm, a, b = two_nodes
+    base = [sys.executable, "-m", "biopetals.client.status", "--model", str(checkpoint),
+            "--swarm-key", str(swarm.key_path), "--initial-peers", a.addr]
+    done = subprocess.run(base + ["--node-info", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["model"] == name(checkpoint) and status["blocks"] == 8 and status["missing"] == []
+    assert status["online_per_block"] == [1] * 8
+    nodes = {n["peer_id"]: n for n in status["nodes"]}
+    assert (nodes[a.peer_id]["start"], nodes[a.peer_id]["end"], nodes[b.peer_id]["start"], nodes[b.peer_id]["end"]) == (0, 4, 4, 8)
+    for peer in (a.peer_id, b.peer_id):
+        assert nodes[peer]["state"] == "ONLINE" and nodes[peer]["addrs"]
+        info = nodes[peer]["node_info"]
+        assert info["uptime"] > 0 and info["sessions_open"] >= 0 and 0 <= info["batched_steps"] <= info["decode_steps"]
+    text = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert a.peer_id in text.stdout and b.peer_id in text.stdout and "all 8 blocks served" in text.stdout
 
 
 async def _session_steps(client, addr, model, start, end, inputs, codec="f32"):

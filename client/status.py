@@ -1,0 +1,233 @@
+"""``biopetals-swarm``: what a private swarm serves for a model, node by node, and which blocks
+have no online node.
+
+    biopetals-swarm --model ./Llama3-OpenBioLLM-8B --swarm-key lab.key \\
+        --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW... [--node-info] [--json]
+
+It joins the DHT as a client (it never listens), reads the model's block announcements
+(spec/announcement.md) like the client library does before routing, and prints one line per
+node (blocks, state, dtype, announced throughput, free cache, address) and the coverage of
+the blocks. ``--node-info`` also asks every node for its ``NodeInfo`` (spec/messages.md §4.2:
+open sessions, decode steps, uptime), each within ``--timeout``. Exit status: 0 when every
+block has an online node, 1 when some block has none (for monitoring scripts), 2 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from biopetals.dht.node import DHT
+from biopetals.protocol.announcement import Announcement, State
+from biopetals.protocol.envelope import PROTOCOL_NAME
+from biopetals.protocol.errors import ProtocolError
+from biopetals.protocol.identity import Identity
+from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, decode_message, encode_message
+from biopetals.transport.connection import TransportConfig
+from biopetals.transport.host import Host
+from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
+
+from .announcements import read_announcements
+from .errors import describe_code
+from .routing import ServerSpan
+from .span_session import dial_target
+
+__all__ = ["NodeStatus", "SwarmStatus", "read_status", "main"]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    peer_id: str
+    announcement: Announcement
+    info: NodeInfo | None = None  # with --node-info, if the node answered
+    info_error: str | None = None  # why it did not
+
+    @property
+    def online(self) -> bool:
+        return self.announcement.state == State.ONLINE
+
+
+@dataclass(frozen=True)
+class SwarmStatus:
+    model: str
+    n_blocks: int
+    nodes: tuple[NodeStatus, ...]  # by first block, then peer id
+
+    def online_per_block(self) -> list[int]:
+        """How many online nodes serve each block."""
+        counts = [0] * self.n_blocks
+        for node in self.nodes:
+            if node.online:
+                for block in range(node.announcement.start, min(node.announcement.end, self.n_blocks)):
+                    counts[block] += 1
+        return counts
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Ranges [start, end) of blocks that no online node serves."""
+        out: list[tuple[int, int]] = []
+        for block, count in enumerate(self.online_per_block()):
+            if count:
+                continue
+            if out and out[-1][1] == block:
+                out[-1] = (out[-1][0], block + 1)
+            else:
+                out.append((block, block + 1))
+        return out
+
+
+async def read_status(host: Host, dht: DHT, model: str, n_blocks: int, *, node_info: bool = False,
+                      timeout: float = 5.0) -> SwarmStatus:
+    """The swarm's announcements for ``model`` (and each node's NodeInfo if ``node_info``)."""
+    found = await read_announcements(dht, model, n_blocks)
+    nodes = [NodeStatus(peer, ann) for peer, ann in found.items()]
+    if node_info:
+        nodes = list(await asyncio.gather(*(_with_info(host, node, timeout) for node in nodes)))
+    nodes.sort(key=lambda n: (n.announcement.start, n.announcement.end, n.peer_id))
+    return SwarmStatus(model, n_blocks, tuple(nodes))
+
+
+async def _with_info(host: Host, node: NodeStatus, timeout: float) -> NodeStatus:
+    ann = node.announcement
+    target = dial_target(ServerSpan(node.peer_id, ann.start, ann.end, addrs=tuple(ann.addrs)))
+    try:
+        data = await host.call(target, PROTOCOL_NAME, encode_message(NodeInfoRequest()), timeout=timeout)
+        reply = decode_message(data, expected=(NodeInfo, Error))
+    except (ProtocolError, OSError) as exc:
+        return NodeStatus(node.peer_id, ann, info_error=str(exc))
+    if isinstance(reply, Error):
+        return NodeStatus(node.peer_id, ann, info_error=f"{describe_code(reply.code)}: {reply.message}")
+    return NodeStatus(node.peer_id, ann, info=reply)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_json(status: SwarmStatus) -> dict[str, Any]:
+    def node(n: NodeStatus) -> dict[str, Any]:
+        a = n.announcement
+        out: dict[str, Any] = {
+            "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": a.state.name, "dtype": a.dtype,
+            "quant": a.quant, "version": a.version, "inference_tps": a.inference_tps, "forward_tps": a.forward_tps,
+            "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs),
+        }
+        if n.info is not None:
+            out["node_info"] = {k: getattr(n.info, k) for k in
+                                ("sessions_open", "decode_steps", "batched_steps", "uptime", "cache_tokens_left")}
+        if n.info_error is not None:
+            out["node_info_error"] = n.info_error
+        return out
+
+    return {
+        "model": status.model,
+        "blocks": status.n_blocks,
+        "nodes": [node(n) for n in status.nodes],
+        "online_per_block": status.online_per_block(),
+        "missing": [list(r) for r in status.missing()],
+    }
+
+
+def format_text(status: SwarmStatus) -> str:
+    online = sum(n.online for n in status.nodes)
+    lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"]
+    header = ["blocks", "peer id", "state", "dtype", "tok/s inf / fwd", "cache left", "address"]
+    with_info = any(n.info is not None or n.info_error is not None for n in status.nodes)
+    if with_info:
+        header[-1:-1] = ["sessions", "uptime"]
+    rows = [header]
+    for n in status.nodes:
+        a = n.announcement
+        dtype = a.dtype if a.quant == "none" else f"{a.dtype}/{a.quant}"
+        address = a.addrs[0].split("/p2p/")[0] if a.addrs else "-"  # the peer id has its own column
+        row = [f"{a.start}:{a.end}", n.peer_id, a.state.name, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
+               str(a.cache_tokens_left), address]
+        if with_info:
+            if n.info is not None:
+                sessions = "-" if n.info.sessions_open is None else str(n.info.sessions_open)
+                uptime = "-" if n.info.uptime is None else _duration(n.info.uptime)
+            else:
+                sessions, uptime = "?", "?"
+            row[-1:-1] = [sessions, uptime]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    for n in status.nodes:
+        if n.info_error is not None:
+            lines.append(f"  no NodeInfo from {n.peer_id}: {n.info_error}")
+    missing = status.missing()
+    if missing:
+        ranges = ", ".join(f"{s}:{e}" for s, e in missing)
+        lines.append(f"NOT SERVED: blocks {ranges} have no online node")
+    else:
+        counts = status.online_per_block()
+        lines.append(f"all {status.n_blocks} blocks served (online nodes per block: {min(counts)} to {max(counts)})")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="biopetals-swarm",
+                                description="Show what a BioPetals swarm serves for a model, node by node, and which "
+                                            "blocks have no online node.",
+                                epilog="Exit status: 0 every block served, 1 some block without an online node, 2 error.")
+    p.add_argument("--model", required=True,
+                   help="the checkpoint (a directory with config.json, or a hub name in the local cache): "
+                        "its name and config fingerprint are the model's name in the swarm")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--swarm-key", metavar="FILE", help="the swarm's key file (IPFS swarm.key format)")
+    key.add_argument("--public", action="store_true", help="a public swarm, without a swarm key")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members")
+    p.add_argument("--node-info", action="store_true", help="also ask every node for its live load (NodeInfo)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each request (default 5)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    return p
+
+
+async def _run(args: argparse.Namespace, model: str, n_blocks: int) -> SwarmStatus:
+    swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+    config = TransportConfig(keepalive_interval=0, call_timeout=args.timeout)
+    async with Host(Identity.generate(), swarm_key=swarm_key, config=config) as host:
+        async with DHT(host, initial_peers=args.initial_peers, client_mode=True) as dht:
+            if not len(dht.table):
+                raise ConnectionError("could not reach any initial peer (wrong address or swarm key?)")
+            return await read_status(host, dht, model, n_blocks, node_info=args.node_info, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from biopetals.models.config import ModelConfigError, load_config, model_info  # transformers: only when run
+
+    try:
+        config, _ = load_config(args.model)
+        model = model_info(args.model, config).dht_prefix
+        status = asyncio.run(_run(args, model, int(config.num_hidden_layers)))
+    except (KeyFileError, ProtocolError, OSError, ModelConfigError) as exc:
+        print(f"biopetals-swarm: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # raised inside the Host's TaskGroup
+        print(f"biopetals-swarm: {'; '.join(str(e) for e in group.exceptions)}", file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(status), indent=2) if args.json else format_text(status))
+    return 1 if status.missing() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

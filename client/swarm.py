@@ -6,7 +6,8 @@ in client mode bootstrapped from ``initial_peers``. It
 
 * reads the per-block announcements of a model (spec/announcement.md) with one
   batched DHT traversal (``get_many``) and turns them into ``ServerSpan`` offers;
-* keeps the measured RTT of every connected peer (transport keepalive);
+* keeps the measured RTT of every connected peer (transport keepalive), and pings
+  candidate nodes it has no RTT for before routing (``probe_rtts``);
 * avoids failing peers with exponential back-off (``routing.PeerHealth``);
 * finds routes with ``routing.find_route`` (sans-IO) and makes stateless
   ``Forward``/``Backward`` calls with deadlines (spec/messages.md §6).
@@ -79,6 +80,10 @@ class ClientConfig:
     use_push: bool = True  # server-to-server push (spec/messages.md §5.7); False: the client relays each hop
     max_failovers: int = 8  # replacements within one step/call before giving up
     announcement_ttl: float = 5.0  # s, reuse fetched announcements this long
+    # Before routing, connect to and ping candidate nodes whose RTT we have not measured yet
+    # (at most ``rtt_probes`` at once, all within ``rtt_probe_timeout``; 0 turns it off).
+    rtt_probes: int = 32
+    rtt_probe_timeout: float = 1.0  # s
     ban_base: float = 2.0  # s, first back-off of a failing peer (doubles per failure)
     ban_cap: float = 300.0
     routing: RoutingParams = field(default_factory=RoutingParams)
@@ -169,9 +174,38 @@ class RemoteSwarm:
                 out[str(conn.peer_id)] = rtt
         return out
 
+    async def probe_rtts(self, servers: list[ServerSpan]) -> int:
+        """Connect to and ping the online, not-avoided ``servers`` we have no RTT for, at once,
+        within ``rtt_probe_timeout``: the route then weighs measured round trips, not a default.
+        Connections stay pooled (their keepalive keeps measuring). Returns how many answered."""
+        cfg = self.config
+        assert self.host is not None
+        known, now = self.rtts(), time.monotonic()
+        todo = [s for s in servers if s.online and s.peer_id not in known and not self.health.is_banned(s.peer_id, now)]
+        todo = todo[: cfg.rtt_probes] if cfg.rtt_probe_timeout > 0 else []
+        if not todo:
+            return 0
+
+        async def probe(server: ServerSpan) -> None:
+            conn = await self.host.connect(dial_target(server), timeout=cfg.rtt_probe_timeout)
+            await conn.ping(timeout=cfg.rtt_probe_timeout)
+
+        tasks = [asyncio.ensure_future(probe(s)) for s in todo]
+        done, pending = await asyncio.wait(tasks, timeout=cfg.rtt_probe_timeout)
+        for task in pending:
+            task.cancel()
+        answered = 0
+        for task in done:
+            if task.exception() is None:
+                answered += 1
+            else:
+                log.debug("RTT probe failed: %s", task.exception())
+        return answered
+
     async def find_route(self, start: int, end: int, *, needed_cache_tokens: int = 0, force: bool = False,
                          forward: bool = False) -> list[RouteSpan]:
         servers = await self.fetch_servers(force=force)
+        await self.probe_rtts([s for s in servers if s.start < end and s.end > start])
         if forward:  # stateless calls: rank by batched-forward throughput, ignore cache room
             servers = [
                 ServerSpan(s.peer_id, s.start, s.end, s.addrs, s.forward_tps or s.inference_tps, s.forward_tps,

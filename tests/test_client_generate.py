@@ -262,3 +262,26 @@ def test_generation_survives_a_stalled_node(checkpoint, reference):
     # one missed deadline (the node got the step by push: one more after asking it directly),
     # the re-route and the replay of ~40 steps; far below the old fixed 60 s step_timeout
     assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_first_route_weighs_measured_round_trips(swarm, checkpoint, probe):
+    """Before routing, the client pings candidate nodes it has no RTT for (RemoteSwarm.probe_rtts),
+    so its first route already weighs measured round trips, not a default guess."""
+    from biopetals.client.swarm import ClientConfig, RemoteSwarm
+    from biopetals.models.config import model_info
+
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), swarm_key=swarm.key_path,
+                          rtt_probe_timeout=5.0 if probe else 0.0)
+    remote = RemoteSwarm(model_info(checkpoint).dht_prefix, 8, config)
+    try:
+        route = remote.loop.run(remote.find_route(0, 8), timeout=30)
+        assert [(r.start, r.end) for r in route] == [(0, 3), (3, 6), (6, 8)]
+        rtts = remote.rtts()
+        nodes = {n.peer_id for n in swarm.nodes}
+        if probe:
+            assert nodes <= set(rtts) and all(0 < rtts[p] < 1.0 for p in nodes)
+        else:
+            assert not nodes <= set(rtts)  # at most the DHT's bootstrap connection, not yet measured
+    finally:
+        remote.close()

@@ -30,6 +30,7 @@ from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, decode_message, encode_message
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
+from biopetals.transport.errors import leaf_exceptions
 from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
 
 from .announcements import read_announcements
@@ -168,6 +169,7 @@ def format_text(status: SwarmStatus) -> str:
     return "\n".join(lines)
 
 
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -222,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyFileError, ProtocolError, OSError, ModelConfigError) as exc:
         print(f"biopetals-swarm: {exc}", file=sys.stderr)
         return 2
-    except BaseExceptionGroup as group:  # raised inside the Host's TaskGroup
-        print(f"biopetals-swarm: {'; '.join(str(e) for e in group.exceptions)}", file=sys.stderr)
+    except BaseExceptionGroup as group:  # raised inside the Host's and the DHT's task groups
+        leaves = leaf_exceptions(group)
+        if not all(isinstance(e, (KeyFileError, ProtocolError, OSError)) for e in leaves):
+            raise
+        for e in leaves:
+            print(f"biopetals-swarm: {e}", file=sys.stderr)
         return 2
     print(json.dumps(to_json(status), indent=2) if args.json else format_text(status))
     return 1 if status.missing() else 0

@@ -22,6 +22,7 @@ from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
+from biopetals.transport.errors import leaf_exceptions
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
 from . import params
@@ -170,19 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biopetals-dht: {e}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:  # errors raised inside the Host's TaskGroup arrive wrapped
-        leaves = _leaves(group)
+        leaves = leaf_exceptions(group)
         if not all(isinstance(e, (KeyFileError, ProtocolError, OSError)) for e in leaves):
             raise
         for e in leaves:
             print(f"biopetals-dht: {e}", file=sys.stderr)
         return 1
 
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 if __name__ == "__main__":

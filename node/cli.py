@@ -33,6 +33,7 @@ from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
+from biopetals.transport.errors import leaf_exceptions
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
 DEFAULT_PORT = 31337
@@ -133,12 +134,6 @@ async def _main(args: argparse.Namespace) -> None:
 _EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, ValueError)
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -155,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biopetals-node: {e}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:  # errors inside the Host's TaskGroup arrive wrapped
-        leaves = _leaves(group)
+        leaves = leaf_exceptions(group)
         if not all(isinstance(e, _EXPECTED) for e in leaves):
             raise
         for e in leaves:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
@@ -118,6 +119,24 @@ def test_swarm_status_command(two_nodes, checkpoint):
     text = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert text.returncode == 0, text.stderr
     assert a.peer_id in text.stdout and b.peer_id in text.stdout and "all 8 blocks served" in text.stdout
+
+
+def test_swarm_status_command_says_when_no_peer_answers(checkpoint, tmp_path):
+    from biopetals.protocol.identity import Identity
+    from biopetals.protocol.swarm_key import SwarmKey
+    from biopetals.transport.keyfiles import write_swarm_key
+
+    write_swarm_key(tmp_path / "lab.key", SwarmKey.generate())
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "biopetals.client.status", "--model", str(checkpoint), "--swarm-key", str(tmp_path / "lab.key"),
+         "--initial-peers", f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}", "--timeout", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "biopetals-swarm: could not reach any initial peer (wrong address or swarm key?)" in done.stderr
 
 
 async def _session_steps(client, addr, model, start, end, inputs, codec="f32"):

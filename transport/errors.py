@@ -14,6 +14,7 @@ from __future__ import annotations
 from biopetals.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
+    "leaf_exceptions",
     "TransportError",
     "ConnectionClosedError",
     "DeadlineExceeded",
@@ -67,3 +68,12 @@ def stream_reset_error(code: int, reason: str, *, by_peer: bool = True) -> Strea
     if code == ErrorCode.UNKNOWN_PROTOCOL:
         return UnknownProtocolError(reason)
     return StreamResetError(code, reason or "stream reset", by_peer=by_peer)
+
+
+def leaf_exceptions(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions inside ``group`` and its nested groups (a Host's or a DHT's task group
+    wraps what fails inside ``async with``), for command lines that report them one by one."""
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(leaf_exceptions(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

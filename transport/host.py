@@ -349,16 +349,10 @@ class Host:
         try:
             try:
                 response = await handler(stream.peer_id, request)
-            except ProtocolError as exc:
-                stream.reset(exc.code, exc.message)
+            except Exception as exc:
+                _handler_failed(stream, exc)
                 return
-            except Exception:
-                log.exception("handler for %s failed", stream.protocol)
-                stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
-                return
-            if not isinstance(response, (bytes, bytearray, memoryview)) or not len(response):
-                log.error("handler for %s returned %r, not 1 or more bytes", stream.protocol, type(response).__name__)
-                stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+            if not _usable_response(stream, response):
                 return
             # One frame that fits the window (the usual response): queue it with FIN, no waiting.
             if len(response) > ONE_FRAME or not stream._try_send_last(response):
@@ -694,18 +688,10 @@ class Host:
         self._inline_requests += 1
         try:
             response = handler(stream._conn.peer_id, request)
-        except ProtocolError as exc:
-            stream.reset(exc.code, exc.message)
+        except Exception as exc:
+            _handler_failed(stream, exc)
             return
-        except Exception:
-            log.exception("handler for %s failed", stream.protocol)
-            stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
-            return
-        if not isinstance(response, (bytes, bytearray, memoryview)) or not 1 <= len(response) <= MAX_FRAME_BYTES:
-            if inspect.iscoroutine(response):
-                response.close()  # an async function registered as inline: say so, without a never-awaited warning
-            log.error("inline handler for %s returned %r, not 1 to %d bytes", stream.protocol, type(response).__name__, MAX_FRAME_BYTES)
-            stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+        if not _usable_response(stream, response):
             return
         try:
             if stream._try_send_last(response):
@@ -731,6 +717,26 @@ class Host:
             stream.reset(ErrorCode.INTERNAL, f"internal error serving {stream.protocol}")
         finally:
             self._handler_tasks.discard(stream._task_to_cancel)  # type: ignore[arg-type]
+
+
+def _handler_failed(stream: Stream | UnaryRequest, exc: Exception) -> None:
+    """A unary handler raised: a ProtocolError answers with its code, anything else (logged) INTERNAL."""
+    if isinstance(exc, ProtocolError):
+        stream.reset(exc.code, exc.message)
+        return
+    log.error("handler for %s failed", stream.protocol, exc_info=exc)
+    stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+
+
+def _usable_response(stream: Stream | UnaryRequest, response: object) -> bool:
+    """A handler's return value is a message (1 to MAX_FRAME_BYTES bytes); else log it, answer INTERNAL."""
+    if isinstance(response, (bytes, bytearray, memoryview)) and 1 <= len(response) <= MAX_FRAME_BYTES:
+        return True
+    if inspect.iscoroutine(response):
+        response.close()  # an async function registered as inline: say so, without a never-awaited warning
+    log.error("handler for %s returned %r, not 1 to %d bytes", stream.protocol, type(response).__name__, MAX_FRAME_BYTES)
+    stream.reset(ErrorCode.INTERNAL, f"internal error in the handler for {stream.protocol}")
+    return False
 
 
 def _refused(exc: StreamResetError, received: bool) -> bool:

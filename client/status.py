@@ -30,7 +30,7 @@ from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, decode_message, encode_message
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
-from biopetals.transport.errors import leaf_exceptions
+from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
 
 from .announcements import read_announcements
@@ -221,14 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         config, _ = load_config(args.model)
         model = model_info(args.model, config).dht_prefix
         status = asyncio.run(_run(args, model, int(config.num_hidden_layers)))
-    except (KeyFileError, ProtocolError, OSError, ModelConfigError) as exc:
-        print(f"biopetals-swarm: {exc}", file=sys.stderr)
-        return 2
-    except BaseExceptionGroup as group:  # raised inside the Host's and the DHT's task groups
-        leaves = leaf_exceptions(group)
-        if not all(isinstance(e, (KeyFileError, ProtocolError, OSError)) for e in leaves):
+    except BaseException as exc:  # errors inside the Host's and the DHT's task groups arrive wrapped in a group
+        failures = expected_failures(exc, (KeyFileError, ProtocolError, OSError, ModelConfigError))
+        if failures is None:
             raise
-        for e in leaves:
+        for e in failures:
             print(f"biopetals-swarm: {e}", file=sys.stderr)
         return 2
     print(json.dumps(to_json(status), indent=2) if args.json else format_text(status))

@@ -22,7 +22,7 @@ from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
-from biopetals.transport.errors import leaf_exceptions
+from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
 from . import params
@@ -167,14 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(run(args))
-    except (KeyFileError, ProtocolError, OSError) as e:
-        print(f"biopetals-dht: {e}", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:  # errors raised inside the Host's TaskGroup arrive wrapped
-        leaves = leaf_exceptions(group)
-        if not all(isinstance(e, (KeyFileError, ProtocolError, OSError)) for e in leaves):
+    except BaseException as exc:  # errors raised inside the Host's TaskGroup arrive wrapped in a group
+        failures = expected_failures(exc, (KeyFileError, ProtocolError, OSError))
+        if failures is None:
             raise
-        for e in leaves:
+        for e in failures:
             print(f"biopetals-dht: {e}", file=sys.stderr)
         return 1
 

@@ -33,7 +33,7 @@ from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
-from biopetals.transport.errors import leaf_exceptions
+from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
 
 DEFAULT_PORT = 31337
@@ -146,14 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         asyncio.run(_main(args))
-    except _EXPECTED as e:
-        print(f"biopetals-node: {e}", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:  # errors inside the Host's TaskGroup arrive wrapped
-        leaves = leaf_exceptions(group)
-        if not all(isinstance(e, _EXPECTED) for e in leaves):
+    except BaseException as exc:  # errors inside the Host's TaskGroup arrive wrapped in a group
+        failures = expected_failures(exc, _EXPECTED)
+        if failures is None:
             raise
-        for e in leaves:
+        for e in failures:
             print(f"biopetals-node: {e}", file=sys.stderr)
         return 1
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 from biopetals.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
-    "leaf_exceptions",
+    "expected_failures",
     "TransportError",
     "ConnectionClosedError",
     "DeadlineExceeded",
@@ -70,10 +70,15 @@ def stream_reset_error(code: int, reason: str, *, by_peer: bool = True) -> Strea
     return StreamResetError(code, reason or "stream reset", by_peer=by_peer)
 
 
-def leaf_exceptions(group: BaseExceptionGroup) -> list[BaseException]:
-    """The exceptions inside ``group`` and its nested groups (a Host's or a DHT's task group
-    wraps what fails inside ``async with``), for command lines that report them one by one."""
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(leaf_exceptions(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+def expected_failures(exc: BaseException, expected: tuple[type[BaseException], ...]) -> list[BaseException] | None:
+    """What a command line reports for ``exc``: ``exc`` itself, or every exception inside it when it
+    is an exception group (a Host's or a DHT's task group wraps what fails inside ``async with``),
+    provided each is one of ``expected``; None if anything else is there (a bug: let it raise)."""
+    leaves = _leaves(exc)
+    return leaves if all(isinstance(e, expected) for e in leaves) else None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for e in exc.exceptions for leaf in _leaves(e)]

@@ -8,38 +8,17 @@ biopetals.client therefore set ``OMP_WAIT_POLICY=PASSIVE`` before torch loads Op
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 
 import torch
 
 from biopetals.node.backend import set_threads
 from biopetals.node.cli import build_parser
-
-# Records OMP_WAIT_POLICY at the moment torch is first imported (libgomp reads it then).
-_PROBE = """
-import os, sys
-seen = []
-class Hook:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
-        return None
-sys.meta_path.insert(0, Hook())
-import {module}
-print(seen[0] if seen else "torch not imported")
-"""
-
+from support_env import env_when_imported
 
 def _policy_when_torch_loads(module: str, env_policy: str | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if env_policy is not None:
-        env["OMP_WAIT_POLICY"] = env_policy
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(module=module)], env=env, capture_output=True,
-                         text=True, timeout=120, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    """OMP_WAIT_POLICY when ``module`` first imports torch (libgomp reads it then)."""
+    return env_when_imported(module, "torch", "OMP_WAIT_POLICY", env_policy)
 
 
 def test_node_cli_sets_passive_wait_policy_before_torch_loads() -> None:

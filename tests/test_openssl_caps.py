@@ -9,34 +9,13 @@ must be set before that import - checked here in a fresh interpreter per entry p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-# Records OPENSSL_ia32cap at the moment cryptography's Rust extension (with OpenSSL) is imported.
-_PROBE = """
-import os, sys
-seen = []
-class Hook:
-    def find_spec(self, name, path=None, target=None):
-        if name == "cryptography.hazmat.bindings._rust" and not seen:
-            seen.append(os.environ.get("OPENSSL_ia32cap"))
-        return None
-sys.meta_path.insert(0, Hook())
-import {module}
-print(seen[0] if seen else "cryptography not imported")
-"""
-
+from support_env import env_when_imported
 
 def _caps_when_openssl_loads(module: str, env_caps: str | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_ia32cap"}
-    if env_caps is not None:
-        env["OPENSSL_ia32cap"] = env_caps
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(module=module)], env=env, capture_output=True,
-                         text=True, timeout=120, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    """OPENSSL_ia32cap when ``module`` first imports cryptography's Rust extension (with OpenSSL)."""
+    return env_when_imported(module, "cryptography.hazmat.bindings._rust", "OPENSSL_ia32cap", env_caps)
 
 
 @pytest.mark.parametrize("module", ["biopetals.node.cli", "biopetals.client", "biopetals.dht.cli", "biopetals.transport.keygen"])

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import MissingBlocksError, SwarmError  # noqa: E402
+from .generation_contract import UnsupportedTransformersError  # noqa: E402
 from .model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RemoteCache  # noqa: E402
 from .routing import ServerSpan, find_route  # noqa: E402
 from .session import InferenceSession  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "ClientConfig",
     "MissingBlocksError",
     "SwarmError",
+    "UnsupportedTransformersError",
     "ServerSpan",
     "find_route",
 ]

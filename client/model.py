@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache
@@ -44,6 +45,8 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
 
+from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
+                                  generate_total_length, output_cache_field, pop_cache)
 from .remote_forward import remote_blocks
 from .session import InferenceSession
 from .swarm import ClientConfig, RemoteSwarm
@@ -107,7 +110,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.swarm = swarm
         self._session: InferenceSession | None = None
-        self._owned: list[InferenceSession] = []
+        self._generating: RemoteCache | None = None  # the cache of the generate() call running now
         self.last_route: list[list[tuple[str, int, int]]] = []
 
     # ------------------------------------------------------------------ construction
@@ -196,32 +199,45 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     def active_session(self) -> InferenceSession | None:
         return self._session
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length) -> None:
-        if isinstance(model_kwargs.get("past_key_values"), RemoteCache):
-            return
-        if model_kwargs.get("past_key_values") is not None:
-            raise ValueError("past_key_values of this model must be a RemoteCache (or none)")
-        if generation_config.use_cache is False:
-            return
-        if self._session is not None:
-            model_kwargs["past_key_values"] = RemoteCache(self._session)
-            return
-        session = InferenceSession(self.swarm, max_length=max(int(max_cache_length), 1) + 1)
-        self._owned.append(session)
-        model_kwargs["past_key_values"] = RemoteCache(session, owned=True)
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs: Any):  # type: ignore[override]
+        """transformers' ``generate``, with the KV caches on the nodes; beam search is not supported.
 
-    def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        """transformers' ``generate``; beam search is not supported."""
-        if int(kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", 1) or 1) > 1:
+        The ``RemoteCache`` goes to transformers as a user-defined cache under the keyword
+        this transformers uses (``generation_contract.cache_keyword``): its public contract,
+        no private generate internals overridden. Outside ``inference_session()`` a session
+        is opened for this call, sized for the prompt plus the new tokens, and closed after.
+        """
+        beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
+        if int(beams or 1) > 1:
             raise ValueError("beam search (num_beams > 1) is not supported over the swarm; use greedy or sampling")
+        cache = pop_cache(kwargs)
+        if cache is not None and not isinstance(cache, RemoteCache):
+            raise TypeError(f"the cache of a distributed model must be a RemoteCache, not {type(cache).__name__}: "
+                            "its keys and values live on the nodes")
+        use_cache = kwargs.get("use_cache", getattr(generation_config or self.generation_config, "use_cache", True))
+        owned = None
+        if cache is None and use_cache is not False:
+            if self._session is not None:
+                cache = RemoteCache(self._session)
+            else:
+                prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+                if prompt is None:
+                    raise ValueError("generate() over the swarm needs a prompt (input_ids or inputs_embeds)")
+                length = generate_total_length(self.generation_config, int(prompt.shape[1]), generation_config,
+                                               kwargs)
+                owned = InferenceSession(self.swarm, max_length=length)
+                cache = RemoteCache(owned, owned=True)
+        if cache is not None:
+            kwargs[cache_keyword()] = cache
+        self._generating = cache
         try:
-            return super().generate(*args, **kwargs)
+            return super().generate(inputs, generation_config, **kwargs)
         finally:
-            owned, self._owned = self._owned, []
-            for session in owned:
-                self.last_route = session.route
-                session.close()
+            self._generating = None
+            if owned is not None:
+                self.last_route = owned.route
+                owned.close()
             if self._session is not None:
                 self.last_route = self._session.route
 
@@ -232,22 +248,38 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache_position: torch.LongTensor | None = None,
+        cache: RemoteCache | None = None,
+        past_key_values: RemoteCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Logits (and the loss with ``labels``); through the session of a ``RemoteCache``, else stateless.
+
+        The cache comes as ``cache=`` or ``past_key_values=`` (transformers' old and new
+        names). Keywords this model does not understand raise instead of being ignored.
+        """
+        cache = pop_cache({"cache": cache, "past_key_values": past_key_values})
+        loss_kwargs = check_forward_kwargs(type(self).__name__, kwargs)
+        if cache is not None and not isinstance(cache, RemoteCache):
+            raise TypeError(f"the cache of a distributed model must be a RemoteCache, not {type(cache).__name__}")
+        if cache is None and self._generating is not None:
+            # generate() was handed a RemoteCache but called us without it: it would decode every
+            # step statelessly on the newest token alone, a wrong answer that looks right.
+            raise UnsupportedTransformersError(
+                f"generate() called forward() without the RemoteCache it was given (transformers "
+                f"{transformers.__version__} passes the cache under a name this client does not know); "
+                "install the versions of constraints.txt")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        if isinstance(past_key_values, RemoteCache):
-            hidden = past_key_values.session.step(inputs_embeds, attention_mask)
-            hidden = hidden.to(inputs_embeds.dtype)
-        elif past_key_values is not None:
-            raise ValueError("past_key_values of this model must be a RemoteCache (or none)")
+        self._check_positions(cache, inputs_embeds.shape[1], attention_mask, position_ids, cache_position)
+        if cache is not None:
+            hidden = cache.session.step(inputs_embeds, attention_mask).to(inputs_embeds.dtype)
         else:
             hidden = self._stateless(inputs_embeds, attention_mask)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -257,8 +289,26 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(self.model.norm(hidden))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{output_cache_field(): cache})
+
+    @staticmethod
+    def _check_positions(cache: RemoteCache | None, new_tokens: int, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None, cache_position: torch.Tensor | None) -> None:
+        """Positions the caller passes must be those the nodes derive (spec/messages.md §5.6)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        columns = torch.arange(past, past + new_tokens).unsqueeze(0)
+        check_positions("cache_position", cache_position, columns[0], None)
+        if position_ids is None:
+            return
+        if attention_mask is not None and cache is not None:
+            # a session's nodes number the tokens of each row as generate() does: cumsum(mask) - 1
+            mask = attention_mask.long()
+            check_positions("position_ids", position_ids, (mask.cumsum(-1) - 1)[:, -new_tokens:],
+                            mask[:, -new_tokens:])
+        else:
+            valid = None if attention_mask is None else attention_mask[:, -new_tokens:]
+            check_positions("position_ids", position_ids, columns, valid)
 
     def _stateless(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Forward through all blocks without a session; the padding mask travels with the batch

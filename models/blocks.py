@@ -46,8 +46,13 @@ from transformers.masking_utils import create_causal_mask
 
 from biopetals.models.checkpoint import CheckpointIndex, load_block_state
 from biopetals.models.config import ArchSpec, ModelConfigError, check_architecture, load_config
+from biopetals.models.transformers_contract import cache_keyword_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# the keyword create_causal_mask takes the cache under in this transformers (models/transformers_contract.py)
+_MASK_CACHE_KEYWORD = cache_keyword_of(create_causal_mask)
 
 
 class SpanInputError(ValueError):
@@ -156,6 +161,8 @@ class BlockSpan(nn.Module):
         self.device = device
         self.hidden_size = int(config.hidden_size)
         self.max_length = max_positions(config)
+        # the keyword this transformers' decoder layer takes its KV cache under (refused if none)
+        self.cache_keyword = cache_keyword_of(type(layers[0]).forward)
 
     # ---------------------------------------------------------------- loading
 
@@ -268,8 +275,8 @@ class BlockSpan(nn.Module):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=padding,
-            past_key_values=kv,
             position_ids=position_ids,
+            **{_MASK_CACHE_KEYWORD: kv},
         )
         position_embeddings = self.rotary(hidden, position_ids)
         for j, layer in enumerate(self.layers):
@@ -280,9 +287,9 @@ class BlockSpan(nn.Module):
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=kv,
                 use_cache=kv is not None,
                 position_embeddings=position_embeddings,
+                **{self.cache_keyword: kv},
             )
         if cache is not None:
             cache.length += length
@@ -450,9 +457,9 @@ def batched_decode_step(span: BlockSpan, hiddens: list[torch.Tensor], caches: li
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=kv,
                 use_cache=True,
                 position_embeddings=position_embeddings,
+                **{span.cache_keyword: kv},
             )
     outs = []
     for cache, r, full in zip(caches, rows, masks):

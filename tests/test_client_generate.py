@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from biopetals.client import AutoDistributedModelForCausalLM, MissingBlocksError
 from biopetals.client.local_swarm import LocalSwarm
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
 
 NEW_TOKENS = 64
 

@@ -11,7 +11,7 @@ from biopetals.client.local_swarm import LocalSwarm
 
 from biopetals.models.smollm2 import smollm2_path
 
-pytestmark = [pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.exactness]
 
 NEW_TOKENS = 64
 KWARGS = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True,

@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from biopetals.models.blocks import BlockSpan, SpanInputError, kv_cache_bytes
 from biopetals.models.client_parts import ClientParts
+from biopetals.models.transformers_contract import cache_keyword_of
 from support_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.exactness
 
 N_LAYERS = 8
 TOL = 1e-5
@@ -51,7 +54,7 @@ def test_kv_cache_prefill_and_20_decode_steps_match_reference(checkpoint):
     worst = 0.0
     with torch.no_grad():
         for step in range(21):
-            ref = model(ids, past_key_values=ref_cache, use_cache=True, output_hidden_states=True)
+            ref = model(ids, use_cache=True, output_hidden_states=True, **{cache_keyword_of(model.forward): ref_cache})
             h0 = head.embed(ids)
             h3 = spans[0].inference_step(h0, caches[0])
             h8 = spans[1].inference_step(h3, caches[1])
@@ -163,7 +166,8 @@ def test_left_padded_batch_with_cache_matches_reference(llama_checkpoint):
     real = mask.bool()
     with torch.no_grad():
         for step in range(6):
-            ref = model(ids, attention_mask=mask, position_ids=positions, past_key_values=ref_cache, use_cache=True)
+            ref = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_keyword_of(model.forward): ref_cache})
             new_mask = mask[:, -ids.shape[1]:]
             out = span.inference_step(head.embed(ids), cache, position_ids=positions, attention_mask=new_mask)
             logits = head.logits(out)

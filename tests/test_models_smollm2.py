@@ -16,6 +16,9 @@ from biopetals.models.blocks import BlockSpan
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import model_info
 from biopetals.models.smollm2 import gguf_path, smollm2_path
+from biopetals.models.transformers_contract import cache_keyword_of
+
+pytestmark = pytest.mark.exactness
 
 QUESTION = [{"role": "user", "content": "What is the function of ribosomes in a cell?"}]
 
@@ -64,7 +67,7 @@ def test_spans_with_cache_match_transformers(converted):
     worst = 0.0
     with torch.no_grad():
         for _ in range(21):
-            ref = model(ids, past_key_values=ref_cache, use_cache=True, output_hidden_states=True)
+            ref = model(ids, use_cache=True, output_hidden_states=True, **{cache_keyword_of(model.forward): ref_cache})
             h12 = spans[0].inference_step(head.embed(ids), caches[0])
             logits = head.logits(spans[1].inference_step(h12, caches[1]))
             worst = max(worst, (h12 - ref.hidden_states[12]).abs().max().item(),

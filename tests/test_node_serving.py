@@ -23,6 +23,7 @@ from support_models import make_tiny_checkpoint
 from support_swarm import RawClient, Swarm
 
 from biopetals.models.config import model_info
+from biopetals.models.transformers_contract import cache_keyword_of
 from biopetals.protocol.messages import (
     Backward,
     BackwardResult,
@@ -158,6 +159,7 @@ async def _session_steps(client, addr, model, start, end, inputs, codec="f32"):
     return torch.cat(outs, dim=1)
 
 
+@pytest.mark.exactness
 def test_inference_fp32_matches_transformers(two_nodes, reference, checkpoint, capsys):
     swarm, a, _ = two_nodes
     _, hidden_states, outputs = reference
@@ -173,6 +175,7 @@ def test_inference_fp32_matches_transformers(two_nodes, reference, checkpoint, c
     assert diff <= 1e-5
 
 
+@pytest.mark.exactness
 def test_push_between_two_nodes(two_nodes, reference, checkpoint):
     """Client -> A (blocks 0:4) -> push -> B (4:8): B's StepResult reaches the client on B's stream."""
     swarm, a, b = two_nodes
@@ -202,6 +205,7 @@ def test_push_between_two_nodes(two_nodes, reference, checkpoint):
     assert (out_b - outputs[7][:, :n]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.exactness
 def test_forward_backward_match_autograd(two_nodes, reference, checkpoint):
     """Stateless forward/backward over blocks 1:3 with deep prompts, against autograd through the local layers."""
     swarm, a, _ = two_nodes
@@ -218,7 +222,8 @@ def test_forward_backward_match_autograd(two_nodes, reference, checkpoint):
     emb = model.model.rotary_emb(xr, pos)
     from transformers.masking_utils import create_causal_mask
 
-    mask = create_causal_mask(config=model.config, inputs_embeds=xr, attention_mask=None, past_key_values=None, position_ids=pos)
+    mask = create_causal_mask(config=model.config, inputs_embeds=xr, attention_mask=None, position_ids=pos,
+                              **{cache_keyword_of(create_causal_mask): None})
     h = xr
     for j, layer in enumerate(model.model.layers[1:3]):
         h = torch.cat([h[:, :3] + pr[j], h[:, 3:]], dim=1)
@@ -272,6 +277,7 @@ def test_32_concurrent_sessions_make_progress(two_nodes, reference, checkpoint):
         assert (out - outputs[3][:, :steps]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.exactness
 def test_concurrent_decode_steps_are_batched_and_exact(tmp_path, reference, checkpoint):
     """12 sessions with caches of different lengths decode at once on a fresh node: their
     steps share batched calls (the node prints its batching counters when it stops) and

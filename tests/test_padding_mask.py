@@ -17,6 +17,8 @@ from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProto
 from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import Forward, Step, decode_message, encode_message
 
+pytestmark = pytest.mark.exactness
+
 HIDDEN = torch.zeros(2, 3, 4)
 
 

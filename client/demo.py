@@ -11,7 +11,10 @@ What it does:
 3. loads the client (embeddings, final norm, LM head only), finds a route through
    the DHT, and asks the question with the model's chat template, streaming the
    answer token by token;
-4. prints tokens/s and which peer served which blocks, then stops the nodes
+4. prints tokens/s and which peer served which blocks;
+5. checks the answer: with greedy decoding, its first ``--check-tokens`` tokens must
+   equal local transformers' own greedy output on the same checkpoint (exit status 1
+   if not), so a wrong answer never looks like a slow one; then stops the nodes
    (also on Ctrl-C).
 """
 
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for --sample (default 0)")
     p.add_argument("--codec", choices=["f16", "f32", "bf16"], default="f16",
                    help="activation codec on the wire (default f16; f32 is lossless)")
+    p.add_argument("--check-tokens", type=int, default=16,
+                   help="compare the first N greedy tokens with local transformers on the same checkpoint "
+                   "(default 16; 0 skips the check; not done with --sample)")
     p.add_argument("--model", default=None, help="a checkpoint directory to use instead of the bundled SmolLM2")
     p.add_argument("-v", "--verbose", action="store_true", help="log routing and failover decisions")
     return p
@@ -117,7 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted: nodes stopped.", file=sys.stderr)
         return 130
-    return 0
+    if args.sample or args.check_tokens <= 0:
+        return 0
+    return 0 if check_against_transformers(path, ids, out, kwargs["pad_token_id"], args.check_tokens) else 1
+
+
+def check_against_transformers(path, ids, out, pad_token_id: int, n_tokens: int) -> bool:
+    """Greedy tokens of the swarm against transformers' own model run locally (fp32), first ``n_tokens``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = ids["input_ids"].shape[1]
+    n = min(n_tokens, out.shape[1] - prompt)
+    print(f"Checking the first {n} tokens against transformers' own model on this machine ...", flush=True)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = local.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=pad_token_id)
+    ours, theirs = out[0, prompt:prompt + n].tolist(), ref[0, prompt:prompt + n].tolist()
+    if ours == theirs:
+        print(f"Check passed: the first {n} tokens equal local transformers.")
+        return True
+    first = next(i for i, (a, b) in enumerate(zip(ours + [None] * n, theirs + [None] * n)) if a != b)
+    print(f"CHECK FAILED: the swarm's answer differs from local transformers at token {first}: "
+          f"swarm {ours}, local {theirs}", file=sys.stderr)
+    return False
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ blocks ``[0, N)`` are remote. The class is a ``PreTrainedModel`` with
 ``GenerationMixin``, so ``generate()`` is transformers' own: greedy, sampling,
 repetition penalty, stopping criteria, streamers, batches with left padding.
 
-How it plugs into ``generate()`` (transformers 5.x): generate asks the model to
-prepare its cache (``_prepare_cache_for_generation``); we hand it a
-``RemoteCache`` - a ``Cache`` that holds no tensors, only an ``InferenceSession``
-and the number of tokens that session has taken in this call. generate then runs
-prefill and one token per step; each ``forward`` sends the new tokens' embeddings
-through the session (KV caches live on the nodes) and computes logits locally.
+How it plugs into ``generate()`` (transformers 5.x, through its public cache contract
+only; see ``generation_contract``): ``generate()`` here opens an ``InferenceSession``
+sized for the prompt plus the new tokens and hands transformers a ``RemoteCache`` - a
+``Cache`` that holds no tensors, only the session and the number of tokens it has taken
+in this call - as a user-defined cache, under the keyword this transformers uses
+(``past_key_values``, or ``cache`` since 5.24). generate then runs prefill and one token
+per step; each ``forward`` sends the new tokens' embeddings through the session (KV caches
+live on the nodes) and computes logits locally. ``forward`` takes the cache under either
+name and raises on anything it does not understand, and if generate ever calls it without
+the cache it was given, it raises instead of decoding statelessly.
 A padded batch runs as one session: each step carries the padding mask of its new
 tokens (spec/messages.md §8.1) and the nodes derive positions from it exactly as
 generate() does, ``cumsum(attention_mask) - 1`` (§5.6).

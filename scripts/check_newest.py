@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True)
     versions = dict(line.split("==", 1) for line in listed.stdout.splitlines() if "==" in line)
     print("Installed:", ", ".join(f"{n} {versions[n]}" for n in SHOWN if n in versions), flush=True)
-    for name in WATCHED:
+    pinned = {re.match(r"[A-Za-z0-9_.\-]+", r).group(0).lower() for r in args.pin}
+    for name in (n for n in WATCHED if n not in pinned):
         newest = newest_on_index(py, name)
         if newest and name in versions and newest != versions[name]:
             print(f"note: {name} {newest} is the newest on the index but {versions[name]} installed "

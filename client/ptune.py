@@ -81,6 +81,16 @@ class PromptTuningMixin:
         super().__init__(*args, **kwargs)
         self.tuning: PromptTuning | None = None
 
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike, *, tuning_mode: str | None = None,
+                        pre_seq_len: int = 0, **kwargs: Any):
+        """The distributed class's ``from_pretrained``, then ``init_prompts(tuning_mode, pre_seq_len)``."""
+        if tuning_mode is not None:  # refuse a bad mode before connecting
+            check_tuning(tuning_mode, pre_seq_len)
+        model = super().from_pretrained(path_or_name, **kwargs)  # type: ignore[misc]
+        model.init_prompts(tuning_mode, pre_seq_len)
+        return model
+
     def init_prompts(self, tuning_mode: str | None, pre_seq_len: int = 0) -> None:
         """Freeze the client's weights and add trainable prompts (no-op without a tuning mode)."""
         if not tuning_mode:
@@ -114,15 +124,6 @@ class PromptTuningMixin:
 class DistributedLlamaForCausalLMWithPrompts(PromptTuningMixin, DistributedLlamaForCausalLM):
     """``DistributedLlamaForCausalLM`` with trainable prompts; what
     ``AutoDistributedModelForCausalLM.from_pretrained(..., tuning_mode=..., pre_seq_len=P)`` returns."""
-
-    @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike, *, tuning_mode: str | None = None,  # type: ignore[override]
-                        pre_seq_len: int = 0, **kwargs: Any) -> "DistributedLlamaForCausalLMWithPrompts":
-        if tuning_mode is not None:  # refuse a bad mode before connecting
-            check_tuning(tuning_mode, pre_seq_len)
-        model = super().from_pretrained(path_or_name, **kwargs)
-        model.init_prompts(tuning_mode, pre_seq_len)
-        return model  # type: ignore[return-value]
 
     def forward(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         # the cache keyword is ``past_key_values`` before transformers 5.x's rename to ``cache``

@@ -72,8 +72,11 @@ class Encoder:
         self.end = tok.eos_token or ""
 
     def question(self, q: str) -> list[int]:
-        text = self.tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                            tokenize=False)
+        if self.tok.chat_template:
+            text = self.tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                tokenize=False)
+        else:  # a base model's tokenizer (or a test's): plain text
+            text = f"Question: {q}\nAnswer: "
         return self.tok(text, add_special_tokens=False).input_ids
 
     def batch(self, pairs: list[tuple[str, str]]):

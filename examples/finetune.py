@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "biomed_qa.tsv"
-SHOWN = 3  # held-out questions answered before and after training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DATA, help="question<TAB>answer file (default: the bundled set)")
     p.add_argument("--out", type=Path, default=Path("biomed_prompts.pt"), help="where to save the trained prompts")
     p.add_argument("--model", default=None, help="a checkpoint directory to use instead of the bundled SmolLM2")
+    p.add_argument("--show", type=int, default=3,
+                   help="held-out questions answered (greedy) before and after training (default 3; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="random seed: prompt init and batch order (default 0)")
     return p
 
@@ -131,10 +132,10 @@ def greedy_answer(model, enc: Encoder, question: str, max_tokens: int = 24) -> s
     return enc.tok.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
-def show(model, enc: Encoder, pairs, batch_size: int, when: str) -> float:
+def show(model, enc: Encoder, pairs, batch_size: int, when: str, answers: int) -> float:
     loss, acc = evaluate(model, enc, pairs, batch_size)
     print(f"\n{when}: held-out answer loss {loss:.3f}, token accuracy {acc:.1%} ({len(pairs)} questions)")
-    for q, a in pairs[:SHOWN]:
+    for q, a in pairs[:answers]:
         print(f"  Q: {q}\n     expected: {a}\n     model:    {greedy_answer(model, enc, q)}")
     return loss
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainable = [p for p in model.parameters() if p.requires_grad]
                 print(f"Training {sum(p.numel() for p in trainable):,} prompt parameters ({args.mode}, "
                       f"{args.pre_seq_len} positions); the model's weights stay frozen.")
-                before = show(model, enc, held_out, args.batch_size, "Before training")
+                before = show(model, enc, held_out, args.batch_size, "Before training", args.show)
                 opt = torch.optim.AdamW(trainable, lr=args.lr)
                 t0 = time.monotonic()
                 bar = tqdm(range(1, args.steps + 1), desc="prompt tuning", unit="step")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.monotonic() - t0
                 print(f"{args.steps} steps in {elapsed:.1f} s ({args.steps / elapsed:.2f} steps/s, "
                       f"forward + backward through {len(spans)} nodes)")
-                after = show(model, enc, held_out, args.batch_size, "After training")
+                after = show(model, enc, held_out, args.batch_size, "After training", args.show)
                 torch.save(model.prompt_state(), args.out)
                 print(f"\nHeld-out loss {before:.3f} -> {after:.3f}. Trained prompts saved to {args.out}")
     except KeyboardInterrupt:

@@ -52,12 +52,12 @@ def test_example_trains_over_a_local_swarm_and_saves_prompts(tmp_path):
     out = tmp_path / "prompts.pt"
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--model", str(ckpt), "--nodes", "2", "--steps", "3", "--batch-size", "4",
-         "--pre-seq-len", "4", "--codec", "f32", "--data", str(data), "--out", str(out)],
+         "--pre-seq-len", "4", "--codec", "f32", "--show", "1", "--data", str(data), "--out", str(out)],
         capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     text = result.stdout + result.stderr
     for line in ("step   1: loss", "step   3: loss", "Before training: held-out answer loss",
-                 "After training: held-out answer loss", "Trained prompts saved"):
+                 "After training: held-out answer loss", "     model:", "Trained prompts saved"):
         assert line in text, text[-3000:]
     state = torch.load(out)
     assert state["tuning_mode"] == "deep_ptune" and state["pre_seq_len"] == 4

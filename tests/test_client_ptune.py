@@ -148,3 +148,23 @@ def test_prompts_longer_than_the_sequence_are_refused(checkpoint, swarm):
         hidden = torch.zeros(1, 2, 64)
         with pytest.raises(ValueError, match="3 prompt positions for 2 tokens"):
             remote_blocks(model.swarm, hidden, None, torch.zeros(8, 1, 3, 64))
+
+
+def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
+    """generate(use_cache=False) recomputes statelessly with the prompts: transformers' greedy tokens
+    with the same prompts inserted (prompts that change the output, so ignoring them would fail)."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("DNA is", return_tensors="pt").input_ids
+    torch.manual_seed(6)
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        with torch.no_grad():
+            model.tuning.prompts.normal_(0, 1.0)
+            model.tuning.deep.normal_(0, 1.0)
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
+        x = ids
+        with torch.no_grad():
+            for _ in range(6):
+                logits = with_prompts(reference, x, None, model.tuning.prompts, model.tuning.deep).logits
+                x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            plain = reference.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(out, x)
+    assert not torch.equal(out, plain)

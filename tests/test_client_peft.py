@@ -2,7 +2,8 @@
 
 The same ``LoraConfig`` wraps the distributed model and transformers' own model of the
 same tiny checkpoint (their LoRA weights made equal); gradients of every LoRA tensor and
-a 10-step AdamW loss curve must agree (f32 activations). LoRA on the blocks' own modules
+a 10-step AdamW loss curve must agree (f32 activations), and peft's ``save_pretrained`` /
+``PeftModel.from_pretrained`` round trip onto a fresh distributed model. LoRA on the blocks' own modules
 (``q_proj``, ...) cannot be applied on the client, which does not hold them: peft says so.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from support_finetune import relative_error
 from support_models import make_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +39,7 @@ def lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"], lora_dropout=0.0)
 
 
-def test_lora_on_client_modules_trains_like_transformers(checkpoint, swarm):
+def test_lora_on_client_modules_trains_like_transformers(checkpoint, swarm, tmp_path):
     tok = AutoTokenizer.from_pretrained(checkpoint)
     tok.padding_side = "left"
     enc = tok(TEXTS, return_tensors="pt", padding=True)
@@ -74,6 +75,16 @@ def test_lora_on_client_modules_trains_like_transformers(checkpoint, swarm):
             ref_opt.step()
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-4, (losses, ref_losses)
         assert losses[-1] < losses[0]
+        # saved with peft and loaded onto a fresh distributed model: the same outputs
+        ours.save_pretrained(tmp_path / "lora")
+        with torch.no_grad():
+            trained = ours(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        with AutoDistributedModelForCausalLM.from_pretrained(
+                checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32") as fresh:
+            with torch.no_grad():
+                loaded = PeftModel.from_pretrained(fresh, tmp_path / "lora")(
+                    input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        assert torch.equal(trained, loaded)
         # the blocks are remote: LoRA on their modules is refused by peft
         with pytest.raises(ValueError, match="q_proj"):
             get_peft_model(base, LoraConfig(target_modules=["q_proj"]))

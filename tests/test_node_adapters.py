@@ -152,3 +152,18 @@ def test_client_asking_for_an_adapter_nobody_serves_finds_no_route(checkpoint, s
     with connect(checkpoint, swarm, "absent") as model:
         with pytest.raises(MissingBlocksError):
             model(ids_of(checkpoint))
+
+
+def test_announcements_list_the_adapters(checkpoint, swarm):
+    """``biopetals-swarm`` reads the announcements: both adapter nodes list them, the third none."""
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "biopetals.client.status", "--model", str(checkpoint), "--swarm-key",
+            str(swarm.key_path), "--initial-peers", swarm.nodes[0].addr]
+    done = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    adapters = {n["peer_id"]: n["adapters"] for n in json.loads(done.stdout)["nodes"]}
+    assert adapters == {swarm.nodes[0].peer_id: ["bio", "other"], swarm.nodes[1].peer_id: ["bio", "other"],
+                        swarm.nodes[2].peer_id: []}

@@ -135,6 +135,13 @@ def test_training_loss_curve_equals_local_run(checkpoint, swarm, reference, batc
             ref_loss.backward()
             ref_opt.step()
             theirs.append(ref_loss.item())
+        state = model.prompt_state()
+        with torch.no_grad():
+            trained = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with connect(checkpoint, swarm, mode) as fresh:  # trained prompts saved and loaded into another client
+        fresh.load_prompt_state(state)
+        with torch.no_grad():
+            assert fresh(input_ids=ids, attention_mask=mask, labels=labels).loss.item() == trained.item()
     diffs = [abs(a - b) for a, b in zip(ours, theirs)]
     print(f"{mode}: loss {ours[0]:.4f} -> {ours[-1]:.4f}; max per-step diff {max(diffs):.2e}")
     assert ours[-1] < ours[0] - 0.1  # it learns

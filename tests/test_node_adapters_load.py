@@ -107,3 +107,45 @@ def test_bad_tensors_and_files_are_refused(checkpoint, adapter, tmp_path):
     for text in ("bio", "=x", "bio="):
         with pytest.raises(AdapterError, match="NAME=PATH"):
             parse_adapter_arg(text)
+
+
+def test_batched_decode_never_mixes_adapters(checkpoint, adapter):
+    """Decode steps of sessions with different adapters queue together but run apart; the same
+    adapter batches. Each result equals the session's own step run alone."""
+    import asyncio
+    import time
+
+    from biopetals.node.backend import Backend
+
+    s, adapters = span(checkpoint, 0, 8), AdapterSet()
+    load(adapters, s, adapter)
+    backend = Backend(s, adapters=adapters)
+    torch.manual_seed(0)
+    prefill, step = torch.randn(1, 3, 64), torch.randn(1, 1, 64)
+    plan = ["bio", None, "bio", None]
+
+    def alone(name):
+        cache = s.allocate_cache(1, 8)
+        backend.step(s, cache, prefill, None, "f32", None, name)
+        return backend.step(s, cache, step, None, "f32", None, name)
+
+    expected = [alone(name) for name in plan]
+    caches = [s.allocate_cache(1, 8) for _ in plan]
+    for cache, name in zip(caches, plan):
+        backend.step(s, cache, prefill, None, "f32", None, name)
+
+    async def together():
+        busy = asyncio.ensure_future(backend.run(time.sleep, 0.5))  # the worker is busy: all four steps queue
+        await asyncio.sleep(0.1)
+        outs = await asyncio.gather(*(backend.run_step(s, c, step, None, "f32", None, name)
+                                      for c, name in zip(caches, plan)))
+        await busy
+        return outs
+
+    try:
+        outs = asyncio.run(together())
+    finally:
+        backend.shutdown()
+    for name, out, want in zip(plan, outs, expected):
+        assert (out - want).abs().max().item() <= 1e-5, name
+    assert backend.stats.batched_calls == 2 and backend.stats.largest_batch == 2  # bio+bio, base+base

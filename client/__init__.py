@@ -18,6 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .errors import MissingBlocksError, SwarmError  # noqa: E402
 from .generation_contract import UnsupportedTransformersError  # noqa: E402
 from .model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RemoteCache  # noqa: E402
+from .ptune import DistributedLlamaForCausalLMWithPrompts  # noqa: E402
+from .classification import DistributedLlamaForSequenceClassification  # noqa: E402
 from .routing import ServerSpan, find_route  # noqa: E402
 from .session import InferenceSession  # noqa: E402
 from .swarm import ClientConfig  # noqa: E402
@@ -25,6 +27,8 @@ from .swarm import ClientConfig  # noqa: E402
 __all__ = [
     "AutoDistributedModelForCausalLM",
     "DistributedLlamaForCausalLM",
+    "DistributedLlamaForCausalLMWithPrompts",
+    "DistributedLlamaForSequenceClassification",
     "RemoteCache",
     "InferenceSession",
     "ClientConfig",

@@ -20,6 +20,7 @@ _HINTS = {
     ErrorCode.BUSY: "the node is overloaded",
     ErrorCode.TIMEOUT: "the node did not answer in time",
     ErrorCode.MODEL_MISMATCH: "the node serves another model: check the model path/name matches the swarm's",
+    ErrorCode.UNKNOWN_ADAPTER: "the node does not hold this adapter (stale announcement)",
     ErrorCode.BLOCKS_NOT_SERVED: "the node no longer serves these blocks (stale announcement)",
     ErrorCode.SWARM_KEY_MISMATCH: "wrong swarm key: pass the swarm's key file as swarm_key=",
     ErrorCode.CONNECTION_CLOSED: "the connection to the node was lost",

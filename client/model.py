@@ -328,4 +328,8 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any) -> DistributedLlamaForCausalLM:
         # Llama, Mistral and Qwen2 share the client side (embeddings, RMS norm, head);
         # load_config has already refused unsupported architectures.
+        if kwargs.get("tuning_mode"):  # trainable prompts: client/ptune.py
+            from .ptune import DistributedLlamaForCausalLMWithPrompts
+            return DistributedLlamaForCausalLMWithPrompts.from_pretrained(path_or_name, **kwargs)
+        kwargs.pop("tuning_mode", None)
         return DistributedLlamaForCausalLM.from_pretrained(path_or_name, **kwargs)

@@ -68,6 +68,7 @@ class ServerSpan:
     forward_tps: float = 0.0  # batched forward tokens/s; 0 = unknown
     cache_tokens_left: int = 1 << 62
     online: bool = True
+    adapters: tuple[str, ...] = ()  # server-side adapters it holds (spec/messages.md §6.3)
 
     @property
     def n_blocks(self) -> int:

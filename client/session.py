@@ -109,7 +109,7 @@ class ChainSession:
         cfg = self.swarm.config
         return await SpanSession.open(self.swarm.host, r.server, r.start, r.end, model=self.swarm.model_name,
                                       max_length=self.max_length, batch_size=self.batch_size, codec=cfg.codec,
-                                      timeout=cfg.connect_timeout)
+                                      timeout=cfg.connect_timeout, adapter=cfg.adapter)
 
     async def open(self) -> None:
         self.spans = await self._open_route(0, self.swarm.n_blocks, [])

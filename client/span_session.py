@@ -110,7 +110,7 @@ class SpanSession:
 
     @classmethod
     async def open(cls, host: Host, server: ServerSpan, start: int, end: int, *, model: str, max_length: int,
-                   batch_size: int, codec: str, timeout: float) -> "SpanSession":
+                   batch_size: int, codec: str, timeout: float, adapter: str | None = None) -> "SpanSession":
         """Open a session stream and the session (§5.1); raises ``PeerFailure`` on any failure."""
         session_id = secrets.token_bytes(16)
         stream = None
@@ -118,7 +118,7 @@ class SpanSession:
             async with asyncio.timeout(timeout):
                 stream = await host.open_stream(dial_target(server), PROTOCOL_NAME, timeout=timeout)
                 request = OpenSession(model=model, start=start, end=end, max_length=max_length,
-                                      batch_size=batch_size, codec=codec, session_id=session_id)
+                                      batch_size=batch_size, codec=codec, session_id=session_id, adapter=adapter)
                 await stream.send(encode_message(request))
                 reply = decode_message(await stream.receive(), expected=(SessionOpened, Error))
         except BaseException as exc:

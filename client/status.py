@@ -114,7 +114,7 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
         out: dict[str, Any] = {
             "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": a.state.name, "dtype": a.dtype,
             "quant": a.quant, "version": a.version, "inference_tps": a.inference_tps, "forward_tps": a.forward_tps,
-            "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs),
+            "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs), "adapters": list(a.adapters),
         }
         if n.info is not None:
             out["node_info"] = {k: getattr(n.info, k) for k in
@@ -156,6 +156,9 @@ def format_text(status: SwarmStatus) -> str:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    for n in status.nodes:
+        if n.announcement.adapters:  # server-side LoRA adapters (spec/messages.md §6.3)
+            lines.append(f"  adapters of {n.peer_id}: {', '.join(n.announcement.adapters)}")
     for n in status.nodes:
         if n.info_error is not None:
             lines.append(f"  no NodeInfo from {n.peer_id}: {n.info_error}")

@@ -16,6 +16,7 @@ in client mode bootstrapped from ``initial_peers``. It
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -88,6 +89,9 @@ class ClientConfig:
     ban_cap: float = 300.0
     routing: RoutingParams = field(default_factory=RoutingParams)
     seed: int | None = None  # routing tie-break randomness (None: from the OS)
+    # A server-side adapter (spec/messages.md §6.3) for every session and forward/backward:
+    # routes use only nodes that announce it (an older node would ignore the field).
+    adapter: str | None = None
 
 
 def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
@@ -157,6 +161,7 @@ class RemoteSwarm:
                 peer_id=peer, start=ann.start, end=ann.end, addrs=tuple(ann.addrs),
                 inference_tps=ann.inference_tps, forward_tps=ann.forward_tps,
                 cache_tokens_left=ann.cache_tokens_left, online=ann.state == State.ONLINE,
+                adapters=tuple(ann.adapters),
             )
             for peer, ann in (await read_announcements(self.dht, self.model_name, self.n_blocks)).items()
         }
@@ -205,13 +210,11 @@ class RemoteSwarm:
     async def find_route(self, start: int, end: int, *, needed_cache_tokens: int = 0, force: bool = False,
                          forward: bool = False) -> list[RouteSpan]:
         servers = await self.fetch_servers(force=force)
+        if self.config.adapter is not None:  # never send an adapter to a node that does not list it (§6.3)
+            servers = [s for s in servers if self.config.adapter in s.adapters]
         await self.probe_rtts([s for s in servers if s.start < end and s.end > start])
         if forward:  # stateless calls: rank by batched-forward throughput, ignore cache room
-            servers = [
-                ServerSpan(s.peer_id, s.start, s.end, s.addrs, s.forward_tps or s.inference_tps, s.forward_tps,
-                           s.cache_tokens_left, s.online)
-                for s in servers
-            ]
+            servers = [dataclasses.replace(s, inference_tps=s.forward_tps or s.inference_tps) for s in servers]
             needed_cache_tokens = 0
         return find_route(servers, start, end, now=time.monotonic(), rng=self.rng, rtts=self.rtts(),
                           health=self.health, needed_cache_tokens=needed_cache_tokens,
@@ -253,20 +256,27 @@ class RemoteSwarm:
             raise PeerFailure(server.peer_id, f"{describe_code(reply.code)}: {reply.message}", int(reply.code))
         return reply
 
-    async def forward(self, route: RouteSpan, hidden, codec: str, mask=None):
+    async def forward(self, route: RouteSpan, hidden, codec: str, mask=None, prompts=None):
         request = Forward(model=self.model_name, start=route.start, end=route.end, hidden=hidden, codec=codec,
-                          mask=mask)
+                          mask=mask, prompts=prompts, adapter=self.config.adapter)
         reply = await self.call(route.server, request, ForwardResult, self.config.forward_timeout, codec)
         if tuple(reply.hidden.shape) != tuple(hidden.shape):
             raise PeerFailure(route.peer_id, f"ForwardResult shape {list(reply.hidden.shape)} != {list(hidden.shape)}",
                               int(ErrorCode.INVALID_TENSOR))
         return reply.hidden
 
-    async def backward(self, route: RouteSpan, hidden, grad_outputs, codec: str, mask=None):
+    async def backward(self, route: RouteSpan, hidden, grad_outputs, codec: str, mask=None, prompts=None):
+        """``(grad_inputs, grad_prompts)``; ``grad_prompts`` is None without ``prompts``."""
         request = Backward(model=self.model_name, start=route.start, end=route.end, hidden=hidden,
-                           grad_outputs=grad_outputs, codec=codec, mask=mask)
+                           grad_outputs=grad_outputs, codec=codec, mask=mask, prompts=prompts,
+                           adapter=self.config.adapter)
         reply = await self.call(route.server, request, BackwardResult, self.config.forward_timeout, codec)
         if tuple(reply.grad_inputs.shape) != tuple(hidden.shape):
             raise PeerFailure(route.peer_id, f"BackwardResult shape {list(reply.grad_inputs.shape)} != {list(hidden.shape)}",
                               int(ErrorCode.INVALID_TENSOR))
-        return reply.grad_inputs
+        want = None if prompts is None else tuple(prompts.shape)
+        got = None if reply.grad_prompts is None else tuple(reply.grad_prompts.shape)
+        if got != want:
+            raise PeerFailure(route.peer_id, f"BackwardResult grad_prompts shape {got} != prompts {want}",
+                              int(ErrorCode.INVALID_TENSOR))
+        return reply.grad_inputs, reply.grad_prompts

@@ -33,6 +33,7 @@ class AnnouncementInfo:
     quant: str
     version: str
     addrs: tuple[str, ...]
+    adapters: tuple[str, ...] = ()  # server-side adapters (spec/messages.md §6.3)
 
 
 def announcement_records(
@@ -51,6 +52,7 @@ def announcement_records(
             quant=info.quant,
             version=info.version,
             addrs=info.addrs[:MAX_ANNOUNCED_ADDRS],
+            adapters=info.adapters,
         )
     )
     return [(block_key(info.model, block), value) for block in range(info.start, info.end)]

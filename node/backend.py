@@ -14,7 +14,8 @@ runs exactly as before. If the batched call fails, the caches are rolled back an
 the steps run one by one, so one bad step fails only its own session. Measured on
 2 CPU cores (SmolLM2-135M, 30 blocks, fp32): 8 sessions take 92 ms batched instead
 of 434 ms one by one. Prefill, forward and backward of one request are single calls
-already. See spec/messages.md §5 and §6.
+already; only steps with the same server-side adapter (spec/messages.md §6.3) share a
+batched call, run under that adapter (``AdapterSet.use``). See spec/messages.md §5 and §6.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from biopetals.models.blocks import BlockSpan, SpanCache, batched_decode_step, kv_cache_bytes
+from biopetals.node.adapters import AdapterSet
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
@@ -83,6 +85,7 @@ class _Decode:
     cache: SpanCache
     hidden: torch.Tensor
     codec: Codec
+    adapter: str | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     taken: bool = False
 
@@ -91,9 +94,11 @@ class Backend:
     """Blocks ``[span.start, span.end)`` and the single worker that runs them."""
 
     def __init__(
-        self, span: BlockSpan, *, max_queue: int = 1024, num_threads: int = 0, max_batch: int = 64
+        self, span: BlockSpan, *, max_queue: int = 1024, num_threads: int = 0, max_batch: int = 64,
+        adapters: AdapterSet | None = None,
     ) -> None:
         self.span = span
+        self.adapters = adapters if adapters is not None else AdapterSet()
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.stats = BatchStats()
@@ -138,12 +143,13 @@ class Backend:
         prompts: torch.Tensor | None,
         codec: Codec,
         mask: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         """``step`` on the worker; decode steps may share one batched call with other sessions'."""
         if prompts is not None or mask is not None or hidden.ndim != 3 or hidden.shape[1] != 1:
-            return await self.run(self.step, view, cache, hidden, prompts, codec, mask)
+            return await self.run(self.step, view, cache, hidden, prompts, codec, mask, adapter)
         self._check_room()
-        item = _Decode(view, cache, hidden, codec)
+        item = _Decode(view, cache, hidden, codec, adapter)
         self._queued += 1
         try:
             with self._lock:
@@ -179,6 +185,7 @@ class Backend:
         prompts: torch.Tensor | None,
         codec: Codec,
         mask: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         """One inference step; on any failure the cache is left as it was (spec/messages.md §2.6).
 
@@ -191,7 +198,8 @@ class Backend:
         if mask is not None or padding is not None:
             mask, positions = session_positions(padding, mask, int(hidden.shape[0]), int(hidden.shape[1]), before)
         try:
-            out = view.inference_step(hidden, cache, position_ids=positions, attention_mask=mask, prompts=prompts)
+            with self.adapters.use(adapter):
+                out = view.inference_step(hidden, cache, position_ids=positions, attention_mask=mask, prompts=prompts)
             return _finite_on_wire(out, codec, "the step's outputs")
         except BaseException:
             _rollback(cache, before, padding)
@@ -207,7 +215,7 @@ class Backend:
                 if len(batch) >= self.max_batch:
                     break
                 # same span; one step per cache (a session has one step in flight anyway)
-                if other.view is item.view and id(other.cache) not in seen:
+                if other.view is item.view and other.adapter == item.adapter and id(other.cache) not in seen:
                     other.taken = True
                     seen.add(id(other.cache))
                     batch.append(other)
@@ -218,7 +226,7 @@ class Backend:
         for b in batch:  # alone, or the fallback after a failed batched call
             self.stats.decode_steps += 1
             try:
-                b.future.set_result(self.step(b.view, b.cache, b.hidden, None, b.codec))
+                b.future.set_result(self.step(b.view, b.cache, b.hidden, None, b.codec, None, b.adapter))
             except BaseException as exc:  # noqa: BLE001 - handed to the step's awaiter
                 b.future.set_exception(exc)
 
@@ -226,7 +234,8 @@ class Backend:
         """One batched call; returns the steps still to run one by one (all of them on failure)."""
         saved = [(b.cache.length, b.cache.padding_mask) for b in batch]
         try:
-            outs = batched_decode_step(batch[0].view, [b.hidden for b in batch], [b.cache for b in batch])
+            with self.adapters.use(batch[0].adapter):  # one adapter per batch (``_drain``)
+                outs = batched_decode_step(batch[0].view, [b.hidden for b in batch], [b.cache for b in batch])
         except Exception:  # noqa: BLE001 - any failure: rerun one by one, each failing alone
             for b, (length, padding) in zip(batch, saved):
                 _rollback(b.cache, length, padding)
@@ -251,9 +260,10 @@ class Backend:
         prompts: torch.Tensor | None,
         codec: Codec,
         mask: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         # Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1).
-        with torch.no_grad():
+        with torch.no_grad(), self.adapters.use(adapter):
             out = view.forward(hidden, attention_mask=mask, prompts=prompts)
         return _finite_on_wire(out, codec, "the forward outputs")
 
@@ -265,8 +275,10 @@ class Backend:
         prompts: torch.Tensor | None,
         codec: Codec,
         mask: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, attention_mask=mask, prompts=prompts)
+        with self.adapters.use(adapter):
+            grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, attention_mask=mask, prompts=prompts)
         grad_inputs = _finite_on_wire(grad_inputs, codec, "the input gradients")
         if grad_prompts is not None:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")

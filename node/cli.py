@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from biopetals.models.blocks import DTYPES
 from biopetals.models.config import ModelConfigError
+from biopetals.node.adapters import AdapterError, parse_adapter_arg
 from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
@@ -47,6 +48,13 @@ def _blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END")
     return start, end
+
+
+def _adapter(text: str):
+    try:
+        return parse_adapter_arg(text)
+    except AdapterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _multiaddr(text: str) -> str:
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total KV-cache budget, in tokens over all served blocks, summed over sessions and batch (default 16384)")
     p.add_argument("--max-session-tokens", type=int, default=8192, metavar="N",
                    help="KV-cache budget of one session, batch_size x max_length tokens (default 8192)")
+    p.add_argument("--adapters", nargs="+", default=[], type=_adapter, metavar="NAME=PATH",
+                   help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
+                        "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "
+                        "one by NAME per session or forward/backward (spec/messages.md §6.3)")
     p.add_argument("--identity", metavar="FILE",
                    help="Ed25519 identity key file (created if missing) for a stable peer id; default: a new identity each run")
     p.add_argument("--device", default="cpu", help="torch device of the blocks: cpu or cuda[:N] (default cpu)")
@@ -127,11 +139,12 @@ async def _main(args: argparse.Namespace) -> None:
         announce=list(args.announce),
         benchmark=not args.no_benchmark,
         progress=not args.no_progress,
+        adapters=list(args.adapters),
     )
     await run_node(options, stop)
 
 
-_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, ValueError)
+_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError)
 
 
 

@@ -142,6 +142,7 @@ class NodeService:
             decode_steps=self.backend.stats.decode_steps,
             batched_steps=self.backend.stats.batched_steps,
             uptime=max(0.0, float(self.clock() - self.started)),
+            adapters=self.backend.adapters.names,
         )
 
     # ------------------------------------------------------------------ streams
@@ -177,7 +178,7 @@ class NodeService:
 
     # ------------------------------------------------------------------ common checks
 
-    def _check_request(self, model: str, start: int, end: int) -> None:
+    def _check_request(self, model: str, start: int, end: int, adapter: str | None = None) -> None:
         if model != self.config.model:
             raise RemoteProtocolError(
                 ErrorCode.MODEL_MISMATCH, f"this node serves model {self.config.model!r}, not {model!r}"
@@ -186,6 +187,11 @@ class NodeService:
             raise RemoteProtocolError(
                 ErrorCode.BLOCKS_NOT_SERVED,
                 f"blocks [{start}, {end}) requested; this node serves [{self.span.start}, {self.span.end})",
+            )
+        if adapter is not None and adapter not in self.backend.adapters.names:
+            held = ", ".join(self.backend.adapters.names) or "none"
+            raise RemoteProtocolError(
+                ErrorCode.UNKNOWN_ADAPTER, f"adapter {adapter!r} is not loaded on this node (it holds: {held})"
             )
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
@@ -198,7 +204,7 @@ class NodeService:
     # ------------------------------------------------------------------ forward / backward (§6)
 
     def _check_stateless(self, request: Forward | Backward) -> None:
-        self._check_request(request.model, request.start, request.end)
+        self._check_request(request.model, request.start, request.end, request.adapter)
         self._check_hidden(request.hidden)
         batch, tokens = request.hidden.shape[:2]
         if batch * tokens > self.config.max_forward_tokens:
@@ -215,7 +221,7 @@ class NodeService:
         self._check_stateless(request)
         view = self.backend.view(request.start, request.end)
         out = await self.backend.run(
-            self.backend.forward, view, request.hidden, request.prompts, request.codec, request.mask
+            self.backend.forward, view, request.hidden, request.prompts, request.codec, request.mask, request.adapter
         )
         return ForwardResult(hidden=out)
 
@@ -224,7 +230,7 @@ class NodeService:
         view = self.backend.view(request.start, request.end)
         grad_inputs, grad_prompts = await self.backend.run(
             self.backend.backward, view, request.hidden, request.grad_outputs, request.prompts, request.codec,
-            request.mask,
+            request.mask, request.adapter,
         )
         return BackwardResult(grad_inputs=grad_inputs, grad_prompts=grad_prompts)
 
@@ -236,7 +242,7 @@ class NodeService:
             raise RemoteProtocolError(
                 ErrorCode.INVALID_FIELD, f"a session with id {session_id.hex()} is already open on this node"
             )
-        self._check_request(request.model, request.start, request.end)
+        self._check_request(request.model, request.start, request.end, request.adapter)
         if request.max_length > self.span.max_length:
             raise RemoteProtocolError(
                 ErrorCode.LIMIT_EXCEEDED, f"max_length {request.max_length} > the model's {self.span.max_length} positions"
@@ -267,6 +273,7 @@ class NodeService:
             span=self.backend.view(request.start, request.end),
             last_activity=self.clock(),
             owner=sender,
+            adapter=request.adapter,
         )
         self.sessions.add(session)
         self._locks[session_id] = asyncio.Lock()
@@ -362,7 +369,7 @@ class NodeService:
                 session.check_step(step.position, step.tokens, hidden.shape[0], hidden.shape[2], self.span.hidden_size)
                 own, rest = self._split_prompts(session, step)
                 out = await self.backend.run_step(
-                    session.span, session.cache, hidden, own, session.codec, step.mask
+                    session.span, session.cache, hidden, own, session.codec, step.mask, session.adapter
                 )
             except ProtocolError as exc:
                 await session.owner.send(error_from_exception(exc, step.step_id))

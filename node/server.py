@@ -19,12 +19,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 
 from biopetals.dht.node import DHT
 from biopetals.models.blocks import BlockSpan
 from biopetals.models.config import load_config, model_info
+from biopetals.node.adapters import AdapterSet
 from biopetals.node.announcer import AnnouncementInfo, Announcer
 from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
@@ -64,16 +66,20 @@ class NodeOptions:
     announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
     benchmark: bool = True
     progress: bool = True
+    adapters: list[tuple[str, Path]] = field(default_factory=list)  # server-side LoRA adapters (name, peft dir)
 
 
-def load_span(options: NodeOptions) -> BlockSpan:
+def load_span(options: NodeOptions) -> tuple[BlockSpan, AdapterSet]:
     set_threads(options.num_threads)  # this executor thread's OpenMP team (loading, the benchmark)
     span = BlockSpan.load(
         options.model, options.start, options.end, dtype=options.dtype, device=options.device, progress=options.progress
     )
     if options.quant != "none":
         quantize_span(span, options.quant)
-    return span
+    adapters = AdapterSet()
+    for name, path in options.adapters:  # only the tensors of our blocks (node/adapters.py)
+        adapters.load(name, path, span.layers, span.start, span.dtype, span.device)
+    return span, adapters
 
 
 async def run_node(
@@ -94,19 +100,20 @@ async def run_node(
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
             announcer = Announcer(
                 dht,
-                AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION, tuple(addrs)),
+                AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
+                                 tuple(addrs), tuple(name for name, _ in options.adapters)),
                 interval=options.announce_interval,
                 ttl=max(3 * options.announce_interval, 30.0),
             )
             await announcer.announce(State.JOINING, (0.0, 0.0), 0)
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            span = await loop.run_in_executor(None, load_span, options)
+            span, adapters = await loop.run_in_executor(None, load_span, options)
             loaded = time.perf_counter() - started
             throughput = (0.0, 0.0)
             if options.benchmark:
                 throughput = await loop.run_in_executor(None, measure_throughput, span)
-            backend = Backend(span, num_threads=options.num_threads)
+            backend = Backend(span, num_threads=options.num_threads, adapters=adapters)
             budget = CacheBudget(
                 span.cache_bytes_per_token(), options.max_cache_tokens, min(options.max_session_tokens, options.max_cache_tokens)
             )
@@ -127,6 +134,8 @@ async def run_node(
             await announcer.announce(State.ONLINE, throughput, budget.tokens_left)
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
                 f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
+            if adapters.names:
+                out(f"adapters: {', '.join(adapters.names)}")
             out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
             for addr in addrs:
                 out(f"listening on {addr}")

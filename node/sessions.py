@@ -33,6 +33,7 @@ class Session:
     last_step_id: int | None = None
     closed: bool = False
     owner: Any = field(default=None, repr=False)  # the session stream's sender (node/handler.py)
+    adapter: str | None = None  # the server-side adapter of every step (spec/messages.md §6.3)
 
     @property
     def length(self) -> int:

@@ -22,7 +22,7 @@ import msgpack
 from biopetals.protocol.envelope import is_uint, unpack_uint_keyed_map
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.fields import U64_MAX, ArrayOf, Float, Text, UInt, Violation, wire
-from biopetals.protocol.limits import MAX_BLOCKS, MAX_LABEL_BYTES, MAX_MULTIADDR_BYTES
+from biopetals.protocol.limits import MAX_ADAPTERS, MAX_BLOCKS, MAX_LABEL_BYTES, MAX_MULTIADDR_BYTES
 from biopetals.protocol.messages import WireStruct
 
 __all__ = [
@@ -42,7 +42,7 @@ MAX_ANNOUNCEMENT_BYTES: Final = 1024
 #: Most multiaddrs in one announcement (spec/dht.md ``MAX_ADDRS``).
 MAX_ANNOUNCED_ADDRS: Final = 8
 #: Structural bounds for the scan (spec/announcement.md §3 step 2): a valid value
-#: has at most 1 + 2 * 11 + 8 objects and depth 2; the longest str is a multiaddr.
+#: has at most 1 + 2 * 12 + 8 + 8 objects and depth 2; the longest str is a multiaddr.
 _MAX_OBJECTS: Final = 128
 _MAX_DEPTH: Final = 2
 _MAX_CONTAINER: Final = MAX_MULTIADDR_BYTES
@@ -93,6 +93,7 @@ class Announcement(WireStruct):
     quant: str = wire(8, _LABEL)
     version: str = wire(9, _LABEL)
     addrs: tuple[str, ...] = wire(10, ArrayOf(Text(1, MAX_MULTIADDR_BYTES), MAX_ANNOUNCED_ADDRS), optional=True)
+    adapters: tuple[str, ...] = wire(11, ArrayOf(_LABEL, MAX_ADAPTERS), optional=True)  # server-side adapters
 
     def _check_rules(self) -> None:
         if self.start >= self.end:

@@ -38,6 +38,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 24  # unexpected failure inside the node; the request may be retried elsewhere
     PUSH_FAILED = 25  # server-to-server push to the next node failed
     MODEL_MISMATCH = 26  # request names a model this node does not serve
+    UNKNOWN_ADAPTER = 27  # request names an adapter this node has not loaded
 
     # --- DHT (spec/dht.md) ---
     RECORD_INVALID = 48  # record fails structure checks

@@ -68,6 +68,8 @@ MAX_SESSION_ID_BYTES: Final = 64
 MAX_NAME_BYTES: Final = 256
 #: Longest short label: software version, dtype, quantisation.
 MAX_LABEL_BYTES: Final = 64
+#: Most adapters one node lists (NodeInfo, announcement); a name is a short label.
+MAX_ADAPTERS: Final = 8
 #: Longest peer id text (an Ed25519 peer id in base58btc has 52 characters).
 MAX_PEER_ID_BYTES: Final = 128
 #: Longest multiaddr text.

@@ -50,6 +50,7 @@ from biopetals.protocol.fields import (
     wire,
 )
 from biopetals.protocol.limits import (
+    MAX_ADAPTERS,
     MAX_BATCH,
     MAX_BLOCKS,
     MAX_ERROR_MESSAGE_BYTES,
@@ -107,6 +108,9 @@ POSITION: Final = UInt(0, MAX_SEQUENCE_LENGTH - 1, low=ErrorCode.BAD_POSITION, h
 MAX_LENGTH: Final = UInt(1, MAX_SEQUENCE_LENGTH, high=_LIMIT)
 BATCH_SIZE: Final = UInt(1, MAX_BATCH, high=_LIMIT)
 CODEC: Final = CodecName()
+#: A server-side adapter's name (spec/messages.md §4.2, §5.1, §6): a short label.
+ADAPTER: Final = LABEL
+ADAPTERS: Final = ArrayOf(LABEL, MAX_ADAPTERS)
 
 
 class WireStruct:
@@ -315,6 +319,8 @@ class NodeInfo(Message):
     decode_steps: int | None = wire(11, UInt(0, U64_MAX), optional=True)
     batched_steps: int | None = wire(12, UInt(0, U64_MAX), optional=True)
     uptime: float | None = wire(13, Float(), optional=True)
+    # Server-side adapters this node can apply (a revision 1 addition; empty: none).
+    adapters: tuple[str, ...] = wire(14, ADAPTERS, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -332,6 +338,7 @@ class OpenSession(Message):
     batch_size: int = wire(4, BATCH_SIZE)
     codec: Codec = wire(5, CODEC)
     session_id: bytes | None = wire(6, SESSION_ID, optional=True)
+    adapter: str | None = wire(7, ADAPTER, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -448,6 +455,7 @@ class Forward(Message):
     codec: Codec = wire(3, CODEC, optional=False)
     prompts: torch.Tensor | None = wire(5, PROMPTS, optional=True)
     mask: torch.Tensor | None = wire(6, MASK, optional=True)
+    adapter: str | None = wire(7, ADAPTER, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -476,6 +484,7 @@ class Backward(Message):
     codec: Codec = wire(3, CODEC)
     prompts: torch.Tensor | None = wire(6, PROMPTS, optional=True)
     mask: torch.Tensor | None = wire(7, MASK, optional=True)
+    adapter: str | None = wire(8, ADAPTER, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)

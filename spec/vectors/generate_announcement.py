@@ -13,8 +13,8 @@ Lists (spec/announcement.md):
 - ``invalid``: decoding ``hex`` fails with exactly ``error``; ``rule`` names the rule.
 
 ``fields`` is ``{"format": 1, "state": 0|1|2, "start", "end", "inference_tps",
-"forward_tps", "cache_tokens_left", "dtype", "quant", "version"[, "addrs": [...]]}``
-(``addrs`` left out when absent). Invalid and accepted bytes are written with
+"forward_tps", "cache_tokens_left", "dtype", "quant", "version"[, "addrs": [...]][, "adapters": [...]]}``
+(``addrs`` and ``adapters`` left out when absent). Invalid and accepted bytes are written with
 msgpack-python directly (plus byte surgery), not with the codec under test.
 """
 
@@ -50,7 +50,7 @@ BASE: dict[str, Any] = {
     "addrs": [ADDR],
 }
 KEYS = {"format": 0, "state": 1, "start": 2, "end": 3, "inference_tps": 4, "forward_tps": 5,
-        "cache_tokens_left": 6, "dtype": 7, "quant": 8, "version": 9, "addrs": 10}
+        "cache_tokens_left": 6, "dtype": 7, "quant": 8, "version": 9, "addrs": 10, "adapters": 11}
 
 
 def fields_to_announcement(fields: dict) -> Announcement:
@@ -65,6 +65,7 @@ def fields_to_announcement(fields: dict) -> Announcement:
         quant=fields["quant"],
         version=fields["version"],
         addrs=tuple(fields.get("addrs", ())),
+        adapters=tuple(fields.get("adapters", ())),
     )
 
 
@@ -83,6 +84,8 @@ def announcement_to_fields(a: Announcement) -> dict:
     }
     if a.addrs:
         fields["addrs"] = [str(x) for x in a.addrs]
+    if a.adapters:
+        fields["adapters"] = list(a.adapters)
     return fields
 
 
@@ -119,6 +122,7 @@ def valid() -> list[dict]:
         ("eight addresses", {**BASE, "start": 30, "end": 32, "dtype": "float32", "quant": "nf4",
                              "addrs": [f"/ip4/10.0.0.{i}/tcp/31337/p2p/{PEER}" for i in range(1, 9)]}),
         ("label of 64 bytes", {**BASE, "version": "v" * 64, "quant": "int8"}),
+        ("server-side adapters", {**BASE, "adapters": ["bio-lora", "a" * 64]}),
     ]
     out = []
     for name, fields in cases:
@@ -132,7 +136,7 @@ def accepted() -> list[dict]:
     fields = dict(BASE)
     canonical = body(fields)
     reordered = dict(reversed(list(canonical.items())))
-    unknown = {**canonical, 11: "a field of a later revision", 200: [1, 2, 3]}
+    unknown = {**canonical, 12: "a field of a later revision", 200: [1, 2, 3]}
     nil_addrs = {**body({k: v for k, v in BASE.items() if k != "addrs"}), 10: None}
     empty_addrs = {**body({k: v for k, v in BASE.items() if k != "addrs"}), 10: []}
     # start as uint 16 (cd 00 00) instead of a fixint; tps as float 32
@@ -193,6 +197,10 @@ def invalid() -> list[dict]:
         ("nine addrs", pack(with_(addrs=["/ip4/1.2.3.4/tcp/1"] * 9)), "LIMIT_EXCEEDED", "§2 addrs MAX_ANNOUNCED_ADDRS"),
         ("addr empty", pack(with_(addrs=[""])), "INVALID_FIELD", "§2 addrs item range"),
         ("addr not a str", pack(with_(addrs=[1])), "INVALID_FIELD", "§2 addrs item type"),
+        ("adapters not an array", pack(with_(adapters="bio")), "INVALID_FIELD", "§2 adapters type"),
+        ("nine adapters", pack(with_(adapters=[f"a{i}" for i in range(9)])), "LIMIT_EXCEEDED", "§2 adapters MAX_ADAPTERS"),
+        ("adapter name empty", pack(with_(adapters=[""])), "INVALID_FIELD", "§2 adapters item range"),
+        ("adapter name too long", pack(with_(adapters=["a" * 65])), "LIMIT_EXCEEDED", "§2 adapters item range"),
     ]
     return [{"name": n, "hex": h.hex(), "error": e, "rule": r} for n, h, e, r in cases]
 

@@ -326,7 +326,13 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             dataclasses.replace(NODE_INFO, sessions_open=3, decode_steps=(1 << 40) + 7, batched_steps=0, uptime=86400.5),
             None,
         ),
+        (
+            "NodeInfo listing server-side adapters (§4.2, key 14)",
+            dataclasses.replace(NODE_INFO, adapters=("bio-lora", "a" * 64)),
+            None,
+        ),
         ("OpenSession, node chooses the session id", OPEN, None),
+        ("OpenSession with an adapter (§5.1, key 7)", dataclasses.replace(OPEN, adapter="bio-lora"), None),
         (
             "OpenSession with client session id, batch 64, max_length 8192, f16+zstd",
             OpenSession(
@@ -388,6 +394,7 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             Forward(model=MODEL, start=0, end=2, codec=Codec.F32, hidden=t([2, 2, 4], H224, "f32"), mask=MASK_22),
             "f32",
         ),
+        ("Forward with an adapter (§6.1, key 7)", dataclasses.replace(FORWARD, adapter="bio-lora"), "f32"),
         ("ForwardResult", ForwardResult(hidden=hidden("f32")), "f32"),
         ("Backward f32", BACKWARD, "f32"),
         (
@@ -416,6 +423,7 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             ),
             "f32",
         ),
+        ("Backward with an adapter (§6.2, key 8)", dataclasses.replace(BACKWARD, adapter="bio-lora"), "f32"),
         ("BackwardResult", BackwardResult(grad_inputs=hidden("f32")), "f32"),
         (
             "BackwardResult with grad_prompts",
@@ -424,6 +432,7 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
         ),
         ("Error with step id", ERROR, None),
         ("Error, empty text, no step id", Error(code=ErrorCode.BUSY, message=""), None),
+        ("Error UNKNOWN_ADAPTER", Error(code=ErrorCode.UNKNOWN_ADAPTER, message="adapter 'x' is not loaded here"), None),
         ("Error with a code from a newer peer", Error(code=999, message="new"), None),
     ]
 
@@ -711,6 +720,11 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("model name of 257 bytes", packed(OPEN, k0="m" * 257), E.LIMIT_EXCEEDED, "§5.1 model high"),
         ("unknown codec name", packed(OPEN, k5="f8"), E.DTYPE_MISMATCH, "§5.1 codec"),
         ("Forward unknown codec name", packed(FORWARD, "f32", k3="F16"), E.DTYPE_MISMATCH, "§6.1 codec"),
+        ("Forward with an empty adapter name", packed(FORWARD, "f32", k7=""), E.INVALID_FIELD, "§6.1 adapter low"),
+        ("Forward adapter name of 65 bytes", packed(FORWARD, "f32", k7="a" * 65), E.LIMIT_EXCEEDED, "§6.1 adapter high"),
+        ("Backward adapter name given bin", packed(BACKWARD, "f32", k8=b"bio"), E.INVALID_FIELD, "§6.2 adapter type"),
+        ("OpenSession adapter given an int", packed(OPEN, k7=1), E.INVALID_FIELD, "§5.1 adapter type"),
+        ("NodeInfo with 9 adapters", packed(NODE_INFO, k14=[f"a{i}" for i in range(9)]), E.LIMIT_EXCEEDED, "§4.2 adapters high"),
         ("negative throughput", packed(NODE_INFO, k8=-1.0), E.INVALID_FIELD, "§4.2 inference_tps"),
         ("NaN throughput", packed(NODE_INFO, k9=nan), E.INVALID_FIELD, "§4.2 forward_tps finite"),
         ("infinite throughput", packed(NODE_INFO, k8=float("inf")), E.INVALID_FIELD, "§4.2 finite"),

@@ -1,0 +1,177 @@
+"""Prompt tuning and deep prompt tuning over real node processes, against transformers' own model.
+
+Two ``biopetals-node`` processes split a tiny random Llama-3-style checkpoint; the
+reference is ``AutoModelForCausalLM`` of the same directory with the same prompts
+inserted by transformers-side hooks (``support_finetune``). Activations travel as f32
+(lossless): gradients of the prompts and of the client's own weights must match
+local autograd within 1e-5 relative, and a 30-step AdamW run must give the same loss
+curve within 1e-4 per step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support_finetune import relative_error, with_prompts
+from support_models import make_tiny_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from biopetals.client import AutoDistributedModelForCausalLM
+from biopetals.client.local_swarm import LocalSwarm
+from biopetals.client.ptune import DistributedLlamaForCausalLMWithPrompts
+
+pytestmark = pytest.mark.timeout(300)
+
+P = 3
+STEPS = 30
+TEXTS = ["The mitochondria is the powerhouse of the cell.", "Enzymes lower the activation energy",
+         "DNA is transcribed into RNA.", "Ribosomes read messenger RNA three bases at a time."]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ptune") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint):
+    with LocalSwarm(checkpoint, [(0, 5), (5, 8)]) as s:
+        yield s
+
+
+def connect(checkpoint, swarm, mode):
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32",
+        tuning_mode=mode, pre_seq_len=P)
+
+
+@pytest.fixture(scope="module")
+def batch(checkpoint):
+    """A left-padded batch (padding, prompts and labels together), labels -100 on padding."""
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    tok.padding_side = "left"
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    assert (enc.attention_mask == 0).any()
+    return enc.input_ids, enc.attention_mask, labels
+
+
+def reference_loss(reference, ids, mask, labels, prompts, deep):
+    logits = with_prompts(reference, ids, mask, prompts, deep).logits[:, P:].contiguous()
+    return reference.loss_function(logits=logits, labels=labels, vocab_size=reference.config.vocab_size)
+
+
+def test_tuning_mode_builds_prompts_and_freezes_the_rest(checkpoint, swarm):
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        assert isinstance(model, DistributedLlamaForCausalLMWithPrompts)
+        trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"tuning.prompts": (P, 64), "tuning.deep": (8, P, 64)}
+        assert not model.tuning.deep.detach().any()  # deep prompts start at zero: no change at first
+    with pytest.raises(ValueError, match="tuning_mode"):
+        connect(checkpoint, swarm, "prefix")
+    with pytest.raises(ValueError, match="pre_seq_len"):
+        AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                        swarm_key=swarm.key_path, tuning_mode="ptune")
+
+
+def test_gradients_equal_local_autograd(checkpoint, swarm, reference, batch):
+    """Deep prompts with non-zero values, a padded batch, and the client's own weights unfrozen:
+    every gradient equals transformers' autograd on the same checkpoint."""
+    ids, mask, labels = batch
+    torch.manual_seed(1)
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        with torch.no_grad():
+            model.tuning.prompts.normal_(0, 0.5)
+            model.tuning.deep.normal_(0, 0.5)
+        model.requires_grad_(True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        ref = copy.deepcopy(reference)
+        prompts = model.tuning.prompts.detach().clone().requires_grad_(True)
+        deep = model.tuning.deep.detach().clone().requires_grad_(True)
+        ref_loss = reference_loss(ref, ids, mask, labels, prompts, deep)
+        ref_loss.backward()
+        assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+        pairs = {
+            "prompts": (model.tuning.prompts.grad, prompts.grad),
+            "deep prompts": (model.tuning.deep.grad, deep.grad),
+            "embeddings": (model.model.embed_tokens.weight.grad, ref.model.embed_tokens.weight.grad),
+            "final norm": (model.model.norm.weight.grad, ref.model.norm.weight.grad),
+            "lm head": (model.lm_head.weight.grad, ref.lm_head.weight.grad),
+        }
+        for name, (ours, theirs) in pairs.items():
+            assert theirs.abs().max() > 0, name
+            err = relative_error(ours, theirs)
+            print(f"{name}: max abs diff {(ours - theirs).abs().max().item():.3e}, relative {err:.3e}")
+            assert err <= 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_training_loss_curve_equals_local_run(checkpoint, swarm, reference, batch, mode):
+    """30 AdamW steps over the swarm and the same 30 steps locally: the same losses within 1e-4."""
+    ids, mask, labels = batch
+    torch.manual_seed(2)
+    with connect(checkpoint, swarm, mode) as model:
+        prompts = model.tuning.prompts.detach().clone().requires_grad_(True)
+        deep = None if model.tuning.deep is None else model.tuning.deep.detach().clone().requires_grad_(True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        ref_opt = torch.optim.AdamW([prompts] + ([deep] if deep is not None else []), lr=0.05)
+        ours, theirs = [], []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            ours.append(loss.item())
+            ref_opt.zero_grad()
+            ref_loss = reference_loss(reference, ids, mask, labels, prompts, deep)
+            ref_loss.backward()
+            ref_opt.step()
+            theirs.append(ref_loss.item())
+        state = model.prompt_state()
+        with torch.no_grad():
+            trained = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with connect(checkpoint, swarm, mode) as fresh:  # trained prompts saved and loaded into another client
+        fresh.load_prompt_state(state)
+        with torch.no_grad():
+            assert fresh(input_ids=ids, attention_mask=mask, labels=labels).loss.item() == trained.item()
+    diffs = [abs(a - b) for a, b in zip(ours, theirs)]
+    print(f"{mode}: loss {ours[0]:.4f} -> {ours[-1]:.4f}; max per-step diff {max(diffs):.2e}")
+    assert ours[-1] < ours[0] - 0.1  # it learns
+    assert max(diffs) <= 1e-4, diffs
+
+
+def test_prompts_longer_than_the_sequence_are_refused(checkpoint, swarm):
+    from biopetals.client.remote_forward import remote_blocks
+
+    with connect(checkpoint, swarm, "ptune") as model:
+        hidden = torch.zeros(1, 2, 64)
+        with pytest.raises(ValueError, match="3 prompt positions for 2 tokens"):
+            remote_blocks(model.swarm, hidden, None, torch.zeros(8, 1, 3, 64))
+
+
+def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
+    """generate(use_cache=False) recomputes statelessly with the prompts: transformers' greedy tokens
+    with the same prompts inserted (prompts that change the output, so ignoring them would fail)."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("DNA is", return_tensors="pt").input_ids
+    torch.manual_seed(6)
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        with torch.no_grad():
+            model.tuning.prompts.normal_(0, 1.0)
+            model.tuning.deep.normal_(0, 1.0)
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
+        x = ids
+        with torch.no_grad():
+            for _ in range(6):
+                logits = with_prompts(reference, x, None, model.tuning.prompts, model.tuning.deep).logits
+                x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            plain = reference.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(out, x)
+    assert not torch.equal(out, plain)

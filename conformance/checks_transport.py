@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from biopetals.conformance.context import NODE_PROTOCOL
+from biopetals.conformance.context import DHT_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.wire import (
     ACK, DATA, FIN, GO_AWAY, OPEN, PING, RESET, RawPeer, connect_tcp, frame, read_until_closed,
@@ -19,6 +19,8 @@ from biopetals.protocol.identity import Identity
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 
 T = "spec/transport.md "
+#: every peer, node or DHT-only, serves the DHT protocol: stream-level checks open streams for it
+STREAM_PROTOCOL = DHT_PROTOCOL
 REJECT_MAGIC = b"biopetals/reject"
 
 
@@ -221,12 +223,12 @@ async def mux_unknown_protocol(ctx):
 async def mux_max_streams(ctx):
     peer = await RawPeer.connect(ctx.addr, ctx.key_bytes)
     try:
-        out = b"".join(frame(OPEN, 1 + 2 * i, NODE_PROTOCOL.encode()) for i in range(256))
+        out = b"".join(frame(OPEN, 1 + 2 * i, STREAM_PROTOCOL.encode()) for i in range(256))
         peer.send_plain(out)
         peer.next_stream_id = 1 + 2 * 256
         if not await peer.ping(10):
             raise Failed("no PING+ACK with 256 streams open (or a stream was refused early)")
-        sid = peer.open_stream(NODE_PROTOCOL)
+        sid = peer.open_stream(STREAM_PROTOCOL)
         frames = await peer.frames_until(lambda f: f.stream_id == sid and f.type == RESET, 10.0)
         last = frames[-1] if frames else None
         if last is None or last.stream_id != sid or last.code != ErrorCode.LIMIT_EXCEEDED:
@@ -277,7 +279,7 @@ async def mux_never_opened(ctx):
 
 @check("transport.mux.wrong-parity", T + "§3.5", "OPEN with the responder's (even) parity fails the connection (STREAM_STATE)")
 async def mux_wrong_parity(ctx):
-    return await _connection_error(ctx, frame(OPEN, 2, NODE_PROTOCOL.encode()), ErrorCode.STREAM_STATE, "OPEN of stream 2")
+    return await _connection_error(ctx, frame(OPEN, 2, STREAM_PROTOCOL.encode()), ErrorCode.STREAM_STATE, "OPEN of stream 2")
 
 
 @check("transport.mux.goaway-before-close", T + "§3.8", "a peer closing for a protocol violation sends GO_AWAY with the code first", level="SHOULD")
@@ -291,7 +293,7 @@ async def _stream_error(ctx, payload: bytes, flags: int, code: int, what: str):
     """Send ``payload`` as the DATA of a fresh node stream; expect RESET ``code`` on it, the connection up."""
     peer = await RawPeer.connect(ctx.addr, ctx.key_bytes)
     try:
-        sid = peer.open_stream(NODE_PROTOCOL)
+        sid = peer.open_stream(STREAM_PROTOCOL)
         ctx.last_sent = payload
         peer.send_frame(DATA, sid, payload, flags)
         frames = await peer.frames_until(lambda f: f.stream_id == sid and f.type in (RESET, DATA), 5.0)

@@ -16,7 +16,7 @@ import msgpack
 
 from biopetals.conformance.context import DHT_PROTOCOL
 from biopetals.conformance.registry import Failed, check
-from biopetals.conformance.vectors import load_or_stub, slug as _slug
+from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.dht import messages as dm
 from biopetals.dht.ids import peer_id_of_public_key
 from biopetals.dht.records import Record, sign_record
@@ -188,7 +188,7 @@ def _register_vectors():
     doc = load_or_stub("dht.json", check, "dht.vectors", D + "§3")
     if doc is None:
         return
-    for i, v in enumerate(doc["invalid"]):
+    for v in doc["invalid"]:
         data = bytes.fromhex(v["hex"])
         if v["decoder"] == "request" and data:
             what = "as a request"
@@ -204,7 +204,7 @@ def _register_vectors():
             reply, raw = await dht_call(ctx, data)
             expect_dht_error(reply, code, sent=data, raw=raw)
 
-        check(f"dht.vector.{i:03d}-{_slug(v['name'])}", D + v["rule"].split(",")[0],
+        check(f"dht.vector.{_slug(v['name'])}", _spec_of(v["rule"], D),
               f"invalid vector {v['name']!r} {what}: ERROR {v['error']}")(run)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from biopetals.conformance.context import NODE_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
-from biopetals.conformance.vectors import load_or_stub, slug as _slug
+from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.limits import MAX_BATCH, MAX_BLOCKS, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import (
@@ -229,7 +229,7 @@ def _register_vectors():
     doc = load_or_stub("messages.json", check, "node.vectors", M + "§9")
     if doc is None:
         return
-    for i, v in enumerate(doc["invalid"]):
+    for v in doc["invalid"]:
         route = vector_route(v)
         if route is None:
             continue
@@ -250,7 +250,7 @@ def _register_vectors():
                 await s.close()
 
         where = "as a request" if route == "request" else "on a session stream"
-        check(f"node.vector.{i:03d}-{_slug(v['name'])}", M + v["rule"].split(",")[0],
+        check(f"node.vector.{_slug(v['name'])}", _spec_of(v["rule"], M),
               f"invalid vector {v['name']!r} {where}: Error {v['error']}")(run)
 
 

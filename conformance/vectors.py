@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["vectors_dir", "load", "load_or_stub", "slug"]
+__all__ = ["vectors_dir", "load", "load_or_stub", "slug", "spec_of"]
 
 
 def vectors_dir() -> Path:
@@ -25,9 +25,17 @@ def load(name: str) -> dict | None:
         return None
 
 
+_SLUGS: set[str] = set()
+
+
 def slug(name: str) -> str:
-    """A vector's name as part of a check id."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+    """A vector's name as part of a check id (unique: a repeat gets -2, -3, ...)."""
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+    text, n = base, 2
+    while text in _SLUGS:
+        text, n = f"{base}-{n}", n + 1
+    _SLUGS.add(text)
+    return text
 
 
 def load_or_stub(name: str, check, check_id: str, spec: str) -> dict | None:
@@ -41,3 +49,9 @@ def load_or_stub(name: str, check, check_id: str, spec: str) -> dict | None:
 
         check(check_id, spec, f"the invalid vectors of spec/vectors/{name}")(missing)
     return doc
+
+
+def spec_of(rule: str, doc: str) -> str:
+    """A vector's ``rule`` ("§5.3 rule 2", "spec/tensors.md §3.3: ...") as a check's spec reference."""
+    first = rule.split(",")[0].split(":")[0].strip()
+    return first if first.startswith("spec/") else doc + first

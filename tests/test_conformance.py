@@ -60,7 +60,7 @@ def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
     monkeypatch.setattr(support_swarm, "NODE_COMMAND", BROKEN_NODE)
     with Swarm(tmp_path) as swarm:
         node = swarm.start_node(ckpt, "0:2", *NODE_ARGS, env={"BIOPETALS_BROKEN": "duplicates,position-code"})
-        only = [a for part in ("node.step", "node.push", "node.session", "node.open", "node.close", "node.vector.05") for a in ("--only", part)]
+        only = [a for part in ("node.step", "node.push", "node.session", "node.open", "node.close", "node.vector.version") for a in ("--only", part)]
         status, results = conformance(swarm.key_path, node.addr, "--section", "node", *only)
     assert status == 1
     assert set(failures(results)) == {

@@ -17,9 +17,10 @@ from biopetals.conformance.context import NODE_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.protocol.errors import ErrorCode
+from biopetals.protocol.identity import Identity
 from biopetals.protocol.limits import MAX_BATCH, MAX_BLOCKS, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import (
-    Backward, BackwardResult, CloseSession, Error, Forward, ForwardResult, NodeInfo, NodeInfoRequest,
+    Backward, BackwardResult, CloseSession, Error, Forward, ForwardResult, Hop, NodeInfo, NodeInfoRequest,
     OpenSession, Push, PushAck, SessionClosed, SessionOpened, Step, StepResult, decode_message, encode_message,
 )
 
@@ -373,6 +374,24 @@ async def step_hidden(ctx):
 @check("node.step.unknown-session", M + "§5.3, §5.9", "a Step naming a session that is not the stream's: UNKNOWN_SESSION")
 async def step_unknown(ctx):
     await _bad_step(ctx, lambda s: s.step(session_id=os.urandom(16)), ErrorCode.UNKNOWN_SESSION, "an unknown session")
+
+
+@check("node.step.prompts-blocks", M + "§5.3", "prompts without next not covering exactly the session's span: INVALID_TENSOR")
+async def step_prompts(ctx):
+    def make(s):
+        blocks = s.info.end - s.info.start + 1
+        return s.step(prompts=torch.zeros(blocks, 1, 1, s.info.hidden_size))
+
+    await _bad_step(ctx, make, ErrorCode.INVALID_TENSOR, "prompts for too many blocks")
+
+
+@check("node.step.next-start", M + "§5.3, §7.2", "a Step whose next[0] does not start at the session's end: INVALID_FIELD")
+async def step_next_start(ctx):
+    info = await ctx.node_info()
+    if info.end + 2 > MAX_BLOCKS:
+        raise NotApplicable("the node serves up to MAX_BLOCKS")
+    hop = Hop(peer_id=Identity.generate().peer_id, session_id=os.urandom(16), start=info.end + 1, end=info.end + 2)
+    await _bad_step(ctx, lambda s: s.step(next=(hop,)), ErrorCode.INVALID_FIELD, "a chain with a gap after this node")
 
 
 @check("node.step.non-finite", M + "§7.3", "NaN in a Step's hidden: NON_FINITE; the session is unchanged")

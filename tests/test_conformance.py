@@ -145,3 +145,18 @@ def test_a_misbehaving_peer_fails_checks_without_crashing(tmp_path, mode):
     passed = {k for k, r in results.items() if r["outcome"] == "pass"}
     assert passed <= {"transport.handshake.short-message1", "transport.handshake.zero-length",
                       "transport.handshake.oversize-length", "transport.handshake.nonempty-payload"}, passed
+
+
+def test_cli_help_list_and_usage_errors(tmp_path, capsys):
+    from biopetals.conformance.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0 and "--swarm-key" in capsys.readouterr().out
+    assert main(["--list", "--section", "transport"]) == 0
+    listed = capsys.readouterr().out
+    assert "transport.handshake.wrong-key" in listed and "node." not in listed
+    assert main(["--public"]) == 2  # no --peer
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+    assert main(["--swarm-key", str(tmp_path / "nope.key"), "--peer", peer]) == 2
+    assert "nope.key" in capsys.readouterr().err

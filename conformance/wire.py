@@ -10,6 +10,7 @@ frames itself (spec/transport.md §2-§3), trusting nothing the peer sends.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from dataclasses import dataclass
 
@@ -190,7 +191,7 @@ class RawPeer:
 
     async def ping(self, timeout: float = 5.0) -> bool:
         """PING with fresh bytes; True when the matching PING+ACK arrives (other frames skipped)."""
-        opaque = __import__("os").urandom(8)
+        opaque = os.urandom(8)
         self.send_frame(PING, 0, opaque)
         frames = await self.frames_until(lambda f: f.type == PING and f.flags & ACK and f.payload == opaque, timeout)
         return bool(frames) and frames[-1].payload == opaque and frames[-1].type == PING

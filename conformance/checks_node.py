@@ -18,6 +18,7 @@ from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.identity import Identity
+from biopetals.transport.errors import EndOfStream
 from biopetals.protocol.limits import MAX_BATCH, MAX_BLOCKS, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import (
     Backward, BackwardResult, CloseSession, Error, Forward, ForwardResult, Hop, NodeInfo, NodeInfoRequest,
@@ -272,6 +273,18 @@ async def open_ok(ctx):
         await s.close()
 
 
+@check("node.open.node-chosen-id", M + "§5.1", "without a session_id the node chooses one: 16 random bytes (RECOMMENDED), different per session", level="SHOULD")
+async def open_chosen_id(ctx):
+    a = await Session.opened_ok(ctx)
+    b = await Session.opened_ok(ctx)
+    try:
+        if len(a.sid) != 16 or a.sid == b.sid:
+            raise Failed(f"session ids {a.sid.hex()} and {b.sid.hex()}: expected 16 random bytes each", received=(a.opened, b.opened))
+    finally:
+        await a.close()
+        await b.close()
+
+
 @check("node.open.id-in-use", M + "§5.1", "OpenSession with a session id already open: Error INVALID_FIELD")
 async def open_in_use(ctx):
     sid = os.urandom(16)
@@ -459,6 +472,7 @@ async def close_session(ctx):
     reply, raw, sent = await s.exchange(CloseSession(session_id=s.sid))
     if not isinstance(reply, SessionClosed) or reply.session_id != s.sid:
         raise Failed("expected SessionClosed with the session id", sent=sent, received=reply)
+    await _stream_ends(s, "SessionClosed")
     data = encode_message(Push(session_id=s.sid, step_id=9, position=1, hidden=_h(s.info)))
     reply, raw = await request(ctx, data)
     expect_error(reply, ErrorCode.UNKNOWN_SESSION, sent=data, raw=raw)
@@ -546,6 +560,17 @@ async def lifetime_disconnect(ctx):
     return f"{before} -> {held} -> {left}"
 
 
+async def _stream_ends(s: Session, after: str) -> None:
+    """The node closes the session stream after ``after`` (§5.8, §5.9): no message, then its end."""
+    try:
+        extra, raw = await s.receive(5)
+    except EndOfStream:
+        return
+    except TimeoutError:
+        raise Failed(f"the session stream is still open 5 s after {after}") from None
+    raise Failed(f"a message after {after}; the node closes the stream", received=extra)
+
+
 @check("node.lifetime.idle-timeout", M + "§5.9", "an idle session gets Error TIMEOUT after idle_timeout, then is unknown", timeout=60)
 async def lifetime_idle(ctx):
     s = await Session.opened_ok(ctx)
@@ -563,6 +588,7 @@ async def lifetime_idle(ctx):
     expect_error(reply, ErrorCode.TIMEOUT, raw=raw)
     if waited < idle * 0.9:
         raise Failed(f"TIMEOUT after {waited:.1f} s, before idle_timeout {idle:g} s")
+    await _stream_ends(s, "Error TIMEOUT")
     data = encode_message(Push(session_id=s.sid, step_id=0, position=0, hidden=_h(s.info)))
     reply, raw = await request(ctx, data)
     expect_error(reply, ErrorCode.UNKNOWN_SESSION, sent=data, raw=raw)

@@ -136,7 +136,8 @@ async def handshake_payload(ctx):
         raise Failed(f"expected a close and nothing sent; closed={closed}", sent=ctx.last_sent, received=data)
 
 
-@check("transport.handshake.timeout", T + "§2.10, §3.12", "a stalled handshake is closed within HANDSHAKE_TIMEOUT (10 s); the listener serves others meanwhile", timeout=25)
+@check("transport.handshake.timeout", T + "§2.10, §3.12", "a stalled handshake is closed within HANDSHAKE_TIMEOUT (10 s); the listener serves others meanwhile",
+       timeout=25, concurrent=True)
 async def handshake_timeout(ctx):
     reader, writer = await connect_tcp(ctx.addr)
     loop = asyncio.get_running_loop()

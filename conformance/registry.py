@@ -41,6 +41,8 @@ class Check:
     title: str
     func: Callable[[Any], Awaitable[str | None]]
     timeout: float = 20.0
+    #: runs alongside the others (it only waits on a connection of its own), e.g. a 10 s timeout
+    concurrent: bool = False
 
 
 REGISTRY: dict[str, Check] = {}
@@ -55,11 +57,11 @@ def register(c: Check) -> Check:
     return c
 
 
-def check(id: str, spec: str, title: str, *, level: str = "MUST", timeout: float = 20.0):
+def check(id: str, spec: str, title: str, *, level: str = "MUST", timeout: float = 20.0, concurrent: bool = False):
     """Decorator: register ``func`` under ``id`` (its section is the id's first part)."""
 
     def wrap(func):
-        register(Check(id, id.split(".", 1)[0], spec, level, title, func, timeout))
+        register(Check(id, id.split(".", 1)[0], spec, level, title, func, timeout, concurrent))
         return func
 
     return wrap

@@ -74,13 +74,42 @@ async def run_one(c: Check, ctx, timeout_scale: float = 1.0) -> Result:
 
 
 async def run_checks(checks: list[Check], ctx, *, on_result=None, timeout_scale: float = 1.0) -> list[Result]:
-    results = []
+    """Every check in order; ``concurrent`` ones start first and run alongside. Results in ``checks`` order."""
+    results: dict[str, Result] = {}
+
+    def done(r: Result) -> None:
+        results[r.id] = r
+        if on_result:
+            on_result(r)
+
+    async def background(c: Check) -> None:
+        done(await run_one(c, _Detached(ctx), timeout_scale))
+
     try:
-        for c in checks:
-            r = await run_one(c, ctx, timeout_scale)
-            results.append(r)
-            if on_result:
-                on_result(r)
+        async with asyncio.TaskGroup() as tg:
+            for c in checks:
+                if c.concurrent:
+                    tg.create_task(background(c))
+            for c in checks:
+                if not c.concurrent:
+                    done(await run_one(c, ctx, timeout_scale))
     finally:
         await ctx.aclose()
-    return results
+    return [results[c.id] for c in checks]
+
+
+class _Detached:
+    """The context for a concurrent check: its own ``last_sent``, everything else shared."""
+
+    def __init__(self, ctx) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "last_sent", None)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        if name == "last_sent":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._ctx, name, value)

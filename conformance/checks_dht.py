@@ -162,7 +162,7 @@ async def store_open_subkey(ctx):
     _expect_status(statuses, ErrorCode.BAD_SIGNATURE, data)
 
 
-@check("dht.find-node", D + "§7.3, §3.1", "FIND_NODE: at most K contacts, valid, without the requester")
+@check("dht.find-node", D + "§7.3, §3.1", "FIND_NODE: at most K valid contacts, never the requester (sent without addresses, so never in its table)")
 async def find_node(ctx):
     data = dm.encode(dm.FindNodeRequest(os.urandom(32)))
     reply, raw = await dht_call(ctx, data)

@@ -1,10 +1,11 @@
 """A deliberately broken ``biopetals-node`` for tests/test_conformance.py: it must fail the matching checks.
 
-    BIOPETALS_BROKEN=duplicates,position-code python tests/broken_node.py <biopetals-node arguments>
+    BIOPETALS_BROKEN=duplicates,position-code,signatures python tests/broken_node.py <biopetals-node arguments>
 
 - ``duplicates``: runs a Step or Push whose step_id was already processed (spec/messages.md §5.7
   says it MUST NOT);
-- ``position-code``: answers a position error with INVALID_FIELD instead of BAD_POSITION (§5.6).
+- ``position-code``: answers a position error with INVALID_FIELD instead of BAD_POSITION (§5.6);
+- ``signatures``: its DHT stores records whose signature does not verify (spec/dht.md §4.5, §4.6).
 
 Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
 """
@@ -37,10 +38,25 @@ def break_position_code() -> None:
     sessions.Session.check_step = check_step
 
 
+def break_signatures() -> None:
+    from biopetals.dht import storage
+
+    original = storage.validate
+
+    def validate(record, now):
+        try:
+            original(record, now)
+        except RemoteProtocolError as exc:
+            if exc.code != ErrorCode.BAD_SIGNATURE:
+                raise
+
+    storage.validate = validate
+
+
 def main() -> int:
     broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
     for name in broken:
-        {"duplicates": break_duplicates, "position-code": break_position_code}[name]()
+        {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

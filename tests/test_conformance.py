@@ -56,16 +56,18 @@ def test_every_check_passes_against_our_node(tmp_path, ckpt):
 
 
 def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
-    """Duplicates run and BAD_POSITION answered as INVALID_FIELD: exactly those checks fail."""
+    """Duplicates run, BAD_POSITION answered as INVALID_FIELD, forged DHT records stored: exactly those checks fail."""
     monkeypatch.setattr(support_swarm, "NODE_COMMAND", BROKEN_NODE)
     with Swarm(tmp_path) as swarm:
-        node = swarm.start_node(ckpt, "0:2", *NODE_ARGS, env={"BIOPETALS_BROKEN": "duplicates,position-code"})
-        only = [a for part in ("node.step", "node.push", "node.session", "node.open", "node.close", "node.vector.version") for a in ("--only", part)]
-        status, results = conformance(swarm.key_path, node.addr, "--section", "node", *only)
+        node = swarm.start_node(ckpt, "0:2", *NODE_ARGS, env={"BIOPETALS_BROKEN": "duplicates,position-code,signatures"})
+        parts = ("node.step", "node.push", "node.session", "node.open", "node.close", "node.vector.version", "dht.store")
+        only = [a for part in parts for a in ("--only", part)]
+        status, results = conformance(swarm.key_path, node.addr, *only)
     assert status == 1
     assert set(failures(results)) == {
         "node.step.duplicate", "node.push.duplicate",
         "node.step.position-gap", "node.step.position-overlap", "node.step.over-max-length",
+        "dht.store.bad-signature", "dht.store.forged-subkey",
     }, failures(results)
     assert "INVALID_FIELD" in results["node.step.position-gap"]["detail"]
     assert results["node.step.position-gap"]["sent"] and results["node.step.position-gap"]["received"]

@@ -8,7 +8,6 @@ that every conformance check names a section that exists.
 from __future__ import annotations
 
 import importlib.util
-import re
 import shutil
 from pathlib import Path
 

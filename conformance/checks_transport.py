@@ -89,6 +89,16 @@ async def handshake_no_key(ctx):
         raise Failed(f"expected a Rejection(reason 1) then close; closed={closed}", sent=ctx.last_sent, received=data)
 
 
+@check("transport.handshake.keyed-to-public", T + "§2.6, §2.11", "a public peer given a keyed message 1 sends a Rejection reason 2 and closes")
+async def handshake_keyed_to_public(ctx):
+    if ctx.swarm_key is not None:
+        raise NotApplicable("the peer is in a private swarm (checked by transport.handshake.wrong-key)")
+    hs = Handshake(Role.INITIATOR, Identity.generate(), os.urandom(32))
+    data, closed = await _message1_answer(ctx, hs.data_to_send())
+    if _rejection(data) != (2, PROTOCOL_ID) or not closed:
+        raise Failed(f"expected a Rejection(reason 2, {PROTOCOL_ID}) then close; closed={closed}", sent=ctx.last_sent, received=data)
+
+
 @check("transport.handshake.other-version", T + "§2.2, §2.7", "message 1 with another prologue is rejected; the Rejection names the responder's protocol id")
 async def handshake_other_version(ctx):
     _require_private(ctx)

@@ -50,7 +50,8 @@ def test_every_check_passes_against_our_node(tmp_path, ckpt):
         status, results = conformance(swarm.key_path, node.addr)
     assert failures(results) == {}
     assert status == 0
-    assert not [k for k, r in results.items() if r["outcome"] != "pass"]  # nothing n/a against a full node
+    not_applicable = {k for k, r in results.items() if r["outcome"] != "pass"}
+    assert not_applicable == {"transport.handshake.keyed-to-public"}  # the node is in a private swarm
     sections = {k.split(".")[0] for k in results}
     assert sections == {"transport", "node", "dht"} and len(results) > 200
 
@@ -73,17 +74,22 @@ def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
     assert results["node.step.position-gap"]["sent"] and results["node.step.position-gap"]["received"]
 
 
+def _dht_peer(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "biopetals.dht.cli", *args, "--host", "127.0.0.1", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    addr = proc.stdout.readline().strip()
+    assert addr.startswith("/ip4/127.0.0.1/tcp/"), addr
+    return proc, addr
+
+
 def test_dht_only_peer(tmp_path):
     """A biopetals-dht process: transport and DHT checks pass, node checks are not applicable."""
     from biopetals.transport.keyfiles import write_swarm_key
 
     key = tmp_path / "swarm.key"
     write_swarm_key(key, None)
-    proc = subprocess.Popen([sys.executable, "-m", "biopetals.dht.cli", "--swarm-key", str(key), "--host", "127.0.0.1",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, addr = _dht_peer("--swarm-key", str(key))
     try:
-        addr = proc.stdout.readline().strip()
-        assert addr.startswith("/ip4/127.0.0.1/tcp/"), addr
         status, results = conformance(key, addr, "--only", "dht.", "--only", "node.info", "--only", "transport.mux")
     finally:
         proc.terminate()
@@ -93,6 +99,22 @@ def test_dht_only_peer(tmp_path):
     assert results["node.info"]["outcome"] == "n/a"
     assert all(r["outcome"] == "pass" for k, r in results.items() if k.startswith(("dht.", "transport.")))
     assert sum(k.startswith("dht.vector.") for k in results) > 20
+
+
+def test_public_swarm_peer():
+    """--public against an unkeyed biopetals-dht: the handshake checks for a public swarm pass, keyed ones are n/a."""
+    proc, addr = _dht_peer("--public")
+    try:
+        out = subprocess.run([*TOOL, "--public", "--peer", addr, "--json", "--only", "transport.handshake", "--only", "dht.ping"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    results = {r["id"]: r for r in json.loads(out.stdout)["results"]}
+    assert failures(results) == {} and out.returncode == 0
+    assert results["transport.handshake.keyed-to-public"]["outcome"] == "pass"
+    assert results["transport.handshake.wrong-key"]["outcome"] == "n/a"
+    assert results["transport.handshake.ok"]["outcome"] == "pass" and results["dht.ping"]["outcome"] == "pass"
 
 
 class _BadPeer:

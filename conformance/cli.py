@@ -24,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
         description="Check a live BioPetals peer (this implementation or another) against spec/: "
         "one check per testable MUST/SHOULD, each naming its spec section. Prints a table "
         "(pass / FAIL / n/a, with what was sent and received on failure); exit status 1 if any check fails.",
+        epilog="example: biopetals-conformance --swarm-key lab.key --peer /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW... "
+        "--section node. Exit status: 0 no check failed, 1 a check failed, 2 usage error. "
+        "The vectors come from this checkout's spec/vectors (or $BIOPETALS_SPEC_VECTORS).",
     )
     key = p.add_mutually_exclusive_group()
     key.add_argument("--swarm-key", metavar="FILE", help="the swarm key file of the peer's private swarm")
@@ -47,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     checks = [c for c in checks_for(args.section) if not args.only or any(t in c.id for t in args.only)]
     if args.list:
-        for c in checks:
-            print(f"{c.id:<52} {c.level:<6} {c.spec:<36} {c.title}")
+        try:
+            for c in checks:
+                print(f"{c.id:<52} {c.level:<6} {c.spec:<36} {c.title}")
+        except BrokenPipeError:  # `--list | head`
+            sys.stdout = None
         return 0
     if not args.peer or not (args.swarm_key or args.public):
         print("biopetals-conformance: --peer and one of --swarm-key/--public are required", file=sys.stderr)

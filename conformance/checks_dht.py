@@ -12,7 +12,6 @@ import hashlib
 import os
 import time
 
-import msgpack
 
 from biopetals.conformance.context import DHT_PROTOCOL
 from biopetals.conformance.registry import Failed, check

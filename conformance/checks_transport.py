@@ -12,7 +12,7 @@ import os
 from biopetals.conformance.context import DHT_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.wire import (
-    ACK, DATA, FIN, GO_AWAY, OPEN, PING, RESET, RawPeer, connect_tcp, frame, read_until_closed,
+    DATA, FIN, GO_AWAY, OPEN, PING, RESET, RawPeer, connect_tcp, frame, read_until_closed,
 )
 from biopetals.protocol.handshake import PROTOCOL_ID, Handshake, Role
 from biopetals.protocol.identity import Identity

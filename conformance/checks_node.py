@@ -450,6 +450,24 @@ async def session_bad_input(ctx):
         await s.close()
 
 
+@check("node.session.failure-isolated", M + "§5.9", "a step that fails fails alone: another session's concurrent step and cache are unaffected")
+async def session_failure_isolated(ctx):
+    a = await Session.opened_ok(ctx, max_length=8)
+    b = await Session.opened_ok(ctx, max_length=8)
+    try:
+        await a.good_step(1)
+        await b.good_step(1)
+        bad = a.step(hidden=_h(a.info, hidden=a.info.hidden_size + 1))
+        (reply, raw, sent), _ = await asyncio.gather(a.exchange(bad), b.good_step(1, "a step running beside another session's failing one"))
+        expect_error(reply, ErrorCode.HIDDEN_SIZE_MISMATCH, sent=sent, raw=raw)
+        a.step_id += 1
+        await a.good_step(1, "the failed session's next step")
+        await b.good_step(1, "the other session's next step")
+    finally:
+        await a.close()
+        await b.close()
+
+
 @check("node.session.unexpected-messages", M + "§2.1", "NodeInfoRequest, OpenSession or Push on a session stream: UNKNOWN_MESSAGE")
 async def session_unexpected(ctx):
     s = await Session.opened_ok(ctx, max_length=8)

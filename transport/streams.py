@@ -313,7 +313,9 @@ class Stream:
             conn._flush()
             if self._eof:
                 if self._need is not None or self._prefix:
-                    raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self!r}: peer ended the stream inside a message")
+                    why = f"{self!r}: peer ended the stream inside a message"
+                    self.reset(ErrorCode.MALFORMED, "FIN inside a message (spec/transport.md §3.10)")
+                    raise RemoteProtocolError(ErrorCode.MALFORMED, why)
                 return None
             fut = self._receive_waiter = conn._loop.create_future()
             self._receiving = True

@@ -1,0 +1,66 @@
+"""A deliberately broken ``biopetals-node`` for tests/test_conformance.py: it must fail the matching checks.
+
+    BIOPETALS_BROKEN=duplicates,position-code,signatures python tests/broken_node.py <biopetals-node arguments>
+
+- ``duplicates``: runs a Step or Push whose step_id was already processed (spec/messages.md §5.7
+  says it MUST NOT);
+- ``position-code``: answers a position error with INVALID_FIELD instead of BAD_POSITION (§5.6);
+- ``signatures``: its DHT stores records whose signature does not verify (spec/dht.md §4.5, §4.6).
+
+Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from biopetals.node import sessions
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+
+
+def break_duplicates() -> None:
+    assert hasattr(sessions.Session, "is_duplicate"), "node/sessions.py changed: update tests/broken_node.py"
+    sessions.Session.is_duplicate = lambda self, step_id: False
+
+
+def break_position_code() -> None:
+    original = sessions.Session.check_step
+
+    def check_step(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except RemoteProtocolError as exc:
+            if exc.code == ErrorCode.BAD_POSITION:
+                raise RemoteProtocolError(ErrorCode.INVALID_FIELD, exc.message) from None
+            raise
+
+    sessions.Session.check_step = check_step
+
+
+def break_signatures() -> None:
+    from biopetals.dht import storage
+
+    original = storage.validate
+
+    def validate(record, now):
+        try:
+            original(record, now)
+        except RemoteProtocolError as exc:
+            if exc.code != ErrorCode.BAD_SIGNATURE:
+                raise
+
+    storage.validate = validate
+
+
+def main() -> int:
+    broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
+    for name in broken:
+        {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures}[name]()
+    from biopetals.node.cli import main as node_main
+
+    return node_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -175,3 +175,54 @@ def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
             plain = reference.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(out, x)
     assert not torch.equal(out, plain)
+
+
+def test_inference_session_carries_the_prompts(checkpoint, swarm, reference):
+    """Greedy decoding with KV caches on the nodes (deep prompts sent with the first step, spec §5.3)
+    gives the tokens and logits of transformers recomputing the whole sequence with the same prompts."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("Enzymes lower", return_tensors="pt").input_ids
+    torch.manual_seed(7)
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        with torch.no_grad():
+            model.tuning.prompts.normal_(0, 1.0)
+            model.tuning.deep.normal_(0, 1.0)
+        tokens, new, logits = ids, ids, []
+        with model.inference_session(max_length=32) as session:
+            for _ in range(6):
+                logits.append(model.inference_step(session, new)[:, -1])
+                new = logits[-1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, new], dim=1)
+        with torch.no_grad():
+            for i in range(6):
+                ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
+                                   model.tuning.deep).logits[:, -1]
+                assert (ref - logits[i]).abs().max().item() <= 1e-4, i
+                assert int(ref.argmax()) == int(tokens[0, ids.shape[1] + i])
+
+
+def test_session_with_prompts_survives_a_killed_node(checkpoint, reference):
+    """A node dies mid-decoding: its replacement (split over other nodes) replays the history with
+    each part's deep prompts, and decoding goes on with transformers' logits."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("Ribosomes read", return_tensors="pt").input_ids
+    torch.manual_seed(8)
+    with LocalSwarm(checkpoint, [(0, 8), (0, 5), (5, 8)]) as three, connect(checkpoint, three, "deep_ptune") as model:
+        with torch.no_grad():
+            model.tuning.prompts.normal_(0, 1.0)
+            model.tuning.deep.normal_(0, 1.0)
+        tokens, new, logits = ids, ids, []
+        with model.inference_session(max_length=32) as session:
+            for i in range(5):
+                logits.append(model.inference_step(session, new)[:, -1])
+                new = logits[-1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, new], dim=1)
+                if i == 1:  # kill the node serving block 0 now; the next step fails over
+                    first = session.route[0][0][0]
+                    next(n for n in three.nodes if n.peer_id == first).kill()
+            peers = [peer for peer, _, _ in session.route[0]]
+        assert session.failovers >= 1, "no failover happened"
+        assert first not in peers, peers
+    with torch.no_grad():
+        for i in range(5):
+            ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
+                               model.tuning.deep).logits[:, -1]
+            assert (ref - logits[i]).abs().max().item() <= 1e-4, i

@@ -161,11 +161,8 @@ def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
     """generate(use_cache=False) recomputes statelessly with the prompts: transformers' greedy tokens
     with the same prompts inserted (prompts that change the output, so ignoring them would fail)."""
     ids = AutoTokenizer.from_pretrained(checkpoint)("DNA is", return_tensors="pt").input_ids
-    torch.manual_seed(6)
     with connect(checkpoint, swarm, "deep_ptune") as model:
-        with torch.no_grad():
-            model.tuning.prompts.normal_(0, 1.0)
-            model.tuning.deep.normal_(0, 1.0)
+        randomize_prompts(model, 6)
         out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
         x = ids
         with torch.no_grad():
@@ -177,52 +174,62 @@ def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
     assert not torch.equal(out, plain)
 
 
+def randomize_prompts(model, seed):
+    """Prompts large enough to change every output (deep ones start at zero)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.tuning.prompts.normal_(0, 1.0)
+        model.tuning.deep.normal_(0, 1.0)
+
+
+def decode(model, session, ids, steps, after_step=lambda i: None):
+    """Greedy decoding through ``session`` with ``model.inference_step``: (tokens, last logits per step)."""
+    tokens, new, logits = ids, ids, []
+    for i in range(steps):
+        logits.append(model.inference_step(session, new)[:, -1])
+        new = logits[-1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, new], dim=1)
+        after_step(i)
+    return tokens, logits
+
+
+def check_decoding(reference, model, ids, tokens, logits):
+    """Each step's logits are transformers' on the whole sequence so far with the same prompts."""
+    with torch.no_grad():
+        for i, ours in enumerate(logits):
+            ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
+                               model.tuning.deep).logits[:, -1]
+            assert (ref - ours).abs().max().item() <= 1e-4, i
+            assert int(ref.argmax()) == int(tokens[0, ids.shape[1] + i])
+
+
 def test_inference_session_carries_the_prompts(checkpoint, swarm, reference):
     """Greedy decoding with KV caches on the nodes (deep prompts sent with the first step, spec §5.3)
     gives the tokens and logits of transformers recomputing the whole sequence with the same prompts."""
     ids = AutoTokenizer.from_pretrained(checkpoint)("Enzymes lower", return_tensors="pt").input_ids
-    torch.manual_seed(7)
     with connect(checkpoint, swarm, "deep_ptune") as model:
-        with torch.no_grad():
-            model.tuning.prompts.normal_(0, 1.0)
-            model.tuning.deep.normal_(0, 1.0)
-        tokens, new, logits = ids, ids, []
+        randomize_prompts(model, 7)
         with model.inference_session(max_length=32) as session:
-            for _ in range(6):
-                logits.append(model.inference_step(session, new)[:, -1])
-                new = logits[-1].argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, new], dim=1)
-        with torch.no_grad():
-            for i in range(6):
-                ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
-                                   model.tuning.deep).logits[:, -1]
-                assert (ref - logits[i]).abs().max().item() <= 1e-4, i
-                assert int(ref.argmax()) == int(tokens[0, ids.shape[1] + i])
+            tokens, logits = decode(model, session, ids, 6)
+        check_decoding(reference, model, ids, tokens, logits)
 
 
 def test_session_with_prompts_survives_a_killed_node(checkpoint, reference):
     """A node dies mid-decoding: its replacement (split over other nodes) replays the history with
     each part's deep prompts, and decoding goes on with transformers' logits."""
     ids = AutoTokenizer.from_pretrained(checkpoint)("Ribosomes read", return_tensors="pt").input_ids
-    torch.manual_seed(8)
     with LocalSwarm(checkpoint, [(0, 8), (0, 5), (5, 8)]) as three, connect(checkpoint, three, "deep_ptune") as model:
-        with torch.no_grad():
-            model.tuning.prompts.normal_(0, 1.0)
-            model.tuning.deep.normal_(0, 1.0)
-        tokens, new, logits = ids, ids, []
+        randomize_prompts(model, 8)
+        killed = []
+
+        def kill_first_node(i):
+            if i == 1:  # the node serving block 0 dies now; the next step fails over
+                killed.append(session.route[0][0][0])
+                next(n for n in three.nodes if n.peer_id == killed[0]).kill()
+
         with model.inference_session(max_length=32) as session:
-            for i in range(5):
-                logits.append(model.inference_step(session, new)[:, -1])
-                new = logits[-1].argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, new], dim=1)
-                if i == 1:  # kill the node serving block 0 now; the next step fails over
-                    first = session.route[0][0][0]
-                    next(n for n in three.nodes if n.peer_id == first).kill()
+            tokens, logits = decode(model, session, ids, 5, kill_first_node)
             peers = [peer for peer, _, _ in session.route[0]]
         assert session.failovers >= 1, "no failover happened"
-        assert first not in peers, peers
-    with torch.no_grad():
-        for i in range(5):
-            ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
-                               model.tuning.deep).logits[:, -1]
-            assert (ref - logits[i]).abs().max().item() <= 1e-4, i
+        assert killed[0] not in peers, peers
+        check_decoding(reference, model, ids, tokens, logits)

@@ -18,7 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .errors import MissingBlocksError, SwarmError  # noqa: E402
 from .model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RemoteCache  # noqa: E402
 from .ptune import DistributedLlamaForCausalLMWithPrompts  # noqa: E402
-from .classification import DistributedLlamaForSequenceClassification  # noqa: E402
+from .classification import (  # noqa: E402
+    AutoDistributedModelForSequenceClassification,
+    DistributedLlamaForSequenceClassification,
+)
 from .routing import ServerSpan, find_route  # noqa: E402
 from .session import InferenceSession  # noqa: E402
 from .swarm import ClientConfig  # noqa: E402
@@ -28,6 +31,7 @@ __all__ = [
     "DistributedLlamaForCausalLM",
     "DistributedLlamaForCausalLMWithPrompts",
     "DistributedLlamaForSequenceClassification",
+    "AutoDistributedModelForSequenceClassification",
     "RemoteCache",
     "InferenceSession",
     "ClientConfig",

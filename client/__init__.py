@@ -19,7 +19,10 @@ from .errors import MissingBlocksError, SwarmError  # noqa: E402
 from .generation_contract import UnsupportedTransformersError  # noqa: E402
 from .model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RemoteCache  # noqa: E402
 from .ptune import DistributedLlamaForCausalLMWithPrompts  # noqa: E402
-from .classification import DistributedLlamaForSequenceClassification  # noqa: E402
+from .classification import (  # noqa: E402
+    AutoDistributedModelForSequenceClassification,
+    DistributedLlamaForSequenceClassification,
+)
 from .routing import ServerSpan, find_route  # noqa: E402
 from .session import InferenceSession  # noqa: E402
 from .swarm import ClientConfig  # noqa: E402
@@ -29,6 +32,7 @@ __all__ = [
     "DistributedLlamaForCausalLM",
     "DistributedLlamaForCausalLMWithPrompts",
     "DistributedLlamaForSequenceClassification",
+    "AutoDistributedModelForSequenceClassification",
     "RemoteCache",
     "InferenceSession",
     "ClientConfig",

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from .model import DistributedLlamaForCausalLM
 from .ptune import PromptTuningMixin
 
-__all__ = ["DistributedLlamaForSequenceClassification"]
+__all__ = ["DistributedLlamaForSequenceClassification", "AutoDistributedModelForSequenceClassification"]
 
 
 class DistributedLlamaForSequenceClassification(PromptTuningMixin, DistributedLlamaForCausalLM):
@@ -74,3 +74,12 @@ class DistributedLlamaForSequenceClassification(PromptTuningMixin, DistributedLl
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
+
+
+class AutoDistributedModelForSequenceClassification:
+    """``AutoDistributedModelForSequenceClassification.from_pretrained(path, num_labels=..., ...)``, as petals names it."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any) -> DistributedLlamaForSequenceClassification:
+        # Llama, Mistral and Qwen2 share the client side; load_config refuses other architectures.
+        return DistributedLlamaForSequenceClassification.from_pretrained(path_or_name, **kwargs)

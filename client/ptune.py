@@ -19,7 +19,10 @@ set ``requires_grad_(True)`` on them to train them too.
 
 Prompts live in fp32 whatever the model's dtype (their optimizer state too), as in
 petals. Generation with prompts: ``generate(..., use_cache=False)`` (each token
-recomputes the sequence statelessly); inference sessions do not carry prompts yet.
+recomputes the sequence statelessly), or step by step with KV caches on the nodes:
+``model.inference_step(session, input_ids)`` in ``with model.inference_session(...)``
+(the first step carries the prompts, spec/messages.md §5.3). ``generate()`` with a
+cache refuses a prompt-tuned model: its cache bookkeeping does not know the prefix.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from transformers import PretrainedConfig
 
 from .model import DistributedLlamaForCausalLM, RemoteCache
 from .remote_forward import remote_blocks
+from .session import InferenceSession
 
 __all__ = ["TUNING_MODES", "check_tuning", "PromptTuning", "PromptTuningMixin", "DistributedLlamaForCausalLMWithPrompts"]
 
@@ -128,7 +132,25 @@ class DistributedLlamaForCausalLMWithPrompts(PromptTuningMixin, DistributedLlama
     def forward(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         # the cache keyword is ``past_key_values`` before transformers 5.x's rename to ``cache``
         if self.tuning is not None and any(isinstance(kwargs.get(k), RemoteCache) for k in ("past_key_values", "cache")):
-            raise NotImplementedError("inference sessions do not carry trained prompts yet; "
-                                      "generate with use_cache=False (stateless) instead")
+            raise NotImplementedError("generate() with a cache does not carry trained prompts; use "
+                                      "generate(..., use_cache=False) or model.inference_step(session, input_ids)")
         return super().forward(*args, **kwargs)
+
+    @torch.no_grad()
+    def inference_step(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, tokens, vocab]`` of the next ``input_ids`` through ``session`` (KV caches on the nodes).
+
+        The session's first step puts the prompts in front (and sends the deep prompts
+        with it, spec/messages.md §5.3); later steps are plain, as the prompt positions
+        are already in the caches. Unpadded batches.
+        """
+        embeds = self.model.embed_tokens(input_ids)
+        if self.tuning is None:
+            return self.lm_head(self.model.norm(session.step(embeds).to(embeds.dtype)))
+        if session.position == 0:
+            x, _ = self.tuning.extend(embeds, None)
+            hidden = session.step(x, prompts=self.tuning.block_prompts(x.shape[0], x.dtype))[:, self.tuning.pre_seq_len:]
+        else:
+            hidden = session.step(embeds)
+        return self.lm_head(self.model.norm(hidden.to(embeds.dtype)))
 

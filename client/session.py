@@ -124,10 +124,14 @@ class ChainSession:
     def _deadline(self, span: SpanSession, batch: int, tokens: int) -> float:
         return self.swarm.step_deadline(span.server, span.start, span.end, batch, tokens)
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                   prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``hidden`` ``[batch, tokens, hidden]`` (the next tokens) through all blocks.
 
         ``mask``: ``[batch, tokens]`` padding mask of these tokens (1 = token, 0 = padding), or None.
+        ``prompts``: deep prompts ``[N, batch, P, hidden]`` for all blocks, added before block ``i``
+        to this step's first ``P`` tokens (spec/messages.md §5.3); each node gets its blocks' part
+        and its hops' (push), and the history keeps each span's part for a replay.
         """
         if self.closed:
             raise SwarmError("the inference session is closed")
@@ -145,6 +149,13 @@ class ChainSession:
             mask = mask.detach().to(device="cpu", dtype=torch.bool)
             if bool(mask.all()):
                 mask = None  # no padding: the same as no mask (§8.1)
+        if prompts is not None:
+            n = self.swarm.n_blocks
+            if prompts.ndim != 4 or tuple(prompts.shape[:2]) != (n, batch) or prompts.shape[3] != hidden.shape[2] \
+                    or not 0 < prompts.shape[2] <= tokens:
+                raise ValueError(f"prompts must be [{n}, {batch}, P <= {tokens}, {hidden.shape[2]}], "
+                                 f"got {list(prompts.shape)}")
+            prompts = prompts.detach().to(hidden.dtype)
         position = self.position
         step_id = position + 1
         failures: list[PeerFailure] = []
@@ -164,7 +175,9 @@ class ChainSession:
                             for s in self.spans[i:] if push else [span]:
                                 s.expect(step_id)
                             asked_directly.add(i)
-                            await span.send_step(step_id, position, x, hops, mask=mask)
+                            last = self.spans[-1].end if push else span.end
+                            await span.send_step(step_id, position, x, hops, mask=mask,
+                                                 prompts=_blocks(prompts, span.start, last))
                             send_from = -1 if push else i + 1
                         out = await asyncio.shield(span.expect(step_id))
                 except TimeoutError:
@@ -184,7 +197,7 @@ class ChainSession:
                 send_from = i
                 asked_directly.discard(i)
                 continue
-            span.record(step_id, position, x, mask)
+            span.record(step_id, position, x, mask, _blocks(prompts, span.start, span.end))
             span.forget(step_id)
             if out.shape != x.shape:
                 raise SwarmError(f"node {span.peer_id} returned shape {list(out.shape)} for input {list(x.shape)}")
@@ -206,8 +219,10 @@ class ChainSession:
                 for fed in old.history:
                     x = fed.hidden
                     batch, tokens = int(x.shape[0]), int(x.shape[1])
-                    for s in new:
-                        x = await s.run_step(fed.step_id, fed.position, x, self._deadline(s, batch, tokens), fed.mask)
+                    for s in new:  # the recorded prompts cover old's blocks; each part takes its own
+                        part = _blocks(fed.prompts, s.start - old.start, s.end - old.start)
+                        x = await s.run_step(fed.step_id, fed.position, x, self._deadline(s, batch, tokens), fed.mask,
+                                             part)
             except PeerFailure as failure:
                 failures.append(failure)
                 self.swarm.failed(failure)
@@ -221,6 +236,11 @@ class ChainSession:
         log.warning("replaced %s (blocks %d:%d) by %s, replayed %d step(s)", old.peer_id, old.start, old.end,
                     ", ".join(f"{s.peer_id} {s.start}:{s.end}" for s in new), len(old.history))
         self.spans[i:i + 1] = new
+
+
+def _blocks(prompts: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    """Prompts of blocks ``[start, end)`` (rows of the first dimension), contiguous for the wire."""
+    return None if prompts is None else prompts[start:end].contiguous()
 
 
 class InferenceSession:
@@ -270,7 +290,8 @@ class InferenceSession:
             self.close()
             raise
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             prompts: torch.Tensor | None = None) -> torch.Tensor:
         if self.closed:
             raise SwarmError("the inference session is closed")
         if hidden.ndim != 3:
@@ -283,7 +304,7 @@ class InferenceSession:
                                  f"got {list(attention_mask.shape)}")
             mask = attention_mask[:, -tokens:]
         self._ensure_open(batch)
-        out = self.swarm.loop.run(self.chains[0].step(hidden.detach(), mask))
+        out = self.swarm.loop.run(self.chains[0].step(hidden.detach(), mask, prompts))
         self.position += tokens
         return out
 

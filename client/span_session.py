@@ -8,7 +8,7 @@ the node by server-to-server push, §5.7) and resolves the waiter for that
 ``step_id``, an invalid message) fails every waiter with a ``PeerFailure`` and
 marks the session dead.
 
-``history`` is what the session was fed: ``(step_id, position, hidden, mask)`` for each
+``history`` is what the session was fed: ``(step_id, position, hidden, mask, prompts)`` for each
 step whose result arrived, in order. It is the client's copy of the inputs that
 rebuild this span's KV cache on a replacement node (§5.9).
 
@@ -73,6 +73,7 @@ class _Fed:
     position: int
     hidden: torch.Tensor
     mask: torch.Tensor | None = None  # padding mask of the step's tokens (spec/messages.md §8.1)
+    prompts: torch.Tensor | None = None  # deep prompts of this span's blocks (§5.3)
 
 
 class SpanSession:
@@ -149,15 +150,17 @@ class SpanSession:
                 fut.set_result(self._results.pop(step_id))
             elif self._failure is not None:
                 fut.set_exception(self._failure)
+                fut.exception()  # retrieved: the caller may never await it (its send fails first)
             self._waiters[step_id] = fut
         return fut
 
     async def send_step(self, step_id: int, position: int, hidden: torch.Tensor, hops: tuple[Hop, ...] = (),
-                        mask: torch.Tensor | None = None) -> None:
+                        mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> None:
+        """``prompts``: deep prompts for this span's blocks followed by the hops' (§5.3)."""
         if self._failure is not None:
             raise self._failure
         message = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=hidden, next=hops,
-                       mask=mask)
+                       mask=mask, prompts=prompts)
         data = encode_message(message, self.codec)
         try:
             async with self._send_lock:
@@ -167,9 +170,11 @@ class SpanSession:
             self._fail(failure)
             raise failure from exc
 
-    def record(self, step_id: int, position: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """The node processed ``hidden`` (with padding ``mask``) at ``position``: remember it for a replay."""
-        self.history.append(_Fed(step_id, position, hidden, mask))
+    def record(self, step_id: int, position: int, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+               prompts: torch.Tensor | None = None) -> None:
+        """The node processed ``hidden`` (with padding ``mask`` and this span's ``prompts``) at ``position``:
+        remember it for a replay."""
+        self.history.append(_Fed(step_id, position, hidden, mask, prompts))
         self.position = position + int(hidden.shape[1])
 
     def forget(self, step_id: int) -> None:
@@ -179,19 +184,19 @@ class SpanSession:
         self._results.pop(step_id, None)
 
     async def run_step(self, step_id: int, position: int, hidden: torch.Tensor, timeout: float,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Send one step directly (no push) and wait for its result, all within ``timeout``; records it."""
         fut = self.expect(step_id)
         try:
             async with asyncio.timeout(timeout):  # the send too: a stalled node stops reading
-                await self.send_step(step_id, position, hidden, mask=mask)
+                await self.send_step(step_id, position, hidden, mask=mask, prompts=prompts)
                 out = await asyncio.shield(fut)
         except TimeoutError:
             failure = PeerFailure(self.peer_id, f"no result for step {step_id} within {timeout:.1f} s", int(ErrorCode.TIMEOUT))
             raise failure from None
         finally:
             self._waiters.pop(step_id, None)
-        self.record(step_id, position, hidden, mask)
+        self.record(step_id, position, hidden, mask, prompts)
         return out
 
     # ------------------------------------------------------------------ reader

@@ -118,18 +118,20 @@ def evaluate(model, enc: Encoder, pairs, batch_size: int) -> tuple[float, float]
 
 
 def greedy_answer(model, enc: Encoder, question: str, max_tokens: int = 24) -> str:
-    """Greedy decoding with stateless forwards (the whole sequence each token: prompts need no session)."""
+    """Greedy decoding with KV caches on the nodes; the session's first step carries the prompts."""
     import torch
 
     ids = torch.tensor([enc.question(question)])
-    start = ids.shape[1]
-    with torch.no_grad():
+    answer: list[int] = []
+    with model.inference_session(max_length=ids.shape[1] + model.tuning.pre_seq_len + max_tokens) as session:
+        new = ids
         for _ in range(max_tokens):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            if int(nxt) == enc.tok.eos_token_id:
+            nxt = int(model.inference_step(session, new)[0, -1].argmax())
+            if nxt == enc.tok.eos_token_id:
                 break
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return enc.tok.decode(ids[0, start:], skip_special_tokens=True).strip()
+            answer.append(nxt)
+            new = torch.tensor([[nxt]])
+    return enc.tok.decode(answer, skip_special_tokens=True).strip()
 
 
 def show(model, enc: Encoder, pairs, batch_size: int, when: str, answers: int) -> float:

@@ -17,7 +17,7 @@ from support_finetune import relative_error, with_prompts
 from support_models import make_tiny_checkpoint
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from biopetals.client import DistributedLlamaForSequenceClassification
+from biopetals.client import AutoDistributedModelForSequenceClassification, DistributedLlamaForSequenceClassification
 from biopetals.client.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,7 +55,7 @@ def batch(checkpoint):
 
 
 def connect(checkpoint, swarm, reference, **kwargs):
-    model = DistributedLlamaForSequenceClassification.from_pretrained(
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
         checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", num_labels=LABELS,
         **kwargs)
     with torch.no_grad():
@@ -66,6 +66,7 @@ def connect(checkpoint, swarm, reference, **kwargs):
 def test_logits_and_loss_equal_transformers(checkpoint, swarm, reference, batch):
     ids, mask = batch
     with connect(checkpoint, swarm, reference) as model:
+        assert isinstance(model, DistributedLlamaForSequenceClassification)
         assert model.lm_head is None and model.config.num_labels == LABELS
         ours = model(input_ids=ids, attention_mask=mask, labels=TARGETS)
     ref = reference(input_ids=ids, attention_mask=mask, labels=TARGETS)

@@ -5,7 +5,14 @@ reference is ``AutoModelForCausalLM`` of the same directory with the same prompt
 inserted by transformers-side hooks (``support_finetune``). Activations travel as f32
 (lossless): gradients of the prompts and of the client's own weights must match
 local autograd within 1e-5 relative, and a 30-step AdamW run must give the same loss
-curve within 1e-4 per step.
+curve within 1e-4 per step. Decoding with prompts (stateless, and through inference
+sessions, a failover included) gives transformers' logits.
+
+Also here, on the same swarm: peft's LoRA on the parts the client holds (embeddings, LM
+head), against transformers + peft with the same LoRA weights: gradients of every LoRA
+tensor, a 10-step loss curve, and peft's ``save_pretrained`` / ``PeftModel.from_pretrained``
+round trip onto a fresh distributed model. LoRA on the blocks' own modules (``q_proj``,
+...) cannot be applied on the client, which does not hold them: peft says so.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import copy
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from support_finetune import relative_error, with_prompts
 from support_models import make_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,11 +169,8 @@ def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
     """generate(use_cache=False) recomputes statelessly with the prompts: transformers' greedy tokens
     with the same prompts inserted (prompts that change the output, so ignoring them would fail)."""
     ids = AutoTokenizer.from_pretrained(checkpoint)("DNA is", return_tensors="pt").input_ids
-    torch.manual_seed(6)
     with connect(checkpoint, swarm, "deep_ptune") as model:
-        with torch.no_grad():
-            model.tuning.prompts.normal_(0, 1.0)
-            model.tuning.deep.normal_(0, 1.0)
+        randomize_prompts(model, 6)
         out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False)
         x = ids
         with torch.no_grad():
@@ -175,3 +180,119 @@ def test_generate_without_cache_uses_the_prompts(checkpoint, swarm, reference):
             plain = reference.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(out, x)
     assert not torch.equal(out, plain)
+
+
+def randomize_prompts(model, seed):
+    """Prompts large enough to change every output (deep ones start at zero)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.tuning.prompts.normal_(0, 1.0)
+        model.tuning.deep.normal_(0, 1.0)
+
+
+def decode(model, session, ids, steps, after_step=lambda i: None):
+    """Greedy decoding through ``session`` with ``model.inference_step``: (tokens, last logits per step)."""
+    tokens, new, logits = ids, ids, []
+    for i in range(steps):
+        logits.append(model.inference_step(session, new)[:, -1])
+        new = logits[-1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, new], dim=1)
+        after_step(i)
+    return tokens, logits
+
+
+def check_decoding(reference, model, ids, tokens, logits):
+    """Each step's logits are transformers' on the whole sequence so far with the same prompts."""
+    with torch.no_grad():
+        for i, ours in enumerate(logits):
+            ref = with_prompts(reference, tokens[:, :ids.shape[1] + i], None, model.tuning.prompts,
+                               model.tuning.deep).logits[:, -1]
+            assert (ref - ours).abs().max().item() <= 1e-4, i
+            assert int(ref.argmax()) == int(tokens[0, ids.shape[1] + i])
+
+
+def test_inference_session_carries_the_prompts(checkpoint, swarm, reference):
+    """Greedy decoding with KV caches on the nodes (deep prompts sent with the first step, spec §5.3)
+    gives the tokens and logits of transformers recomputing the whole sequence with the same prompts."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("Enzymes lower", return_tensors="pt").input_ids
+    with connect(checkpoint, swarm, "deep_ptune") as model:
+        randomize_prompts(model, 7)
+        with model.inference_session(max_length=32) as session:
+            tokens, logits = decode(model, session, ids, 6)
+        check_decoding(reference, model, ids, tokens, logits)
+
+
+def test_session_with_prompts_survives_a_killed_node(checkpoint, reference):
+    """A node dies mid-decoding: its replacement (split over other nodes) replays the history with
+    each part's deep prompts, and decoding goes on with transformers' logits."""
+    ids = AutoTokenizer.from_pretrained(checkpoint)("Ribosomes read", return_tensors="pt").input_ids
+    with LocalSwarm(checkpoint, [(0, 8), (0, 5), (5, 8)]) as three, connect(checkpoint, three, "deep_ptune") as model:
+        randomize_prompts(model, 8)
+        killed = []
+
+        def kill_first_node(i):
+            if i == 1:  # the node serving block 0 dies now; the next step fails over
+                killed.append(session.route[0][0][0])
+                next(n for n in three.nodes if n.peer_id == killed[0]).kill()
+
+        with model.inference_session(max_length=32) as session:
+            tokens, logits = decode(model, session, ids, 5, kill_first_node)
+            peers = [peer for peer, _, _ in session.route[0]]
+        assert session.failovers >= 1, "no failover happened"
+        assert killed[0] not in peers, peers
+        check_decoding(reference, model, ids, tokens, logits)
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"], lora_dropout=0.0)
+
+
+def test_lora_on_client_modules_trains_like_transformers(checkpoint, swarm, tmp_path):
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    tok.padding_side = "left"
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    base = AutoDistributedModelForCausalLM.from_pretrained(
+        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32")
+    with base:
+        torch.manual_seed(5)
+        ours = get_peft_model(base, lora())
+        ref = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), lora())
+        loaded = ref.load_state_dict(ours.state_dict(), strict=False)  # the same LoRA init
+        assert not loaded.unexpected_keys  # every client-side name exists in the full model
+        # only LoRA tensors train, on both sides
+        names = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+        assert names == sorted(n for n, p in ref.named_parameters() if p.requires_grad), names
+        assert len(names) == 4 and all("lora_" in n for n in names)
+        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.01)
+        ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=0.01)
+        losses, ref_losses = [], []
+        for step in range(10):
+            for model, o, out in ((ours, opt, losses), (ref, ref_opt, ref_losses)):
+                o.zero_grad()
+                loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+                loss.backward()
+                out.append(loss.item())
+            if step == 1:  # after one step both LoRA factors have gradients
+                theirs = dict(ref.named_parameters())
+                for name, p in ours.named_parameters():
+                    if p.requires_grad:
+                        assert theirs[name].grad.abs().max() > 0, name
+                        assert relative_error(p.grad, theirs[name].grad) <= 1e-5, name
+            opt.step()
+            ref_opt.step()
+        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-4, (losses, ref_losses)
+        assert losses[-1] < losses[0]
+        # saved with peft and loaded onto a fresh distributed model: the same outputs
+        ours.save_pretrained(tmp_path / "lora")
+        with torch.no_grad():
+            trained = ours(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        with AutoDistributedModelForCausalLM.from_pretrained(
+                checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32") as fresh:
+            with torch.no_grad():
+                loaded = PeftModel.from_pretrained(fresh, tmp_path / "lora")(
+                    input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        assert torch.equal(trained, loaded)
+        # the blocks are remote: LoRA on their modules is refused by peft
+        with pytest.raises(ValueError, match="q_proj"):
+            get_peft_model(base, LoraConfig(target_modules=["q_proj"]))

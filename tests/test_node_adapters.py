@@ -7,13 +7,16 @@ with no adapter. The reference is ``PeftModel.from_pretrained`` of the same base
 adapter, fp32. Activations travel as f32: greedy tokens through an inference session
 must be identical, logits within 1e-4, gradients within 1e-5 relative; a request for an
 adapter a node lacks gets ``UNKNOWN_ADAPTER`` and the node keeps serving; a client that
-asks for an adapter never routes through the node without it.
+asks for an adapter never routes through the node without it. Also here: other bad
+fine-tuning requests (gradients of the wrong shape, prompts longer than the sequence) get
+typed errors from the same nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+
+import msgpack
 
 import pytest
 import torch
@@ -27,7 +30,17 @@ from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.local_swarm import LocalSwarm
 from biopetals.models.config import model_info
 from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.messages import Error, Forward, ForwardResult, NodeInfo, NodeInfoRequest, OpenSession
+from biopetals.protocol.messages import (
+    Backward,
+    BackwardResult,
+    Error,
+    Forward,
+    ForwardResult,
+    NodeInfo,
+    NodeInfoRequest,
+    OpenSession,
+)
+from biopetals.protocol.tensors import encode_tensor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -167,3 +180,53 @@ def test_announcements_list_the_adapters(checkpoint, swarm):
     adapters = {n["peer_id"]: n["adapters"] for n in json.loads(done.stdout)["nodes"]}
     assert adapters == {swarm.nodes[0].peer_id: ["bio", "other"], swarm.nodes[1].peer_id: ["bio", "other"],
                         swarm.nodes[2].peer_id: []}
+
+
+HIDDEN = 64
+
+
+def t(*shape):
+    return encode_tensor(torch.full(shape, 0.25), "f32")
+
+
+def backward(model, hidden, grad, prompts=None) -> bytes:
+    body = {0: model, 1: 0, 2: 4, 3: "f32", 4: hidden, 5: grad}
+    if prompts is not None:
+        body[6] = prompts
+    return msgpack.packb({0: 1, 1: 13, 2: body}, use_bin_type=True)
+
+
+def forward(model, hidden, prompts) -> bytes:
+    return msgpack.packb({0: 1, 1: 11, 2: {0: model, 1: 0, 2: 4, 3: "f32", 4: hidden, 5: prompts}}, use_bin_type=True)
+
+
+def test_bad_backward_and_prompts_are_typed_errors(checkpoint, swarm):
+    """spec/messages.md §6.1-§6.2 cross-field rules: ``grad_outputs`` of another shape than ``hidden``,
+    ``prompts`` longer than the sequence, for another number of blocks or another batch:
+    ``INVALID_TENSOR`` (bytes built by hand: our constructors refuse such messages). After them,
+    a valid ``Backward`` with prompts returns gradients of the right shapes."""
+    from biopetals.transport.keyfiles import load_swarm_key
+
+    n, model = swarm.nodes[0], model_info(checkpoint).dht_prefix
+
+    async def go():
+        async with RawClient(load_swarm_key(swarm.key_path)) as client:
+            for data in (
+                backward(model, t(2, 5, HIDDEN), t(2, 4, HIDDEN)),  # grad_outputs of the wrong shape
+                backward(model, t(2, 5, HIDDEN), t(1, 5, HIDDEN)),
+                backward(model, t(2, 5, HIDDEN), t(2, 5, HIDDEN), t(4, 2, 6, HIDDEN)),  # prompts longer than 5 tokens
+                forward(model, t(2, 5, HIDDEN), t(4, 2, 6, HIDDEN)),
+                forward(model, t(2, 5, HIDDEN), t(3, 2, 2, HIDDEN)),  # 3 blocks of prompts for a 4-block span
+                forward(model, t(2, 5, HIDDEN), t(4, 1, 2, HIDDEN)),  # batch 1 for a batch of 2
+            ):
+                reply = await client.request_bytes(n.addr, data)
+                assert isinstance(reply, Error) and reply.code == ErrorCode.INVALID_TENSOR, reply
+            ok = await client.request(n.addr, Backward(
+                model=model, start=0, end=4, codec="f32", hidden=torch.randn(2, 5, HIDDEN),
+                grad_outputs=torch.randn(2, 5, HIDDEN), prompts=torch.randn(4, 2, 3, HIDDEN)), "f32")
+            assert isinstance(ok, BackwardResult), ok
+            assert ok.grad_inputs.shape == (2, 5, HIDDEN) and ok.grad_prompts.shape == (4, 2, 3, HIDDEN)
+            assert ok.grad_prompts.abs().max() > 0
+
+    asyncio.run(go())
+    assert n.alive()

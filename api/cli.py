@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_sessions < 1:
         print("biopetals-api: --max-sessions must be at least 1", file=sys.stderr)
         return 2
-    from biopetals.client import __name__ as _client  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
-    from biopetals.models.config import ModelConfigError
     from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
 
     from .auth import check_bind, load_api_keys
@@ -79,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"biopetals-api: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 2
+
+    import biopetals.client  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+    from biopetals.models.config import ModelConfigError
 
     from .engine import Engine
 

@@ -1,0 +1,301 @@
+"""biopetals-api against a real local swarm, through the official ``openai`` client.
+
+A tiny random Llama checkpoint (with a chat template) is served by three ``biopetals-node``
+processes; ``biopetals-api`` runs as its own process with an API-key file, ``--codec f32``
+(lossless activations) and ``--max-sessions 2``. The reference for every greedy answer is
+transformers' own model on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+from support_api import APIServer, make_chat_checkpoint, write_api_keys
+from support_swarm import RawClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from biopetals.client.local_swarm import LocalSwarm
+from biopetals.protocol.messages import NodeInfo, NodeInfoRequest
+from biopetals.transport.keyfiles import load_swarm_key
+
+pytestmark = [pytest.mark.timeout(600)]
+
+KEY = "test-key-0123456789abcdef"
+MODEL = "tiny"
+QUESTION = [{"role": "user", "content": "What do ribosomes do?"}]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("api")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir):
+    return make_chat_checkpoint(workdir / MODEL)
+
+
+@pytest.fixture(scope="module")
+def tok(checkpoint):
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint):
+    with LocalSwarm(checkpoint, [(0, 3), (3, 6), (6, 8)]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, swarm, workdir):
+    keys = write_api_keys(workdir / "api.keys", KEY, "second-key-abcdefghijklmnop")
+    with APIServer(checkpoint, swarm, "--codec", "f32", "--max-sessions", "2", "--api-keys", str(keys),
+                   log_dir=workdir) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client(KEY)
+
+
+def greedy(reference, tok, ids, n):
+    """transformers' greedy tokens (new ones only) and their text."""
+    with torch.no_grad():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new, tok.decode(new, skip_special_tokens=True)
+
+
+def chat_ids(tok, messages=QUESTION):
+    return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                   return_dict=True)["input_ids"]
+
+
+@pytest.mark.exactness
+def test_chat_greedy_equals_transformers_with_usage(client, reference, tok):
+    ids = chat_ids(tok)
+    new, text = greedy(reference, tok, ids, 24)
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == ("length" if len(new) == 24 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ids.shape[1], len(new))
+    assert r.usage.total_tokens == ids.shape[1] + len(new)
+    extra = r.model_extra["biopetals"]
+    assert [(s["start"], s["end"]) for s in extra["route"]] == [(0, 3), (3, 6), (6, 8)]
+    assert extra["tokens_per_second"] > 0
+
+
+@pytest.mark.exactness
+def test_chat_streaming_equals_transformers(client, reference, tok):
+    ids = chat_ids(tok)
+    new, text = greedy(reference, tok, ids, 24)
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert sum(1 for p in pieces if p) >= 2  # streamed, not one lump
+    assert "".join(pieces) == text
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length" if len(new) == 24 else "stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(new)
+    assert chunks[-1].usage.prompt_tokens == ids.shape[1]
+
+
+@pytest.mark.exactness
+def test_completions_greedy_equals_transformers(client, reference, tok):
+    prompt = "The mitochondria is the powerhouse"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    new, text = greedy(reference, tok, ids, 16)
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=16)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(new)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=16, stream=True) if c.choices)
+    assert streamed == text
+
+
+def test_stop_sequences_and_max_tokens(client, reference, tok):
+    ids = chat_ids(tok)
+    _, text = greedy(reference, tok, ids, 40)
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, extra_body={"min_tokens": 5})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    # a stop sequence from the middle of the greedy answer: the answer ends just before it
+    stop = text.strip()[len(text.strip()) // 2:][:3]
+    assert len(stop) == 3, text
+    cut = text[:text.find(stop)]
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, stop=[stop])
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, stop=stop, stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_seed_reproduces_a_sampled_answer(client):
+    def ask(seed):
+        return client.completions.create(model=MODEL, prompt="DNA is", temperature=1.0, top_p=0.9, seed=seed,
+                                         max_tokens=16, extra_body={"min_tokens": 16}).choices[0].text
+
+    a, b, c = ask(7), ask(7), ask(8)
+    assert a == b
+    assert a != c  # 16 sampled tokens from a 320-token vocabulary
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"model": "gpt-4", "messages": QUESTION}, 404, "model_not_found"),
+    ({"model": MODEL, "messages": QUESTION, "temperature": 3}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": QUESTION, "n": 2}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": []}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "unsupported_parameter"),
+    ({"model": MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, code):
+    raw = post(server, "/v1/chat/completions", body)
+    assert raw[0] == status and raw[1]["error"]["code"] == code, raw
+    assert raw[1]["error"]["message"]
+    c = server.client(KEY)
+    expected = openai.NotFoundError if status == 404 else openai.BadRequestError
+    with pytest.raises(expected) as info:
+        c.chat.completions.create(**body)
+    assert info.value.status_code == status
+
+
+def test_malformed_json_is_a_400(server):
+    status, body = post(server, "/v1/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def post(server, path, body, key=KEY):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(server.url + path, data=data, headers=headers)
+    return _open(req)
+
+
+def get(server, path, key=KEY):
+    req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+    return _open(req)
+
+
+def _open(req):
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef", KEY + "x"])
+def test_wrong_or_missing_key_gets_401_and_reveals_nothing(server, key):
+    for path in ("/v1/models", "/api/swarm", "/v1/models/" + MODEL):
+        status, body = get(server, path, key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert MODEL not in json.dumps(body) and "12D3KooW" not in json.dumps(body)
+    status, body = post(server, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION}, key)
+    assert status == 401 and MODEL not in json.dumps(body)
+    if key is not None:  # the openai client itself refuses to send no key at all
+        with pytest.raises(openai.AuthenticationError):
+            server.client(key).models.list()
+    # the page itself holds no swarm data and loads without a key (it asks for one)
+    assert get(server, "/", key)[0] == 200
+
+
+def test_models_with_either_key(server):
+    for key in (KEY, "second-key-abcdefghijklmnop"):
+        assert [m.id for m in server.client(key).models.list()] == [MODEL]
+
+
+def test_binding_beyond_loopback_needs_api_keys(checkpoint, swarm):
+    cmd = [sys.executable, "-m", "biopetals.api.cli", "--model", str(checkpoint), "--swarm-key", str(swarm.key_path),
+           "--initial-peers", *swarm.initial_peers, "--host", "0.0.0.0", "--port", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--api-keys" in r.stderr and "READY" not in r.stdout
+
+
+def node_sessions(swarm) -> list[int]:
+    async def go():
+        async with RawClient(load_swarm_key(swarm.key_path), timeout=30) as raw:
+            infos = await asyncio.gather(*(raw.request(n.addr, NodeInfoRequest()) for n in swarm.nodes))
+        assert all(isinstance(i, NodeInfo) for i in infos)
+        return [i.sessions_open for i in infos]
+
+    return asyncio.run(go())
+
+
+def wait_sessions(swarm, expected: int, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = node_sessions(swarm)
+        if all(s == expected for s in seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
+@pytest.mark.exactness
+def test_concurrent_streams_bounded_and_disconnect_frees_sessions(server, swarm, reference, tok):
+    """Two streams run at once (one session each on every node), a third request gets 429; closing
+    the streams mid-answer closes their sessions on the nodes, and the slots serve again."""
+    c = server.client(KEY)
+    long = dict(model=MODEL, temperature=0, max_tokens=200, stream=True, extra_body={"min_tokens": 200})
+    a = c.chat.completions.create(messages=QUESTION, **long)
+    b = c.completions.create(prompt="Enzymes lower", **long)
+    ia, ib = iter(a), iter(b)
+    next(ia), next(ib)  # role chunk / first text: both are generating now
+    first_a = next(ia).choices[0].delta.content
+    first_b = next(ib).choices[0].text
+    assert first_a is not None and first_b is not None
+    assert wait_sessions(swarm, 2) == [2, 2, 2]
+    with pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
+    assert info.value.status_code == 429 and "at most 2" in str(info.value)
+    a.close()
+    b.close()
+    assert wait_sessions(swarm, 0) == [0, 0, 0]
+    # both slots serve again, concurrently, with exact greedy answers
+    results = {}
+
+    def ask(name, messages):
+        results[name] = c.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                  max_tokens=20).choices[0].message.content
+
+    other = [{"role": "user", "content": "Photosynthesis turns light into"}]
+    threads = [threading.Thread(target=ask, args=(n, m)) for n, m in (("q", QUESTION), ("o", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {"q": greedy(reference, tok, chat_ids(tok), 20)[1],
+                       "o": greedy(reference, tok, chat_ids(tok, other), 20)[1]}
+
+
+def test_non_streaming_client_disconnect_frees_sessions(server, swarm):
+    c = server.client(KEY, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        c.completions.create(model=MODEL, prompt="DNA", temperature=0, max_tokens=240, extra_body={"min_tokens": 240})
+    assert wait_sessions(swarm, 0) == [0, 0, 0]

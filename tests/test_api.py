@@ -299,3 +299,42 @@ def test_non_streaming_client_disconnect_frees_sessions(server, swarm):
     with pytest.raises(openai.APITimeoutError):
         c.completions.create(model=MODEL, prompt="DNA", temperature=0, max_tokens=240, extra_body={"min_tokens": 240})
     assert wait_sessions(swarm, 0) == [0, 0, 0]
+
+
+def test_web_page_chat_and_swarm_view_in_a_real_browser(server, swarm, reference, tok, workdir):
+    """Headless Chromium: the page asks for the API key, shows every block with the 3 real nodes,
+    and a question gets a streamed answer equal to transformers' greedy one, with its route."""
+    from support_browser import browser_page
+
+    with browser_page() as page:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#key-form:not([hidden])", timeout=30_000)  # 401: the page asks for a key
+        page.fill("#key-input", KEY)
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelector('#model-name').textContent.includes('tiny')",
+                               timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#nodes tbody tr').length === 3", timeout=30_000)
+        counts = page.eval_on_selector_all("#blocks td.count", "tds => tds.map(td => td.textContent)")
+        assert counts == ["1"] * 8
+        assert page.query_selector("#missing") is None
+        peers = page.eval_on_selector_all("#nodes tbody tr td:first-child", "tds => tds.map(td => td.title)")
+        assert sorted(peers) == sorted(n.peer_id for n in swarm.nodes)
+        # count how often the answer's text changes while it streams
+        page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+            .observe(document.querySelector('#messages'), {subtree: true, characterData: true, childList: true}); }""")
+        page.fill("#max-tokens", "24")
+        page.fill("#prompt", QUESTION[0]["content"])
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant .meta", timeout=120_000)
+        answer = page.text_content(".msg.assistant span")
+        meta = page.text_content(".msg.assistant .meta")
+        updates = page.evaluate("window.updates")
+        path = workdir / "page.png"
+        page.screenshot(path=str(path), full_page=True)
+    assert answer == greedy(reference, tok, chat_ids(tok), 24)[1]
+    assert "tokens/s" in meta and meta.count("blocks ") == 3, meta
+    assert updates >= 4, updates
+    import os
+    import shutil
+    if os.environ.get("BIOPETALS_PAGE_SCREENSHOT"):
+        shutil.copy(path, os.environ["BIOPETALS_PAGE_SCREENSHOT"])

@@ -131,7 +131,7 @@ class Generation:
         except BaseException as exc:  # reported to the HTTP client, never raised in a thread
             if not self.cancelled.is_set():
                 log.warning("generation failed: %s", exc)
-            self.emit(Event("error", error=exc if isinstance(exc, APIError) else swarm_error(exc)))
+            self.emit(Event("error", error=exc if isinstance(exc, APIError) else swarm_error(exc, len(self.generated))))
         finally:
             self.engine.release(self.model)
             self.finished.set()

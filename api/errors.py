@@ -33,8 +33,17 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def swarm_error(exc: BaseException) -> APIError:
-    """What a user should read when the swarm could not answer (503: retrying later may help)."""
+def swarm_error(exc: BaseException, after_tokens: int = 0) -> APIError:
+    """What a user should read when the swarm could not answer (503: retrying later may help).
+
+    ``after_tokens``: tokens already sent when it failed (the answer stopped midway)."""
+    error = _swarm_error(exc)
+    if after_tokens:
+        error.message = f"the answer stopped after {after_tokens} tokens: {error.message}"
+    return error
+
+
+def _swarm_error(exc: BaseException) -> APIError:
     from biopetals.client.errors import MissingBlocksError, SwarmError
 
     if isinstance(exc, MissingBlocksError):
@@ -46,7 +55,13 @@ def swarm_error(exc: BaseException) -> APIError:
         return APIError(503, f"the swarm cannot serve this model now: block(s) {ranges} have no online node. {exc}",
                         "swarm_error", "blocks_missing")
     if isinstance(exc, SwarmError):
-        return APIError(503, f"the swarm failed to answer: {exc}", "swarm_error", "swarm_failed")
+        # the same failure repeats once per re-route: say each once
+        what = str(exc).split(" Failures: ", 1)[0]
+        failures = list(dict.fromkeys(str(f) for f in exc.failures))[-4:]
+        if failures:
+            what += " Failures: " + "; ".join(failures)
+        return APIError(503, f"the swarm failed to answer (nodes failed and no other node could take over their "
+                             f"blocks): {what}", "swarm_error", "swarm_failed")
     if isinstance(exc, (OSError, TimeoutError)):
         return APIError(503, f"the swarm is unreachable: {exc}", "swarm_error", "swarm_unreachable")
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error", "internal_error")

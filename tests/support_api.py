@@ -1,5 +1,8 @@
 """Test helpers for the API server: a tiny checkpoint with a chat template, and ``biopetals-api`` as a process.
 
+Module-scoped fixtures (import them into the test module): ``api_workdir`` and
+``chat_checkpoint`` (the tiny checkpoint of ``support_models`` with a chat template).
+
 ``APIServer(model, swarm, *extra)`` starts ``python -m biopetals.api.cli`` on 127.0.0.1 with a
 free port against a ``LocalSwarm``, waits for its ``READY http://...`` line and stops it
 (SIGTERM, then SIGKILL) on ``close()``; its output goes to a log file (``output()``).
@@ -14,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support_models import make_tiny_checkpoint
 
-__all__ = ["APIServer", "CHAT_TEMPLATE", "make_chat_checkpoint", "write_api_keys"]
+__all__ = ["APIServer", "CHAT_TEMPLATE", "make_chat_checkpoint", "write_api_keys", "api_workdir", "chat_checkpoint"]
 
 # A small ChatML-like template over the tiny tokenizer's special tokens.
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -32,6 +36,18 @@ def make_chat_checkpoint(path: str | os.PathLike) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def api_workdir(tmp_path_factory) -> Path:
+    """A directory for the module's checkpoint, keys and server logs."""
+    return tmp_path_factory.mktemp("api")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(api_workdir) -> Path:
+    """The tiny checkpoint with a chat template, named ``tiny`` (its model name in the API)."""
+    return make_chat_checkpoint(api_workdir / "tiny")
 
 
 def write_api_keys(path: Path, *keys: str) -> Path:

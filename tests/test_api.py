@@ -20,7 +20,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from support_api import APIServer, make_chat_checkpoint, write_api_keys
+from support_api import APIServer, api_workdir, chat_checkpoint, write_api_keys  # noqa: F401  (fixtures)
 from support_swarm import RawClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,13 +36,13 @@ QUESTION = [{"role": "user", "content": "What do ribosomes do?"}]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("api")
+def workdir(api_workdir):
+    return api_workdir
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir):
-    return make_chat_checkpoint(workdir / MODEL)
+def checkpoint(chat_checkpoint):
+    return chat_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from support_api import APIServer, make_chat_checkpoint
+from support_api import APIServer, api_workdir, chat_checkpoint  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from biopetals.client.local_swarm import LocalSwarm
@@ -27,13 +27,13 @@ QUESTION = [{"role": "user", "content": "What do ribosomes do?"}]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("api-errors")
+def workdir(api_workdir):
+    return api_workdir
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir):
-    return make_chat_checkpoint(workdir / MODEL)
+def checkpoint(chat_checkpoint):
+    return chat_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,17 @@
 A tiny random Llama checkpoint (with a chat template) is served by three ``biopetals-node``
 processes; ``biopetals-api`` runs as its own process with an API-key file, ``--codec f32``
 (lossless activations) and ``--max-sessions 2``. The reference for every greedy answer is
-transformers' own model on the same checkpoint.
+transformers' own model on the same checkpoint. The last tests break the swarm on purpose
+(a node killed mid-answer, then no node left for some blocks, then an unreachable swarm):
+errors a user understands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -334,7 +338,89 @@ def test_web_page_chat_and_swarm_view_in_a_real_browser(server, swarm, reference
     assert answer == greedy(reference, tok, chat_ids(tok), 24)[1]
     assert "tokens/s" in meta and meta.count("blocks ") == 3, meta
     assert updates >= 4, updates
-    import os
-    import shutil
     if os.environ.get("BIOPETALS_PAGE_SCREENSHOT"):
         shutil.copy(path, os.environ["BIOPETALS_PAGE_SCREENSHOT"])
+
+
+def node_of(swarm, peer_id):
+    return next(n for n in swarm.nodes if n.peer_id == peer_id)
+
+
+def route_of(server):
+    """The route of a short greedy answer (which node serves block 3 now)."""
+    r = server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=2)
+    return {s["start"]: s["peer_id"] for s in r.model_extra["biopetals"]["route"]}
+
+
+# ----------------------------------------------------------------------------- failures (last: they kill nodes)
+
+
+@pytest.mark.exactness
+def test_a_node_killed_mid_answer_is_replaced_and_the_answer_goes_on(server, swarm, reference, tok):
+    """kill -9 the node serving blocks 3:6 mid-answer: a spare takes over, the answer goes on, exact."""
+    ids = chat_ids(tok)
+    with torch.no_grad():
+        ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, min_new_tokens=60,
+                                 do_sample=False)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    swarm.add_node(3, 6)  # the spare
+    victim = node_of(swarm, route_of(server)[3])
+    stream = server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=60,
+                                                     stream=True, extra_body={"min_tokens": 60})
+    pieces = []
+    for i, chunk in enumerate(stream):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if i == 10:
+            victim.kill()
+        last = chunk
+    assert not victim.alive()
+    assert "".join(pieces) == expected
+    route = {s["start"]: s["peer_id"] for s in last.model_extra["biopetals"]["route"]}
+    assert route[3] != victim.peer_id
+
+
+def test_no_node_left_ends_the_stream_with_an_error_then_503(server, swarm):
+    """No node left for blocks 3:6: the stream ends with an error chunk, then 503, and the view says so."""
+    survivor = node_of(swarm, route_of(server)[3])
+    stream = server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=200,
+                                                     stream=True, extra_body={"min_tokens": 200})
+    got = []
+    with pytest.raises(openai.APIError) as info:
+        for i, chunk in enumerate(stream):
+            got.append(chunk)
+            if i == 5:
+                survivor.stop()
+    assert 5 < len(got) < 200
+    message = str(info.value)
+    print(message)
+    assert message.startswith(f"the answer stopped after {len(got) - 1} tokens: the swarm failed to answer")
+    assert "blocks 3:6" in message
+    with pytest.raises(openai.InternalServerError) as info:
+        server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
+    print(info.value)
+    assert info.value.status_code == 503
+    assert "blocks 0:8" in str(info.value) or "3..5" in str(info.value)
+    status, view = get(server, "/api/swarm")
+    assert status == 200
+    assert view["missing"] == [[3, 6]] and view["online_per_block"] == [1, 1, 1, 0, 0, 0, 1, 1]
+    states = {n["peer_id"]: n["state"] for n in view["nodes"]}
+    assert states.get(survivor.peer_id) != "ONLINE"  # it said goodbye (OFFLINE) or is gone from the DHT
+    assert "UNREACHABLE" in states.values()  # the node killed by the test before: its announcement lingers
+
+
+def test_unreachable_swarm_is_a_503_that_says_so(checkpoint, workdir):
+    """A server whose initial peers cannot be reached starts, and answers 503 saying what to check."""
+    class Dead:
+        key_path = workdir / "dead.key"
+        initial_peers = ["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLS2HhQUXGRm76XwttwitnsivSY2jLJoXD8ENR8TMci9k"]
+
+    from biopetals.protocol.swarm_key import SwarmKey
+    from biopetals.transport.keyfiles import write_swarm_key
+
+    write_swarm_key(Dead.key_path, SwarmKey.generate())
+    with APIServer(checkpoint, Dead, log_dir=workdir) as server:
+        with pytest.raises(openai.InternalServerError) as info:
+            server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        print(info.value)
+        assert info.value.status_code == 503 and "unreachable" in str(info.value)

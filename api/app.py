@@ -69,6 +69,12 @@ def create_app(engine: Engine, api_keys: tuple[str, ...] | None = None) -> FastA
         return _error_response(APIError(400, f"invalid request: {where + ': ' if where else ''}{message}",
                                         code="invalid_value", param=where or None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error",
+                                        "internal_error"))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error_response(APIError(exc.status_code, str(exc.detail), code="not_found"

@@ -12,7 +12,9 @@ bundled SmolLM2-135M-Instruct 0:10, 10:20, 20:30, f16 activations), side by side
   does), ``generate()`` with a streamer; first token = the streamer's first token.
 
 Each concurrency level runs the client, then the API, ``--repeats`` times (median of the
-per-stream medians is reported). All processes share this machine's cores.
+per-stream medians is reported). All processes share this machine's cores; the last column
+is the CPU time the API server process and the node processes spent per generated token
+during the API runs (where the time goes).
 
     .venv/bin/python benchmarks/bench_api.py [--new-tokens 32] [--repeats 2] [--streams 1 4 16]
 """
@@ -131,6 +133,17 @@ def _threads(n: int, target) -> float:
     return time.monotonic() - t0
 
 
+def cpu_seconds(api_pid: int, swarm: LocalSwarm) -> tuple[float, float]:
+    """CPU seconds used so far by the API server process and by all node processes together."""
+    import psutil
+
+    def cpu(pid: int) -> float:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
+    return cpu(api_pid), sum(cpu(n.process.pid) for n in swarm.nodes)
+
+
 def start_api(path: Path, swarm: LocalSwarm, log: Path, max_sessions: int):
     import subprocess
 
@@ -174,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 got = {"client": [], "api": []}
                 for _ in range(args.repeats):
                     got["client"].append(run_client(engine, n, args.new_tokens))
+                    before = cpu_seconds(proc.pid, swarm)
                     got["api"].append(run_api(url, engine.served_name, n, args.new_tokens))
+                    after = cpu_seconds(proc.pid, swarm)
+                    tokens = n * args.new_tokens
+                    got["api"][-1]["api_cpu_ms"] = (after[0] - before[0]) / tokens * 1000
+                    got["api"][-1]["nodes_cpu_ms"] = (after[1] - before[1]) / tokens * 1000
                 for how, runs in got.items():
-                    row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    row = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
                     rows.append({"streams": n, "how": how, **row})
                     print(rows[-1], file=sys.stderr, flush=True)
         finally:
@@ -185,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(20)
     print(f"SmolLM2-135M-Instruct, 3 nodes on 127.0.0.1, {args.new_tokens} new tokens per stream, greedy, "
           f"median of {args.repeats} runs\n")
-    print("| streams | through | time to first token: median / max | tokens/s per stream (median) | tokens/s all streams |")
-    print("|---:|---|---:|---:|---:|")
+    print("| streams | through | time to first token: median / max | tokens/s per stream (median) | tokens/s all streams "
+          "| CPU ms per token: API server / 3 nodes |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         how = "API (openai client, SSE)" if r["how"] == "api" else "Python client"
+        cpu = f"{r['api_cpu_ms']:.0f} / {r['nodes_cpu_ms']:.0f}" if r["how"] == "api" else "—"
         print(f"| {r['streams']} | {how} | {r['ttft'] * 1000:.0f} ms / {r['ttft_max'] * 1000:.0f} ms | "
-              f"{r['tps']:.1f} | {r['total_tps']:.1f} |")
+              f"{r['tps']:.1f} | {r['total_tps']:.1f} | {cpu} |")
     return 0
 
 

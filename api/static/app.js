@@ -140,7 +140,9 @@ function renderSwarm(s) {
   table.innerHTML = "";
   const head = table.insertRow();
   const corner = document.createElement("th"); corner.className = "rowhead"; corner.textContent = "block"; head.appendChild(corner);
-  for (let b = 0; b < s.blocks; b++) { const th = document.createElement("th"); th.textContent = b; head.appendChild(th); }
+  // many blocks: number every 5th column (each cell's title names its block)
+  const every = s.blocks > 24 ? 5 : 1;
+  for (let b = 0; b < s.blocks; b++) { const th = document.createElement("th"); th.textContent = b % every ? "" : b; th.title = `block ${b}`; head.appendChild(th); }
   for (const n of s.nodes) {
     const row = table.insertRow();
     const th = document.createElement("th"); th.className = "rowhead"; th.textContent = short(n.peer_id); th.title = n.peer_id; row.appendChild(th);
@@ -162,7 +164,8 @@ function renderSwarm(s) {
   for (const n of s.nodes) {
     const info = n.node_info || {};
     const row = body.insertRow();
-    const cells = [short(n.peer_id), `${n.start}–${n.end - 1}`, n.state, `${fmt(n.inference_tps)} / ${fmt(n.forward_tps, 0)}`,
+    const tps = n.inference_tps ? `${fmt(n.inference_tps)} / ${fmt(n.forward_tps, 0)}` : "–";
+    const cells = [short(n.peer_id), `${n.start}–${n.end - 1}`, n.state, tps,
                    info.sessions_open ?? "?", n.cache_tokens_left, duration(info.uptime)];
     cells.forEach((c, i) => { const td = row.insertCell(); td.textContent = c; if (i === 2) td.className = "state-" + n.state; if (i === 0) td.title = n.peer_id; });
   }

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import check_key, needs_key
 from .engine import Engine, Event, Generation, GenerationParams
-from .errors import APIError, error_body
+from .errors import APIError
 from .schemas import ChatRequest, CompletionRequest, SamplingFields
 from .swarm_view import SwarmView
 

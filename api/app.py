@@ -48,14 +48,8 @@ def create_app(engine: Engine, api_keys: tuple[str, ...] | None = None) -> FastA
     app.state.engine = engine
     view = SwarmView(engine)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_keys and needs_key(request.url.path):
-            try:
-                check_key(request.headers.get("authorization"), api_keys)
-            except APIError as exc:
-                return _error_response(exc)
-        return await call_next(request)
+    if api_keys:
+        app.add_middleware(_RequireKey, keys=api_keys)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -114,6 +108,25 @@ def create_app(engine: Engine, api_keys: tuple[str, ...] | None = None) -> FastA
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
+
+
+class _RequireKey:
+    """Pure ASGI middleware (not ``BaseHTTPMiddleware``, which would hide the client's disconnect from
+    ``request.is_disconnected()``): 401 for any request without a valid key, except the page's files."""
+
+    def __init__(self, app: Any, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and needs_key(scope["path"]):
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                check_key(authorization, self.keys)
+            except APIError as exc:
+                await _error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error_response(exc: APIError) -> JSONResponse:

@@ -28,10 +28,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<
 
 
 def make_chat_checkpoint(path: str | os.PathLike) -> Path:
-    """The tiny random Llama checkpoint of ``support_models``, its tokenizer given a chat template."""
+    """The tiny random Llama checkpoint of ``support_models``, its tokenizer given a chat template.
+
+    Its context is 2048 tokens, so that a test can hold a generation open for seconds however
+    fast the machine (``min_tokens``)."""
     from transformers import AutoTokenizer
 
-    path = make_tiny_checkpoint(path)
+    path = make_tiny_checkpoint(path, max_position_embeddings=2048)
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)

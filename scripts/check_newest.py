@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the packages whose newest release on the index is compared with the one that installed
 WATCHED = ("transformers", "tokenizers", "huggingface_hub", "safetensors", "peft", "accelerate")
 SHOWN = ("torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "peft", "accelerate", "numpy",
-         "msgpack", "zstandard", "cryptography", "gguf")
+         "msgpack", "zstandard", "cryptography", "gguf", "fastapi", "starlette", "uvicorn", "openai")
 
 
 def requirements(beyond_bounds: bool) -> list[str]:
@@ -36,7 +36,7 @@ def requirements(beyond_bounds: bool) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     reqs = list(project["dependencies"])
-    for extra in ("demo", "quant", "test"):
+    for extra in ("demo", "quant", "api", "test"):
         reqs += [r for r in extras[extra] if not r.startswith("biopetals")]
     if not beyond_bounds:
         return reqs

@@ -36,7 +36,7 @@ def locked() -> dict[str, Version]:
 def declared() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("demo", "quant", "test"):
+    for extra in ("demo", "quant", "api", "test"):
         reqs += [Requirement(r) for r in project["optional-dependencies"][extra] if not r.startswith("biopetals")]
     return reqs
 

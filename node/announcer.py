@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable
 
 from biopetals.dht.ids import block_key
 from biopetals.protocol.announcement import MAX_ANNOUNCED_ADDRS, Announcement, State, encode_announcement
@@ -36,9 +36,10 @@ class AnnouncementInfo:
 
 
 def announcement_records(
-    info: AnnouncementInfo, state: State, throughput: tuple[float, float], cache_tokens_left: int
+    info: AnnouncementInfo, state: State, throughput: tuple[float, float], cache_tokens_left: int,
+    blocks: Iterable[int] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """``[(DHT key, value)]``, one per served block (spec/dht.md §6)."""
+    """``[(DHT key, value)]``, one per served block (spec/dht.md §6), or per block of ``blocks``."""
     value = encode_announcement(
         Announcement(
             state=state,
@@ -53,7 +54,8 @@ def announcement_records(
             addrs=info.addrs[:MAX_ANNOUNCED_ADDRS],
         )
     )
-    return [(block_key(info.model, block), value) for block in range(info.start, info.end)]
+    blocks = range(info.start, info.end) if blocks is None else blocks
+    return [(block_key(info.model, block), value) for block in blocks]
 
 
 class Announcer:
@@ -76,18 +78,26 @@ class Announcer:
         self.offline_ttl = offline_ttl
         self.clock = clock
         self.state = State.JOINING
+        self.announced = False  # nothing stored yet: a relocation has no old blocks to leave
         self._last_expiration = 0.0
 
-    async def announce(self, state: State, throughput: tuple[float, float], cache_tokens_left: int) -> int:
-        """Store every block's record now; returns how many stores some node accepted."""
-        self.state = state
+    async def announce(self, state: State, throughput: tuple[float, float], cache_tokens_left: int, *,
+                       info: AnnouncementInfo | None = None, blocks: Iterable[int] | None = None) -> int:
+        """Store every block's record now; returns how many stores some node accepted.
+
+        ``info``/``blocks``: another span's value, under some blocks only (a node changing its
+        span, spec/announcement.md §2.3); the node's own state is then left as it is.
+        """
+        if info is None:
+            self.state = state
+            self.announced = True
         ttl = self.offline_ttl if state == State.OFFLINE else self.ttl
         # A stored record is replaced only by one that expires later (spec/dht.md §5.2),
         # so an offline record outlives the last online one (spec/announcement.md §2.2).
         expiration = max(self.clock() + ttl, self._last_expiration + 0.01)
         self._last_expiration = expiration
         subkey = self.dht.host.peer_id.multihash
-        records = announcement_records(self.info, state, throughput, cache_tokens_left)
+        records = announcement_records(info or self.info, state, throughput, cache_tokens_left, blocks)
         results = await asyncio.gather(
             *(self.dht.store(key, subkey, value, expiration) for key, value in records), return_exceptions=True
         )
@@ -98,6 +108,20 @@ class Announcer:
             elif result.accepted:
                 ok += 1
         return ok
+
+    async def relocate(self, start: int, end: int, state: State, throughput: tuple[float, float],
+                       cache_tokens_left: int) -> None:
+        """Announce blocks ``[start, end)`` instead of the current span (spec/announcement.md §2.3).
+
+        The blocks left are announced ``offline`` (with the old span) first, then the new span
+        with ``state``: its records expire later, so readers take them as the newest.
+        """
+        old = self.info
+        left = [b for b in range(old.start, old.end) if not start <= b < end] if self.announced else []
+        if left:
+            await self.announce(State.OFFLINE, throughput, 0, info=old, blocks=left)
+        self.info = replace(old, start=start, end=end)
+        await self.announce(state, throughput, cache_tokens_left)
 
     async def run(self, status: Callable[[], tuple[tuple[float, float], int]]) -> None:
         """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``."""

@@ -3,7 +3,8 @@
 Order of start-up (spec/announcement.md §2.1 for the states):
 
 1. listen and join the DHT (``--new-swarm``: no initial peers);
-2. announce ``JOINING`` for every block;
+2. announce ``JOINING`` for every block; without ``--blocks``, first choose them from the
+   swarm's announcements (node/placement.py);
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
    measure throughput, both on the worker thread so the DHT keeps answering;
 4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,7 +32,9 @@ from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
+from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
+from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
@@ -46,8 +50,8 @@ log = logging.getLogger("biopetals.node")
 @dataclass
 class NodeOptions:
     model: str
-    start: int
-    end: int
+    start: int | None  # None with end None: choose the blocks (node/placement.py)
+    end: int | None
     identity: Identity
     swarm_key: SwarmKey | None
     host: str = "0.0.0.0"
@@ -64,6 +68,10 @@ class NodeOptions:
     announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
     benchmark: bool = True
     progress: bool = True
+    num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)
+    join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
+    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/rebalancer.py); 0: never
+    balance_interval: float = 60.0  # s, mean period of the re-evaluation
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -86,7 +94,15 @@ async def run_node(
     config, _ = load_config(options.model)  # fails early on an unsupported architecture
     info = model_info(options.model, config)
     n_layers = int(config.num_hidden_layers)
-    if not 0 <= options.start < options.end <= n_layers:
+    choose = options.start is None
+    if choose:
+        num_blocks = options.num_blocks or default_num_blocks(
+            config, free=free_memory(options.device), dtype=options.dtype, quant=options.quant,
+            max_cache_tokens=options.max_cache_tokens)
+        if not 1 <= num_blocks <= n_layers:
+            raise ValueError(f"--num-blocks {num_blocks}: the model has {n_layers} blocks")
+        options.start, options.end = 0, num_blocks  # until chosen
+    elif not 0 <= options.start < options.end <= n_layers:
         raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
@@ -98,7 +114,11 @@ async def run_node(
                 interval=options.announce_interval,
                 ttl=max(3 * options.announce_interval, 30.0),
             )
-            await announcer.announce(State.JOINING, (0.0, 0.0), 0)
+            if choose:
+                (options.start, options.end), _ = await place_node(
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, load_span, random.Random())
+            else:
+                await announcer.announce(State.JOINING, (0.0, 0.0), 0)
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             span = await loop.run_in_executor(None, load_span, options)

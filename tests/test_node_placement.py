@@ -1,0 +1,101 @@
+"""Nodes choose their blocks (``--num-blocks``) on real processes over loopback, SmolLM2 (30 blocks)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from biopetals.models.smollm2 import smollm2_path
+from support_swarm import Swarm
+
+pytestmark = pytest.mark.timeout(600)
+
+THREADS = ("--num-threads", "1")
+
+
+def served(node) -> tuple[int, int]:
+    match = re.search(r"blocks (\d+):(\d+) of 30", node.output())
+    assert match, node.output()
+    return int(match[1]), int(match[2])
+
+
+def announced_tps(node) -> float:
+    match = re.search(r"throughput: inference ([0-9.]+) tokens/s", node.output())
+    assert match, node.output()
+    return float(match[1])
+
+
+def coverage(spans: list[tuple[int, int]], n_blocks: int = 30) -> list[int]:
+    counts = [0] * n_blocks
+    for start, end in spans:
+        for b in range(start, end):
+            counts[b] += 1
+    return counts
+
+
+def test_four_concurrent_joiners_cover_all_30_blocks_with_least_overlap(tmp_path):
+    """4 nodes x 8 blocks started at once on an empty swarm (a DHT-only bootstrap): every block
+    served, and only 32 - 30 = 2 blocks twice (they did not all take 0:8)."""
+    path = smollm2_path()
+    with Swarm(tmp_path) as swarm:
+        swarm.start_dht()
+        nodes = [swarm.spawn_node(path, "--num-blocks", "8", "--no-benchmark", *THREADS) for _ in range(4)]
+        for node in nodes:
+            swarm.wait_ready(node, timeout=240)
+        spans = [served(n) for n in nodes]
+    counts = coverage(spans)
+    assert all(end - start == 8 for start, end in spans), spans
+    assert min(counts) == 1, (spans, counts)
+    assert sum(c - 1 for c in counts) == 2, (spans, counts)
+
+
+def test_a_new_node_goes_where_the_announced_throughput_is_lowest(tmp_path):
+    """Two fixed halves, one served clearly slower (fp16 compute on a CPU): a node started with
+    --num-blocks 15 takes the slower node's half, whichever it is by the numbers announced."""
+    path = smollm2_path()
+    with Swarm(tmp_path) as swarm:
+        first = swarm.start_node(path, "0:15", *THREADS, timeout=240)
+        second = swarm.start_node(path, "15:30", "--dtype", "float16", *THREADS, timeout=240)
+        tps = {(0, 15): announced_tps(first), (15, 30): announced_tps(second)}
+        slow = min(tps, key=tps.get)
+        assert max(tps.values()) > 1.5 * min(tps.values()), tps  # the setup really differs
+        third = swarm.wait_ready(swarm.spawn_node(path, "--num-blocks", "15", *THREADS), timeout=240)
+        assert served(third) == slow, (tps, third.output())
+
+
+def test_block_size_is_transformers_own_decoder_layer():
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from biopetals.node.sizing import block_bytes, default_num_blocks
+
+    config = AutoConfig.from_pretrained(smollm2_path())
+    layer = LlamaDecoderLayer(config, 0)
+    params = sum(p.numel() for p in layer.parameters())
+    assert block_bytes(config, "float32") == 4 * params
+    assert block_bytes(config, "bfloat16") == 2 * params
+    kv = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # per token, fp32
+    per_block = 4 * params + kv * 1000
+    assert default_num_blocks(config, free=int(7.5 * per_block / 0.8), max_cache_tokens=1000) == 7
+    assert default_num_blocks(config, free=1, max_cache_tokens=1000) == 1
+    assert default_num_blocks(config, free=10**15, max_cache_tokens=1000) == 30
+    del torch
+
+
+def test_cli_options_and_their_errors(capsys, tmp_path):
+    from biopetals.node.cli import build_parser, main
+    from biopetals.transport.keyfiles import write_swarm_key
+
+    text = " ".join(build_parser().format_help().split())
+    for option in ("--num-blocks", "--balance-quality", "--balance-interval", "80% of the free memory"):
+        assert option in text, option
+    for argv in (["--blocks", "0:4", "--num-blocks", "4"], ["--num-blocks", "0"], ["--num-blocks", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["--model", "m", "--swarm-key", "k", *argv])
+        assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+    write_swarm_key(tmp_path / "k", None)
+    code = main(["--model", str(smollm2_path()), "--num-blocks", "31", "--swarm-key", str(tmp_path / "k"), "--new-swarm"])
+    assert code == 1 and "--num-blocks 31: the model has 30 blocks" in capsys.readouterr().err

@@ -160,13 +160,30 @@ def choose_best_span(spans: Iterable[ServedSpan], n_blocks: int, num_blocks: int
     return _best_start(throughputs, num_blocks, own_throughput, rng)
 
 
+def _best_starts(throughputs: Sequence[float], num_blocks: int, own_throughput: float) -> tuple[tuple, list[int]]:
+    """The best ``span_score`` and every start that has it (one pass, then the tie-break on the few left)."""
+    n = len(throughputs)
+    q = _quantum(throughputs, own_throughput)
+    inf = float("inf")
+    prefix, suffix = [inf] * (n + 1), [inf] * (n + 1)  # prefix[i] = min(t[:i]), suffix[i] = min(t[i:])
+    for i, t in enumerate(throughputs):
+        prefix[i + 1] = min(prefix[i], t)
+    for i in range(n - 1, -1, -1):
+        suffix[i] = min(suffix[i + 1], throughputs[i])
+    afters = []
+    for s in range(n - num_blocks + 1):
+        window_min = min(throughputs[s : s + num_blocks])
+        afters.append(round(min(window_min + own_throughput, prefix[s], suffix[s + num_blocks]) / q))
+    top = max(afters)
+    candidates = [s for s, a in enumerate(afters) if a == top]
+    scored = [(span_score(throughputs, s, num_blocks, own_throughput, q), s) for s in candidates]
+    best = max(score for score, _ in scored)
+    return best, [s for score, s in scored if score == best]
+
+
 def _best_start(throughputs: list[float], num_blocks: int, own_throughput: float,
                 rng: random.Random) -> tuple[int, int]:
-    n_blocks = len(throughputs)
-    q = _quantum(throughputs, own_throughput)
-    scored = [(span_score(throughputs, s, num_blocks, own_throughput, q), s) for s in range(n_blocks - num_blocks + 1)]
-    best = max(score for score, _ in scored)
-    ties = [s for score, s in scored if score == best]
+    _, ties = _best_starts(throughputs, num_blocks, own_throughput)
     aligned = [s for s in ties if _aligned(throughputs, s, s + num_blocks)]
     start = rng.choice(aligned or ties)
     return start, start + num_blocks
@@ -187,9 +204,8 @@ def resolve_join(spans: Iterable[ServedSpan], me: str, current: tuple[int, int],
     before = [s for s in spans if s.peer_id != me and (s.state == State.ONLINE or s.peer_id < me)]
     throughputs = block_throughputs(before, n_blocks)
     q = _quantum(throughputs, own_throughput)
-    if span_score(throughputs, start, num_blocks, own_throughput, q) >= max(
-        span_score(throughputs, s, num_blocks, own_throughput, q) for s in range(n_blocks - num_blocks + 1)
-    ):
+    if span_score(throughputs, start, num_blocks, own_throughput, q) >= _best_starts(
+            throughputs, num_blocks, own_throughput)[0]:
         return None
     return _best_start(throughputs, num_blocks, own_throughput, rng)
 
@@ -241,9 +257,8 @@ def _best_after_removal(throughputs: list[float], span: ServedSpan, rng: random.
     out = [t - span.throughput * (1 + _OUT_EPS) if span.start <= b < span.end else t
            for b, t in enumerate(throughputs)]
     q = _quantum(out, span.throughput)
-    here = span_score(out, span.start, span.length, span.throughput, q)
-    if here >= max(span_score(out, s, span.length, span.throughput, q)
-                   for s in range(len(out) - span.length + 1)):
+    if span_score(out, span.start, span.length, span.throughput, q) >= _best_starts(
+            out, span.length, span.throughput)[0]:
         return span.start, span.end
     return _best_start(out, span.length, span.throughput, rng)
 

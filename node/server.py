@@ -8,7 +8,8 @@ Order of start-up (spec/announcement.md §2.1 for the states):
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
    measure throughput, both on the worker thread so the DHT keeps answering;
 4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
-   ``READY <multiaddr>``; re-announce every ``announce_interval`` s.
+   ``READY <multiaddr>``; re-announce every ``announce_interval`` s; without ``--blocks``,
+   re-evaluate the swarm's balance and move when it pays (node/relocation.py).
 
 On stop (``stop`` event, set by SIGINT/SIGTERM in node/cli.py) it announces
 ``OFFLINE`` with a short expiry first, then closes sessions and connections.
@@ -34,6 +35,7 @@ from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
 from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
+from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
 from biopetals.protocol.identity import Identity
@@ -126,45 +128,57 @@ async def run_node(
             throughput = (0.0, 0.0)
             if options.benchmark:
                 throughput = await loop.run_in_executor(None, measure_throughput, span)
-            backend = Backend(span, num_threads=options.num_threads)
-            budget = CacheBudget(
-                span.cache_bytes_per_token(), options.max_cache_tokens, min(options.max_session_tokens, options.max_cache_tokens)
-            )
-            service = NodeService(
-                host,
-                backend,
-                budget,
-                ServiceConfig(
-                    model=info.dht_prefix,
-                    version=VERSION,
-                    dtype=options.dtype,
-                    quant=options.quant,
-                    idle_timeout=options.idle_timeout,
-                ),
-                throughput=throughput,
-            )
+
+            def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
+                backend = Backend(span, num_threads=options.num_threads)
+                budget = CacheBudget(
+                    span.cache_bytes_per_token(), options.max_cache_tokens,
+                    min(options.max_session_tokens, options.max_cache_tokens)
+                )
+                return NodeService(
+                    host,
+                    backend,
+                    budget,
+                    ServiceConfig(
+                        model=info.dht_prefix,
+                        version=VERSION,
+                        dtype=options.dtype,
+                        quant=options.quant,
+                        idle_timeout=options.idle_timeout,
+                    ),
+                    throughput=throughput,
+                )
+
+            service = build(span, throughput)
             service.install()
-            await announcer.announce(State.ONLINE, throughput, budget.tokens_left)
+            await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
                 f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
             out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
             for addr in addrs:
                 out(f"listening on {addr}")
             out(f"READY {addrs[0]}")
-            refresher = asyncio.create_task(
-                announcer.run(lambda: (service.throughput, service.budget.tokens_left))
-            )
+            relocator = Relocator(options, announcer, service, build, load_span, drain_timeout=options.idle_timeout,
+                                  out=out)
+            tasks = [asyncio.create_task(
+                announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))
+            )]
+            if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
+                rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
+                                        quality=options.balance_quality, interval=options.balance_interval,
+                                        rng=random.Random())
+                tasks.append(asyncio.create_task(rebalancer.run()))
             try:
                 await stop.wait()
             finally:
-                refresher.cancel()
+                for task in tasks:
+                    task.cancel()
                 host.remove_handler("/biopetals/node/1")
                 try:
                     async with asyncio.timeout(10):
-                        await announcer.announce(State.OFFLINE, throughput, 0)
+                        await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)
                     out("announced offline")
                 except (TimeoutError, Exception) as exc:  # still shut down
                     log.warning("could not announce offline: %s", exc)
-                await service.aclose()
-                backend.shutdown()
+                await relocator.aclose()
     out("stopped")

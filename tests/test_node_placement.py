@@ -14,6 +14,7 @@ from biopetals.client.errors import SwarmError
 from biopetals.client.routing import MissingBlocksError
 from biopetals.models.smollm2 import smollm2_path
 from support_swarm import Swarm
+from test_client_smollm2 import assert_same_as_reference as assert_same  # same tokens, logits within 1e-4
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,12 +32,6 @@ def smollm2_reference():
     ids = tok("The ribosome is", return_tensors="pt").input_ids
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().generate(ids, **KWARGS)
     return path, ids, ref
-
-
-def assert_same(ours, ref):
-    assert torch.equal(ours.sequences, ref.sequences)
-    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits))
-    assert diff <= 1e-4, diff
 
 
 def served(node) -> tuple[int, int]:

@@ -72,7 +72,7 @@ class NodeOptions:
     progress: bool = True
     num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)
     join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
-    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/rebalancer.py); 0: never
+    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
     balance_interval: float = 60.0  # s, mean period of the re-evaluation
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.errors import SwarmError
@@ -102,6 +102,7 @@ def test_four_concurrent_joiners_cover_30_blocks_then_recover_a_killed_node(tmp_
             model.close()
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores
 def test_a_new_node_goes_where_the_announced_throughput_is_lowest(tmp_path):
     """Two fixed halves, one served clearly slower (fp16 compute on a CPU): a node started with
     --num-blocks 15 takes the slower node's half, whichever it is by the numbers announced."""
@@ -151,3 +152,46 @@ def test_cli_options_and_their_errors(capsys, tmp_path):
     write_swarm_key(tmp_path / "k", None)
     code = main(["--model", str(smollm2_path()), "--num-blocks", "31", "--swarm-key", str(tmp_path / "k"), "--new-swarm"])
     assert code == 1 and "--num-blocks 31: the model has 30 blocks" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~90 s on 2 busy cores
+def test_a_node_moves_while_a_session_runs_through_it_and_finishes_it(tmp_path, smollm2_reference):
+    """Two nodes choose 0:15 and 15:30; a client generates through both; mid-generation two fixed
+    nodes for 0:15 join, so the node on 0:15 moves to 15:30 (3 nodes on 0:15 and 1 on 15:30 become
+    2 and 2: the bottleneck doubles). The moving node keeps serving the open session on its old
+    blocks until it ends: no failover, and the tokens and logits equal transformers'."""
+    path, ids, ref = smollm2_reference
+    new_tokens = KWARGS["max_new_tokens"]
+    with Swarm(tmp_path) as swarm:
+        swarm.start_dht()
+        choosing = ("--num-blocks", "15", "--no-benchmark", "--balance-interval", "2", "--idle-timeout", "300", *THREADS)
+        first = swarm.wait_ready(swarm.spawn_node(path, *choosing), timeout=240)
+        second = swarm.wait_ready(swarm.spawn_node(path, *choosing), timeout=240)
+        mover = first if served(first) == (0, 15) else second
+        assert {served(first), served(second)} == {(0, 15), (15, 30)}
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                swarm_key=swarm.key_path, codec="f32")
+        moved = []
+
+        class MoveMidway(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if input_ids.shape[1] == ids.shape[1] + new_tokens // 2 and not moved:
+                    assert mover.peer_id in [p for p, _, _ in model.active_session.route[0]]
+                    fixed = [swarm.spawn_node(path, "--blocks", "0:15", "--no-benchmark", *THREADS) for _ in range(2)]
+                    for node in fixed:
+                        swarm.wait_ready(node, timeout=240)
+                    deadline = time.monotonic() + 60
+                    while "moved to blocks 15:30" not in mover.output() and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    moved.append(mover.output())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        try:
+            with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
+                ours = model.generate(ids, **KWARGS, stopping_criteria=StoppingCriteriaList([MoveMidway()]))
+                assert session.failovers == 0
+                assert mover.peer_id in [p for p, _, _ in session.route[0]]
+        finally:
+            model.close()
+    assert moved and "moved to blocks 15:30 (from 0:15)" in moved[0] and "1 session(s) draining" in moved[0], moved
+    assert_same(ours, ref)

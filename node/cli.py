@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the one reachable by rebalancing (default 0.75, as Petals; 0 never moves)")
     p.add_argument("--balance-interval", type=float, default=60.0, metavar="SECONDS",
                    help="without --blocks: mean seconds between re-evaluations of the swarm's balance (default 60)")
+    p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                   help="when moving to other blocks: how long sessions open on the old blocks may still run there; "
+                        "those left then are closed and their clients replay them elsewhere (default: --idle-timeout)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -141,6 +144,7 @@ async def _main(args: argparse.Namespace) -> None:
         num_blocks=args.num_blocks,
         balance_quality=args.balance_quality,
         balance_interval=args.balance_interval,
+        drain_timeout=args.drain_timeout,
         identity=identity,
         swarm_key=load_swarm_key(args.swarm_key),
         host=args.host,

@@ -16,9 +16,9 @@ keeps its records until they expire; its blocks must not look served meanwhile),
    refused with ``BLOCKS_NOT_SERVED``, so clients route elsewhere;
 4. announce the old-only blocks ``offline`` and the new span ``online``;
 5. drain: the old sessions end by themselves (their clients close them or they go idle)
-   within ``drain_timeout``; those still open then are closed, and their next step is
-   answered with ``UNKNOWN_SESSION``: their clients fail over and replay their history on
-   other nodes (spec/messages.md §5.9), so nothing they generate changes.
+   within ``drain_timeout``; those still open then get an ``UNKNOWN_SESSION`` error on
+   their stream (the notice) and are closed: their clients fail over and replay their
+   history on other nodes (spec/messages.md §5.9), so nothing they generate changes.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from biopetals.node.balancing import should_move, spans_from_announcements
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.handler import NodeService
 from biopetals.protocol.announcement import Announcement, State
-from biopetals.protocol.errors import ProtocolError
+from biopetals.protocol.errors import ErrorCode, ProtocolError
 from biopetals.protocol.identity import PeerId
+from biopetals.protocol.messages import Error
 from biopetals.transport.host import Host
 
 if TYPE_CHECKING:
@@ -105,7 +106,12 @@ class Relocator:
         while len(old.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         if len(old.sessions):
-            log.warning("closing %d session(s) on the old blocks: their clients fail over", len(old.sessions))
+            self.out(f"closing {len(old.sessions)} session(s) on the old blocks: their clients fail over")
+            notice = Error(code=ErrorCode.UNKNOWN_SESSION,
+                           message=f"this node moved to blocks {new.span.start}:{new.span.end}: session closed, "
+                                   "replay it on another node")
+            await asyncio.gather(*(session.owner.send(notice) for session in old.sessions.sessions()),
+                                 return_exceptions=True)
         await self._close(old)
         if new.previous is old:
             new.previous = None

@@ -74,6 +74,7 @@ class NodeOptions:
     join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
     balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
     balance_interval: float = 60.0  # s, mean period of the re-evaluation
+    drain_timeout: float | None = None  # s, old sessions may run this long after a move (None: idle_timeout)
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -158,7 +159,7 @@ async def run_node(
             for addr in addrs:
                 out(f"listening on {addr}")
             out(f"READY {addrs[0]}")
-            relocator = Relocator(options, announcer, service, build, load_span, drain_timeout=options.idle_timeout,
+            relocator = Relocator(options, announcer, service, build, load_span, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
                                   out=out)
             tasks = [asyncio.create_task(
                 announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))

@@ -170,3 +170,55 @@ def test_balancing_is_sans_io():
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not names & {"asyncio", "socket", "time", "datetime", "selectors", "torch"}
+
+
+def test_relocating_announcements_read_back_over_a_real_dht():
+    """Announcer.relocate over a real in-process DHT (loopback): the left blocks say offline with the
+    old span, the new ones the new span; readers take the newest to balance and the newest online
+    one to route (spec/announcement.md §2.3)."""
+    import asyncio
+    from contextlib import AsyncExitStack
+
+    from biopetals.dht.announcements import newest, read_node_records, serving
+    from biopetals.dht.ids import block_key
+    from biopetals.protocol.announcement import decode_announcement
+    from biopetals.dht.node import DHT, DHTConfig
+    from biopetals.node.announcer import AnnouncementInfo, Announcer
+    from biopetals.protocol.identity import Identity
+    from biopetals.protocol.swarm_key import SwarmKey
+    from biopetals.transport.host import Host
+
+    key = SwarmKey.generate()
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            host = await stack.enter_async_context(Host(Identity.generate(), swarm_key=key))
+            await host.listen("127.0.0.1", 0)
+            dht = await stack.enter_async_context(DHT(host, initial_peers=[], config=DHTConfig(request_timeout=2.0)))
+            reader_host = await stack.enter_async_context(Host(Identity.generate(), swarm_key=key))
+            reader = await stack.enter_async_context(
+                DHT(reader_host, initial_peers=[str(host.addrs[0])], config=DHTConfig(request_timeout=2.0),
+                    client_mode=True))
+            info = AnnouncementInfo("m", 0, 6, "float32", "none", "v", ())
+            announcer = Announcer(dht, info)
+            await announcer.relocate(2, 6, State.JOINING, (1.0, 1.0), 0)  # before any store: nothing to leave
+            assert (await read_node_records(reader, "m", 10))[str(host.peer_id)][0].announcement.start == 2
+            await announcer.announce(State.ONLINE, (5.0, 5.0), 10)
+            # moving while serving: the new span joining under its blocks, then serving it
+            await announcer.announce(State.JOINING, (5.0, 5.0), 0, info=AnnouncementInfo("m", 4, 8, "float32", "none",
+                                                                                          "v", ()), blocks=range(4, 8))
+            records = (await read_node_records(reader, "m", 10))[str(host.peer_id)]
+            assert (newest(records).state, newest(records).start) == (State.JOINING, 4)
+            assert (serving(records).state, serving(records).start) == (State.ONLINE, 2)
+            await announcer.relocate(4, 8, State.ONLINE, (5.0, 5.0), 10)
+            found = await reader.get_many([block_key("m", b) for b in range(10)])
+            by_block = {b: decode_announcement(next(iter(found[block_key("m", b)].values()))[0])
+                        for b in range(10) if found.get(block_key("m", b))}
+            assert {b: (a.state, a.start) for b, a in by_block.items()} == {
+                2: (State.OFFLINE, 2), 3: (State.OFFLINE, 2), 4: (State.ONLINE, 4), 5: (State.ONLINE, 4),
+                6: (State.ONLINE, 4), 7: (State.ONLINE, 4)}
+            records = (await read_node_records(reader, "m", 10))[str(host.peer_id)]
+            assert (newest(records).state, newest(records).start) == (State.ONLINE, 4)
+            assert serving(records) == newest(records)
+
+    asyncio.run(main())

@@ -63,6 +63,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: need a finite number > 0")
+    return value
+
+
+def _quality(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number, e.g. 0.75") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: need a finite number >= 0")
+    return value
+
+
 def _multiaddr(text: str) -> str:
     try:
         Multiaddr.parse(text)
@@ -117,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds after which an idle session is closed (default 60)")
     p.add_argument("--announce-interval", type=float, default=60.0,
                    help="seconds between DHT re-announcements (records expire after 3 intervals; default 60)")
-    p.add_argument("--balance-quality", type=float, default=0.75, metavar="Q",
+    p.add_argument("--balance-quality", type=_quality, default=0.75, metavar="Q",
                    help="without --blocks: move to other blocks when today's bottleneck throughput is below Q times "
                         "the one reachable by rebalancing (default 0.75, as Petals; 0 never moves)")
-    p.add_argument("--balance-interval", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--balance-interval", type=_seconds, default=60.0, metavar="SECONDS",
                    help="without --blocks: mean seconds between re-evaluations of the swarm's balance (default 60)")
-    p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--drain-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="when moving to other blocks: how long sessions open on the old blocks may still run there; "
                         "those left then are closed and their clients replay them elsewhere (default: --idle-timeout)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")

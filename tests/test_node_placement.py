@@ -144,7 +144,9 @@ def test_cli_options_and_their_errors(capsys, tmp_path):
     text = " ".join(build_parser().format_help().split())
     for option in ("--num-blocks", "--balance-quality", "--balance-interval", "80% of the free memory"):
         assert option in text, option
-    for argv in (["--blocks", "0:4", "--num-blocks", "4"], ["--num-blocks", "0"], ["--num-blocks", "x"]):
+    for argv in (["--blocks", "0:4", "--num-blocks", "4"], ["--num-blocks", "0"], ["--num-blocks", "x"],
+                 ["--balance-quality", "-1"], ["--balance-quality", "nan"], ["--balance-interval", "0"],
+                 ["--drain-timeout", "inf"]):
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["--model", "m", "--swarm-key", "k", *argv])
         assert exc.value.code == 2

@@ -54,6 +54,7 @@ def coverage(spans: list[tuple[int, int]], n_blocks: int = 30) -> list[int]:
     return counts
 
 
+@pytest.mark.exactness
 def test_four_concurrent_joiners_cover_30_blocks_then_recover_a_killed_node(tmp_path, smollm2_reference):
     """4 nodes x 10 blocks started at once on an empty swarm (a DHT-only bootstrap): every block
     served with the least overlap (40 - 30 = 10 blocks twice: they did not all take 0:10). Then
@@ -157,6 +158,7 @@ def test_cli_options_and_their_errors(capsys, tmp_path):
 
 
 @pytest.mark.slow  # ~50 s each on 2 busy cores
+@pytest.mark.exactness
 @pytest.mark.parametrize("drain", ["finish", "cut"])
 def test_a_node_moves_while_a_session_runs_through_it(tmp_path, smollm2_reference, drain):
     """Two nodes choose 0:15 and 15:30; a client generates through both; mid-generation two fixed

@@ -165,8 +165,9 @@ def test_bad_input_raises_typed_errors():
     assert issubclass(BalancingError, ValueError)
 
 
-def test_balancing_is_sans_io():
-    tree = ast.parse((Path(__file__).resolve().parent.parent / "node" / "balancing.py").read_text())
+@pytest.mark.parametrize("module", ["balancing.py", "balancing_sim.py"])
+def test_balancing_is_sans_io(module):
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "node" / module).read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not names & {"asyncio", "socket", "time", "datetime", "selectors", "torch"}

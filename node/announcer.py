@@ -79,6 +79,9 @@ class Announcer:
         self.clock = clock
         self.state = State.JOINING
         self.announced = False  # nothing stored yet: a relocation has no old blocks to leave
+        #: While the node moves (node/relocation.py): the new span and its expected throughput;
+        #: refreshes then keep the old-only blocks online and the new span joining.
+        self.moving: tuple[AnnouncementInfo, tuple[float, float]] | None = None
         self._last_expiration = 0.0
 
     async def announce(self, state: State, throughput: tuple[float, float], cache_tokens_left: int, *,
@@ -124,8 +127,15 @@ class Announcer:
         await self.announce(state, throughput, cache_tokens_left)
 
     async def run(self, status: Callable[[], tuple[tuple[float, float], int]]) -> None:
-        """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``."""
+        """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``
+        (while moving: the old-only blocks ``ONLINE``, then the new span ``JOINING``)."""
         while True:
             await asyncio.sleep(self.interval)
             throughput, tokens_left = status()
-            await self.announce(State.ONLINE, throughput, tokens_left)
+            if self.moving is None:
+                await self.announce(State.ONLINE, throughput, tokens_left)
+                continue
+            new, expected = self.moving
+            old_only = [b for b in range(self.info.start, self.info.end) if not new.start <= b < new.end]
+            await self.announce(State.ONLINE, throughput, tokens_left, blocks=old_only)
+            await self.announce(State.JOINING, expected, 0, info=new, blocks=range(new.start, new.end))

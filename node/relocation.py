@@ -79,19 +79,23 @@ class Relocator:
         old_len, new_len = old.span.end - old.span.start, end - start
         expected = (old.throughput[0] * old_len / new_len, old.throughput[1] * old_len / new_len)
         info = replace(self.announcer.info, start=start, end=end)
-        await self.announcer.announce(State.JOINING, expected, 0, info=info, blocks=range(start, end))
-        loop = asyncio.get_running_loop()
-        options = replace(self.options, start=start, end=end, progress=False)
-        span = await loop.run_in_executor(None, self.load, options)
-        throughput = (0.0, 0.0)
-        if self.options.benchmark:
-            throughput = await loop.run_in_executor(None, measure_throughput, span)
-        new = self.build(span, throughput)
-        new.previous = old
-        new.install()  # new streams go to the new service from now on
-        self.service = new
-        self.options.start, self.options.end = start, end
-        await self.announcer.relocate(start, end, State.ONLINE, throughput, new.budget.tokens_left)
+        self.announcer.moving = (info, expected)  # refreshes meanwhile keep both (Announcer.run)
+        try:
+            await self.announcer.announce(State.JOINING, expected, 0, info=info, blocks=range(start, end))
+            loop = asyncio.get_running_loop()
+            options = replace(self.options, start=start, end=end, progress=False)
+            span = await loop.run_in_executor(None, self.load, options)
+            throughput = (0.0, 0.0)
+            if self.options.benchmark:
+                throughput = await loop.run_in_executor(None, measure_throughput, span)
+            new = self.build(span, throughput)
+            new.previous = old
+            new.install()  # new streams go to the new service from now on
+            self.service = new
+            self.options.start, self.options.end = start, end
+            await self.announcer.relocate(start, end, State.ONLINE, throughput, new.budget.tokens_left)
+        finally:
+            self.announcer.moving = None
         self.moves += 1
         self.out(f"moved to blocks {start}:{end} (from {old.span.start}:{old.span.end}) in "
                  f"{time.monotonic() - started:.1f} s; {len(old.sessions)} session(s) draining")

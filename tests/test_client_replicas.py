@@ -26,9 +26,13 @@ def test_sessions_spread_over_two_replicas(tmp_path, tiny_llama_checkpoint):  # 
     """Two nodes serve all 8 blocks alike: 4 sessions opened one after another go 2 and 2
     (each route sees the sessions already open), not 4 on the first."""
     with Swarm(tmp_path) as swarm:
-        nodes = [swarm.start_node(tiny_llama_checkpoint, "0:8", "--num-threads", "1") for _ in range(2)]
+        # equal announced throughput (none measured), so that the load alone decides; a generous
+        # probe deadline, so that a busy machine's slow NodeInfo answers still count
+        nodes = [swarm.start_node(tiny_llama_checkpoint, "0:8", "--num-threads", "1", "--no-benchmark")
+                 for _ in range(2)]
         model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_checkpoint, initial_peers=swarm.initial_peers,
-                                                                swarm_key=swarm.key_path, codec="f32")
+                                                                swarm_key=swarm.key_path, codec="f32",
+                                                                rtt_probe_timeout=10.0)
         try:
             hidden = torch.randn(1, 3, model.config.hidden_size)
             sessions = [InferenceSession(model.swarm, max_length=16) for _ in range(4)]

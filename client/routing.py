@@ -16,9 +16,13 @@ really costs one hop per span plus the return of the last one, so ``rtt`` per sp
 is the right order of magnitude. The cheapest chain is a shortest path over block
 boundaries (Dijkstra on a DAG, boundaries = every announced start and end).
 
-Load spreading: each candidate's cost is multiplied by ``1 + U(0, tie_jitter)``
-drawn once per ``find_route`` call, so servers within a few percent of each other
-are picked at random while a clearly faster one always wins. Servers whose
+Load spreading: a node's ``block_time`` grows with its open sessions
+(``(1 + load_weight x sessions) / (inference_tps x blocks)``, sessions read live from
+``NodeInfo`` by the caller), so concurrent clients fill replicas in proportion to their
+announced throughput instead of all taking the fastest; and each candidate's cost is
+multiplied by ``1 + U(0, tie_jitter)`` drawn once per ``find_route`` call, so servers
+within a few percent of each other are picked at random while a clearly faster idle
+one always wins. Servers whose
 ``cache_tokens_left`` cannot hold the session (``needed_cache_tokens``) and peers
 in back-off (``PeerHealth``) are not candidates.
 
@@ -69,6 +73,7 @@ class ServerSpan:
     cache_tokens_left: int = 1 << 62
     online: bool = True
     adapters: tuple[str, ...] = ()  # server-side adapters it holds (spec/messages.md §6.3)
+    sessions: int = 0  # inference sessions open on the node now (NodeInfo, not announced); 0 = unknown or none
 
     @property
     def n_blocks(self) -> int:
@@ -97,6 +102,9 @@ class RoutingParams:
     # s added per block served by a recently failed peer that is the only one left for
     # some blocks: large enough that it serves only what no healthy peer can.
     last_resort_penalty: float = 1000.0
+    # load: a node with k open sessions computes a step in (1 + load_weight x k) times its
+    # announced time (its worker serves the sessions' steps in turn)
+    load_weight: float = 1.0
 
 
 class MissingBlocksError(LookupError):
@@ -179,7 +187,7 @@ def missing_ranges(servers: Iterable[ServerSpan], start: int, end: int) -> list[
 
 def _block_time(server: ServerSpan, params: RoutingParams) -> float:
     tps = server.inference_tps if server.inference_tps > 0 and math.isfinite(server.inference_tps) else params.default_tps
-    return 1.0 / (tps * max(1, server.n_blocks))
+    return (1.0 + params.load_weight * max(0, server.sessions)) / (tps * max(1, server.n_blocks))
 
 
 def _rtt(server: ServerSpan, rtts: Mapping[str, float], params: RoutingParams) -> float:

@@ -67,6 +67,11 @@ def dial_target(server: ServerSpan) -> str:
     return server.peer_id
 
 
+def _mark_retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 @dataclass
 class _Fed:
     step_id: int
@@ -146,6 +151,9 @@ class SpanSession:
         fut = self._waiters.get(step_id)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
+            # a failure set on a result nobody waits for any more (the chain replaced a span
+            # before it) is not an error to log: whoever awaits the future still gets it
+            fut.add_done_callback(_mark_retrieved)
             if step_id in self._results:
                 fut.set_result(self._results.pop(step_id))
             elif self._failure is not None:

@@ -7,7 +7,9 @@ have no online node.
 It joins the DHT as a client (it never listens), reads the model's block announcements
 (spec/announcement.md) like the client library does before routing, and prints one line per
 node (blocks, state, dtype, announced throughput, free cache, address) and the coverage of
-the blocks. ``--node-info`` also asks every node for its ``NodeInfo`` (spec/messages.md §4.2:
+the blocks: per run of blocks served alike, how many online nodes serve it and their
+announced throughput together (the smallest is the swarm's bottleneck, spec/announcement.md
+§5). ``--node-info`` also asks every node for its ``NodeInfo`` (spec/messages.md §4.2:
 open sessions, decode steps, uptime), each within ``--timeout``. Exit status: 0 when every
 block has an online node, 1 when some block has none (for monitoring scripts), 2 on errors.
 """
@@ -67,6 +69,26 @@ class SwarmStatus:
                 for block in range(node.announcement.start, min(node.announcement.end, self.n_blocks)):
                     counts[block] += 1
         return counts
+
+    def throughput_per_block(self) -> list[float]:
+        """Per block: the sum of the announced inference tokens/s of its online nodes
+        (spec/announcement.md §5); the smallest is the swarm's bottleneck."""
+        out = [0.0] * self.n_blocks
+        for node in self.nodes:
+            if node.online:
+                for block in range(node.announcement.start, min(node.announcement.end, self.n_blocks)):
+                    out[block] += node.announcement.inference_tps
+        return out
+
+    def coverage_runs(self) -> list[tuple[int, int, int, float]]:
+        """``(start, end, online nodes, tokens/s)`` for each run of blocks served alike."""
+        runs: list[tuple[int, int, int, float]] = []
+        for block, (count, tps) in enumerate(zip(self.online_per_block(), self.throughput_per_block())):
+            if runs and runs[-1][2:] == (count, tps):
+                runs[-1] = (runs[-1][0], block + 1, count, tps)
+            else:
+                runs.append((block, block + 1, count, tps))
+        return runs
 
     def missing(self) -> list[tuple[int, int]]:
         """Ranges [start, end) of blocks that no online node serves."""
@@ -128,6 +150,7 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
         "blocks": status.n_blocks,
         "nodes": [node(n) for n in status.nodes],
         "online_per_block": status.online_per_block(),
+        "throughput_per_block": status.throughput_per_block(),
         "missing": [list(r) for r in status.missing()],
     }
 
@@ -162,13 +185,19 @@ def format_text(status: SwarmStatus) -> str:
     for n in status.nodes:
         if n.info_error is not None:
             lines.append(f"  no NodeInfo from {n.peer_id}: {n.info_error}")
+    lines.append("coverage per block (online nodes, announced inference tokens/s):")
+    for start, end, count, tps in status.coverage_runs():
+        blocks = f"{start}" if end - start == 1 else f"{start}:{end}"
+        lines.append(f"  {blocks:>9}  {'#' * min(count, 40) or '-':<10} {count} node{'s' if count != 1 else ''}, "
+                     f"{tps:.1f} tokens/s")
     missing = status.missing()
     if missing:
         ranges = ", ".join(f"{s}:{e}" for s, e in missing)
         lines.append(f"NOT SERVED: blocks {ranges} have no online node")
     else:
         counts = status.online_per_block()
-        lines.append(f"all {status.n_blocks} blocks served (online nodes per block: {min(counts)} to {max(counts)})")
+        lines.append(f"all {status.n_blocks} blocks served (online nodes per block: {min(counts)} to {max(counts)}; "
+                     f"bottleneck {min(status.throughput_per_block()):.1f} tokens/s)")
     return "\n".join(lines)
 
 

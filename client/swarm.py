@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from biopetals.dht.node import DHT
 from biopetals.protocol.announcement import State
@@ -34,6 +34,8 @@ from biopetals.protocol.messages import (
     Forward,
     ForwardResult,
     Message,
+    NodeInfo,
+    NodeInfoRequest,
     decode_message,
     encode_message,
 )
@@ -85,6 +87,10 @@ class ClientConfig:
     # (at most ``rtt_probes`` at once, all within ``rtt_probe_timeout``; 0 turns it off).
     rtt_probes: int = 32
     rtt_probe_timeout: float = 1.0  # s
+    # Before routing a session over blocks that several nodes serve, ask those nodes how many
+    # sessions they have open (NodeInfo, within ``rtt_probe_timeout``), so that concurrent
+    # clients spread over replicas by throughput and load (``RoutingParams.load_weight``).
+    load_probes: bool = True
     ban_base: float = 2.0  # s, first back-off of a failing peer (doubles per failure)
     ban_cap: float = 300.0
     routing: RoutingParams = field(default_factory=RoutingParams)
@@ -207,12 +213,43 @@ class RemoteSwarm:
                 log.debug("RTT probe failed: %s", task.exception())
         return answered
 
+    async def probe_loads(self, servers: list[ServerSpan]) -> dict[str, int]:
+        """Open sessions of each online, not-avoided server that shares a block with another
+        (``NodeInfo.sessions_open``), asked at once within ``rtt_probe_timeout``; servers that do not
+        answer in time are left out (counted as idle)."""
+        cfg = self.config
+        now = time.monotonic()
+        todo = [s for s in servers if s.online and not self.health.is_banned(s.peer_id, now)]
+        todo = [s for s in todo if any(o is not s and o.start < s.end and s.start < o.end for o in todo)]
+        if not cfg.load_probes or not todo:
+            return {}
+
+        async def sessions(server: ServerSpan) -> int | None:
+            reply = await self.call(server, NodeInfoRequest(), NodeInfo, cfg.rtt_probe_timeout)
+            return reply.sessions_open
+
+        tasks = {s.peer_id: asyncio.ensure_future(sessions(s)) for s in todo[: cfg.rtt_probes]}
+        await asyncio.wait(tasks.values(), timeout=cfg.rtt_probe_timeout)
+        out = {}
+        for peer, task in tasks.items():
+            if not task.done():
+                task.cancel()
+            elif task.exception() is None and task.result() is not None:
+                out[peer] = int(task.result())
+            else:
+                log.debug("load probe of %s failed: %s", peer, task.exception())
+        return out
+
     async def find_route(self, start: int, end: int, *, needed_cache_tokens: int = 0, force: bool = False,
                          forward: bool = False) -> list[RouteSpan]:
         servers = await self.fetch_servers(force=force)
         if self.config.adapter is not None:  # never send an adapter to a node that does not list it (§6.3)
             servers = [s for s in servers if self.config.adapter in s.adapters]
-        await self.probe_rtts([s for s in servers if s.start < end and s.end > start])
+        candidates = [s for s in servers if s.start < end and s.end > start]
+        await self.probe_rtts(candidates)
+        if not forward:
+            loads = await self.probe_loads(candidates)
+            servers = [replace(s, sessions=loads.get(s.peer_id, 0)) for s in servers]
         if forward:  # stateless calls: rank by batched-forward throughput, ignore cache room
             servers = [dataclasses.replace(s, inference_tps=s.forward_tps or s.inference_tps) for s in servers]
             needed_cache_tokens = 0

@@ -10,5 +10,10 @@ Modules (flat, one job each):
 * ``backend``: the ``BlockSpan`` and its single worker thread; rollback of failed steps.
 * ``benchmark``: start-up throughput (inference and forward tokens/s).
 * ``announcer``: DHT block announcements (spec/announcement.md).
+* ``balancing``: which blocks to serve and when to move (Petals' rule), sans-IO.
+* ``placement``: ``--num-blocks``: choose at start, announce joining, settle with concurrent joiners.
+* ``relocation``: periodic re-evaluation and moving a serving node to other blocks.
+* ``sizing``: the default number of blocks from free memory and block size.
+* ``balancing_sim``: an in-process swarm of nodes balancing, for tests and benchmarks.
 * ``quant``: ``--quant int8|nf4`` through bitsandbytes.
 """

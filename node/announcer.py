@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable
 
 from biopetals.dht.ids import block_key
 from biopetals.protocol.announcement import MAX_ANNOUNCED_ADDRS, Announcement, State, encode_announcement
@@ -37,9 +37,10 @@ class AnnouncementInfo:
 
 
 def announcement_records(
-    info: AnnouncementInfo, state: State, throughput: tuple[float, float], cache_tokens_left: int
+    info: AnnouncementInfo, state: State, throughput: tuple[float, float], cache_tokens_left: int,
+    blocks: Iterable[int] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """``[(DHT key, value)]``, one per served block (spec/dht.md §6)."""
+    """``[(DHT key, value)]``, one per served block (spec/dht.md §6), or per block of ``blocks``."""
     value = encode_announcement(
         Announcement(
             state=state,
@@ -55,7 +56,8 @@ def announcement_records(
             adapters=info.adapters,
         )
     )
-    return [(block_key(info.model, block), value) for block in range(info.start, info.end)]
+    blocks = range(info.start, info.end) if blocks is None else blocks
+    return [(block_key(info.model, block), value) for block in blocks]
 
 
 class Announcer:
@@ -78,18 +80,29 @@ class Announcer:
         self.offline_ttl = offline_ttl
         self.clock = clock
         self.state = State.JOINING
+        self.announced = False  # nothing stored yet: a relocation has no old blocks to leave
+        #: While the node moves (node/relocation.py): the new span and its expected throughput;
+        #: refreshes then keep the old-only blocks online and the new span joining.
+        self.moving: tuple[AnnouncementInfo, tuple[float, float]] | None = None
         self._last_expiration = 0.0
 
-    async def announce(self, state: State, throughput: tuple[float, float], cache_tokens_left: int) -> int:
-        """Store every block's record now; returns how many stores some node accepted."""
-        self.state = state
+    async def announce(self, state: State, throughput: tuple[float, float], cache_tokens_left: int, *,
+                       info: AnnouncementInfo | None = None, blocks: Iterable[int] | None = None) -> int:
+        """Store every block's record now; returns how many stores some node accepted.
+
+        ``info``/``blocks``: another span's value, under some blocks only (a node changing its
+        span, spec/announcement.md §2.3); the node's own state is then left as it is.
+        """
+        if info is None:
+            self.state = state
+            self.announced = True
         ttl = self.offline_ttl if state == State.OFFLINE else self.ttl
         # A stored record is replaced only by one that expires later (spec/dht.md §5.2),
         # so an offline record outlives the last online one (spec/announcement.md §2.2).
         expiration = max(self.clock() + ttl, self._last_expiration + 0.01)
         self._last_expiration = expiration
         subkey = self.dht.host.peer_id.multihash
-        records = announcement_records(self.info, state, throughput, cache_tokens_left)
+        records = announcement_records(info or self.info, state, throughput, cache_tokens_left, blocks)
         results = await asyncio.gather(
             *(self.dht.store(key, subkey, value, expiration) for key, value in records), return_exceptions=True
         )
@@ -101,9 +114,30 @@ class Announcer:
                 ok += 1
         return ok
 
+    async def relocate(self, start: int, end: int, state: State, throughput: tuple[float, float],
+                       cache_tokens_left: int) -> None:
+        """Announce blocks ``[start, end)`` instead of the current span (spec/announcement.md §2.3).
+
+        The blocks left are announced ``offline`` (with the old span) first, then the new span
+        with ``state``: its records expire later, so readers take them as the newest.
+        """
+        old = self.info
+        left = [b for b in range(old.start, old.end) if not start <= b < end] if self.announced else []
+        if left:
+            await self.announce(State.OFFLINE, throughput, 0, info=old, blocks=left)
+        self.info = replace(old, start=start, end=end)
+        await self.announce(state, throughput, cache_tokens_left)
+
     async def run(self, status: Callable[[], tuple[tuple[float, float], int]]) -> None:
-        """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``."""
+        """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``
+        (while moving: the old-only blocks ``ONLINE``, then the new span ``JOINING``)."""
         while True:
             await asyncio.sleep(self.interval)
             throughput, tokens_left = status()
-            await self.announce(State.ONLINE, throughput, tokens_left)
+            if self.moving is None:
+                await self.announce(State.ONLINE, throughput, tokens_left)
+                continue
+            new, expected = self.moving
+            old_only = [b for b in range(self.info.start, self.info.end) if not new.start <= b < new.end]
+            await self.announce(State.ONLINE, throughput, tokens_left, blocks=old_only)
+            await self.announce(State.JOINING, expected, 0, info=new, blocks=range(new.start, new.end))

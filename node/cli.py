@@ -3,8 +3,12 @@
 Example::
 
     biopetals-node --model ./Llama3-OpenBioLLM-8B --blocks 0:16 --swarm-key lab.key --new-swarm
-    biopetals-node --model ./Llama3-OpenBioLLM-8B --blocks 16:32 --swarm-key lab.key \\
+    biopetals-node --model ./Llama3-OpenBioLLM-8B --num-blocks 16 --swarm-key lab.key \\
         --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
+
+With ``--num-blocks N`` (or neither option: as many blocks as fit in memory) the node
+chooses its blocks from the swarm's announcements and moves when the swarm is out of
+balance (node/placement.py, node/rebalancer.py).
 
 On start it prints what it serves, its multiaddrs, and a last line ``READY <multiaddr>``
 (for scripts and tests). SIGINT/SIGTERM announce it offline, then stop it. See
@@ -57,6 +61,26 @@ def _adapter(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _bounded(convert, what: str, ok, need: str):
+    """An argparse type: ``convert(text)``, refused unless ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: need {need}")
+        return value
+
+    return parse
+
+
+_positive = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
+_seconds = _bounded(float, "a number of seconds", lambda v: 0 < v < float("inf"), "a finite number > 0")
+_quality = _bounded(float, "a number, e.g. 0.75", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+
 def _multiaddr(text: str) -> str:
     try:
         Multiaddr.parse(text)
@@ -68,13 +92,21 @@ def _multiaddr(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="biopetals-node",
-        description="Serve transformer blocks [START, END) of a Llama-family model to a BioPetals swarm.",
+        description="Serve transformer blocks of a Llama-family model to a BioPetals swarm: a fixed range (--blocks) "
+                    "or N blocks the node chooses where the swarm needs them (--num-blocks).",
         epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM: announce offline, then stop.",
     )
     p.add_argument("--model", required=True,
                    help="Hugging Face checkpoint: a directory (config.json + safetensors) or a hub name in the local cache (offline)")
-    p.add_argument("--blocks", required=True, type=_blocks, metavar="START:END",
-                   help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--blocks", type=_blocks, metavar="START:END",
+                       help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16); fixed, never rebalanced")
+    which.add_argument("--num-blocks", type=_positive, metavar="N",
+                       help="serve N blocks and let the node choose which: the contiguous N blocks that most raise the "
+                            "swarm's bottleneck throughput (read from the DHT announcements), moving later when the "
+                            "swarm is out of balance (--balance-quality). With neither --blocks nor --num-blocks: "
+                            "as many blocks as fit in 80%% of the free memory of --device (weights at --dtype/--quant "
+                            "plus each block's share of --max-cache-tokens), at least 1")
     p.add_argument("--swarm-key", required=True, metavar="FILE",
                    help="the swarm key file of the private swarm (IPFS swarm.key format); only holders can connect")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
@@ -107,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds after which an idle session is closed (default 60)")
     p.add_argument("--announce-interval", type=float, default=60.0,
                    help="seconds between DHT re-announcements (records expire after 3 intervals; default 60)")
+    p.add_argument("--balance-quality", type=_quality, default=0.75, metavar="Q",
+                   help="without --blocks: move to other blocks when today's bottleneck throughput is below Q times "
+                        "the one reachable by rebalancing (default 0.75, as Petals; 0 never moves)")
+    p.add_argument("--balance-interval", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="without --blocks: mean seconds between re-evaluations of the swarm's balance (default 60)")
+    p.add_argument("--drain-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="when moving to other blocks: how long sessions open on the old blocks may still run there; "
+                        "those left then are closed and their clients replay them elsewhere (default: --idle-timeout)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -121,8 +161,12 @@ async def _main(args: argparse.Namespace) -> None:
     identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
     options = NodeOptions(
         model=args.model,
-        start=args.blocks[0],
-        end=args.blocks[1],
+        start=args.blocks[0] if args.blocks else None,
+        end=args.blocks[1] if args.blocks else None,
+        num_blocks=args.num_blocks,
+        balance_quality=args.balance_quality,
+        balance_interval=args.balance_interval,
+        drain_timeout=args.drain_timeout,
         identity=identity,
         swarm_key=load_swarm_key(args.swarm_key),
         host=args.host,

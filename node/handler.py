@@ -118,6 +118,9 @@ class NodeService:
         self.started = clock()
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: The service this one replaced when the node moved to other blocks (node/relocation.py),
+        #: still finishing its sessions: pushes for them go there.
+        self.previous: NodeService | None = None
 
     def install(self) -> None:
         self.host.set_stream_handler(PROTOCOL_NAME, self.handle_stream)
@@ -159,6 +162,13 @@ class NodeService:
         except RemoteProtocolError as exc:
             await sender.send(error_from_exception(exc))
             return
+        previous = self.previous
+        if isinstance(message, Push) and previous is not None and message.session_id in previous.sessions:
+            await previous._serve_first(message, stream, sender)
+            return
+        await self._serve_first(message, stream, sender)
+
+    async def _serve_first(self, message: Message, stream: Stream, sender: _Sender) -> None:
         try:
             if isinstance(message, NodeInfoRequest):
                 await sender.send(self.node_info())

@@ -3,11 +3,13 @@
 Order of start-up (spec/announcement.md §2.1 for the states):
 
 1. listen and join the DHT (``--new-swarm``: no initial peers);
-2. announce ``JOINING`` for every block;
+2. announce ``JOINING`` for every block; without ``--blocks``, first choose them from the
+   swarm's announcements (node/placement.py);
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
    measure throughput, both on the worker thread so the DHT keeps answering;
 4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
-   ``READY <multiaddr>``; re-announce every ``announce_interval`` s.
+   ``READY <multiaddr>``; re-announce every ``announce_interval`` s; without ``--blocks``,
+   re-evaluate the swarm's balance and move when it pays (node/relocation.py).
 
 On stop (``stop`` event, set by SIGINT/SIGTERM in node/cli.py) it announces
 ``OFFLINE`` with a short expiry first, then closes sessions and connections.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,10 @@ from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
+from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
+from biopetals.node.relocation import Rebalancer, Relocator
+from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
@@ -48,8 +54,8 @@ log = logging.getLogger("biopetals.node")
 @dataclass
 class NodeOptions:
     model: str
-    start: int
-    end: int
+    start: int | None  # None with end None: choose the blocks (node/placement.py)
+    end: int | None
     identity: Identity
     swarm_key: SwarmKey | None
     host: str = "0.0.0.0"
@@ -67,19 +73,29 @@ class NodeOptions:
     benchmark: bool = True
     progress: bool = True
     adapters: list[tuple[str, Path]] = field(default_factory=list)  # server-side LoRA adapters (name, peft dir)
+    num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)
+    join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
+    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
+    balance_interval: float = 60.0  # s, mean period of the re-evaluation
+    drain_timeout: float | None = None  # s, old sessions may run this long after a move (None: idle_timeout)
 
 
-def load_span(options: NodeOptions) -> tuple[BlockSpan, AdapterSet]:
+def load_span(options: NodeOptions) -> BlockSpan:
     set_threads(options.num_threads)  # this executor thread's OpenMP team (loading, the benchmark)
     span = BlockSpan.load(
         options.model, options.start, options.end, dtype=options.dtype, device=options.device, progress=options.progress
     )
     if options.quant != "none":
         quantize_span(span, options.quant)
+    return span
+
+
+def load_adapters(options: NodeOptions, span: BlockSpan) -> AdapterSet:
+    """The ``--adapters`` for ``span``: only the tensors of its blocks (node/adapters.py)."""
     adapters = AdapterSet()
-    for name, path in options.adapters:  # only the tensors of our blocks (node/adapters.py)
+    for name, path in options.adapters:
         adapters.load(name, path, span.layers, span.start, span.dtype, span.device)
-    return span, adapters
+    return adapters
 
 
 async def run_node(
@@ -92,7 +108,15 @@ async def run_node(
     config, _ = load_config(options.model)  # fails early on an unsupported architecture
     info = model_info(options.model, config)
     n_layers = int(config.num_hidden_layers)
-    if not 0 <= options.start < options.end <= n_layers:
+    choose = options.start is None
+    if choose:
+        num_blocks = options.num_blocks or default_num_blocks(
+            config, free=free_memory(options.device), dtype=options.dtype, quant=options.quant,
+            max_cache_tokens=options.max_cache_tokens)
+        if not 1 <= num_blocks <= n_layers:
+            raise ValueError(f"--num-blocks {num_blocks}: the model has {n_layers} blocks")
+        options.start, options.end = 0, num_blocks  # until chosen
+    elif not 0 <= options.start < options.end <= n_layers:
         raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
@@ -105,55 +129,72 @@ async def run_node(
                 interval=options.announce_interval,
                 ttl=max(3 * options.announce_interval, 30.0),
             )
-            await announcer.announce(State.JOINING, (0.0, 0.0), 0)
+            if choose:
+                (options.start, options.end), _ = await place_node(
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, load_span, random.Random())
+            else:
+                await announcer.announce(State.JOINING, (0.0, 0.0), 0)
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            span, adapters = await loop.run_in_executor(None, load_span, options)
+            span = await loop.run_in_executor(None, load_span, options)
             loaded = time.perf_counter() - started
             throughput = (0.0, 0.0)
             if options.benchmark:
                 throughput = await loop.run_in_executor(None, measure_throughput, span)
-            backend = Backend(span, num_threads=options.num_threads, adapters=adapters)
-            budget = CacheBudget(
-                span.cache_bytes_per_token(), options.max_cache_tokens, min(options.max_session_tokens, options.max_cache_tokens)
-            )
-            service = NodeService(
-                host,
-                backend,
-                budget,
-                ServiceConfig(
-                    model=info.dht_prefix,
-                    version=VERSION,
-                    dtype=options.dtype,
-                    quant=options.quant,
-                    idle_timeout=options.idle_timeout,
-                ),
-                throughput=throughput,
-            )
+
+            def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
+                # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
+                backend = Backend(span, num_threads=options.num_threads, adapters=load_adapters(options, span))
+                budget = CacheBudget(
+                    span.cache_bytes_per_token(), options.max_cache_tokens,
+                    min(options.max_session_tokens, options.max_cache_tokens)
+                )
+                return NodeService(
+                    host,
+                    backend,
+                    budget,
+                    ServiceConfig(
+                        model=info.dht_prefix,
+                        version=VERSION,
+                        dtype=options.dtype,
+                        quant=options.quant,
+                        idle_timeout=options.idle_timeout,
+                    ),
+                    throughput=throughput,
+                )
+
+            service = build(span, throughput)
             service.install()
-            await announcer.announce(State.ONLINE, throughput, budget.tokens_left)
+            await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
                 f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
-            if adapters.names:
-                out(f"adapters: {', '.join(adapters.names)}")
+            if options.adapters:
+                out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
             out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
             for addr in addrs:
                 out(f"listening on {addr}")
             out(f"READY {addrs[0]}")
-            refresher = asyncio.create_task(
-                announcer.run(lambda: (service.throughput, service.budget.tokens_left))
-            )
+            relocator = Relocator(options, announcer, service, build, load_span, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
+                                  out=out)
+            tasks = [asyncio.create_task(
+                announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))
+            )]
+            if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
+                rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
+                                        quality=options.balance_quality, interval=options.balance_interval,
+                                        rng=random.Random())
+                tasks.append(asyncio.create_task(rebalancer.run()))
             try:
                 await stop.wait()
             finally:
-                refresher.cancel()
+                for task in tasks:
+                    task.cancel()
                 host.remove_handler("/biopetals/node/1")
                 try:
                     async with asyncio.timeout(10):
-                        await announcer.announce(State.OFFLINE, throughput, 0)
+                        await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)
                     out("announced offline")
                 except (TimeoutError, Exception) as exc:  # still shut down
                     log.warning("could not announce offline: %s", exc)
-                await service.aclose()
-                backend.shutdown()
+                await relocator.aclose()
     out("stopped")

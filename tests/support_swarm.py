@@ -116,23 +116,53 @@ class Swarm:
         env: dict[str, str] | None = None,
     ) -> NodeProcess:
         """Start a node serving ``blocks`` ("START:END") and wait for its READY line."""
+        node = self.spawn_node(model, "--blocks", blocks, *extra, env=env)
+        node.blocks = blocks
+        node.addr = self._wait_ready(node, timeout)
+        return node
+
+    def spawn_node(self, model: str | os.PathLike, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+        """Start a node (``extra``: ``--blocks A:B`` or ``--num-blocks N``, ...) without waiting:
+        ``wait_ready(node)`` then. Several spawned at once join concurrently."""
         peers = self.initial_peers
         args = [
-            "--model", str(model), "--blocks", blocks, "--swarm-key", str(self.key_path),
+            "--model", str(model), "--swarm-key", str(self.key_path),
             "--host", "127.0.0.1", "--port", "0", "--no-progress",
         ]
         args += ["--initial-peers", *peers[:1]] if peers else ["--new-swarm"]
         args += list(extra)
+        return self._spawn(NODE_COMMAND + args, args, env)
+
+    def start_dht(self, timeout: float = 30.0) -> NodeProcess:
+        """A ``biopetals-dht`` bootstrap peer (serves no blocks); its first line is its multiaddr."""
+        args = ["--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0"]
+        node = self._spawn([sys.executable, "-m", "biopetals.dht.cli", *args], args, None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not node.addr:
+            lines = node.output().splitlines()
+            if lines and lines[0].startswith("/ip4/"):
+                node.addr = lines[0].strip()
+            elif not node.alive():
+                raise RuntimeError(f"biopetals-dht exited:\n{node.output()}")
+            time.sleep(0.05)
+        if not node.addr:
+            raise RuntimeError(f"biopetals-dht printed no address within {timeout} s:\n{node.output()}")
+        return node
+
+    def wait_ready(self, node: NodeProcess, timeout: float = 90.0) -> NodeProcess:
+        """Wait for a spawned node's READY line (``node.addr``)."""
+        node.addr = self._wait_ready(node, timeout)
+        return node
+
+    def _spawn(self, command: list[str], args: list[str], env: dict[str, str] | None) -> NodeProcess:
         log_path = self.tmp_path / f"node-{len(self.nodes)}.log"
         node_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         node_env.update(env or {})
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                NODE_COMMAND + args, stdout=log, stderr=subprocess.STDOUT, env=node_env, start_new_session=True
-            )
-        node = NodeProcess(process, log_path, blocks=blocks, args=args)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=node_env,
+                                       start_new_session=True)
+        node = NodeProcess(process, log_path, args=args)
         self.nodes.append(node)
-        node.addr = self._wait_ready(node, timeout)
         return node
 
     def _wait_ready(self, node: NodeProcess, timeout: float) -> str:

@@ -81,6 +81,33 @@ def test_clearly_better_server_is_not_jittered_away():
     assert picks == {"good"}
 
 
+def test_concurrent_clients_spread_over_replicas_by_throughput_and_load():
+    """Clients arriving one after another, each seeing the sessions already open (NodeInfo):
+    replicas fill in proportion to their announced throughput, not all on the fastest."""
+    from dataclasses import replace
+
+    servers = [S("fast", 0, 8, tps=100), S("slow", 0, 8, tps=50), S("slower", 0, 8, tps=25)]
+    open_sessions = Counter()
+    rng = random.Random(3)
+    for _ in range(70):
+        loaded = [replace(s, sessions=open_sessions[s.peer_id]) for s in servers]
+        open_sessions[find_route(loaded, 0, 8, now=0, rng=rng, rtts={s.peer_id: 1e-4 for s in servers})[0].peer_id] += 1
+    assert 38 <= open_sessions["fast"] <= 42 and 18 <= open_sessions["slow"] <= 22 and 8 <= open_sessions["slower"] <= 12
+    # without load feedback every client takes the fastest (the old behaviour)
+    idle = {find_route(servers, 0, 8, now=0, rng=rng, rtts={s.peer_id: 1e-4 for s in servers})[0].peer_id
+            for _ in range(50)}
+    assert idle == {"fast"}
+
+
+def test_load_moves_one_span_of_a_chain_only():
+    from dataclasses import replace
+
+    servers = [S("a", 0, 4), S("b", 4, 8), replace(S("b-busy", 4, 8), sessions=3)]
+    for seed in range(10):
+        route = find_route(servers, 0, 8, now=0, rng=random.Random(seed), rtts={"a": 1e-3, "b": 1e-3, "b-busy": 1e-3})
+        assert spans(route) == [("a", 0, 4), ("b", 4, 8)]
+
+
 def test_sub_range():
     route = find_route([S("a", 0, 4), S("b", 4, 8)], 2, 6, now=0, rng=random.Random(0))
     assert spans(route) == [("a", 2, 4), ("b", 4, 6)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def test_swarm_status_command(two_nodes, checkpoint):
     assert status["model"] == name(checkpoint) and status["blocks"] == 8 and status["missing"] == []
     assert status["online_per_block"] == [1] * 8
     nodes = {n["peer_id"]: n for n in status["nodes"]}
+    tps = [nodes[a.peer_id]["inference_tps"]] * 4 + [nodes[b.peer_id]["inference_tps"]] * 4
+    assert status["throughput_per_block"] == tps and min(tps) > 0
     assert (nodes[a.peer_id]["start"], nodes[a.peer_id]["end"], nodes[b.peer_id]["start"], nodes[b.peer_id]["end"]) == (0, 4, 4, 8)
     for peer in (a.peer_id, b.peer_id):
         assert nodes[peer]["state"] == "ONLINE" and nodes[peer]["addrs"]
@@ -120,6 +123,25 @@ def test_swarm_status_command(two_nodes, checkpoint):
     text = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert text.returncode == 0, text.stderr
     assert a.peer_id in text.stdout and b.peer_id in text.stdout and "all 8 blocks served" in text.stdout
+    assert "coverage per block" in text.stdout and f"bottleneck {min(tps):.1f} tokens/s" in text.stdout
+    assert re.search(r"0:4 +# +1 node, ", text.stdout) and re.search(r"4:8 +# +1 node, ", text.stdout), text.stdout
+
+
+def test_swarm_status_coverage_per_block():
+    from biopetals.client.status import NodeStatus, SwarmStatus, format_text
+    from biopetals.protocol.announcement import Announcement, State
+
+    def ann(start, end, tps, state=State.ONLINE):
+        return Announcement(state=state, start=start, end=end, inference_tps=tps, forward_tps=tps,
+                            cache_tokens_left=1, dtype="float32", quant="none", version="v")
+
+    status = SwarmStatus("m", 10, (NodeStatus("a", ann(0, 6, 2.0)), NodeStatus("b", ann(4, 8, 3.0)),
+                                   NodeStatus("c", ann(0, 10, 9.0, State.JOINING))))
+    assert status.throughput_per_block() == [2.0] * 4 + [5.0] * 2 + [3.0] * 2 + [0.0] * 2
+    assert status.coverage_runs() == [(0, 4, 1, 2.0), (4, 6, 2, 5.0), (6, 8, 1, 3.0), (8, 10, 0, 0.0)]
+    text = format_text(status)
+    assert re.search(r"4:6 +## +2 nodes, 5.0 tokens/s", text) and re.search(r"8:10 +- +0 nodes", text), text
+    assert "NOT SERVED: blocks 8:10" in text
 
 
 def test_swarm_status_command_says_when_no_peer_answers(checkpoint, tmp_path):

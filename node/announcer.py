@@ -129,15 +129,18 @@ class Announcer:
         await self.announce(state, throughput, cache_tokens_left)
 
     async def run(self, status: Callable[[], tuple[tuple[float, float], int]]) -> None:
-        """Re-announce ``ONLINE`` every ``interval`` s with fresh numbers from ``status()``
-        (while moving: the old-only blocks ``ONLINE``, then the new span ``JOINING``)."""
+        """Re-announce every ``interval`` s with fresh numbers from ``status()`` (see ``refresh``)."""
         while True:
             await asyncio.sleep(self.interval)
-            throughput, tokens_left = status()
-            if self.moving is None:
-                await self.announce(State.ONLINE, throughput, tokens_left)
-                continue
-            new, expected = self.moving
-            old_only = [b for b in range(self.info.start, self.info.end) if not new.start <= b < new.end]
-            await self.announce(State.ONLINE, throughput, tokens_left, blocks=old_only)
-            await self.announce(State.JOINING, expected, 0, info=new, blocks=range(new.start, new.end))
+            await self.refresh(*status())
+
+    async def refresh(self, throughput: tuple[float, float], tokens_left: int) -> None:
+        """One re-announcement: ``ONLINE``; while moving, the old-only blocks ``ONLINE``, then the
+        new span ``JOINING`` (stored last, so it is the newest record for balancing, §2.3)."""
+        if self.moving is None:
+            await self.announce(State.ONLINE, throughput, tokens_left)
+            return
+        new, expected = self.moving
+        old_only = [b for b in range(self.info.start, self.info.end) if not new.start <= b < new.end]
+        await self.announce(State.ONLINE, throughput, tokens_left, blocks=old_only)
+        await self.announce(State.JOINING, expected, 0, info=new, blocks=range(new.start, new.end))

@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
+from biopetals.weights.source import fetch_client_parts
 
 from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
                                   generate_total_length, output_cache_field, pop_cache)
@@ -129,6 +130,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         dtype: torch.dtype = torch.float32,
         codec: str = "f16",
         model_name: str | None = None,
+        weights_dir: str | os.PathLike | None = None,
         **client_options: Any,
     ) -> "DistributedLlamaForCausalLM":
         """Load the client parts of a checkpoint and connect to the swarm.
@@ -137,8 +139,13 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         ``swarm_key``: the swarm key file (or its 32 raw bytes) of a private swarm.
         ``codec``: activations on the wire, ``"f16"`` (default) or ``"f32"`` (lossless).
         ``model_name``: the swarm name, if the nodes were started from a copy named otherwise.
+        ``path_or_name`` may also be a weights manifest file or a swarm name ``<name>.<16 hex>``
+        (spec/weights.md): the embeddings, norm, head and tokenizer are then fetched from the
+        swarm's peers into ``weights_dir`` (default ``$BIOPETALS_CACHE/models/<swarm name>``).
         Further options: fields of ``ClientConfig`` (``step_timeout``, ``max_failovers``, ...).
         """
+        path_or_name = fetch_client_parts(path_or_name, weights_dir=weights_dir, initial_peers=initial_peers,
+                                          swarm_key=swarm_key)
         config, resolved = load_config(path_or_name)
         parts = ClientParts.load(resolved, dtype=dtype)
         name = model_name or model_info(path_or_name, config).dht_prefix

@@ -27,6 +27,11 @@ Because a directory name alone could still collide (two fine-tunes both saved as
 ``./model``), ``ModelInfo.fingerprint`` hashes the architecture-defining config
 fields; ``ModelInfo.dht_prefix`` is ``"<name>.<fingerprint[:8]>"``, which is what
 nodes should announce under and clients look up.
+
+A checkpoint directory that holds a weights manifest (``biopetals-manifest.json``,
+spec/weights.md) is named by it instead: ``"<manifest name>.<manifest hash[:16]>"``,
+so every peer of the swarm runs exactly the bytes the manifest lists. Its config must
+equal the directory's ``config.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
+
+from biopetals.protocol.errors import ProtocolError
+from biopetals.protocol.manifest import MANIFEST_FILE, NAME_HASH_DIGITS, Manifest, parse_manifest
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
@@ -184,10 +192,30 @@ class ModelInfo:
 
     name: str
     fingerprint: str
+    digits: int = 8  # of the fingerprint in the swarm name; 16 for a manifest's hash
 
     @property
     def dht_prefix(self) -> str:
-        return f"{self.name}.{self.fingerprint[:8]}"
+        return f"{self.name}.{self.fingerprint[:self.digits]}"
+
+
+def manifest_of(directory: Path) -> Manifest | None:
+    """The weights manifest kept in a checkpoint directory, checked against its config; None if none."""
+    file = directory / MANIFEST_FILE
+    if not file.is_file():
+        return None
+    try:
+        manifest = parse_manifest(file.read_bytes())
+    except ProtocolError as exc:
+        raise ModelConfigError(f"{file}: {exc.message}") from exc
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelConfigError(f"cannot read {directory / 'config.json'}: {exc}") from exc
+    if config != manifest.config:
+        raise ModelConfigError(f"{directory / 'config.json'} differs from the config in {file}: the manifest "
+                               f"describes other weights; rebuild it with `biopetals-manifest {directory}`")
+    return manifest
 
 
 def model_info(name_or_path: str | os.PathLike, config: PretrainedConfig | None = None) -> ModelInfo:
@@ -198,6 +226,9 @@ def model_info(name_or_path: str | os.PathLike, config: PretrainedConfig | None 
         config, resolved = load_config(raw)
     else:
         resolved = path.resolve() if path.is_dir() else resolve_checkpoint(raw)
+    manifest = manifest_of(resolved)
+    if manifest is not None:
+        return ModelInfo(manifest.name, manifest.hash.hex(), NAME_HASH_DIGITS)
     if not path.is_dir():
         base = raw  # a hub name as given
     else:

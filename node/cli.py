@@ -40,6 +40,7 @@ from biopetals.protocol.identity import Identity
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
+from biopetals.weights.fetch import FetchError
 
 DEFAULT_PORT = 31337
 
@@ -78,6 +79,7 @@ def _bounded(convert, what: str, ok, need: str):
 
 _positive = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
 _seconds = _bounded(float, "a number of seconds", lambda v: 0 < v < float("inf"), "a finite number > 0")
+_rate = _bounded(float, "a number of MB/s", lambda v: 0 < v < float("inf"), "a finite number > 0")
 _quality = _bounded(float, "a number, e.g. 0.75", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
@@ -97,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM: announce offline, then stop.",
     )
     p.add_argument("--model", required=True,
-                   help="Hugging Face checkpoint: a directory (config.json + safetensors) or a hub name in the local cache (offline)")
+                   help="a checkpoint directory (config.json + safetensors), a hub name in the local cache (offline), "
+                        "or - to fetch the weights from the swarm's peers - a weights manifest file "
+                        "(biopetals-manifest) or the swarm name <name>.<16 hex digits> it prints; a directory with a "
+                        "manifest fetches the blocks it lacks")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--blocks", type=_blocks, metavar="START:END",
                        help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16); fixed, never rebalanced")
@@ -147,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="when moving to other blocks: how long sessions open on the old blocks may still run there; "
                         "those left then are closed and their clients replay them elsewhere (default: --idle-timeout)")
+    p.add_argument("--weights-dir", metavar="DIR",
+                   help="where weights fetched from peers go (default $BIOPETALS_CACHE/models/<swarm name>, "
+                        "BIOPETALS_CACHE defaulting to ~/.cache/biopetals); later starts load from it")
+    p.add_argument("--no-serve-weights", action="store_true",
+                   help="do not serve this node's weight chunks to peers (by default a node whose checkpoint has a "
+                        "manifest serves the parts it holds, spec/weights.md)")
+    p.add_argument("--weights-rate", type=_rate, default=None, metavar="MB_PER_S",
+                   help="serve weight chunks to each peer at most this fast, in MB/s (default: unlimited)")
+    p.add_argument("--weights-per-peer", type=_positive, default=4, metavar="N",
+                   help="weight chunk requests served at once per peer; more are answered BUSY (default 4)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -184,11 +199,15 @@ async def _main(args: argparse.Namespace) -> None:
         benchmark=not args.no_benchmark,
         progress=not args.no_progress,
         adapters=list(args.adapters),
+        weights_dir=args.weights_dir,
+        serve_weights=not args.no_serve_weights,
+        weights_per_peer=args.weights_per_peer,
+        weights_rate=args.weights_rate,
     )
     await run_node(options, stop)
 
 
-_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError)
+_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError, FetchError)
 
 
 

@@ -44,6 +44,11 @@ from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
+from biopetals.weights.fetch import fetch_parts
+from biopetals.weights.limits import ServeLimits
+from biopetals.weights.local import LocalWeights
+from biopetals.weights.server import ProviderAnnouncer, WeightsServer
+from biopetals.weights.source import ModelSource, resolve_source
 
 __all__ = ["NodeOptions", "run_node", "VERSION"]
 
@@ -78,6 +83,10 @@ class NodeOptions:
     balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
     balance_interval: float = 60.0  # s, mean period of the re-evaluation
     drain_timeout: float | None = None  # s, old sessions may run this long after a move (None: idle_timeout)
+    weights_dir: str | None = None  # where weights fetched from peers go (--model MANIFEST or swarm name)
+    serve_weights: bool = True  # serve the chunks of held parts to peers (with a manifest)
+    weights_per_peer: int = 4  # chunk requests in flight per peer
+    weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -98,17 +107,13 @@ def load_adapters(options: NodeOptions, span: BlockSpan) -> AdapterSet:
     return adapters
 
 
-async def run_node(
-    options: NodeOptions,
-    stop: asyncio.Event,
-    *,
-    out: Callable[[str], None] = lambda line: print(line, flush=True),
-) -> None:
-    """Run the node until ``stop`` is set."""
-    config, _ = load_config(options.model)  # fails early on an unsupported architecture
-    info = model_info(options.model, config)
+def _model_facts(options: NodeOptions, directory: Path):
+    """Config, swarm name, block count and the blocks to serve (or how many to choose); checks --blocks."""
+    config, _ = load_config(directory)  # fails early on an unsupported architecture
+    info = model_info(directory, config)
     n_layers = int(config.num_hidden_layers)
     choose = options.start is None
+    num_blocks = None
     if choose:
         num_blocks = options.num_blocks or default_num_blocks(
             config, free=free_memory(options.device), dtype=options.dtype, quant=options.quant,
@@ -118,10 +123,63 @@ async def run_node(
         options.start, options.end = 0, num_blocks  # until chosen
     elif not 0 <= options.start < options.end <= n_layers:
         raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
+    return config, info, n_layers, choose, num_blocks
+
+
+def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, addrs: list[str]):
+    """With a manifest: serve the chunks of the parts held here (spec/weights.md §3) and announce them."""
+    if source.manifest is None or not options.serve_weights:
+        return None
+    local = LocalWeights(source.manifest, source.directory)
+    server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer,
+                                                   rate=options.weights_rate * 1e6 if options.weights_rate else None))
+    server.install()
+    return server, ProviderAnnouncer(dht, local, tuple(addrs), interval=options.announce_interval)
+
+
+def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, weights,
+                     loop: asyncio.AbstractEventLoop, out: Callable[[str], None]) -> Callable[[NodeOptions], BlockSpan]:
+    """``load_span`` that first fetches, from peers, the blocks the directory lacks (run on a worker thread)."""
+
+    def load(opts: NodeOptions) -> BlockSpan:
+        if source.manifest is not None:
+            missing = source.missing(list(range(opts.start, opts.end)))
+            if missing:
+                on_part = weights[0].local.refresh if weights is not None else (lambda: None)
+                report = asyncio.run_coroutine_threadsafe(
+                    fetch_parts(host, dht, source.manifest, source.directory, missing, progress=opts.progress,
+                                on_part_done=lambda part: on_part()),
+                    loop).result()
+                out(report.line())
+                if weights is not None:
+                    asyncio.run_coroutine_threadsafe(weights[1].announce(), loop)
+        return load_span(opts)
+
+    return load
+
+
+async def run_node(
+    options: NodeOptions,
+    stop: asyncio.Event,
+    *,
+    out: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> None:
+    """Run the node until ``stop`` is set."""
+    source = resolve_source(options.model, options.weights_dir)
+    facts = None if source.needs_network else _model_facts(options, source.directory)  # fail before listening
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
         addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
+            if facts is None:  # only a swarm name: the manifest comes from a provider
+                await source.complete(host, dht, lambda manifest: [], progress=options.progress)
+                facts = _model_facts(options, source.directory)
+            config, info, n_layers, choose, num_blocks = facts
+            options.model = str(source.directory)
+            weights = _serve_weights(options, source, host, dht, addrs)
+            # announced from the start: peers may fetch what this node holds while it loads or fetches
+            provider_task = asyncio.create_task(weights[1].run()) if weights is not None else None
+            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out)
             announcer = Announcer(
                 dht,
                 AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
@@ -131,12 +189,12 @@ async def run_node(
             )
             if choose:
                 (options.start, options.end), _ = await place_node(
-                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, load_span, random.Random())
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, load, random.Random())
             else:
                 await announcer.announce(State.JOINING, (0.0, 0.0), 0)
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            span = await loop.run_in_executor(None, load_span, options)
+            span = await loop.run_in_executor(None, load, options)
             loaded = time.perf_counter() - started
             throughput = (0.0, 0.0)
             if options.benchmark:
@@ -174,11 +232,13 @@ async def run_node(
             for addr in addrs:
                 out(f"listening on {addr}")
             out(f"READY {addrs[0]}")
-            relocator = Relocator(options, announcer, service, build, load_span, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
+            relocator = Relocator(options, announcer, service, build, load, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
                                   out=out)
             tasks = [asyncio.create_task(
                 announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))
             )]
+            if provider_task is not None:
+                tasks.append(provider_task)
             if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
                 rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
                                         quality=options.balance_quality, interval=options.balance_interval,
@@ -190,6 +250,8 @@ async def run_node(
                 for task in tasks:
                     task.cancel()
                 host.remove_handler("/biopetals/node/1")
+                if weights is not None:
+                    weights[0].close()
                 try:
                     async with asyncio.timeout(10):
                         await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)

@@ -39,6 +39,7 @@ class ErrorCode(IntEnum):
     PUSH_FAILED = 25  # server-to-server push to the next node failed
     MODEL_MISMATCH = 26  # request names a model this node does not serve
     UNKNOWN_ADAPTER = 27  # request names an adapter this node has not loaded
+    NOT_HELD = 28  # weights protocol: this peer does not hold that part (or its copy failed verification)
 
     # --- DHT (spec/dht.md) ---
     RECORD_INVALID = 48  # record fails structure checks

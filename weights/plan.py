@@ -1,0 +1,131 @@
+"""``FetchPlan``: which chunk to ask of which peer, and whom to avoid (sans-IO; time is passed in).
+
+* Every peer gets up to ``per_peer`` requests in flight, so several peers send at once
+  and each keeps its pipe full (a chunk is small against a connection's bandwidth-delay
+  product on a LAN, but not against a hashing or disk stall on the sender).
+* A free slot takes a chunk of the *rarest* part the peer holds (fewest usable
+  providers): if a provider leaves, the parts only it had are already done.
+* A chunk whose bytes do not match the manifest's hash bans its sender for the rest of
+  the fetch (an honest peer hashes what it serves, weights/local.py) and goes back to
+  the queue; a failed or refused request (timeout, connection lost, ``BUSY``) backs the
+  peer off exponentially and puts the chunk back, to be tried first at other peers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Hashable, Iterable
+
+__all__ = ["FetchPlan"]
+
+Chunk = tuple[int, int]  # (part, index)
+
+
+class FetchPlan:
+    def __init__(self, chunks: Iterable[Chunk], *, per_peer: int = 4, backoff: float = 0.5, max_backoff: float = 15.0):
+        self.per_peer = per_peer
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._pending: dict[int, deque[int]] = {}
+        for part, index in chunks:
+            self._pending.setdefault(part, deque()).append(index)
+        self.remaining = sum(len(q) for q in self._pending.values())
+        self.providers: dict[Hashable, frozenset[int]] = {}
+        self.in_flight: dict[Hashable, set[Chunk]] = {}
+        self.banned: set[Hashable] = set()
+        self._failures: dict[Hashable, int] = {}
+        self._resting_until: dict[Hashable, float] = {}
+        self._failed_at: dict[Chunk, set[Hashable]] = {}
+        self.done_by: dict[Hashable, int] = {}
+
+    # ------------------------------------------------------------------ peers
+
+    def set_providers(self, peer: Hashable, parts: Iterable[int]) -> None:
+        if peer not in self.banned:
+            self.providers[peer] = frozenset(parts)
+            self.in_flight.setdefault(peer, set())
+
+    def usable(self) -> list[Hashable]:
+        return [p for p in self.providers if p not in self.banned]
+
+    def _holders(self, part: int) -> int:
+        return sum(1 for p, parts in self.providers.items() if part in parts and p not in self.banned)
+
+    # ------------------------------------------------------------------ scheduling
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+    def next_requests(self, now: float) -> list[tuple[Hashable, Chunk]]:
+        """Fill every free slot of every usable peer that is not resting; the requests to make now."""
+        out = []
+        rarity = {part: self._holders(part) for part, q in self._pending.items() if q}
+        peers = sorted(self.usable(), key=lambda p: len(self.in_flight[p]))
+        for peer in peers:
+            if self._resting_until.get(peer, 0.0) > now:
+                continue
+            while len(self.in_flight[peer]) < self.per_peer:
+                chunk = self._take(peer, rarity)
+                if chunk is None:
+                    break
+                self.in_flight[peer].add(chunk)
+                out.append((peer, chunk))
+        return out
+
+    def _take(self, peer: Hashable, rarity: dict[int, int]) -> Chunk | None:
+        parts = [part for part in self.providers[peer] if self._pending.get(part)]
+        for part in sorted(parts, key=lambda part: rarity.get(part, 0)):
+            queue = self._pending[part]
+            # a chunk this peer already failed goes to others first; it may retry it when alone
+            for _ in range(len(queue)):
+                index = queue.popleft()
+                if peer not in self._failed_at.get((part, index), ()) or rarity.get(part, 0) <= 1:
+                    return part, index
+                queue.append(index)
+        return None
+
+    def next_wake(self, now: float) -> float | None:
+        """When a resting peer may be asked again (None: nobody rests)."""
+        times = [t for p, t in self._resting_until.items() if t > now and p not in self.banned]
+        return min(times) if times else None
+
+    def unavailable_parts(self) -> list[int]:
+        """Parts with pending chunks that no usable peer holds."""
+        return sorted(part for part, q in self._pending.items() if q and self._holders(part) == 0)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def done(self, peer: Hashable, chunk: Chunk) -> None:
+        """``peer`` delivered ``chunk`` and it verified. Outcomes of a banned peer's requests are
+        not reported: its chunks went back to the queue when it was banned."""
+        if chunk not in self.in_flight.get(peer, ()):
+            raise ValueError(f"{chunk} is not in flight at {peer!r}")
+        self.in_flight[peer].discard(chunk)
+        self._failures.pop(peer, None)
+        self._failed_at.pop(chunk, None)
+        self.remaining -= 1
+        self.done_by[peer] = self.done_by.get(peer, 0) + 1
+
+    def bad(self, peer: Hashable, chunk: Chunk) -> None:
+        """``peer`` sent bytes that fail the hash: never ask it again; every chunk it had goes back."""
+        self.banned.add(peer)
+        for other in self.in_flight.pop(peer, set()) | {chunk}:  # chunk is among them
+            self._requeue(other)
+        self.in_flight[peer] = set()
+
+    def failed(self, peer: Hashable, chunk: Chunk, now: float) -> None:
+        """A request failed (timeout, refused, connection lost): rest the peer, requeue the chunk."""
+        if chunk in self.in_flight.get(peer, set()):
+            self.in_flight[peer].discard(chunk)
+            self._failed_at.setdefault(chunk, set()).add(peer)
+            self._requeue(chunk)
+        if peer in self.banned:
+            return
+        failures = self._failures.get(peer, 0) + 1
+        self._failures[peer] = failures
+        self._resting_until[peer] = now + min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+
+    def _requeue(self, chunk: Chunk) -> None:
+        part, index = chunk
+        self._pending.setdefault(part, deque()).appendleft(index)

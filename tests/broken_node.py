@@ -5,7 +5,9 @@
 - ``duplicates``: runs a Step or Push whose step_id was already processed (spec/messages.md §5.7
   says it MUST NOT);
 - ``position-code``: answers a position error with INVALID_FIELD instead of BAD_POSITION (§5.6);
-- ``signatures``: its DHT stores records whose signature does not verify (spec/dht.md §4.5, §4.6).
+- ``signatures``: its DHT stores records whose signature does not verify (spec/dht.md §4.5, §4.6);
+- ``corrupt-chunks``: serves weight chunks with one byte flipped (spec/weights.md §3: an honest node
+  hashes what it serves; fetchers MUST detect this), for tests/test_weights_swarm.py.
 
 Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
 """
@@ -53,10 +55,24 @@ def break_signatures() -> None:
     storage.validate = validate
 
 
+def break_chunks() -> None:
+    from biopetals.weights import local
+
+    original = local.LocalWeights.read_chunk
+
+    def read_chunk(self, part, index):
+        data = bytearray(original(self, part, index))
+        data[len(data) // 2] ^= 0x40
+        return bytes(data)
+
+    local.LocalWeights.read_chunk = read_chunk
+
+
 def main() -> int:
     broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
     for name in broken:
-        {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures}[name]()
+        {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
+         "corrupt-chunks": break_chunks}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

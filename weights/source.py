@@ -53,9 +53,10 @@ class ModelSource:
                 return None
             self.manifest = await fetch_manifest(host, dht, self.name)
         prepare_directory(self.manifest, self.directory)
-        wanted = self.missing(parts(self.manifest))
-        if not wanted:
+        wanted = parts(self.manifest)
+        if not self.missing(wanted):
             return None
+        # all of them: parts already here count as verified on disk in the report
         return await fetch_parts(host, dht, self.manifest, self.directory, wanted, progress=progress, **options)
 
 

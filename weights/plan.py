@@ -77,10 +77,13 @@ class FetchPlan:
         parts = [part for part in self.providers[peer] if self._pending.get(part)]
         for part in sorted(parts, key=lambda part: rarity.get(part, 0)):
             queue = self._pending[part]
-            # a chunk this peer already failed goes to others first; it may retry it when alone
+            # a chunk this peer already failed goes to others first; it may retry it once every
+            # holder has failed it
+            holders = {p for p in self.usable() if part in self.providers[p]}
             for _ in range(len(queue)):
                 index = queue.popleft()
-                if peer not in self._failed_at.get((part, index), ()) or rarity.get(part, 0) <= 1:
+                failed = self._failed_at.get((part, index), set())
+                if peer not in failed or holders <= failed:
                     return part, index
                 queue.append(index)
         return None

@@ -1,0 +1,81 @@
+"""FetchPlan, the fetcher's sans-IO scheduler (weights/plan.py)."""
+
+from __future__ import annotations
+
+from biopetals.weights.plan import FetchPlan
+
+
+def _chunks(parts, per_part):
+    return [(p, i) for p in parts for i in range(per_part)]
+
+
+def test_every_provider_gets_work_and_each_chunk_goes_out_once():
+    plan = FetchPlan(_chunks([0, 1, 2], 4), per_peer=2)
+    for peer in "abc":
+        plan.set_providers(peer, [0, 1, 2])
+    requests = plan.next_requests(0.0)
+    assert len(requests) == 6 and {peer for peer, _ in requests} == set("abc")
+    assert len({chunk for _, chunk in requests}) == 6
+    assert plan.next_requests(0.0) == []  # every slot taken
+    for peer, chunk in requests:
+        plan.done(peer, chunk)
+    rest = plan.next_requests(0.0)
+    assert len(rest) == 6 and not {c for _, c in rest} & {c for _, c in requests}
+    for peer, chunk in rest:
+        plan.done(peer, chunk)
+    assert plan.finished and plan.remaining == 0
+
+
+def test_rarest_part_first():
+    plan = FetchPlan(_chunks([0, 1], 3), per_peer=1)
+    plan.set_providers("a", [0, 1])
+    plan.set_providers("b", [0])
+    plan.set_providers("c", [0])
+    # part 1 has one holder: "a" takes it first, though part 0 comes first in order
+    assert dict(plan.next_requests(0.0))["a"][0] == 1
+
+
+def test_bad_chunk_bans_the_sender():
+    plan = FetchPlan(_chunks([0], 4), per_peer=2)
+    plan.set_providers("liar", [0])
+    plan.set_providers("honest", [0])
+    requests = plan.next_requests(0.0)
+    liar_chunks = [c for p, c in requests if p == "liar"]
+    plan.bad("liar", liar_chunks[0])
+    assert "liar" in plan.banned and plan.usable() == ["honest"]
+    assert plan.remaining == 4
+    for peer, chunk in requests:
+        if peer == "honest":
+            plan.done(peer, chunk)
+    fetched = 2
+    while not plan.finished:
+        again = plan.next_requests(1.0)
+        assert again and all(peer == "honest" for peer, _ in again)
+        for peer, chunk in again:
+            plan.done(peer, chunk)
+            fetched += 1
+    assert fetched == 4  # the liar's two chunks were fetched again, from the honest peer
+    plan.set_providers("liar", [0])  # a later DHT read does not bring it back
+    assert "liar" not in plan.providers or "liar" in plan.banned
+
+
+def test_failure_rests_the_peer_and_others_retry_the_chunk():
+    plan = FetchPlan(_chunks([0], 2), per_peer=1, backoff=1.0)
+    plan.set_providers("a", [0])
+    plan.set_providers("b", [0])
+    first = dict(plan.next_requests(0.0))
+    plan.failed("a", first["a"], now=0.0)
+    assert plan.next_requests(0.5) == []  # a rests for 1 s, b is busy
+    plan.done("b", first["b"])
+    retry = plan.next_requests(0.5)
+    assert retry == [("b", first["a"])]  # the failed chunk, at the other peer
+    assert plan.next_wake(0.5) == 1.0
+    plan.failed("b", first["a"], now=0.6)
+    # both failed it: "a", rested, may retry it when nobody else can
+    assert plan.next_requests(1.0) == [("a", first["a"])]
+
+
+def test_unavailable_parts_are_reported():
+    plan = FetchPlan(_chunks([0, 1], 1))
+    plan.set_providers("a", [0])
+    assert plan.unavailable_parts() == [1]

@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from biopetals.dht.node import DHT
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Exit status: 0 every block served, 1 some block without an online node, 2 error.")
     p.add_argument("--model", required=True,
                    help="the checkpoint (a directory with config.json, or a hub name in the local cache): "
-                        "its name and config fingerprint are the model's name in the swarm")
+                        "its name and config fingerprint are the model's name in the swarm; or its weights "
+                        "manifest file (biopetals-manifest), which names the model by itself")
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument("--swarm-key", metavar="FILE", help="the swarm's key file (IPFS swarm.key format)")
     key.add_argument("--public", action="store_true", help="a public swarm, without a swarm key")
@@ -250,9 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     from biopetals.models.config import ModelConfigError, load_config, model_info  # transformers: only when run
 
     try:
-        config, _ = load_config(args.model)
-        model = model_info(args.model, config).dht_prefix
-        status = asyncio.run(_run(args, model, int(config.num_hidden_layers)))
+        if Path(args.model).is_file():  # a weights manifest (spec/weights.md) names the model by itself
+            from biopetals.protocol.manifest import parse_manifest
+
+            manifest = parse_manifest(Path(args.model).read_bytes())
+            model, n_blocks = manifest.swarm_name, manifest.num_blocks
+        else:
+            config, _ = load_config(args.model)
+            model, n_blocks = model_info(args.model, config).dht_prefix, int(config.num_hidden_layers)
+        status = asyncio.run(_run(args, model, n_blocks))
     except BaseException as exc:  # errors inside the Host's and the DHT's task groups arrive wrapped in a group
         failures = expected_failures(exc, (KeyFileError, ProtocolError, OSError, ModelConfigError))
         if failures is None:

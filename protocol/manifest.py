@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_CHUNKS_PER_PART",
     "DTYPE_SIZES",
     "TensorEntry",
     "FileEntry",
@@ -61,6 +62,8 @@ MAX_MANIFEST_BYTES: Final = 32 * MiB
 MIN_CHUNK_SIZE: Final = 1 * MiB
 MAX_CHUNK_SIZE: Final = 16 * MiB
 DEFAULT_CHUNK_SIZE: Final = 4 * MiB
+#: Most chunks in one part: ``GetChunk.index`` is below it (16 GiB at 1 MiB, 256 GiB at 16 MiB).
+MAX_CHUNKS_PER_PART: Final = 1 << 14
 #: Digits of the manifest hash in the swarm name: 64 bits, so no swarm member can make a
 #: second manifest with the same name (2**64 hashes).
 NAME_HASH_DIGITS: Final = 16
@@ -169,7 +172,7 @@ def swarm_name(name: str, digest: bytes) -> str:
 
 def is_swarm_name(text: str) -> bool:
     """True when ``text`` has the shape of a manifest-derived swarm name."""
-    return bool(_SWARM_NAME.match(text))
+    return bool(_SWARM_NAME.fullmatch(text))
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -223,7 +226,8 @@ def parse_manifest(raw: bytes | bytearray | memoryview) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"manifest of {len(raw)} bytes > {MAX_MANIFEST_BYTES}")
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"manifest is not UTF-8 JSON: {exc}") from None
     try:
@@ -236,16 +240,42 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} overflows a double")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Two readers must never see different values in the same hashed bytes: no repeated keys."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"repeated key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def _text(value: str, pattern: re.Pattern | None, where: str) -> str:
+    """A string that is valid Unicode (no lone surrogates) and, if given, matches ``pattern`` whole."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}: not valid Unicode (a lone surrogate)") from None
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _Bad(ErrorCode.INVALID_FIELD, f"{where} {value[:80]!r}: does not match {pattern.pattern}")
+    return value
+
+
 def _parse_document(raw: bytes, doc: object) -> Manifest:
     if not isinstance(doc, dict):
         raise _Bad(ErrorCode.MALFORMED, "top level must be an object")
     fmt = _field(doc, "format", int, "manifest")
     if fmt != MANIFEST_FORMAT:
         raise _Bad(ErrorCode.UNSUPPORTED_VERSION, f"format {fmt}; this side reads {MANIFEST_FORMAT}")
-    name = _field(doc, "name", str, "manifest")
-    if not _NAME.match(name):
-        raise _Bad(ErrorCode.INVALID_FIELD, f"name {name[:80]!r}: need [a-z0-9][a-z0-9._-]*, at most 200 characters")
-    architecture = _field(doc, "architecture", str, "manifest")
+    name = _text(_field(doc, "name", str, "manifest"), _NAME, "name")
+    architecture = _text(_field(doc, "architecture", str, "manifest"), None, "architecture")
     if not 1 <= len(architecture) <= 128:
         raise _Bad(ErrorCode.INVALID_FIELD, "architecture: 1 to 128 characters")
     num_blocks = _field(doc, "num_blocks", int, "manifest")
@@ -255,7 +285,8 @@ def _parse_document(raw: bytes, doc: object) -> Manifest:
     if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size & (chunk_size - 1) == 0):
         raise _Bad(ErrorCode.INVALID_FIELD, f"chunk_size {chunk_size}: need a power of two in [1 MiB, 16 MiB]")
     config = _field(doc, "config", dict, "manifest")
-    if config.get("num_hidden_layers") != num_blocks:
+    layers = config.get("num_hidden_layers")
+    if type(layers) is not int or layers != num_blocks:
         raise _Bad(ErrorCode.INVALID_FIELD, "config.num_hidden_layers differs from num_blocks")
     archs = config.get("architectures")
     if not isinstance(archs, list) or architecture not in archs:
@@ -290,8 +321,8 @@ def _parse_part(index: int, expected_name: str, obj: object, chunk_size: int, se
             at = f"{where}.files[{j}]"
             if not isinstance(entry, dict):
                 raise _Bad(ErrorCode.INVALID_FIELD, f"{at}: expected an object")
-            file_name = _field(entry, "name", str, at)
-            if not _FILE_NAME.match(file_name) or file_name in _RESERVED_FILES or file_name.endswith(".safetensors"):
+            file_name = _text(_field(entry, "name", str, at), _FILE_NAME, f"{at}.name")
+            if file_name in _RESERVED_FILES or file_name.endswith((".safetensors", ".partial", ".tmp")):
                 raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {file_name[:80]!r}: not an allowed file name")
             if file_name in seen:
                 raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {file_name!r} repeated")
@@ -304,7 +335,7 @@ def _parse_part(index: int, expected_name: str, obj: object, chunk_size: int, se
             at = f"{where}.tensors[{j}]"
             if not isinstance(entry, dict):
                 raise _Bad(ErrorCode.INVALID_FIELD, f"{at}: expected an object")
-            tensor_name = _field(entry, "name", str, at)
+            tensor_name = _text(_field(entry, "name", str, at), None, f"{at}.name")
             if not 1 <= len(tensor_name) <= _MAX_TENSOR_NAME or tensor_name in seen:
                 raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {tensor_name[:80]!r}: empty, too long or repeated")
             if tensor_name == "__metadata__":
@@ -323,13 +354,16 @@ def _parse_part(index: int, expected_name: str, obj: object, chunk_size: int, se
     if size != offset:
         raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.size {size}: its entries add up to {offset}")
     chunks_raw = _field(obj, "chunks", list, where)
+    if len(chunks_raw) > MAX_CHUNKS_PER_PART:
+        raise _Bad(ErrorCode.LIMIT_EXCEEDED, f"{where}: {len(chunks_raw)} chunks > {MAX_CHUNKS_PER_PART} "
+                                             f"(GetChunk.index is below it): use larger chunks")
     if len(chunks_raw) != chunk_count(size, chunk_size):
         raise _Bad(ErrorCode.INVALID_FIELD,
                    f"{where}: {len(chunks_raw)} chunk hashes; size {size} at chunk_size {chunk_size} needs "
                    f"{chunk_count(size, chunk_size)}")
     chunks = []
     for j, digest in enumerate(chunks_raw):
-        if not isinstance(digest, str) or not _HEX64.match(digest):
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.chunks[{j}]: expected 64 lower-case hex digits")
         chunks.append(bytes.fromhex(digest))
     return Part(index, name, tuple(tensors), tuple(files), size, tuple(chunks))

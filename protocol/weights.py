@@ -25,7 +25,7 @@ from biopetals.protocol.envelope import is_uint, pack_envelope, unpack_envelope,
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.fields import ArrayOf, Blob, Text, UInt, Violation, wire
 from biopetals.protocol.limits import MAX_BLOCKS, MAX_MULTIADDR_BYTES, MAX_NAME_BYTES
-from biopetals.protocol.manifest import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES
+from biopetals.protocol.manifest import MAX_CHUNK_SIZE, MAX_CHUNKS_PER_PART, MAX_MANIFEST_BYTES
 from biopetals.protocol.messages import Error, Message, WireStruct
 
 __all__ = [
@@ -51,8 +51,8 @@ __all__ = [
 WEIGHTS_PROTOCOL: Final = "/biopetals/weights/1"
 #: Largest part index: the blocks, then ``client`` and ``files`` (spec/weights.md §2.2).
 MAX_PART: Final = MAX_BLOCKS + 1
-#: Largest chunk index: a part of 16 GiB at 1 MiB chunks.
-MAX_CHUNK_INDEX: Final = (1 << 14) - 1
+#: Largest chunk index (spec/weights.md §2: a part has at most MAX_CHUNKS_PER_PART chunks).
+MAX_CHUNK_INDEX: Final = MAX_CHUNKS_PER_PART - 1
 
 _HASH: Final = Blob(32, 32, high=ErrorCode.INVALID_FIELD)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 SPEC = Path(__file__).resolve().parent
 ROOT = SPEC.parent
 MAP = SPEC / "conformance-map.md"
-DOCS = ("README.md", "transport.md", "tensors.md", "messages.md", "dht.md", "announcement.md")
+DOCS = ("README.md", "transport.md", "tensors.md", "messages.md", "dht.md", "announcement.md", "weights.md")
 BOILERPLATE = re.compile(r"key words MUST")
 HEADING = re.compile(r"^#{2,4}\s+(?:(\d+(?:\.\d+)*)\.?\s+)?(.*)")
 SENTENCE_END = re.compile(r"(?<=[.;])\s+(?=[A-Z`(])")

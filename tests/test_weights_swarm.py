@@ -109,6 +109,11 @@ def test_fourth_node_fetches_its_span_and_serves_it(seeded, tmp_path):
     assert peers >= 2  # in parallel from several seeds
     assert _assert_same_tensors(tmp_path / "node4", checkpoint, lambda n: n.startswith(("model.layers.1.", "model.layers.2.", "model.layers.3."))) == 27
     assert f"model {name} " in fourth.output()
+    status = subprocess.run([BIN / "biopetals-swarm", "--model", str(checkpoint / MANIFEST_FILE), "--swarm-key",
+                             str(swarm.key_path), "--initial-peers", swarm.initial_peers[0]],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr  # every block served: 0 by the seeds, 1:4 by it
+    assert fourth.peer_id in status.stdout
 
     # the fourth node now provides blocks 1:4 itself: ask it alone for every chunk of block 3
     from biopetals.dht.node import DHT

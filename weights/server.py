@@ -18,6 +18,7 @@ from typing import Any
 from biopetals.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from biopetals.protocol.messages import error_from_exception
 from biopetals.protocol.weights import (
+    MAX_PROVIDER_RANGES,
     REQUESTS,
     WEIGHTS_PROTOCOL,
     ChunkData,
@@ -122,7 +123,9 @@ class ProviderAnnouncer:
         held = self.local.held
         if not held:
             return False
-        record = ProviderRecord(manifest_hash=self.local.manifest.hash, ranges=part_ranges(held), addrs=self.addrs)
+        # a record lists at most MAX_PROVIDER_RANGES ranges: a peer holding scattered parts offers the first ones
+        ranges = part_ranges(held)[:2 * MAX_PROVIDER_RANGES]
+        record = ProviderRecord(manifest_hash=self.local.manifest.hash, ranges=ranges, addrs=self.addrs)
         expiration = self.clock() + max(3 * self.interval, 30.0)
         result = await self.dht.store(provider_key(self.local.manifest.swarm_name), self.dht.host.peer_id.multihash,
                                       encode_provider(record), expiration)

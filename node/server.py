@@ -21,7 +21,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -158,6 +158,20 @@ def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht:
     return load
 
 
+def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan]) -> Callable[[NodeOptions], BlockSpan]:
+    """What placement measures one block with: every block has the same shape, so any block already
+    on this machine will do, and none is fetched just to be measured (unless none is here)."""
+
+    def probe(opts: NodeOptions) -> BlockSpan:
+        if source.manifest is not None:
+            held = [p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
+            if held:
+                opts = replace(opts, start=held[0], end=held[0] + 1)
+        return load(opts)
+
+    return probe
+
+
 async def run_node(
     options: NodeOptions,
     stop: asyncio.Event,
@@ -189,7 +203,8 @@ async def run_node(
             )
             if choose:
                 (options.start, options.end), _ = await place_node(
-                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, load, random.Random())
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load),
+                    random.Random())
             else:
                 await announcer.announce(State.JOINING, (0.0, 0.0), 0)
             loop = asyncio.get_running_loop()

@@ -79,3 +79,48 @@ def test_unavailable_parts_are_reported():
     plan = FetchPlan(_chunks([0, 1], 1))
     plan.set_providers("a", [0])
     assert plan.unavailable_parts() == [1]
+
+
+def test_endgame_asks_a_second_peer_for_the_last_chunks():
+    plan = FetchPlan(_chunks([0], 3), per_peer=2)
+    plan.set_providers("slow", [0])
+    plan.set_providers("fast", [0])
+    first = plan.next_requests(0.0)
+    # 3 chunks over 4 slots: nothing is left to hand out, so the last free slot copies one in flight
+    assert len(first) == 4 and len({c for _, c in first}) == 3 and plan.duplicates == 1
+    copied = [c for c in {c for _, c in first} if sum(1 for _, x in first if x == c) == 2]
+    assert len(copied) == 1
+    assert plan.next_requests(0.1) == []  # every slot busy, and never a third copy
+    slow_only = [c for p, c in first if p == "slow" and c not in copied]
+    fast_own = [c for p, c in first if p == "fast" and c not in copied]
+    for chunk in fast_own:
+        assert plan.done("fast", chunk) == []
+    # a slot of the fast peer is free again: it copies the slow peer's other chunk
+    assert plan.next_requests(0.2) == [("fast", c) for c in slow_only]
+    for chunk in copied + slow_only:
+        holders = [p for p, c in first + [("fast", x) for x in slow_only] if c == chunk]
+        winner = "fast"
+        others = plan.done(winner, chunk)
+        assert others == [p for p in dict.fromkeys(holders) if p != winner]
+        for other in others:
+            plan.cancelled(other, chunk)
+    assert plan.finished and all(not chunks for chunks in plan.in_flight.values())
+
+
+def test_a_failed_copy_in_endgame_does_not_requeue_what_another_peer_fetches():
+    plan = FetchPlan(_chunks([0], 1), per_peer=1)
+    plan.set_providers("a", [0])
+    plan.set_providers("b", [0])
+    first = plan.next_requests(0.0)
+    assert sorted(p for p, _ in first) == ["a", "b"] and first[0][1] == first[1][1]  # one chunk, two copies
+    chunk = first[0][1]
+    plan.failed("a", chunk, now=0.0)
+    assert plan.next_requests(5.0) == []  # still in flight at b: not handed out again, no third copy
+    assert plan.done("b", chunk) == [] and plan.finished
+
+
+def test_without_endgame_a_chunk_is_asked_once():
+    plan = FetchPlan(_chunks([0], 1), per_peer=1, endgame=False)
+    plan.set_providers("a", [0])
+    plan.set_providers("b", [0])
+    assert len(plan.next_requests(0.0)) == 1

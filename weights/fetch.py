@@ -60,6 +60,7 @@ class FetchReport:
     bytes_fetched: int = 0
     seconds: float = 0.0
     bad_chunks: int = 0
+    duplicates: int = 0  # endgame requests (a chunk asked of a second peer near the end)
     avoided: list[str] = field(default_factory=list)  # peers that sent bad chunks
     by_peer: dict[str, int] = field(default_factory=dict)  # chunks each peer delivered
 
@@ -199,6 +200,9 @@ async def fetch_parts(
             done, _ = await asyncio.wait(tasks, timeout=refresh_interval, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 peer, chunk = tasks.pop(task)
+                if task.cancelled() or plan.is_complete(chunk):
+                    plan.cancelled(peer, chunk)  # another peer delivered it first (endgame)
+                    continue
                 if peer in plan.banned:
                     continue  # its chunks were requeued when it was banned
                 try:
@@ -222,8 +226,14 @@ async def fetch_parts(
                     log.warning("peer %s sent a corrupted chunk (part %s, chunk %d: hash mismatch); avoiding it",
                                 peer, manifest.parts[chunk[0]].name, chunk[1])
                     continue
+                if plan.is_complete(chunk):  # a duplicate that finished while this one was hashed
+                    plan.cancelled(peer, chunk)
+                    continue
                 await loop.run_in_executor(None, files.write, chunk[0], chunk[1], data)
-                plan.done(peer, chunk)
+                for other in plan.done(peer, chunk):
+                    for pending, (at, what) in tasks.items():
+                        if at == other and what == chunk:
+                            pending.cancel()
                 report.chunks_fetched += 1
                 report.bytes_fetched += len(data)
                 report.by_peer[str(peer)] = report.by_peer.get(str(peer), 0) + 1
@@ -242,6 +252,7 @@ async def fetch_parts(
         if bar is not None:
             bar.close()
     report.seconds = time.monotonic() - started
+    report.duplicates = plan.duplicates
     return report
 
 

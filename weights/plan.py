@@ -9,6 +9,10 @@
   the fetch (an honest peer hashes what it serves, weights/local.py) and goes back to
   the queue; a failed or refused request (timeout, connection lost, ``BUSY``) backs the
   peer off exponentially and puts the chunk back, to be tried first at other peers.
+* Endgame (as BitTorrent): once nothing is left to hand out, a free slot asks for a chunk
+  that is in flight at one other peer only; the first copy that verifies wins, and the
+  caller cancels the other (``done`` returns the peers still fetching it). A slow peer
+  then no longer holds up the end of a fetch.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ Chunk = tuple[int, int]  # (part, index)
 
 
 class FetchPlan:
-    def __init__(self, chunks: Iterable[Chunk], *, per_peer: int = 4, backoff: float = 0.5, max_backoff: float = 15.0):
+    def __init__(self, chunks: Iterable[Chunk], *, per_peer: int = 4, backoff: float = 0.5, max_backoff: float = 15.0,
+                 endgame: bool = True):
         self.per_peer = per_peer
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.endgame = endgame
         self._pending: dict[int, deque[int]] = {}
         for part, index in chunks:
             self._pending.setdefault(part, deque()).append(index)
@@ -36,7 +42,9 @@ class FetchPlan:
         self._failures: dict[Hashable, int] = {}
         self._resting_until: dict[Hashable, float] = {}
         self._failed_at: dict[Chunk, set[Hashable]] = {}
+        self._completed: set[Chunk] = set()
         self.done_by: dict[Hashable, int] = {}
+        self.duplicates = 0  # endgame requests made
 
     # ------------------------------------------------------------------ peers
 
@@ -51,6 +59,10 @@ class FetchPlan:
     def _holders(self, part: int) -> int:
         return sum(1 for p, parts in self.providers.items() if part in parts and p not in self.banned)
 
+    def _fetching(self, chunk: Chunk) -> list[Hashable]:
+        """The peers a chunk is in flight at."""
+        return [p for p, chunks in self.in_flight.items() if chunk in chunks]
+
     # ------------------------------------------------------------------ scheduling
 
     @property
@@ -61,16 +73,24 @@ class FetchPlan:
         """Fill every free slot of every usable peer that is not resting; the requests to make now."""
         out = []
         rarity = {part: self._holders(part) for part, q in self._pending.items() if q}
-        peers = sorted(self.usable(), key=lambda p: len(self.in_flight[p]))
+        peers = sorted((p for p in self.usable() if self._resting_until.get(p, 0.0) <= now),
+                       key=lambda p: len(self.in_flight[p]))
         for peer in peers:
-            if self._resting_until.get(peer, 0.0) > now:
-                continue
             while len(self.in_flight[peer]) < self.per_peer:
                 chunk = self._take(peer, rarity)
                 if chunk is None:
                     break
                 self.in_flight[peer].add(chunk)
                 out.append((peer, chunk))
+        if self.endgame and not any(self._pending.values()):
+            for peer in peers:
+                while len(self.in_flight[peer]) < self.per_peer:
+                    chunk = self._duplicate(peer)
+                    if chunk is None:
+                        break
+                    self.in_flight[peer].add(chunk)
+                    self.duplicates += 1
+                    out.append((peer, chunk))
         return out
 
     def _take(self, peer: Hashable, rarity: dict[int, int]) -> Chunk | None:
@@ -88,6 +108,19 @@ class FetchPlan:
                 queue.append(index)
         return None
 
+    def _duplicate(self, peer: Hashable) -> Chunk | None:
+        """An in-flight chunk this peer could also fetch: held by it, at one other peer only,
+        not one it failed."""
+        mine = self.in_flight[peer]
+        for other, chunks in self.in_flight.items():
+            if other == peer:
+                continue
+            for chunk in sorted(chunks):
+                if (chunk[0] in self.providers[peer] and chunk not in mine
+                        and peer not in self._failed_at.get(chunk, ()) and len(self._fetching(chunk)) == 1):
+                    return chunk
+        return None
+
     def next_wake(self, now: float) -> float | None:
         """When a resting peer may be asked again (None: nobody rests)."""
         times = [t for p, t in self._resting_until.items() if t > now and p not in self.banned]
@@ -99,23 +132,38 @@ class FetchPlan:
 
     # ------------------------------------------------------------------ outcomes
 
-    def done(self, peer: Hashable, chunk: Chunk) -> None:
-        """``peer`` delivered ``chunk`` and it verified. Outcomes of a banned peer's requests are
-        not reported: its chunks went back to the queue when it was banned."""
+    def done(self, peer: Hashable, chunk: Chunk) -> list[Hashable]:
+        """``peer`` delivered ``chunk`` and it verified. Returns the other peers still fetching it
+        (endgame): the caller cancels those requests and reports them with ``cancelled``.
+        Outcomes of a banned peer's requests are not reported: its chunks went back to the
+        queue when it was banned."""
         if chunk not in self.in_flight.get(peer, ()):
             raise ValueError(f"{chunk} is not in flight at {peer!r}")
+        if chunk in self._completed:
+            raise ValueError(f"{chunk} was already delivered: cancel its other requests")
         self.in_flight[peer].discard(chunk)
         self._failures.pop(peer, None)
         self._failed_at.pop(chunk, None)
+        self._completed.add(chunk)
         self.remaining -= 1
         self.done_by[peer] = self.done_by.get(peer, 0) + 1
+        return self._fetching(chunk)
+
+    def is_complete(self, chunk: Chunk) -> bool:
+        return chunk in self._completed
+
+    def cancelled(self, peer: Hashable, chunk: Chunk) -> None:
+        """A request for a chunk another peer delivered first was cancelled: its slot is free."""
+        self.in_flight.get(peer, set()).discard(chunk)
 
     def bad(self, peer: Hashable, chunk: Chunk) -> None:
-        """``peer`` sent bytes that fail the hash: never ask it again; every chunk it had goes back."""
+        """``peer`` sent bytes that fail the hash: never ask it again; every chunk it had goes back
+        (unless another peer is fetching it too)."""
         self.banned.add(peer)
-        for other in self.in_flight.pop(peer, set()) | {chunk}:  # chunk is among them
-            self._requeue(other)
+        chunks = self.in_flight.pop(peer, set()) | {chunk}  # chunk is among them
         self.in_flight[peer] = set()
+        for other in chunks:
+            self._requeue(other)
 
     def failed(self, peer: Hashable, chunk: Chunk, now: float) -> None:
         """A request failed (timeout, refused, connection lost): rest the peer, requeue the chunk."""
@@ -130,5 +178,7 @@ class FetchPlan:
         self._resting_until[peer] = now + min(self.max_backoff, self.backoff * 2 ** (failures - 1))
 
     def _requeue(self, chunk: Chunk) -> None:
+        if chunk in self._completed or self._fetching(chunk):
+            return  # delivered already, or another peer still fetches it (endgame)
         part, index = chunk
         self._pending.setdefault(part, deque()).appendleft(index)

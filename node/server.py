@@ -2,11 +2,14 @@
 
 Order of start-up (spec/announcement.md §2.1 for the states):
 
-1. listen and join the DHT (``--new-swarm``: no initial peers);
+1. listen and join the DHT (``--new-swarm``: no initial peers); with a weights manifest
+   (spec/weights.md), serve the chunks of the parts on disk and announce them as a
+   provider (``--model`` a swarm name: first fetch the manifest from a provider);
 2. announce ``JOINING`` for every block; without ``--blocks``, first choose them from the
    swarm's announcements (node/placement.py);
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
-   measure throughput, both on the worker thread so the DHT keeps answering;
+   measure throughput, both on the worker thread so the DHT keeps answering; blocks the
+   directory lacks are fetched from peers first (weights/fetch.py), also on a move;
 4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
    ``READY <multiaddr>``; re-announce every ``announce_interval`` s; without ``--blocks``,
    re-evaluate the swarm's balance and move when it pays (node/relocation.py).
@@ -23,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 
 from biopetals.dht.node import DHT
@@ -126,7 +129,13 @@ def _model_facts(options: NodeOptions, directory: Path):
     return config, info, n_layers, choose, num_blocks
 
 
-def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, addrs: list[str]):
+class WeightsService(NamedTuple):
+    server: WeightsServer
+    provider: ProviderAnnouncer
+
+
+def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: DHT,
+                   addrs: list[str]) -> WeightsService | None:
     """With a manifest: serve the chunks of the parts held here (spec/weights.md §3) and announce them."""
     if source.manifest is None or not options.serve_weights:
         return None
@@ -134,10 +143,10 @@ def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: D
     server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer,
                                                    rate=options.weights_rate * 1e6 if options.weights_rate else None))
     server.install()
-    return server, ProviderAnnouncer(dht, local, tuple(addrs), interval=options.announce_interval)
+    return WeightsService(server, ProviderAnnouncer(dht, local, tuple(addrs), interval=options.announce_interval))
 
 
-def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, weights,
+def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, weights: WeightsService | None,
                      loop: asyncio.AbstractEventLoop, out: Callable[[str], None]) -> Callable[[NodeOptions], BlockSpan]:
     """``load_span`` that first fetches, from peers, the blocks the directory lacks (run on a worker thread)."""
 
@@ -145,14 +154,20 @@ def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht:
         if source.manifest is not None:
             missing = source.missing(list(range(opts.start, opts.end)))
             if missing:
-                on_part = weights[0].local.refresh if weights is not None else (lambda: None)
+                announcing: set[asyncio.Task] = set()
+
+                def part_done(part: int) -> None:  # runs on the event loop, inside fetch_parts
+                    if weights is not None:  # serve the finished part at once, and say so
+                        weights.server.local.refresh()
+                        task = loop.create_task(weights.provider.announce())
+                        announcing.add(task)
+                        task.add_done_callback(announcing.discard)
+
                 report = asyncio.run_coroutine_threadsafe(
                     fetch_parts(host, dht, source.manifest, source.directory, missing, progress=opts.progress,
-                                on_part_done=lambda part: on_part()),
+                                on_part_done=part_done),
                     loop).result()
                 out(report.line())
-                if weights is not None:
-                    asyncio.run_coroutine_threadsafe(weights[1].announce(), loop)
         return load_span(opts)
 
     return load
@@ -192,7 +207,7 @@ async def run_node(
             options.model = str(source.directory)
             weights = _serve_weights(options, source, host, dht, addrs)
             # announced from the start: peers may fetch what this node holds while it loads or fetches
-            provider_task = asyncio.create_task(weights[1].run()) if weights is not None else None
+            provider_task = asyncio.create_task(weights.provider.run()) if weights is not None else None
             load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out)
             announcer = Announcer(
                 dht,
@@ -266,7 +281,7 @@ async def run_node(
                     task.cancel()
                 host.remove_handler("/biopetals/node/1")
                 if weights is not None:
-                    weights[0].close()
+                    weights.server.close()
                 try:
                     async with asyncio.timeout(10):
                         await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)

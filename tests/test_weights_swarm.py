@@ -158,6 +158,11 @@ def test_fourth_node_fetches_its_span_and_serves_it(seeded, tmp_path):
     assert not any(p.name.startswith("block-") for p in (tmp_path / "client").iterdir())  # only the client's parts
     fourth.stop()
 
+    # a later start from the fetched directory is an ordinary start: nothing fetched, same name
+    again = swarm.start_node(tmp_path / "node4", "1:4", "--no-benchmark")
+    assert f"model {name} " in again.output() and "fetched" not in again.output()
+    again.stop()
+
 
 def test_corrupting_peer_is_detected_and_avoided(seeded, tmp_path):
     swarm, checkpoint, name = seeded

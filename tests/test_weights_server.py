@@ -127,3 +127,38 @@ def test_busy_beyond_per_peer_limit(checkpoint):
         assert server.state.refused == 2 and server.state.total == 0
 
     asyncio.run(_with_server(checkpoint, ServeLimits(per_peer=2, rate=1e6), body))
+
+
+def test_fetch_gives_up_with_a_clear_error_when_nobody_serves_a_part(checkpoint, tmp_path):
+    """A provider that holds nothing the fetcher needs: FetchError after the stall timeout, naming the parts."""
+    from biopetals.dht.node import DHT
+    from biopetals.weights.fetch import FetchError, fetch_parts
+    from biopetals.weights.server import ProviderAnnouncer
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(checkpoint / "config.json", partial / "config.json")
+    shutil.copy(checkpoint / MANIFEST_FILE, partial / MANIFEST_FILE)
+    manifest = parse_manifest((checkpoint / MANIFEST_FILE).read_bytes())
+    for entry in manifest.parts[manifest.files_part].files:  # it holds the files part only
+        shutil.copy(checkpoint / entry.name, partial / entry.name)
+
+    async def run():
+        key = SwarmKey.generate()
+        async with Host(Identity.generate(), swarm_key=key) as host_a, Host(Identity.generate(), swarm_key=key) as host_b:
+            await host_a.listen("127.0.0.1", 0)
+            async with DHT(host_a) as dht_a:
+                local = LocalWeights(manifest, partial)
+                assert local.held == [manifest.files_part]
+                WeightsServer(host_a, local).install()
+                assert await ProviderAnnouncer(dht_a, local, tuple(str(a) for a in host_a.addrs)).announce()
+                async with DHT(host_b, initial_peers=[str(host_a.addrs[0])], client_mode=True) as dht_b:
+                    with pytest.raises(FetchError) as error:
+                        await fetch_parts(host_b, dht_b, manifest, tmp_path / "out", [0, manifest.files_part],
+                                          stall_timeout=1.5, refresh_interval=0.2, progress=False)
+                    return str(error.value)
+
+    message = asyncio.run(run())
+    assert "no reachable peer serves block.0" in message and "1 providers found" in message
+    # what did arrive is kept: the files part was finished
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()

@@ -6,8 +6,10 @@ keeps the first whose hash matches the name's digits. ``fetch_parts`` finds prov
 directory holds (weights/store.py), then keeps ``per_peer`` ``GetChunk`` calls in flight
 at every provider (weights/plan.py decides which); every chunk is hashed before it is
 written; a peer that sends a bad chunk is avoided for the rest of the fetch. When no
-usable provider holds a needed part, the DHT is read again every few seconds until
-``stall_timeout`` passes, then ``FetchError`` says which parts nobody serves.
+usable provider holds a needed part, the DHT is read again every few seconds (and every
+30 s anyway, for newcomers). When no chunk has arrived for ``stall_timeout`` seconds -
+nobody serves a part, or every provider fails - ``FetchError`` says which parts are
+missing and the providers' last errors; every call has a deadline (``chunk_timeout``).
 """
 
 from __future__ import annotations
@@ -172,11 +174,16 @@ async def fetch_parts(
     plan = FetchPlan(todo, per_peer=per_peer)
     tasks: dict[asyncio.Task, tuple[PeerId, tuple[int, int]]] = {}
     refreshed_at = -1e18
-    stalled_since: float | None = None
+    last_progress = time.monotonic()
+    last_error: dict[PeerId, str] = {}
     try:
         while not plan.finished:
             now = time.monotonic()
-            if now - refreshed_at >= refresh_interval and (not plan.usable() or plan.unavailable_parts()):
+            if now - last_progress > stall_timeout:
+                raise FetchError(_stalled(manifest, plan, last_error, stall_timeout))
+            # read the providers again when some part has none, and now and then for newcomers
+            if (now - refreshed_at >= refresh_interval and (not plan.usable() or plan.unavailable_parts())
+                    or now - refreshed_at >= 6 * refresh_interval):
                 refreshed_at = now
                 for peer, record in (await find_providers(dht, host, manifest.hash, manifest.swarm_name)).items():
                     plan.set_providers(peer, [p for p in record.parts() if p < len(manifest.parts)])
@@ -185,18 +192,9 @@ async def fetch_parts(
                                                                      index=chunk[1]), chunk_timeout))
                 tasks[task] = (peer, chunk)
             if not tasks:
-                missing = plan.unavailable_parts()
-                stalled_since = stalled_since if stalled_since is not None else time.monotonic()
-                if missing and time.monotonic() - stalled_since > stall_timeout:
-                    names = ", ".join(manifest.parts[p].name for p in missing[:8])
-                    raise FetchError(
-                        f"no reachable peer serves {names}{' …' if len(missing) > 8 else ''} of {manifest.swarm_name} "
-                        f"({len(plan.usable())} usable providers, {len(plan.banned)} avoided for bad chunks): start a "
-                        f"node that holds them, or check the swarm key and --initial-peers")
                 wake = plan.next_wake(time.monotonic())
                 await asyncio.sleep(min(1.0, max(0.05, (wake or 0) - time.monotonic())) if wake else 0.5)
                 continue
-            stalled_since = None
             done, _ = await asyncio.wait(tasks, timeout=refresh_interval, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 peer, chunk = tasks.pop(task)
@@ -209,6 +207,7 @@ async def fetch_parts(
                     reply = task.result()
                 except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
                     log.info("chunk %s from %s failed: %s", chunk, peer, exc)
+                    last_error[peer] = str(exc) or type(exc).__name__
                     plan.failed(peer, chunk, time.monotonic())
                     continue
                 if not isinstance(reply, ChunkData) or (reply.part, reply.index) != chunk:
@@ -230,6 +229,7 @@ async def fetch_parts(
                     plan.cancelled(peer, chunk)
                     continue
                 await loop.run_in_executor(None, files.write, chunk[0], chunk[1], data)
+                last_progress = time.monotonic()
                 for other in plan.done(peer, chunk):
                     for pending, (at, what) in tasks.items():
                         if at == other and what == chunk:
@@ -254,6 +254,20 @@ async def fetch_parts(
     report.seconds = time.monotonic() - started
     report.duplicates = plan.duplicates
     return report
+
+
+def _stalled(manifest: Manifest, plan: FetchPlan, last_error: dict, seconds: float) -> str:
+    """What to tell the user when no chunk arrived for ``seconds``."""
+    missing = plan.unavailable_parts()
+    if missing:
+        names = ", ".join(manifest.parts[p].name for p in missing[:8]) + (" …" if len(missing) > 8 else "")
+        what = f"no reachable peer serves {names} of {manifest.swarm_name}"
+    else:
+        what = f"no chunk of {manifest.swarm_name} arrived for {seconds:.0f} s"
+    errors = "; ".join(f"{peer}: {error}" for peer, error in list(last_error.items())[-3:])
+    return (f"{what} ({len(plan.usable())} providers found, {len(plan.banned)} avoided for bad chunks"
+            + (f"; last errors: {errors}" if errors else "")
+            + "): start a node that holds these parts, or check the swarm key and --initial-peers")
 
 
 def _progress_bar(total: int, manifest: Manifest, parts: list[int]):

@@ -124,3 +124,31 @@ def test_without_endgame_a_chunk_is_asked_once():
     plan.set_providers("a", [0])
     plan.set_providers("b", [0])
     assert len(plan.next_requests(0.0)) == 1
+
+
+def test_busy_lowers_the_peer_limit_without_resting_it_and_successes_raise_it_again():
+    plan = FetchPlan(_chunks([0], 20), per_peer=4, backoff=1.0)
+    plan.set_providers("a", [0])
+    first = plan.next_requests(0.0)
+    assert len(first) == 4
+    plan.busy("a", first[2][1], now=0.0)
+    plan.busy("a", first[3][1], now=0.0)
+    assert plan.limit("a") == 2 and plan.next_requests(0.0) == []  # two still in flight: no more now
+    plan.done("a", first[0][1])
+    assert len(plan.next_requests(0.0)) == 1  # not resting: the freed slot is used at once
+    plan.done("a", first[1][1])  # a window of 2 successes: one more slot
+    assert plan.limit("a") == 3
+    assert plan.remaining == 18
+
+
+def test_busy_with_nothing_in_flight_rests_briefly_and_failures_together_count_once():
+    plan = FetchPlan(_chunks([0], 3), per_peer=1, backoff=1.0)
+    plan.set_providers("a", [0])
+    ((_, chunk),) = plan.next_requests(0.0)
+    plan.busy("a", chunk, now=0.0)
+    assert plan.limit("a") == 1 and plan.next_requests(0.5) == [] and plan.next_wake(0.5) == 1.0
+    plan = FetchPlan(_chunks([0], 4), per_peer=4, backoff=1.0)
+    plan.set_providers("a", [0])
+    for _, chunk in plan.next_requests(0.0):  # one lost connection fails all four calls
+        plan.failed("a", chunk, now=0.0)
+    assert plan.next_wake(0.0) == 1.0  # rests 1 s, not 8

@@ -64,6 +64,14 @@ def tensor_locations(directory: Path) -> dict[str, tuple[Path, TensorLocation]]:
     return out
 
 
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), size, offset)
+    if len(data) != size:
+        raise CorruptCopy(f"{path}: short read")
+    return data
+
+
 class LocalWeights:
     """Chunks of ``manifest`` read from ``directory`` (thread-safe; reads run on worker threads)."""
 
@@ -132,16 +140,24 @@ class LocalWeights:
                 raise KeyError(part)
             pieces = self._pieces_by_part[part]
             verified = (part, index) in self._verified
-        data = bytearray(end - start)
+        spans: list[tuple[Path, int, int, int]] = []  # (file, offset, part start, part end)
         for path, file_start, part_start, length in pieces:
             lo, hi = max(start, part_start), min(end, part_start + length)
             if lo >= hi:
                 continue
-            with open(path, "rb") as f:
-                got = os.pread(f.fileno(), hi - lo, file_start + lo - part_start)
-            if len(got) != hi - lo:
-                raise CorruptCopy(f"{path}: short read")
-            data[lo - start:hi - start] = got
+            offset = file_start + lo - part_start
+            if spans and spans[-1][0] == path and spans[-1][1] + spans[-1][3] - spans[-1][2] == offset:
+                spans[-1] = (path, spans[-1][1], spans[-1][2], hi)  # adjacent in the same file: one read
+            else:
+                spans.append((path, offset, lo, hi))
+        if len(spans) == 1:  # the usual case (a chunk inside one tensor): one read, no copy
+            path, offset, lo, hi = spans[0]
+            data = _pread(path, offset, hi - lo)
+        else:
+            joined = bytearray(end - start)
+            for path, offset, lo, hi in spans:
+                joined[lo - start:hi - start] = _pread(path, offset, hi - lo)
+            data = bytes(joined)
         if not verified:
             if hashlib.sha256(data).digest() != self.manifest.parts[part].chunks[index]:
                 with self._lock:
@@ -151,4 +167,4 @@ class LocalWeights:
                 raise CorruptCopy(f"part {part} chunk {index}: hash mismatch")
             with self._lock:
                 self._verified.add((part, index))
-        return bytes(data)
+        return data

@@ -7,8 +7,11 @@
   providers): if a provider leaves, the parts only it had are already done.
 * A chunk whose bytes do not match the manifest's hash bans its sender for the rest of
   the fetch (an honest peer hashes what it serves, weights/local.py) and goes back to
-  the queue; a failed or refused request (timeout, connection lost, ``BUSY``) backs the
-  peer off exponentially and puts the chunk back, to be tried first at other peers.
+  the queue; a failed request (timeout, connection lost, an error) backs the peer off
+  exponentially (calls failing together count once) and puts the chunk back, to be tried
+  first at other peers. ``BUSY`` is no failure: the peer's limit is reached, so fewer
+  requests are kept in flight there (what it accepted), growing back by one per window
+  of successes.
 * Endgame (as BitTorrent): once nothing is left to hand out, a free slot asks for a chunk
   that is in flight at one other peer only; the first copy that verifies wins, and the
   caller cancels the other (``done`` returns the peers still fetching it). A slow peer
@@ -43,6 +46,8 @@ class FetchPlan:
         self._resting_until: dict[Hashable, float] = {}
         self._failed_at: dict[Chunk, set[Hashable]] = {}
         self._completed: set[Chunk] = set()
+        self._limits: dict[Hashable, int] = {}  # lowered by BUSY, raised again by successes
+        self._successes: dict[Hashable, int] = {}
         self.done_by: dict[Hashable, int] = {}
         self.duplicates = 0  # endgame requests made
 
@@ -75,23 +80,31 @@ class FetchPlan:
         rarity = {part: self._holders(part) for part, q in self._pending.items() if q}
         peers = sorted((p for p in self.usable() if self._resting_until.get(p, 0.0) <= now),
                        key=lambda p: len(self.in_flight[p]))
-        for peer in peers:
-            while len(self.in_flight[peer]) < self.per_peer:
-                chunk = self._take(peer, rarity)
+        # round robin, one chunk per peer per round: a small fetch still spreads over every peer
+        self._fill(peers, lambda peer: self._take(peer, rarity), out)
+        if self.endgame and not any(self._pending.values()):
+            before = len(out)
+            self._fill(peers, self._duplicate, out)
+            self.duplicates += len(out) - before
+        return out
+
+    def _fill(self, peers: list[Hashable], pick, out: list[tuple[Hashable, Chunk]]) -> None:
+        open_peers = [p for p in peers if len(self.in_flight[p]) < self.limit(p)]
+        while open_peers:
+            still_open = []
+            for peer in open_peers:
+                chunk = pick(peer)
                 if chunk is None:
-                    break
+                    continue
                 self.in_flight[peer].add(chunk)
                 out.append((peer, chunk))
-        if self.endgame and not any(self._pending.values()):
-            for peer in peers:
-                while len(self.in_flight[peer]) < self.per_peer:
-                    chunk = self._duplicate(peer)
-                    if chunk is None:
-                        break
-                    self.in_flight[peer].add(chunk)
-                    self.duplicates += 1
-                    out.append((peer, chunk))
-        return out
+                if len(self.in_flight[peer]) < self.limit(peer):
+                    still_open.append(peer)
+            open_peers = still_open
+
+    def limit(self, peer: Hashable) -> int:
+        """Requests to keep in flight at ``peer``: ``per_peer``, less after it answered ``BUSY``."""
+        return self._limits.get(peer, self.per_peer)
 
     def _take(self, peer: Hashable, rarity: dict[int, int]) -> Chunk | None:
         parts = [part for part in self.providers[peer] if self._pending.get(part)]
@@ -145,6 +158,13 @@ class FetchPlan:
         self._failures.pop(peer, None)
         self._failed_at.pop(chunk, None)
         self._completed.add(chunk)
+        if peer in self._limits:  # additive increase: one more slot after a full window of successes
+            self._successes[peer] = self._successes.get(peer, 0) + 1
+            if self._successes[peer] >= self._limits[peer]:
+                self._successes[peer] = 0
+                self._limits[peer] += 1
+                if self._limits[peer] >= self.per_peer:
+                    del self._limits[peer]
         self.remaining -= 1
         self.done_by[peer] = self.done_by.get(peer, 0) + 1
         return self._fetching(chunk)
@@ -165,14 +185,25 @@ class FetchPlan:
         for other in chunks:
             self._requeue(other)
 
+    def busy(self, peer: Hashable, chunk: Chunk, now: float) -> None:
+        """``peer`` refused for its limits (``BUSY``): no fault of the chunk or the peer. Keep no more
+        in flight there than it has accepted (at least one), and put the chunk back."""
+        if chunk in self.in_flight.get(peer, set()):
+            self.in_flight[peer].discard(chunk)
+            self._requeue(chunk)
+        self._limits[peer] = max(1, min(self.limit(peer), len(self.in_flight.get(peer, ()))))
+        self._successes[peer] = 0
+        if not self.in_flight.get(peer):  # it is full with other fetchers: a short rest
+            self._resting_until[peer] = max(self._resting_until.get(peer, 0.0), now + self.backoff)
+
     def failed(self, peer: Hashable, chunk: Chunk, now: float) -> None:
         """A request failed (timeout, refused, connection lost): rest the peer, requeue the chunk."""
         if chunk in self.in_flight.get(peer, set()):
             self.in_flight[peer].discard(chunk)
             self._failed_at.setdefault(chunk, set()).add(peer)
             self._requeue(chunk)
-        if peer in self.banned:
-            return
+        if peer in self.banned or self._resting_until.get(peer, 0.0) > now:
+            return  # calls that were in flight together fail together: one failure, not several
         failures = self._failures.get(peer, 0) + 1
         self._failures[peer] = failures
         self._resting_until[peer] = now + min(self.max_backoff, self.backoff * 2 ** (failures - 1))

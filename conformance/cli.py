@@ -32,8 +32,11 @@ def parser() -> argparse.ArgumentParser:
     key.add_argument("--swarm-key", metavar="FILE", help="the swarm key file of the peer's private swarm")
     key.add_argument("--public", action="store_true", help="the peer runs a public swarm (no swarm key)")
     p.add_argument("--peer", metavar="MULTIADDR", help="the peer to test: /ip4/HOST/tcp/PORT/p2p/PEER_ID")
-    p.add_argument("--section", choices=["transport", "node", "dht", "all"], default="all",
-                   help="which checks to run (default all; node checks are n/a on a DHT-only peer)")
+    p.add_argument("--section", choices=["transport", "node", "dht", "weights", "all"], default="all",
+                   help="which checks to run (default all; node checks are n/a on a DHT-only peer, weights checks "
+                        "on a peer that serves no manifest)")
+    p.add_argument("--model", metavar="SWARM_NAME",
+                   help="the swarm name the weights checks ask for (default: the model of the peer's NodeInfo)")
     p.add_argument("--only", metavar="TEXT", action="append", default=[],
                    help="run only checks whose id contains TEXT (repeatable)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"biopetals-conformance: {exc}", file=sys.stderr)
         return 2
-    ctx = Context(args.peer, swarm_key, verbose=args.verbose, max_idle_wait=args.max_idle_wait)
+    ctx = Context(args.peer, swarm_key, verbose=args.verbose, max_idle_wait=args.max_idle_wait, model=args.model)
 
     def progress(r):
         if args.verbose:

@@ -29,10 +29,13 @@ class Context:
     verbose: bool = False
     #: seconds the tool waits for a peer's idle timeout at most (longer: not applicable)
     max_idle_wait: float = 30.0
+    #: the swarm name the weights checks ask for (None: the ``model`` of the peer's NodeInfo)
+    model: str | None = None
     last_sent: Any = None
     _host: Any = None
     _info: Any = None
     _info_error: Exception | None = None
+    _weights_served: Any = None  # checks_weights: what GetManifest gave (or why it cannot be asked)
     _extra_hosts: list = field(default_factory=list)
 
     @property

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["Check", "Failed", "NotApplicable", "REGISTRY", "check", "checks_for"]
 
-SECTIONS = ("transport", "node", "dht")
+SECTIONS = ("transport", "node", "dht", "weights")
 LEVELS = ("MUST", "SHOULD")
 
 
@@ -35,7 +35,7 @@ class NotApplicable(Exception):
 @dataclass(frozen=True)
 class Check:
     id: str
-    section: str  # transport | node | dht
+    section: str  # transport | node | dht | weights
     spec: str  # e.g. "spec/messages.md §5.6"
     level: str  # MUST | SHOULD
     title: str
@@ -69,6 +69,6 @@ def check(id: str, spec: str, title: str, *, level: str = "MUST", timeout: float
 
 def checks_for(section: str) -> list[Check]:
     """Registered checks of one section ("all": every one), in registration order."""
-    from biopetals.conformance import checks_transport, checks_node, checks_dht  # noqa: F401 (registers, in this order)
+    from biopetals.conformance import checks_transport, checks_node, checks_dht, checks_weights  # noqa: F401 (registers, in this order)
 
     return [c for c in REGISTRY.values() if section == "all" or c.section == section]

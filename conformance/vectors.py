@@ -25,16 +25,16 @@ def load(name: str) -> dict | None:
         return None
 
 
-_SLUGS: set[str] = set()
+_SLUGS: set[tuple[str, str]] = set()
 
 
-def slug(name: str) -> str:
-    """A vector's name as part of a check id (unique: a repeat gets -2, -3, ...)."""
+def slug(name: str, scope: str = "") -> str:
+    """A vector's name as part of a check id (unique within ``scope``: a repeat gets -2, -3, ...)."""
     base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
     text, n = base, 2
-    while text in _SLUGS:
+    while (scope, text) in _SLUGS:
         text, n = f"{base}-{n}", n + 1
-    _SLUGS.add(text)
+    _SLUGS.add((scope, text))
     return text
 
 

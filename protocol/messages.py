@@ -92,6 +92,7 @@ __all__ = [
     "REPLY_TO",
     "encode_message",
     "decode_message",
+    "decode_from_table",
     "error_from_exception",
 ]
 
@@ -587,7 +588,12 @@ def decode_message(data: bytes | bytearray | memoryview, expected: Iterable[type
     ``expected``: the message classes acceptable here (§2.1); any other type is
     ``UNKNOWN_MESSAGE``. Raises only ``RemoteProtocolError`` on bad bytes.
     """
-    known = MESSAGE_TYPES if expected is None else {cls.TYPE: cls for cls in expected}
+    return decode_from_table(data, MESSAGE_TYPES if expected is None else {cls.TYPE: cls for cls in expected})
+
+
+def decode_from_table(data: bytes | bytearray | memoryview, known: dict[int, type[Message]]) -> Message:
+    """Decode one frame payload whose type must be one of ``known`` (type code -> class); shared
+    with the protocols that reuse this envelope (spec/weights.md §3.1)."""
     type_code, body = unpack_envelope(data, known)
     try:
         return known[type_code]._decode_body(body)

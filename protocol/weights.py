@@ -21,12 +21,12 @@ from typing import ClassVar, Final
 
 import msgpack
 
-from biopetals.protocol.envelope import is_uint, pack_envelope, unpack_envelope, unpack_uint_keyed_map
+from biopetals.protocol.envelope import is_uint, pack_envelope, unpack_uint_keyed_map
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.fields import ArrayOf, Blob, Text, UInt, Violation, wire
 from biopetals.protocol.limits import MAX_BLOCKS, MAX_MULTIADDR_BYTES, MAX_NAME_BYTES
 from biopetals.protocol.manifest import MAX_CHUNK_SIZE, MAX_CHUNKS_PER_PART, MAX_MANIFEST_BYTES
-from biopetals.protocol.messages import Error, Message, WireStruct
+from biopetals.protocol.messages import Error, Message, WireStruct, decode_from_table
 
 __all__ = [
     "WEIGHTS_PROTOCOL",
@@ -110,12 +110,7 @@ def encode_weights_message(message: Message) -> bytes:
 def decode_weights_message(data: bytes | bytearray | memoryview,
                            expected: Iterable[type[Message]] | None = None) -> Message:
     """Decode one frame payload; ``expected`` limits the acceptable types (``UNKNOWN_MESSAGE`` else)."""
-    known = WEIGHTS_MESSAGES if expected is None else {cls.TYPE: cls for cls in expected}
-    type_code, body = unpack_envelope(data, known)
-    try:
-        return known[type_code]._decode_body(body)
-    except Violation as exc:
-        raise RemoteProtocolError(exc.code, f"{known[type_code].__name__}.{exc.message}") from None
+    return decode_from_table(data, WEIGHTS_MESSAGES if expected is None else {cls.TYPE: cls for cls in expected})
 
 
 # ----------------------------------------------------------------------------- provider record

@@ -128,3 +128,17 @@ def make_tiny_checkpoint(
 def tiny_llama_checkpoint(tmp_path_factory) -> Path:
     """8-layer Llama-3-style random checkpoint (GQA, llama3 rope scaling, sharded)."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama")
+
+
+def checkpoint_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded safetensors checkpoint directory (through its index), by name."""
+    import json
+
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    out = {}
+    for name, file in json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].items():
+        with safe_open(directory / file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out

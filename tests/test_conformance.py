@@ -1,5 +1,8 @@
 """biopetals-conformance against real peers: it passes our node and DHT, fails a broken node, survives garbage.
 
+A node started from a checkpoint with a weights manifest passes the weights checks; one without
+reports them n/a; one that serves corrupted chunks fails the chunk-hash check only.
+
 See README.md ("Testing another implementation") and spec/README.md §5. The tool runs as
 its console module in a subprocess, as another implementation's CI would run it.
 """
@@ -52,6 +55,16 @@ def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", with_tokenizer=False)
 
 
+@pytest.fixture(scope="module")
+def manifest_ckpt(tmp_path_factory):
+    """A tiny checkpoint with a biopetals-manifest.json (1 MiB chunks): its nodes serve /biopetals/weights/1."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-weights", with_tokenizer=False)
+    out = subprocess.run([str(Path(sys.executable).parent / "biopetals-manifest"), str(path), "--chunk-mib", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return path
+
+
 def test_every_check_passes_against_our_node(tmp_path, ckpt):
     with Swarm(tmp_path) as swarm:
         node = swarm.start_node(ckpt, "0:2", *NODE_ARGS)
@@ -59,9 +72,36 @@ def test_every_check_passes_against_our_node(tmp_path, ckpt):
     assert failures(results) == {}
     assert status == 0
     not_applicable = {k for k, r in results.items() if r["outcome"] != "pass"}
-    assert not_applicable == {"transport.handshake.keyed-to-public"}  # the node is in a private swarm
+    weights = {k for k in results if k.startswith("weights.")}
+    # the node is in a private swarm; it has no manifest, hence serves no /biopetals/weights/1
+    assert not_applicable == {"transport.handshake.keyed-to-public"} | weights
+    assert len(weights) > 25 and all("serves no /biopetals/weights/1" in results[k]["detail"] for k in weights)
     sections = {k.split(".")[0] for k in results}
-    assert sections == {"transport", "node", "dht"} and len(results) > 200
+    assert sections == {"transport", "node", "dht", "weights"} and len(results) > 200
+
+
+def test_a_node_with_a_manifest_passes_the_weights_checks(tmp_path, manifest_ckpt, capsys):
+    with Swarm(tmp_path) as swarm:
+        node = swarm.start_node(manifest_ckpt, "0:2", *NODE_ARGS)
+        status, results = conformance_here(capsys, swarm.key_path, node.addr, "--section", "weights")
+    assert failures(results) == {}
+    assert status == 0
+    assert len(results) > 25 and all(r["outcome"] == "pass" for r in results.values()), \
+        {k: r["detail"] for k, r in results.items() if r["outcome"] != "pass"}
+    assert "listed in its provider record" in results["weights.chunk.hashes"]["detail"]
+
+
+def test_a_node_serving_corrupt_chunks_fails_the_chunk_hash_check(tmp_path, manifest_ckpt, capsys, monkeypatch):
+    """BIOPETALS_BROKEN=corrupt-chunks flips a byte of every chunk it serves: only weights.chunk.hashes fails."""
+    monkeypatch.setattr(support_swarm, "NODE_COMMAND", BROKEN_NODE)
+    with Swarm(tmp_path) as swarm:
+        node = swarm.start_node(manifest_ckpt, "0:2", *NODE_ARGS, env={"BIOPETALS_BROKEN": "corrupt-chunks"})
+        status, results = conformance_here(capsys, swarm.key_path, node.addr,
+                                           "--only", "weights.", "--only", "node.info", "--only", "node.forward.ok")
+    assert status == 1
+    assert set(failures(results)) == {"weights.chunk.hashes"}, failures(results)
+    assert "SHA-256" in results["weights.chunk.hashes"]["detail"]
+    assert results["node.info"]["outcome"] == "pass" and results["weights.manifest.by-name"]["outcome"] == "pass"
 
 
 def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from support_models import make_tiny_checkpoint
+from support_models import checkpoint_tensors, make_tiny_checkpoint
 
 from biopetals.models.config import ModelConfigError, model_info
 from biopetals.protocol.errors import RemoteProtocolError
@@ -24,18 +23,9 @@ def checkpoint(tmp_path_factory):
                                 intermediate_size=640, max_shard_size="1MB")
 
 
-def _all_tensors(directory):
-    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for name, file in index.items():
-        with safe_open(directory / file, "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
-
-
 def test_build_manifest_matches_checkpoint_bytes(checkpoint):
     manifest = parse_manifest(build_manifest(checkpoint, chunk_size=MiB))
-    tensors = _all_tensors(checkpoint)
+    tensors = checkpoint_tensors(checkpoint)
     assert manifest.num_blocks == 3 and len(manifest.parts) == 5 and manifest.chunk_size == MiB
     listed = [t.name for part in manifest.parts for t in part.tensors]
     assert sorted(listed) == sorted(tensors)  # every tensor once

@@ -162,3 +162,22 @@ def test_fetch_gives_up_with_a_clear_error_when_nobody_serves_a_part(checkpoint,
     assert "no reachable peer serves block.0" in message and "1 providers found" in message
     # what did arrive is kept: the files part was finished
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+
+
+def test_a_shard_removed_while_serving_is_answered_not_held(checkpoint, tmp_path):
+    copy = shutil.copytree(checkpoint, tmp_path / "copy")
+    manifest = parse_manifest((copy / MANIFEST_FILE).read_bytes())
+    from biopetals.weights.local import tensor_locations
+
+    path, _ = tensor_locations(copy)[manifest.parts[1].tensors[-1].name]
+
+    async def body(ask, manifest, server):
+        assert 1 in server.local.held
+        path.unlink()  # after start-up: the node still thinks it holds block 1
+        last = len(manifest.parts[1].chunks) - 1
+        reply = await ask(GetChunk(manifest_hash=manifest.hash, part=1, index=last))
+        assert isinstance(reply, Error) and reply.code == ErrorCode.NOT_HELD
+        assert 1 not in server.local.held  # and it no longer offers it
+        assert isinstance(await ask(GetManifest(model=manifest.swarm_name)), ManifestData)
+
+    asyncio.run(_with_server(copy, ServeLimits(), body))

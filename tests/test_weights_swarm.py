@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from support_models import make_tiny_checkpoint
+from support_models import checkpoint_tensors, make_tiny_checkpoint
 from support_swarm import Swarm
 
 from biopetals.protocol.manifest import MANIFEST_FILE, parse_manifest
@@ -56,19 +55,8 @@ def _fetch_command(swarm: Swarm, model: str, out: Path, *extra: str) -> list[str
             "--no-progress", *extra]
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    import json
-
-    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for name, file in index.items():
-        with safe_open(directory / file, "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
-
-
 def _assert_same_tensors(fetched: Path, original: Path, prefix_filter) -> int:
-    got, want = _tensors(fetched), _tensors(original)
+    got, want = checkpoint_tensors(fetched), checkpoint_tensors(original)
     names = [n for n in want if prefix_filter(n)]
     assert names and all(n in got for n in names)
     for n in names:

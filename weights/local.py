@@ -131,9 +131,17 @@ class LocalWeights:
         with self._lock:
             return part in self._pieces_by_part and part not in self._corrupt
 
+    def _drop(self, part: int, why: str) -> None:
+        """Stop offering ``part`` (served ``NOT_HELD``, left out of the provider record)."""
+        with self._lock:
+            self._corrupt.add(part)
+        log.error("local copy of part %s (%s): %s; no longer served", self.manifest.parts[part].name,
+                  self.directory, why)
+
     def read_chunk(self, part: int, index: int) -> bytes:
         """The bytes of one chunk, hashed on first read. Raises ``KeyError`` if the part is not
-        held, ``ValueError`` for an index outside the part, ``CorruptCopy`` on a hash mismatch."""
+        held, ``ValueError`` for an index outside the part, ``CorruptCopy`` on a hash mismatch or
+        a file that can no longer be read (the part is then no longer offered)."""
         start, end = self.manifest.chunk_range(part, index)
         with self._lock:
             if part in self._corrupt or part not in self._pieces_by_part:
@@ -150,20 +158,21 @@ class LocalWeights:
                 spans[-1] = (path, spans[-1][1], spans[-1][2], hi)  # adjacent in the same file: one read
             else:
                 spans.append((path, offset, lo, hi))
-        if len(spans) == 1:  # the usual case (a chunk inside one tensor): one read, no copy
-            path, offset, lo, hi = spans[0]
-            data = _pread(path, offset, hi - lo)
-        else:
-            joined = bytearray(end - start)
-            for path, offset, lo, hi in spans:
-                joined[lo - start:hi - start] = _pread(path, offset, hi - lo)
-            data = bytes(joined)
+        try:
+            if len(spans) == 1:  # the usual case (a chunk inside one tensor): one read, no copy
+                path, offset, lo, hi = spans[0]
+                data = _pread(path, offset, hi - lo)
+            else:
+                joined = bytearray(end - start)
+                for path, offset, lo, hi in spans:
+                    joined[lo - start:hi - start] = _pread(path, offset, hi - lo)
+                data = bytes(joined)
+        except (OSError, CorruptCopy) as exc:  # a file removed or cut short since the start
+            self._drop(part, f"cannot read chunk {index}: {exc}")
+            raise CorruptCopy(f"part {part} chunk {index}: {exc}") from None
         if not verified:
             if hashlib.sha256(data).digest() != self.manifest.parts[part].chunks[index]:
-                with self._lock:
-                    self._corrupt.add(part)
-                log.error("local copy of part %s chunk %d (%s) does not match the manifest: no longer served",
-                          self.manifest.parts[part].name, index, self.directory)
+                self._drop(part, f"chunk {index} does not match the manifest")
                 raise CorruptCopy(f"part {part} chunk {index}: hash mismatch")
             with self._lock:
                 self._verified.add((part, index))

@@ -96,6 +96,9 @@ class WeightsServer:
                 data = await loop.run_in_executor(self._pool, self.local.read_chunk, message.part, message.index)
             except (KeyError, CorruptCopy) as exc:
                 return _error(ErrorCode.NOT_HELD, f"this peer's copy of part {message.part} is not usable: {exc}")
+            except Exception:  # a bug of ours: an answer, not a reset stream
+                log.exception("serving chunk %d of part %d failed", message.index, message.part)
+                return _error(ErrorCode.INTERNAL, "internal error reading the chunk; ask another peer")
             wait = self.state.delay(peer, len(data), self.clock())
             if wait > 0:
                 await asyncio.sleep(wait)

@@ -70,3 +70,23 @@ def test_a_directory_of_another_model_is_refused(source, tmp_path):
         files = PartFiles(manifest, tmp_path / "out")
         files.resume(0)
         files.write(0, 0, b"short")
+
+
+def test_a_directory_with_only_the_manifest_becomes_a_checkpoint(source, tmp_path):
+    from biopetals.models.config import load_config, model_info
+    from biopetals.weights.source import resolve_source
+
+    path, manifest = source
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / MANIFEST_FILE).write_bytes(manifest.raw)
+    resolved = resolve_source(bare)
+    assert resolved.directory == bare and resolved.manifest.raw == manifest.raw
+    assert resolved.missing([0, 1, manifest.client_part]) == [0, 1, manifest.client_part]
+    config, _ = load_config(bare)  # config.json written from the manifest
+    assert config.num_hidden_layers == 2 and model_info(bare).dht_prefix == manifest.swarm_name
+    # a manifest file elsewhere: the weights go to the directory given
+    other = resolve_source(path / MANIFEST_FILE, tmp_path / "w")
+    assert other.directory == tmp_path / "w" and (tmp_path / "w" / "config.json").is_file()
+    # the source checkpoint itself holds everything
+    assert resolve_source(path).missing(list(range(len(manifest.parts)))) == []

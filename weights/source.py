@@ -89,9 +89,7 @@ def _from_manifest_bytes(raw: bytes, where: Path, weights_dir: str | os.PathLike
     except ProtocolError as exc:
         raise ModelConfigError(f"{where} is not a checkpoint directory and not a valid manifest: {exc.message}") from exc
     directory = Path(weights_dir) if weights_dir is not None else default_weights_dir(manifest.swarm_name)
-    if directory.resolve() == where.resolve():
-        return ModelSource(directory, manifest)
-    prepare_directory(manifest, directory)
+    prepare_directory(manifest, directory)  # config.json from the manifest: the directory is a checkpoint from now on
     return ModelSource(directory, manifest)
 
 

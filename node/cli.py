@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve-weights", action="store_true",
                    help="do not serve this node's weight chunks to peers (by default a node whose checkpoint has a "
                         "manifest serves the parts it holds, spec/weights.md)")
+    p.add_argument("--no-verify-weights", action="store_true",
+                   help="with a manifest: skip hashing the served blocks' weights before loading them (by default a "
+                        "node refuses to start with weights that differ from its manifest; ~0.5 s per GB)")
     p.add_argument("--weights-rate", type=_rate, default=None, metavar="MB_PER_S",
                    help="serve weight chunks to each peer at most this fast, in MB/s (default: unlimited)")
     p.add_argument("--weights-per-peer", type=_positive, default=4, metavar="N",
@@ -203,6 +206,7 @@ async def _main(args: argparse.Namespace) -> None:
         serve_weights=not args.no_serve_weights,
         weights_per_peer=args.weights_per_peer,
         weights_rate=args.weights_rate,
+        verify_weights=not args.no_verify_weights,
     )
     await run_node(options, stop)
 

@@ -201,3 +201,22 @@ def test_killed_fetch_resumes_without_refetching(tmp_path):
         assert fetched == total - on_disk  # not one verified chunk fetched twice
         assert not list(out_dir.glob("*.partial"))
         assert _assert_same_tensors(out_dir, checkpoint, lambda n: n.startswith("model.layers.")) == 36
+
+
+def test_a_node_refuses_weights_that_differ_from_its_manifest(seeded, tmp_path):
+    swarm, checkpoint, name = seeded
+    import shutil
+
+    from biopetals.weights.local import tensor_locations
+
+    copy = shutil.copytree(checkpoint, tmp_path / "ckpt")  # same directory name: same swarm name
+    manifest = parse_manifest((copy / MANIFEST_FILE).read_bytes())
+    path, loc = tensor_locations(copy)[manifest.parts[2].tensors[0].name]
+    with open(path, "r+b") as f:  # one bit of block 2, as a disk or a bad copy would do it
+        f.seek(loc.start + 5)
+        byte = f.read(1)
+        f.seek(loc.start + 5)
+        f.write(bytes([byte[0] ^ 0x01]))
+    node = swarm.spawn_node(copy, "--blocks", "1:3", "--no-benchmark")
+    assert node.process.wait(90) == 1
+    assert "do not match its manifest" in node.output() and "READY" not in node.output()

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from biopetals.models.checkpoint import INDEX_FILE, SINGLE_FILE
 from biopetals.protocol.manifest import Manifest, Part
@@ -137,6 +138,18 @@ class LocalWeights:
             self._corrupt.add(part)
         log.error("local copy of part %s (%s): %s; no longer served", self.manifest.parts[part].name,
                   self.directory, why)
+
+    def verify(self, parts: list[int], progress: Callable[[int], None] = lambda n: None) -> None:
+        """Hash every chunk of ``parts`` (those already verified are skipped). Raises ``CorruptCopy``
+        naming the first chunk that does not match, or ``KeyError`` for a part not held."""
+        for part in parts:
+            for index in range(len(self.manifest.parts[part].chunks)):
+                with self._lock:
+                    done = (part, index) in self._verified
+                if not done:
+                    start, end = self.manifest.chunk_range(part, index)
+                    self.read_chunk(part, index)
+                    progress(end - start)
 
     def read_chunk(self, part: int, index: int) -> bytes:
         """The bytes of one chunk, hashed on first read. Raises ``KeyError`` if the part is not

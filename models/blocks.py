@@ -207,6 +207,22 @@ class BlockSpan(nn.Module):
         rotary = spec.rotary_embedding(config=config).to(device)
         return cls(config, spec, layers, start, rotary, dtype, device)
 
+    @classmethod
+    def random(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa") -> "BlockSpan":
+        """Block 0 of the checkpoint's architecture with random weights and no file read: what a node
+        measures its speed with before it holds any block (every block has the same shape)."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        device = torch.device(device)
+        config, _ = load_config(path)
+        spec = check_architecture(config)
+        config = copy.deepcopy(config)
+        config._attn_implementation = attn_implementation
+        layer = spec.decoder_layer(config, 0).to(device=device, dtype=dtype)
+        layer.requires_grad_(False)
+        layer.eval()
+        return cls(config, spec, [layer], 0, spec.rotary_embedding(config=config).to(device), dtype, device)
+
     def sub(self, start: int, end: int) -> "BlockSpan":
         """A view of blocks [start, end) inside this span, sharing weights."""
         if not self.start <= start < end <= self.end:

@@ -204,13 +204,19 @@ def _verify_blocks(source: ModelSource, weights: WeightsService | None, blocks: 
 
 def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan]) -> Callable[[NodeOptions], BlockSpan]:
     """What placement measures one block with: every block has the same shape, so any block already
-    on this machine will do, and none is fetched just to be measured (unless none is here)."""
+    on this machine will do, and a node that holds none yet measures a block with random weights
+    rather than fetch one it may never serve."""
 
     def probe(opts: NodeOptions) -> BlockSpan:
         if source.manifest is not None:
             held = [p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
-            if held:
-                opts = replace(opts, start=held[0], end=held[0] + 1)
+            if not held:
+                set_threads(opts.num_threads)
+                span = BlockSpan.random(opts.model, dtype=opts.dtype, device=opts.device)
+                if opts.quant != "none":
+                    quantize_span(span, opts.quant)
+                return span
+            opts = replace(opts, start=held[0], end=held[0] + 1)
         return load(opts)
 
     return probe

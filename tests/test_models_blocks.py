@@ -243,3 +243,14 @@ def test_bad_inputs_are_refused(llama_checkpoint):
         span(x, attention_mask=torch.ones(1, 3))
     with pytest.raises(SpanInputError, match="grad_output"):
         span.backward(x, torch.zeros(1, 3, 64))
+
+
+def test_random_block_has_the_shape_and_speed_path_of_a_real_one(llama_checkpoint):
+    """BlockSpan.random: what a node measures with before it holds any block (node/server.py)."""
+    real, fake = BlockSpan.load(llama_checkpoint, 0, 1), BlockSpan.random(llama_checkpoint)
+    assert (fake.start, fake.end, fake.hidden_size) == (0, 1, real.hidden_size)
+    assert {k: v.shape for k, v in fake.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    hidden = torch.randn(1, 4, real.hidden_size)
+    out = fake.forward(hidden)
+    assert out.shape == hidden.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, real.forward(hidden))  # random weights, not the checkpoint's

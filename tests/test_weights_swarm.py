@@ -173,6 +173,21 @@ def test_corrupting_peer_is_detected_and_avoided(seeded, tmp_path):
         liar.kill()
 
 
+def test_a_choosing_node_fetches_only_the_blocks_it_chooses(seeded, tmp_path):
+    """--num-blocks from the manifest alone, with the start-up benchmark: it measures a block with
+    random weights instead of fetching one it may not serve, then fetches just its span."""
+    swarm, checkpoint, name = seeded
+    node = swarm.wait_ready(swarm.spawn_node(checkpoint / MANIFEST_FILE, "--num-blocks", "2", "--weights-dir",
+                                             str(tmp_path / "w"), "--balance-interval", "600"), timeout=120)
+    start, end = map(int, re.search(r"blocks (\d+):(\d+) of 4", node.output()).groups())
+    manifest = parse_manifest((checkpoint / MANIFEST_FILE).read_bytes())
+    fetched = sum(int(n) for n in re.findall(r"fetched (\d+) chunks", node.output()))
+    assert fetched == sum(len(manifest.parts[b].chunks) for b in range(start, end))
+    assert sorted(p.name for p in (tmp_path / "w").glob("block-*")) == [
+        f"block-{b:05d}.safetensors" for b in range(start, end)]
+    node.stop()
+
+
 def test_killed_fetch_resumes_without_refetching(tmp_path):
     checkpoint, name = _checkpoint(tmp_path / "ckpt")
     with Swarm(tmp_path) as swarm:

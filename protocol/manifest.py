@@ -21,6 +21,7 @@ Sans-IO: bytes in, values out. ``parse_manifest`` raises only ``RemoteProtocolEr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -125,11 +126,11 @@ class Manifest:
     config: dict[str, Any]
     parts: tuple[Part, ...]
 
-    @property
+    @functools.cached_property  # asked on every chunk request a node serves
     def hash(self) -> bytes:
         return manifest_hash(self.raw)
 
-    @property
+    @functools.cached_property
     def swarm_name(self) -> str:
         return swarm_name(self.name, self.hash)
 

@@ -15,7 +15,7 @@ import torch
 
 from biopetals.conformance.context import NODE_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
-from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
+from biopetals.conformance.vectors import envelope_type, load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.identity import Identity
 from biopetals.transport.errors import EndOfStream
@@ -196,16 +196,6 @@ SESSION_TYPES = {5, 7}  # on an open session stream
 ENVELOPE_STEPS = ("step 2", "step 3", "step 4", "step 5", "step 6", "§2.2", "§2.4")
 
 
-def _vector_type(data: bytes) -> int | None:
-    """The envelope's type if the bytes parse leniently as a map with an int key 1, else None."""
-    try:
-        obj = msgpack.unpackb(data, strict_map_key=False, raw=True)
-    except Exception:
-        return None
-    value = obj.get(1) if isinstance(obj, dict) else None
-    return value if type(value) is int else None
-
-
 def vector_route(v: dict) -> str | None:
     """Where a node must see an invalid vector for its code to be pinned by the spec.
 
@@ -218,7 +208,7 @@ def vector_route(v: dict) -> str | None:
     data = bytes.fromhex(v["hex"])
     if not data:
         return None  # an empty message cannot be framed (n >= 1): transport.mux.zero-length-message
-    mtype = _vector_type(data)
+    mtype = envelope_type(data)
     envelope_level = any(s in v["rule"] for s in ENVELOPE_STEPS)
     if mtype in SESSION_TYPES and not envelope_level:
         return "session"

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import msgpack
-
 from biopetals.conformance.context import DHT_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
-from biopetals.conformance.vectors import load_or_stub, slug as _slug, spec_of as _spec_of
+from biopetals.conformance.vectors import envelope_type, load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.dht import messages as dm
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.identity import PeerId
@@ -309,15 +307,6 @@ REPLY_TYPES = {ManifestData.TYPE, ChunkData.TYPE, Error.TYPE}
 ENVELOPE_STEPS = ("step 2", "step 3", "step 4", "step 5")
 
 
-def _vector_type(data: bytes) -> int | None:
-    try:
-        obj = msgpack.unpackb(data, strict_map_key=False, raw=True)
-    except Exception:
-        return None
-    value = obj.get(1) if isinstance(obj, dict) else None
-    return value if type(value) is int else None
-
-
 def is_request_vector(v: dict) -> bool:
     """A ``message`` vector whose code a server must answer: a request type, an unknown type, or an
     envelope error (§3.1). A reply type with a bad body is UNKNOWN_MESSAGE to a server, not the
@@ -327,7 +316,7 @@ def is_request_vector(v: dict) -> bool:
     data = bytes.fromhex(v["hex"])
     if not data:
         return False
-    mtype = _vector_type(data)
+    mtype = envelope_type(data)
     if any(s in v["rule"] for s in ENVELOPE_STEPS) or mtype is None:
         return True
     return mtype not in REPLY_TYPES

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+import msgpack
+
 __all__ = ["vectors_dir", "load", "load_or_stub", "slug", "spec_of"]
 
 
@@ -55,3 +57,14 @@ def spec_of(rule: str, doc: str) -> str:
     """A vector's ``rule`` ("§5.3 rule 2", "spec/tensors.md §3.3: ...") as a check's spec reference."""
     first = rule.split(",")[0].split(":")[0].strip()
     return first if first.startswith("spec/") else doc + first
+
+
+def envelope_type(data: bytes) -> int | None:
+    """The envelope's type if the bytes parse leniently as a map with an int key 1, else None
+    (which type a vector claims to be, whatever is wrong with it)."""
+    try:
+        obj = msgpack.unpackb(data, strict_map_key=False, raw=True)
+    except Exception:
+        return None
+    value = obj.get(1) if isinstance(obj, dict) else None
+    return value if type(value) is int else None

@@ -14,6 +14,7 @@ benchmark), less than sending it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -38,8 +39,6 @@ def tensor_locations(directory: Path) -> dict[str, tuple[Path, TensorLocation]]:
     """Every tensor of a directory's safetensors files: name -> (file, where its bytes are)."""
     index_file = directory / INDEX_FILE
     if index_file.is_file():
-        import json
-
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))

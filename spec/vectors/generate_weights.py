@@ -342,7 +342,8 @@ HASH = hashlib.sha256(canonical_json(small_document())).digest()
 NAME = f"tiny-llama.{HASH.hex()[:16]}"
 
 
-def fields_to_message(fields: dict) -> Any:
+def _field_values(fields: dict) -> dict[str, Any]:
+    """A vector's fields as Python values: hex to bytes, error code names to ``ErrorCode``."""
     values = {}
     for name, value in fields.items():
         if name == "type":
@@ -352,7 +353,11 @@ def fields_to_message(fields: dict) -> Any:
         elif name == "code" and isinstance(value, str):
             value = ErrorCode[value]
         values[name] = value
-    return MESSAGES[fields["type"]](**values)
+    return values
+
+
+def fields_to_message(fields: dict) -> Any:
+    return MESSAGES[fields["type"]](**_field_values(fields))
 
 
 def message_to_fields(message: Any) -> dict:
@@ -377,15 +382,8 @@ def pack(obj: Any) -> bytes:
 def plain_body(fields: dict) -> dict:
     """The body map of ``fields`` with msgpack-python only (ascending keys)."""
     keys = KEYS[fields["type"]]
-    body = {}
-    for name, value in fields.items():
-        if name == "type":
-            continue
-        if name in _BYTES:
-            value = bytes.fromhex(value)
-        elif name == "code" and isinstance(value, str):
-            value = int(ErrorCode[value])
-        body[keys[name]] = value
+    body = {keys[name]: int(value) if isinstance(value, ErrorCode) else value
+            for name, value in _field_values(fields).items()}
     return dict(sorted(body.items()))
 
 

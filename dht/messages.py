@@ -11,13 +11,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Union
 
-import msgpack
-
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.multiaddr import Multiaddr
 
 from . import params
 from .ids import ID_BYTES, PEER_ID_BYTES, ED25519_PEER_ID_PREFIX
+from .codec import pack, unpack
 from .records import Record, record_from_obj, record_to_obj
 
 # Message types (spec/dht.md §7).
@@ -106,35 +105,6 @@ Response = Union[PingResponse, StoreResponse, FindNodeResponse, FindValueRespons
 
 def _invalid(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.INVALID_FIELD, message)
-
-
-def unpack(data: bytes) -> Any:
-    """One msgpack value with the limits of spec/dht.md §3 checked before allocation."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "DHT message must be bytes")
-    if len(data) > params.MAX_MESSAGE_BYTES:
-        raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"DHT message of {len(data)} bytes exceeds the limit")
-    n = len(data)
-    try:
-        return msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=min(n, 4096),
-            max_map_len=min(n, 64),
-            max_ext_len=0,
-        )
-    except RecursionError:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "msgpack nesting too deep") from None
-    except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError...
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"not a single valid msgpack value: {type(e).__name__}") from None
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 def _top(data: bytes) -> tuple[int, dict]:

@@ -18,6 +18,7 @@ from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProto
 from biopetals.protocol.identity import Identity, verify_signature
 
 from . import params
+from .codec import unpack
 from .ids import is_peer_id_subkey, key_id, peer_id_of_public_key
 
 SIGNATURE_DOMAIN = b"biopetals/dht/record/1\n"
@@ -154,6 +155,4 @@ def encode_record(record: Record) -> bytes:
 
 def decode_record(data: bytes) -> Record:
     """A standalone record (as in the vectors); raises only RemoteProtocolError."""
-    from .messages import unpack  # one place owns msgpack limits and error mapping
-
     return record_from_obj(unpack(data))

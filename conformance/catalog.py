@@ -6,8 +6,10 @@ never imports them back (no import cycle).
 
 from __future__ import annotations
 
-# Registration order is the order the checks run and print in: transport, node, DHT, weights.
+# Registration order is the order the checks run and print in: transport (flow control and
+# keepalive after the others), node, DHT, weights.
 from biopetals.conformance import checks_transport  # noqa: F401, I001 (registers)
+from biopetals.conformance import checks_flow  # noqa: F401 (registers)
 from biopetals.conformance import checks_node  # noqa: F401 (registers)
 from biopetals.conformance import checks_dht  # noqa: F401 (registers)
 from biopetals.conformance import checks_weights  # noqa: F401 (registers)

@@ -36,16 +36,8 @@ import torch
 import zstandard
 
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
-from biopetals.protocol.fields import (
-    ArrayOf,
-    Blob,
-    CodecName,
-    MultiaddrText,
-    Nested,
-    PaddingMask,
-    PeerIdText,
-    TensorKind,
-)
+from biopetals.protocol.fields import CodecName, PaddingMask, TensorKind
+from biopetals.protocol.table import ArrayOf, Blob, MultiaddrText, Nested, PeerIdText
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import (
     FIRST_MESSAGES,

@@ -284,11 +284,20 @@ class WireField:
     optional: bool
 
 
-def wire(key: int, kind: Kind, *, optional: bool = False) -> Any:
-    """Declare a dataclass attribute as body key ``key`` (spec/messages.md, the body tables)."""
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def wire(key: int, kind: Kind, *, optional: bool = False, default: Any = _NO_DEFAULT) -> Any:
+    """Declare a dataclass attribute as body key ``key`` (spec/messages.md, the body tables).
+
+    An ``optional`` field may be absent on the wire (its Python default is the kind's ``absent``);
+    a required one with a ``default`` is always written but need not be passed to the constructor
+    (a DHT request's ``sender_addrs``, an empty array when the sender has no address)."""
     metadata = {"wire": (key, kind, optional)}
     if optional:
         return dataclasses.field(default=kind.absent, metadata=metadata)
+    if default is not _NO_DEFAULT:
+        return dataclasses.field(default=default, metadata=metadata)
     return dataclasses.field(metadata=metadata)
 
 

@@ -142,3 +142,13 @@ def test_repeated_or_negative_keys_are_malformed() -> None:
         with pytest.raises(RemoteProtocolError) as info:
             decode_request(data)
         assert info.value.code == ErrorCode.MALFORMED
+
+
+def test_sender_address_naming_another_peer_is_refused() -> None:
+    """spec/dht.md §3.1, §7: a /p2p/ sender address must name the authenticated sender."""
+    h = _handler()
+    other = f"{ADDR}/p2p/{B.peer_id}"
+    reply = _ask(h, A, PingRequest((other,)))
+    assert isinstance(reply, ErrorResponse) and reply.code == ErrorCode.INVALID_FIELD
+    assert not len(h.table)  # not added to the routing table
+    assert isinstance(_ask(h, A, PingRequest((f"{ADDR}/p2p/{A.peer_id}",))), PingResponse)

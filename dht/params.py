@@ -31,12 +31,7 @@ MAX_MESSAGE_BYTES: Final = 4 << 20
 
 #: Largest expiration a record may carry, in integer milliseconds (2**53 - 1, exact in every JSON/float).
 MAX_EXPIRATION_MS: Final = (1 << 53) - 1
-#: Deepest nesting of arrays and maps in a DHT message (a FIND_VALUE response needs 5).
-MAX_DEPTH: Final = 16
-
 #: What the package's bounded reader (protocol/reader.py) checks before building a DHT message:
-#: its size and depth; objects, containers and strings are bounded by the size alone here, so a
-#: field longer than its limit gets that field's own code (spec/dht.md §3, §4).
-READ_LIMITS: Final = ReadLimits(
-    max_bytes=MAX_MESSAGE_BYTES, max_objects=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH, max_container=MAX_MESSAGE_BYTES
-)
+#: its size only; every declared length is bounded by the bytes left (spec/dht.md §3), and each
+#: field carries its own limit and code (§2, §4).
+READ_LIMITS: Final = ReadLimits(max_bytes=MAX_MESSAGE_BYTES, scan=False)

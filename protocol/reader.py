@@ -34,6 +34,10 @@ class ReadLimits:
     max_objects: int = MAX_MESSAGE_OBJECTS  # every key, value and item at any depth
     max_depth: int = MAX_MESSAGE_DEPTH  # nesting of arrays and maps; the top level is depth 1
     max_container: int = MAX_MSGPACK_CONTAINER  # entries of one array or map, bytes of one str
+    #: False: no structure scan; msgpack bounds every declared length by the bytes left, and only
+    #: the size is a limit (the DHT: its fields carry their own limits, spec/dht.md §3). Nesting
+    #: deeper than msgpack's stack is then MALFORMED.
+    scan: bool = True
 
 
 # Payload sizes of fixed-width msgpack formats, by first byte.
@@ -163,8 +167,10 @@ def read_value(data: bytes | bytearray | memoryview, limits: ReadLimits, *, what
         raise LocalProtocolError(ErrorCode.MALFORMED, f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_bytes:
         raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{what} of {len(data)} bytes > {limits.max_bytes}")
-    # The scan bounds everything the parse below allocates.
-    scan_msgpack(data, max_objects=limits.max_objects, max_depth=limits.max_depth, max_container=limits.max_container)
+    # The scan bounds everything the parse below allocates; without it, the max_*_len below do.
+    if limits.scan:
+        scan_msgpack(data, max_objects=limits.max_objects, max_depth=limits.max_depth, max_container=limits.max_container)
+    bound = limits.max_container if limits.scan else len(data)
     try:
         return msgpack.unpackb(
             data,
@@ -173,14 +179,14 @@ def read_value(data: bytes | bytearray | memoryview, limits: ReadLimits, *, what
             strict_map_key=False,  # keys are checked by _pairs_to_dict
             object_pairs_hook=_pairs_to_dict,
             max_bin_len=limits.max_bytes,
-            max_str_len=limits.max_container,
-            max_array_len=limits.max_container,
-            max_map_len=limits.max_container,
-            max_ext_len=limits.max_container,
+            max_str_len=bound,
+            max_array_len=bound,
+            max_map_len=bound,
+            max_ext_len=0,  # no wire format of this project uses ext types
         )
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         # After the scan only invalid UTF-8 remains (RemoteProtocolError from the key
-        # hook is not caught here).
+        # hook is not caught here); without it, anything msgpack refuses is MALFORMED.
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"invalid msgpack: {exc}") from None
 
 

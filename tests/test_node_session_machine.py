@@ -7,8 +7,11 @@ tests/test_node_bad_input.py shows the same rules through a real node process.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from test_sans_io import FORBIDDEN, imported_modules
 
 from biopetals.node.budget import CacheBudget
 from biopetals.node.session_machine import Allocate, EndStream, NodeRules, PushTo, RunStep, Send, SessionMachine
@@ -251,3 +254,14 @@ def test_stateless_rules():
         with pytest.raises(RemoteProtocolError) as info:
             rules.check_stateless(request)
         assert info.value.code == code
+
+
+@pytest.mark.parametrize("module", ["node/session_machine.py", "node/sessions.py", "node/budget.py", "models/step.py"])
+def test_the_session_rules_are_sans_io(module):
+    """No event loop, socket or clock below the driver (DESIGN.md; node/handler.py is the driver)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / module).read_text())
+    found = [name for _, name in imported_modules(tree) if name.split(".")[0] in FORBIDDEN]
+    found += [name for _, name in imported_modules(tree) if name.startswith(("biopetals.transport", "biopetals.node.handler"))]
+    assert found == []

@@ -496,3 +496,16 @@ def test_a_call_past_its_deadline_is_a_stall_and_the_budget_ends_the_pass():
     with pytest.raises(SwarmError, match="the forward pass failed 2 times: no live node for blocks 0:8"):
         c.done(6.0)
     assert not c.busy
+
+
+def test_which_failures_the_request_caused():
+    from biopetals.client.errors import peer_failure_from
+    from biopetals.protocol.errors import LocalProtocolError, RemoteProtocolError
+
+    ours = peer_failure_from("A", LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, "shape [1, 4200, 4096] is over"))
+    assert ours.by_request and ours.local
+    assert PeerFailure("A", "LIMIT_EXCEEDED", int(ErrorCode.LIMIT_EXCEEDED)).by_request  # any node would say it
+    for code in (ErrorCode.INVALID_TENSOR, ErrorCode.BAD_POSITION, ErrorCode.TIMEOUT, None):
+        # our request passed our own checks: the node's answer is about the node
+        assert not PeerFailure("A", "x", None if code is None else int(code)).by_request
+    assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.INVALID_TENSOR, "bad")).by_request

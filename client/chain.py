@@ -21,8 +21,11 @@ What it owns:
   violation, and a result of the wrong shape is its failure, never an abort;
 - **the history used for replay**: what each span was fed (``Fed``), and the replay
   plan that rebuilds a failed span's KV cache on its replacement, split over
-  several nodes if need be, in the original chunks, positions and step ids
-  (§5.9), then re-sends the current step with push to the rest (§5.7);
+  several nodes if need be, in the original chunks and positions, without push,
+  under the original step ids (fresh to the new sessions, still increasing; §5.9),
+  then re-sends the current step with push to the rest (§5.7). Sessions that are
+  no longer used are abandoned (their stream reset) or, when still healthy,
+  closed with ``CloseSession`` (§5.8);
 - **the failover budget** (``FailoverBudget``): one rule for sessions, forward and
   backward alike. A node failure avoids the node (``Avoid``: a missed deadline
   counts as a stall) and re-routes its blocks; after ``max_failovers`` failures the

@@ -12,6 +12,8 @@ real processes that the drivers wire it up (a stalled then a killed node, exact 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from support_models import make_tiny_checkpoint
@@ -184,6 +186,18 @@ def test_missing_blocks_error_names_blocks_and_nodes(checkpoint, swarm):
             m.close()
     assert info.value.missing == [(3, 8)]
     assert "3..7" in str(info.value) and partial.nodes[0].peer_id in str(info.value)
+
+
+def test_a_request_over_the_models_length_is_raised_at_once_and_no_node_is_avoided(model, swarm, checkpoint):
+    """Every node refuses a session longer than the model's positions (LIMIT_EXCEEDED, spec/messages.md §5.1):
+    the request's fault, not a node's (client/chain.py): raised at once, and no node is avoided."""
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="limit|max_length") as info:
+        with model.inference_session(max_length=300):  # the checkpoint has 256 positions
+            model.generate(prompt_ids(checkpoint), max_new_tokens=2)
+    print(f"{type(info.value).__name__}: {info.value}")
+    assert time.monotonic() - t < 10
+    assert [model.swarm.health.failures(n.peer_id) for n in swarm.nodes] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("probe", [True, False])

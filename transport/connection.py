@@ -34,8 +34,9 @@ from biopetals.protocol.handshake import HANDSHAKE_TIMEOUT, Handshake, Handshake
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.mux import Mux
 
+from .budget import MAX_CONNECTION_BUFFER, MAX_MESSAGE_BUFFER, MAX_NODE_BUFFER, ConnectionBudget, ReceiveBudget
 from .errors import ConnectionClosedError, DeadlineExceeded
-from .streams import Stream
+from .streams import Stream, retry_budget_waiters
 from .unary import UnaryCall, UnaryRequest, UnaryServer
 
 __all__ = ["Connection", "ConnectionStatistics", "TransportConfig"]
@@ -61,6 +62,16 @@ class TransportConfig:
     write_buffer_high: int = 4 * 1024 * 1024
     #: Seconds a closing connection may spend flushing before the socket is aborted.
     close_timeout: float = 2.0
+    #: Largest message one stream may be assembling (§3.16, ``max_message_buffer``).
+    max_message_buffer: int = MAX_MESSAGE_BUFFER
+    #: Bytes of unfinished messages one connection may hold (§3.16, ``max_connection_buffer``).
+    max_connection_buffer: int = MAX_CONNECTION_BUFFER
+    #: Bytes of unfinished messages all connections together may hold (§3.16, ``max_node_buffer``).
+    max_node_buffer: int = MAX_NODE_BUFFER
+
+    def receive_budget(self) -> ReceiveBudget:
+        """A node-wide receive budget with this configuration's limits."""
+        return ReceiveBudget(self.max_message_buffer, self.max_connection_buffer, self.max_node_buffer)
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class Connection:
         "remote_address", "_streams", "_receive_plaintext", "_in_dispatch", "_write_paused", "_drain_waiters",
         "_pong_waiters", "rtt", "_min_rtt", "_bytes_sent", "_bytes_received", "_flush_scheduled", "_batching",
         "going_away", "_closing", "_close_reason", "_closed", "_closed_event", "_keepalive_task", "_abort_timer",
-        "on_stream", "unary_servers", "on_going_away", "on_closed", "__weakref__",
+        "on_stream", "unary_servers", "on_going_away", "on_closed", "_budget", "__weakref__",
     )
 
     def __init__(
@@ -103,9 +114,12 @@ class Connection:
         initiator: bool,
         local_peer_id: PeerId,
         config: TransportConfig,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport = transport
+        # Unfinished messages of this connection's streams reserve their size here (§3.16).
+        self._budget = budget if budget is not None else config.receive_budget().connection()
         self._secure = result.channel
         self._mux = Mux(initiator=initiator, max_window=config.max_window)
         self._config = config
@@ -505,6 +519,9 @@ class Connection:
         for stream in list(self._streams.values()):
             stream._on_connection_lost(error)
         self._streams.clear()
+        waiters = self._budget.close()
+        if waiters:
+            self._loop.call_soon(retry_budget_waiters, waiters)
         self._wake_drain_waiters()
         for fut in self._pong_waiters.values():
             if not fut.done():
@@ -547,6 +564,7 @@ class _Wire(asyncio.BufferedProtocol):
         on_ready: Callable[[Connection], None],
         on_failed: Callable[[ProtocolError, Any], None],
         expected_peer_id: PeerId | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._identity = identity
@@ -556,6 +574,7 @@ class _Wire(asyncio.BufferedProtocol):
         self._on_ready = on_ready
         self._on_failed = on_failed
         self._expected = expected_peer_id
+        self._budget = budget
         self._transport: asyncio.Transport | None = None
         self._handshake: Handshake | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -647,8 +666,9 @@ class _Wire(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self._handshake = None
+        budget = self._budget.connection() if self._budget is not None else None
         conn = Connection(
-            self._transport, result, initiator=self._initiator, local_peer_id=self._identity.peer_id, config=self._config
+            self._transport, result, initiator=self._initiator, local_peer_id=self._identity.peer_id, config=self._config, budget=budget
         )
         self._conn = conn
         if self._transport.is_closing():  # peer already gone; connection_lost follows

@@ -107,6 +107,8 @@ class HostStatistics:
     bytes_sent: int
     bytes_received: int
     inline_requests: int = 0  # requests answered by inline handlers (no task each), since start
+    receive_buffer_held: int = 0  # bytes reserved for unfinished incoming messages (§3.16)
+    messages_refused: int = 0  # incoming messages refused by the receive budget, since start
 
 
 class Host:
@@ -126,6 +128,8 @@ class Host:
         self.identity = identity
         self._swarm_key = swarm_key.key if isinstance(swarm_key, SwarmKey) else swarm_key
         self.config = config or TransportConfig()
+        # Bytes of unfinished incoming messages, over every connection (spec/transport.md §3.16).
+        self._budget = self.config.receive_budget()
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
@@ -255,6 +259,7 @@ class Host:
             config=self.config,
             on_ready=ready,
             on_failed=failed,
+            budget=self._budget,
         )
         self._handshaking.add(wire)
         return wire
@@ -480,6 +485,7 @@ class Host:
             on_ready=self._adopt,
             on_failed=self._dial_failed,
             expected_peer_id=addr.peer_id,
+            budget=self._budget,
         )
         family = {"ip4": socket.AF_INET, "dns4": socket.AF_INET, "ip6": socket.AF_INET6, "dns6": socket.AF_INET6}.get(addr.kind, 0)
         assert wire.ready is not None
@@ -675,6 +681,8 @@ class Host:
             bytes_sent=self._closed_bytes[0] + sum(s.bytes_sent for s in stats),
             bytes_received=self._closed_bytes[1] + sum(s.bytes_received for s in stats),
             inline_requests=self._inline_requests,
+            receive_buffer_held=self._budget.held,
+            messages_refused=self._budget.refused,
         )
 
     # ------------------------------------------------------------------ inline handlers

@@ -1,0 +1,112 @@
+"""Issue 21's attacks against a real node process on loopback, each bounded and ending by itself.
+
+For every attack the test asserts the bound the spec states (spec/transport.md §3.16)
+and that an honest client beside the attacker still gets its exact answer: a
+stateless Forward over the node's blocks, checked against transformers' own layers
+on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from support_hostile import half_open_connections, partial_messages, process_usage, silent_streams
+from support_models import tiny_llama_checkpoint  # noqa: F401 (a fixture)
+from support_swarm import RawClient, Swarm
+
+from biopetals.models.config import model_info
+from biopetals.protocol.envelope import PROTOCOL_NAME
+from biopetals.protocol.identity import Identity
+from biopetals.protocol.messages import Forward, ForwardResult
+from biopetals.protocol.multiaddr import Multiaddr
+from biopetals.transport.host import Host
+
+MiB = 1 << 20
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_llama_checkpoint):
+    return tiny_llama_checkpoint
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, checkpoint):
+    with Swarm(tmp_path_factory.mktemp("swarm")) as swarm:
+        yield swarm, swarm.start_node(checkpoint, "0:4")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Hidden states entering block 0 and leaving block 3, from transformers' own model."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    ids = torch.randint(4, model.config.vocab_size, (1, TOKENS))
+    out = {}
+    hook = model.model.layers[3].register_forward_hook(lambda m, a, o: out.__setitem__(3, (o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        res = model(ids, output_hidden_states=True)
+    hook.remove()
+    return res.hidden_states[0], out[3]
+
+
+async def honest_forward(swarm, addr: str, checkpoint, reference) -> None:
+    """An honest client's Forward over blocks 0:4 is exact (fp32, against transformers)."""
+    hidden, expected = reference
+    async with RawClient(swarm.swarm_key, timeout=30) as client:
+        reply = await client.request(addr, Forward(model=model_info(checkpoint).dht_prefix, start=0, end=4, codec="f32", hidden=hidden), "f32")
+    assert isinstance(reply, ForwardResult), reply
+    assert (reply.hidden - expected).abs().max().item() <= 1e-5
+
+
+def test_partial_messages_grow_node_memory_by_a_bounded_amount(node, checkpoint, reference):
+    """Attack 1: one insider connection, 16 streams each declaring 128 MiB and sending up to 100 MiB."""
+    swarm, n = node
+
+    async def go():
+        quiet = process_usage(n.pid)
+        peak = quiet.rss
+        async with Host(Identity.generate(), swarm_key=swarm.swarm_key) as insider:
+            attack = asyncio.ensure_future(
+                partial_messages(insider, n.addr, PROTOCOL_NAME, streams=16, declared=128 * MiB, send=100 * MiB, seconds=4)
+            )
+            while not attack.done():
+                peak = max(peak, process_usage(n.pid).rss)
+                await asyncio.sleep(0.05)
+            accepted = attack.result()
+            await honest_forward(swarm, n.addr, checkpoint, reference)
+        return quiet, peak, accepted
+
+    quiet, peak, accepted = asyncio.run(go())
+    print(f"\nattack 1: node RSS {quiet.rss / MiB:.0f} -> peak {peak / MiB:.0f} MiB, body bytes accepted {accepted / MiB:.1f} MiB")
+    # One message got its reservation (credit for up to 128 MiB); the other 15 only a first window each.
+    assert accepted <= 128 * MiB + 15 * 256 * 1024
+    assert peak - quiet.rss <= 256 * MiB, (quiet.rss, peak)
+    assert n.alive()
+
+
+def test_half_open_connections_are_bounded_and_clients_still_join(node, checkpoint, reference):
+    """Attack 2: 600 keyless TCP connections that never finish a handshake."""
+    swarm, n = node
+    addr = Multiaddr.parse(n.addr)
+
+    async def go():
+        quiet = process_usage(n.pid)
+        socks = await half_open_connections(addr.host, addr.port, 600, send=b"\x00")
+        try:
+            await asyncio.sleep(0.5)
+            during = process_usage(n.pid)
+            await honest_forward(swarm, n.addr, checkpoint, reference)
+        finally:
+            for s in socks:
+                s.close()
+        return quiet, during
+
+    quiet, during = asyncio.run(go())
+    print(f"\nattack 2: node RSS {quiet.rss / MiB:.0f} -> {during.rss / MiB:.0f} MiB, descriptors {quiet.fds} -> {during.fds}")
+    assert during.rss - quiet.rss <= 64 * MiB, (quiet, during)
+    assert n.alive()

@@ -61,6 +61,8 @@ from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import validate_protocol_name
 from biopetals.protocol.swarm_key import SwarmKey
 
+from .admission import Admission, raise_descriptor_limit
+from .logs import LogAggregator
 from .connection import Connection, TransportConfig, _Wire
 from .errors import ConnectionClosedError, DeadlineExceeded, StreamResetError, TransportError
 from .streams import Stream
@@ -130,6 +132,10 @@ class Host:
         self.config = config or TransportConfig()
         # Bytes of unfinished incoming messages, over every connection (spec/transport.md §3.16).
         self._budget = self.config.receive_budget()
+        # Pending handshakes and established connections, bounded (§3.16.2); the descriptor
+        # limit is learnt (and raised) when the host starts listening.
+        self._admission = Admission(self.config.connection_limits())
+        self._logs = LogAggregator(self.config.log_interval)  # peer-caused warnings, aggregated (§3.16.3)
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
@@ -204,6 +210,8 @@ class Host:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        for line in self._logs.flush(asyncio.get_running_loop().time()):
+            log.warning("%s", line)
 
     def _check_running(self) -> asyncio.TaskGroup:
         if not self._running or self._tg is None:
@@ -218,6 +226,8 @@ class Host:
         ``host`` may also be a multiaddr such as ``/ip4/0.0.0.0/tcp/31337``.
         """
         self._check_running()
+        if self._admission.fd_limit is None:
+            self._admission.fd_limit = raise_descriptor_limit()
         if host.startswith("/"):
             addr = Multiaddr.parse(host)
             host, port = addr.host, addr.port
@@ -244,13 +254,15 @@ class Host:
 
         def ready(conn: Connection) -> None:
             self._handshaking.discard(wire)
+            self._admission.forget(wire)
             self._adopt(conn)
 
         def failed(error: ProtocolError, peername: Any) -> None:
             self._handshaking.discard(wire)
+            self._admission.forget(wire)
             self._handshakes_failed[_code_name(error.code)] += 1
             where = f"{peername[0]}:{peername[1]}" if peername else "?"
-            log.warning("inbound handshake from %s failed: %s", where, _with_hint(error).message)
+            self._warn("inbound handshake failed", peername[0] if peername else "?", f"from {where}: {_with_hint(error).message}")
 
         wire = _Wire(
             identity=self.identity,
@@ -260,9 +272,32 @@ class Host:
             on_ready=ready,
             on_failed=failed,
             budget=self._budget,
+            admit=self._admit,
+            on_progress=self._admission.progressed,
         )
         self._handshaking.add(wire)
         return wire
+
+    def _admit(self, wire: _Wire, peername: Any, fd: int) -> bool:
+        """An accepted socket: within the limits of §3.16.2? Evicts idle pending handshakes to make room."""
+        refusal, evict = self._admission.accept(wire, peername[0] if peername else "?", fd if fd >= 0 else None)
+        source = peername[0] if peername else "?"
+        if refusal is not None:
+            self._handshaking.discard(wire)
+            self._handshakes_failed["REFUSED"] += 1
+            self._warn("refused an inbound connection", source, f"from {source}: too many {refusal} (spec/transport.md §3.16.2)")
+            return False
+        for victim in evict:
+            self._handshakes_failed["EVICTED"] += 1
+            self._warn("dropped a pending handshake", source, "to make room for a newer one (spec/transport.md §3.16.2)")
+            victim.abort()  # type: ignore[attr-defined]
+        return True
+
+    def _warn(self, kind: str, source: str, message: str) -> None:
+        """A warning a peer can cause: at most one line per kind and ``log_interval`` (§3.16.3)."""
+        line = self._logs.note(kind, source, message, asyncio.get_running_loop().time())
+        if line is not None:
+            log.warning("%s", line)
 
     # ------------------------------------------------------------------ handlers
 
@@ -517,6 +552,12 @@ class Host:
         if not self._running or self._tg is None:
             conn.close(0, "host shutting down")
             return
+        refusal = self._admission.open(conn.peer_id, inbound=not conn.initiator)
+        if refusal is not None:
+            self._warn("refused a connection", str(conn.peer_id), f"with {conn.peer_id}: too many {refusal} (spec/transport.md §3.16.2)")
+            conn.close(ErrorCode.BUSY, f"too many {refusal} (spec/transport.md §3.16.2)")
+            return
+        conn.on_warning = self._warn
         conn.on_stream = self._on_stream
         conn.unary_servers = self._unary_servers
         conn.on_going_away = self._on_going_away
@@ -533,6 +574,7 @@ class Host:
         conn.retire()
 
     def _on_closed(self, conn: Connection) -> None:
+        self._admission.close(conn.peer_id, inbound=not conn.initiator)
         stats = conn.statistics()
         self._closed_bytes[0] += stats.bytes_sent
         self._closed_bytes[1] += stats.bytes_received

@@ -128,3 +128,43 @@ def test_half_open_connections_and_a_keyless_flood_are_bounded(node, checkpoint,
     assert logged <= 4096, n.output()[-4096:]  # one line per kind and interval (§3.16.3)
     assert "Too many open files" not in n.output()
     assert n.alive()
+
+
+def test_streams_without_a_first_message_are_reset(node, checkpoint, reference):
+    """Attack 5: 1000 streams (4 insiders x 250) that never send a first message are reset (TIMEOUT)
+    within the node's first_message_timeout (15 s, spec/transport.md §3.16.4); an honest client is served."""
+    swarm, n = node
+    from biopetals.protocol.errors import ErrorCode
+    from biopetals.transport.connection import TransportConfig
+    from biopetals.transport.errors import StreamResetError
+
+    timeout = TransportConfig().first_message_timeout
+
+    async def go():
+        insiders = [Host(Identity.generate(), swarm_key=swarm.swarm_key) for _ in range(4)]
+        for h in insiders:
+            await h.__aenter__()
+        try:
+            quiet = process_usage(n.pid)
+            silent = [s for h in insiders for s in await silent_streams(h, n.addr, PROTOCOL_NAME, 250)]
+            await asyncio.sleep(0.5)
+            during = process_usage(n.pid)
+            await honest_forward(swarm, n.addr, checkpoint, reference)
+
+            async def reset_code(stream):
+                try:
+                    await asyncio.wait_for(stream.receive(), timeout + 2)
+                except StreamResetError as exc:
+                    return exc.code
+                return None
+
+            codes = await asyncio.gather(*(reset_code(s) for s in silent))
+        finally:
+            for h in insiders:
+                await h.__aexit__(None, None, None)
+        return quiet, during, codes
+
+    quiet, during, codes = asyncio.run(go())
+    print(f"\nattack 5: 1000 silent streams, node RSS {quiet.rss / MiB:.0f} -> {during.rss / MiB:.0f} MiB; reset: {codes.count(ErrorCode.TIMEOUT)}")
+    assert codes == [ErrorCode.TIMEOUT] * 1000
+    assert n.alive()

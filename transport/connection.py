@@ -89,6 +89,9 @@ class TransportConfig:
     fd_headroom: int = FD_HEADROOM
     #: Seconds between two log lines of one kind of peer-caused warning; the rest are counted (§3.16.3).
     log_interval: float = LOG_INTERVAL
+    #: A stream the peer opened is reset (TIMEOUT) if its first message has not arrived
+    #: within this many seconds (not before 3/4 of it; §3.16.4). 0: never.
+    first_message_timeout: float = 15.0
 
     def receive_budget(self) -> ReceiveBudget:
         """A node-wide receive budget with this configuration's limits."""
@@ -326,6 +329,21 @@ class Connection:
                 return
             except ConnectionClosedError:
                 return
+
+    def sweep_first_messages(self, sweep: int) -> int:
+        """Sweep number ``sweep`` (one every ``first_message_timeout / 4`` s): reset each stream the
+        peer opened that has waited for its first message since three sweeps ago (§3.16.4)."""
+        expired = 0
+        for stream in list(self._streams.values()):
+            if not getattr(stream, "awaiting_first_message", False):
+                continue
+            if not stream._first_sweep:  # type: ignore[union-attr]
+                stream._first_sweep = sweep  # type: ignore[union-attr]
+            elif sweep - stream._first_sweep >= FIRST_MESSAGE_SWEEPS - 1:  # type: ignore[union-attr]
+                timeout = self._config.first_message_timeout
+                stream.reset(ErrorCode.TIMEOUT, f"no first message within {timeout:g} s (spec/transport.md §3.16.4)")
+                expired += 1
+        return expired
 
     # ------------------------------------------------------------------ output
 
@@ -565,6 +583,9 @@ def _closed_error(exc: LocalProtocolError) -> LocalProtocolError:
     """The multiplexer refused a new stream: a going-away connection is a ConnectionClosedError."""
     return ConnectionClosedError(exc.message) if exc.code == ErrorCode.CONNECTION_CLOSED else exc
 
+
+#: Sweeps per ``first_message_timeout``: a silent stream is reset between 3/4 of it and all of it.
+FIRST_MESSAGE_SWEEPS = 4
 
 #: Size of each connection's receive buffer (one ``recv_into`` per socket read).
 _RECV_BUFFER = 256 * 1024

@@ -63,7 +63,7 @@ from biopetals.protocol.swarm_key import SwarmKey
 
 from .admission import Admission, raise_descriptor_limit
 from .logs import LogAggregator
-from .connection import Connection, TransportConfig, _Wire
+from .connection import FIRST_MESSAGE_SWEEPS, Connection, TransportConfig, _Wire
 from .errors import ConnectionClosedError, DeadlineExceeded, StreamResetError, TransportError
 from .streams import Stream
 from .unary import ONE_FRAME, UnaryCall, UnaryRequest, UnaryServer
@@ -136,6 +136,7 @@ class Host:
         # limit is learnt (and raised) when the host starts listening.
         self._admission = Admission(self.config.connection_limits())
         self._logs = LogAggregator(self.config.log_interval)  # peer-caused warnings, aggregated (§3.16.3)
+        self._sweeper: asyncio.Task[None] | None = None  # resets streams without a first message (§3.16.4)
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
@@ -173,6 +174,8 @@ class Host:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
+        if self.config.first_message_timeout > 0:
+            self._sweeper = self._tg.create_task(self._sweep_first_messages())
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
@@ -183,8 +186,21 @@ class Host:
             result = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
+    async def _sweep_first_messages(self) -> None:
+        """Every ``first_message_timeout / 4`` s, reset streams still silent (spec/transport.md §3.16.4)."""
+        period = self.config.first_message_timeout / FIRST_MESSAGE_SWEEPS
+        sweep = 0
+        while True:
+            await asyncio.sleep(period)
+            sweep += 1
+            expired = sum(conn.sweep_first_messages(sweep) for conn in self.connections())
+            if expired:
+                self._warn("reset streams without a first message", "?", f"{expired} within {self.config.first_message_timeout:g} s")
+
     async def _shutdown(self) -> None:
         self._running = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for wire in list(self._handshaking):

@@ -222,13 +222,19 @@ class UnaryRequest(_StandIn):
     ``protocol``, ``_try_send_last``, ``send``, ``reset``, ``_task_to_cancel``.
     """
 
-    __slots__ = ("_server", "_task_to_cancel", "_closed")
+    __slots__ = ("_server", "_task_to_cancel", "_closed", "_first_sweep")
 
     def __init__(self, conn: Connection, stream_id: int, protocol: str, server: UnaryServer) -> None:
         super().__init__(conn, stream_id, protocol)
         self._server: UnaryServer | None = server  # None once told of the request (or reset)
         self._task_to_cancel: asyncio.Task[None] | None = None  # an async handler working for the caller
         self._closed = False
+        self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it waiting
+
+    @property
+    def awaiting_first_message(self) -> bool:
+        """The request has not arrived yet (spec/transport.md §3.16.4)."""
+        return self._server is not None and not self._closed and self._stream is None
 
     @property
     def peer_id(self) -> PeerId:

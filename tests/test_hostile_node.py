@@ -123,7 +123,7 @@ def test_half_open_connections_and_a_keyless_flood_are_bounded(node, checkpoint,
 
     quiet, during, logged = asyncio.run(go())
     print(f"\nattack 2: node RSS {quiet.rss / MiB:.0f} -> {during.rss / MiB:.0f} MiB, descriptors {quiet.fds} -> {during.fds}, log +{logged} B")
-    assert during.fds <= quiet.fds + 64, (quiet, during)  # 16 pending per address, the rest evicted
+    assert during.fds <= quiet.fds + 80, (quiet, during)  # 64 pending per address, the rest evicted
     assert during.rss - quiet.rss <= 32 * MiB, (quiet, during)
     assert logged <= 4096, n.output()[-4096:]  # one line per kind and interval (§3.16.3)
     assert "Too many open files" not in n.output()
@@ -168,3 +168,47 @@ def test_streams_without_a_first_message_are_reset(node, checkpoint, reference):
     print(f"\nattack 5: 1000 silent streams, node RSS {quiet.rss / MiB:.0f} -> {during.rss / MiB:.0f} MiB; reset: {codes.count(ErrorCode.TIMEOUT)}")
     assert codes == [ErrorCode.TIMEOUT] * 1000
     assert n.alive()
+
+
+@pytest.mark.parametrize("identities", [64, pytest.param(1000, marks=pytest.mark.slow)])
+def test_many_identities_from_one_host_cannot_fill_a_block_key_or_the_routing_table(node, checkpoint, identities):
+    """Attack 7: ``identities`` fresh identities on one host each STORE an announcement under the node's
+    block key and PING with an address; the node keeps at most MAX_WRITERS_PER_ADDRESS of their records
+    and MAX_CONTACTS_PER_ADDRESS of them as contacts (spec/dht.md §5.4, §8.1)."""
+    from biopetals.dht import messages as m
+    from biopetals.dht import params
+    from biopetals.dht.ids import block_key
+    from biopetals.dht.records import sign_record, to_ms
+    import time
+
+    swarm, n = node
+    key = block_key(model_info(checkpoint).dht_prefix, 0)
+
+    async def one(sem, statuses, contacts):
+        who = Identity.generate()
+        record = sign_record(who, key, who.peer_id.multihash, b"fake", to_ms(time.time() + 600))
+        async with sem:
+            async with Host(who, swarm_key=swarm.swarm_key) as h:
+                request = m.StoreRequest((record,), (f"/ip4/127.0.0.1/tcp/9/p2p/{who.peer_id}",))
+                reply = m.decode_response(await h.call(n.addr, params.PROTOCOL, m.encode(request), timeout=30))
+                statuses.append(reply.statuses[0] if isinstance(reply, m.StoreResponse) else reply.code)
+                found = m.decode_response(await h.call(n.addr, params.PROTOCOL, m.encode(m.FindNodeRequest(bytes(32), ())), timeout=30))
+                contacts.append(len(found.contacts))
+
+    async def go():
+        sem = asyncio.Semaphore(32)
+        statuses, contacts = [], []
+        await asyncio.gather(*(one(sem, statuses, contacts) for _ in range(identities)))
+        async with Host(Identity.generate(), swarm_key=swarm.swarm_key) as h:
+            reply = m.decode_response(
+                await h.call(n.addr, params.PROTOCOL, m.encode(m.FindValueRequest((__import__("biopetals.dht.ids", fromlist=["key_id"]).key_id(key),), ())), timeout=30)
+            )
+        return statuses, contacts, reply
+
+    statuses, contacts, reply = asyncio.run(go())
+    stored = len(reply.results[0].records)
+    print(f"\nattack 7, {identities} identities: {statuses.count(0)} stored, node holds {stored} records under {key}")
+    assert statuses.count(0) <= params.MAX_WRITERS_PER_ADDRESS
+    assert stored <= params.MAX_WRITERS_PER_ADDRESS + 1  # + the node's own announcement
+    assert stored < params.MAX_SUBKEYS_PER_KEY  # subkeys left for nodes on other hosts
+    assert max(contacts) <= params.MAX_CONTACTS_PER_ADDRESS + 1

@@ -37,9 +37,9 @@ __all__ = [
 ]
 
 #: Default most handshakes in progress on accepted sockets, over all source addresses.
-MAX_PENDING_HANDSHAKES: Final = 256
+MAX_PENDING_HANDSHAKES: Final = 512
 #: Default most handshakes in progress from one source IP address.
-MAX_PENDING_PER_ADDRESS: Final = 16
+MAX_PENDING_PER_ADDRESS: Final = 64
 #: Default most established inbound connections.
 MAX_CONNECTIONS: Final = 1024
 #: Default most established connections with one peer id (both directions; one is kept, §3.12).

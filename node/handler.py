@@ -50,6 +50,7 @@ from biopetals.protocol.messages import (
     error_from_exception,
 )
 from biopetals.protocol.tensors import Codec
+from biopetals.transport.addresses import hop_target
 from biopetals.transport.errors import EndOfStream, TransportError
 from biopetals.transport.host import Host
 from biopetals.transport.streams import Stream
@@ -429,13 +430,7 @@ class NodeService:
     async def _push(self, hop, push: Push, codec: Codec) -> None:
         """Send ``push`` to the next node; failures are logged only (§5.7: the client's deadline covers them)."""
         try:
-            peer = hop.peer_id if isinstance(hop.peer_id, PeerId) else PeerId.from_base58(hop.peer_id)
-            for addr in hop.addrs:
-                try:
-                    self.host.add_address(peer, addr)
-                    break
-                except ProtocolError:
-                    continue
+            peer = hop_target(hop.peer_id)  # never the hop's addrs (spec/transport.md §3.16.5)
             reply = await self.host.call(
                 peer, PROTOCOL_NAME, encode_message(push, codec), timeout=self.config.push_timeout
             )

@@ -212,3 +212,49 @@ def test_many_identities_from_one_host_cannot_fill_a_block_key_or_the_routing_ta
     assert stored <= params.MAX_WRITERS_PER_ADDRESS + 1  # + the node's own announcement
     assert stored < params.MAX_SUBKEYS_PER_KEY  # subkeys left for nodes on other hosts
     assert max(contacts) <= params.MAX_CONTACTS_PER_ADDRESS + 1
+
+
+def test_a_step_cannot_make_the_node_dial_anything(node, checkpoint, reference):
+    """Attack 4: 40 Steps whose next hop is an unknown peer at an address we listen on (and a
+    /dns4 name): the node dials none of them (spec/transport.md §3.16.5), and the step is answered."""
+    import socket
+
+    from biopetals.protocol.messages import Hop, OpenSession, SessionOpened, Step, StepResult
+
+    swarm, n = node
+    hidden, _ = reference
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+
+    async def go():
+        async with RawClient(swarm.swarm_key, timeout=30) as client:
+            opening = OpenSession(model=model_info(checkpoint).dht_prefix, start=0, end=4, max_length=64, batch_size=1, codec="f32")
+            stream, opened = await client.open_session(n.addr, opening)
+            assert isinstance(opened, SessionOpened), opened
+            for step_id in range(40):
+                stranger = Identity.generate().peer_id
+                addrs = (Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}"), Multiaddr.parse(f"/dns4/localhost/tcp/{port}"))
+                hop = Hop(peer_id=stranger, session_id=b"s" * 16, start=4, end=5, addrs=addrs)
+                step = Step(session_id=opened.session_id, step_id=step_id, position=step_id, hidden=hidden[:, :1], next=(hop,))
+                reply = await client.exchange(stream, step, "f32")
+                assert isinstance(reply, StepResult), reply
+            await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(go())
+        dialled = 0
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            dialled += 1
+    finally:
+        listener.close()
+    print(f"\nattack 4: 40 Steps with hops at a listening address: {dialled} dials")
+    assert dialled == 0
+    assert n.alive()

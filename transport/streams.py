@@ -31,7 +31,7 @@ import asyncio
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
@@ -40,9 +40,7 @@ from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
 
 from .errors import EndOfStream, StreamResetError, TransportError, stream_reset_error
-
-if TYPE_CHECKING:
-    from .connection import Connection
+from .link import StreamLink
 
 __all__ = ["Stream", "StreamStatistics", "SEND_BATCH", "retry_budget_waiters"]
 
@@ -95,7 +93,7 @@ class Stream:
         "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "__weakref__",
     )
 
-    def __init__(self, connection: Connection, stream_id: int, protocol: str, *, local: bool) -> None:
+    def __init__(self, connection: StreamLink, stream_id: int, protocol: str, *, local: bool) -> None:
         self._conn = connection
         self._mux = connection._mux
         self.stream_id = stream_id
@@ -132,7 +130,7 @@ class Stream:
         return self._conn.peer_id
 
     @property
-    def connection(self) -> Connection:
+    def connection(self) -> StreamLink:
         return self._conn
 
     def __repr__(self) -> str:

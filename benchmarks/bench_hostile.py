@@ -15,9 +15,9 @@ Attacks (tests/support_hostile.py has the attacker's side; loopback only):
    (3: the node's log growth is reported for this one);
 4. 40 Steps whose next hop is an unknown peer at an address we listen on;
 5. 1000 streams (4 insiders) that never send a first message;
+6. one insider's 6 concurrent maximum-size Forwards (32 x 256 tokens each; compute share only,
+   the cache share is not bounded yet);
 7. 64 and then 1000 identities from this host storing announcements under one block key.
-
-Attack 6 (fair share of compute and cache) is not bounded yet and not run.
 
     .venv/bin/python benchmarks/bench_hostile.py
 """
@@ -166,6 +166,16 @@ async def run_all(bench: Bench) -> None:
                 await h.__aexit__(None, None, None)
 
     await bench.measure("5 silent streams (1000, 3 s)", attack5, lambda n: f"{n} held at 3 s (reset by 15 s)")
+
+    async def attack6():
+        import torch
+
+        big = Forward(model=bench.model, start=0, end=4, codec="f32", hidden=torch.randn(32, 256, 64))
+        async with RawClient(swarm.swarm_key, timeout=300) as insider:
+            replies = await asyncio.gather(*(insider.request(addr, big, "f32") for _ in range(6)))
+        return sum(isinstance(r, ForwardResult) for r in replies)
+
+    await bench.measure("6 max-size Forwards (6 x 32 x 256 tokens)", attack6, lambda n: f"{n} served; the honest client's turns come in between")
 
     key = block_key(bench.model, 0)
 

@@ -24,6 +24,7 @@ import torch
 
 from biopetals.node.backend import Backend
 from biopetals.node.budget import CacheBudget
+from biopetals.node.fair_queue import current_peer
 from biopetals.node.sessions import Session, SessionTable
 from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
@@ -153,6 +154,7 @@ class NodeService:
 
     async def handle_stream(self, peer_id: PeerId, stream: Stream) -> None:
         """Host stream handler: the first message decides the stream's kind (§2.1)."""
+        current_peer.set(peer_id)  # whose compute this stream queues (node/fair_queue.py)
         sender = _Sender(stream)
         try:
             data = await stream.receive()

@@ -258,3 +258,32 @@ def test_a_step_cannot_make_the_node_dial_anything(node, checkpoint, reference):
     print(f"\nattack 4: 40 Steps with hops at a listening address: {dialled} dials")
     assert dialled == 0
     assert n.alive()
+
+
+def test_one_peers_forwards_are_bounded_and_an_honest_client_is_served(node, checkpoint, reference):
+    """Attack 6 (compute): one insider sends 48 concurrent Forwards of 8 x 256 tokens; past its
+    queue depth (node/fair_queue.py, 32) it gets BUSY, and an honest Forward meanwhile is exact.
+    (Latency against the quiet node is measured in benchmarks/bench_hostile.py.)"""
+    import torch
+
+    from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER
+    from biopetals.protocol.errors import ErrorCode
+    from biopetals.protocol.messages import Error
+
+    swarm, n = node
+    model = model_info(checkpoint).dht_prefix
+    big = Forward(model=model, start=0, end=4, codec="f32", hidden=torch.randn(8, 256, 64))
+
+    async def go():
+        async with RawClient(swarm.swarm_key, timeout=120) as insider:
+            flood = asyncio.gather(*(insider.request(n.addr, big, "f32") for _ in range(48)))
+            await asyncio.sleep(0.3)
+            await honest_forward(swarm, n.addr, checkpoint, reference)
+            return await flood
+
+    replies = asyncio.run(go())
+    busy = sum(isinstance(r, Error) and r.code == ErrorCode.BUSY for r in replies)
+    done = sum(isinstance(r, ForwardResult) for r in replies)
+    print(f"\nattack 6: 48 concurrent Forwards from one peer: {done} served, {busy} BUSY")
+    assert busy >= 48 - MAX_QUEUE_PER_PEER - 2 and done + busy == 48
+    assert n.alive()

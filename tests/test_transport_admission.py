@@ -117,7 +117,7 @@ def test_idle_half_open_sockets_cannot_lock_out_an_honest_peer(caplog: pytest.Lo
 
 
 def test_connections_per_peer_are_bounded() -> None:
-    """Four hosts with one peer id, each holding a stream open: the server keeps at most two connections."""
+    """Hosts with one peer id, each holding a stream open: the server keeps at most two connections and refuses more."""
     config = TransportConfig(keepalive_interval=0, max_connections_per_peer=2)
 
     async def body() -> None:
@@ -130,18 +130,21 @@ def test_connections_per_peer_are_bounded() -> None:
             server.set_stream_handler("/hold/1", hold)
             (addr,) = await server.listen("127.0.0.1", 0)
             identity = Identity.generate()
-            clients = [Host(identity, swarm_key=SWARM) for _ in range(4)]
-            for c in clients:
-                await c.__aenter__()
+            clients: list[Host] = []
             try:
-                for c in clients:
+                for _ in range(8):  # until the server refuses one (dedupe may retire some first)
+                    c = Host(identity, swarm_key=SWARM)
+                    await c.__aenter__()
+                    clients.append(c)
                     try:
                         stream = await c.open_stream(addr, "/hold/1", timeout=5)
                         await stream.send(b"x")
                     except Exception:
                         pass
                     await asyncio.sleep(0.05)
-                assert 1 <= len(server.connections()) <= 2
+                    assert len(server.connections()) <= 2
+                    if server._admission.refused.get("connections per peer", 0):
+                        break
                 assert server._admission.refused.get("connections per peer", 0) >= 1
                 held.set()
             finally:

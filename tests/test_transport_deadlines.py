@@ -63,3 +63,44 @@ def test_silent_streams_are_reset_and_a_timely_first_message_is_served() -> None
             await honest.aclose()
 
     run(body())
+
+
+def test_a_declared_message_that_stops_coming_gives_its_reservation_back() -> None:
+    """A peer that declares a message, sends part of it and stops cannot hold receive budget (§3.16.1):
+    the stream is reset (TIMEOUT) once it made no progress for the deadline; a slow but steady
+    sender is not."""
+    async def body() -> None:
+        async with Host(Identity.generate(), swarm_key=SWARM, config=CONFIG) as server, Host(
+            Identity.generate(), swarm_key=SWARM
+        ) as client:
+            async def sink(peer_id: PeerId, stream: Stream) -> None:
+                async for message in stream:
+                    await stream.send(len(message).to_bytes(4, "big"))
+
+            server.set_stream_handler("/sink/1", sink)
+            (addr,) = await server.listen("127.0.0.1", 0)
+            # A first message that trickles in: 8 pieces, one every TIMEOUT / 4 (never still for a whole timeout).
+            steady = await client.open_stream(addr, "/sink/1")
+            await steady.send(b"first")
+            assert int.from_bytes(await steady.receive(), "big") == 5
+            conn = steady.connection
+            piece = 1000
+            conn._mux.send_data(steady.stream_id, (8 * piece).to_bytes(4, "big"))
+            for _ in range(8):
+                conn._mux.send_data(steady.stream_id, bytes(piece))
+                conn._flush()
+                await asyncio.sleep(TIMEOUT / 4)
+            assert int.from_bytes(await steady.receive(), "big") == 8 * piece
+            # The staller: a second message declared at 64 KiB, 1 KiB sent, then nothing.
+            conn._mux.send_data(steady.stream_id, (1 << 16).to_bytes(4, "big") + bytes(1024))
+            conn._flush()
+            await asyncio.sleep(0.05)
+            assert server.statistics().receive_buffer_held == 1 << 16
+            try:
+                await asyncio.wait_for(steady.receive(), TIMEOUT * 2)
+                raise AssertionError("the stalled stream was not reset")
+            except StreamResetError as exc:
+                assert exc.code == ErrorCode.TIMEOUT and "progress" in exc.message
+            assert server.statistics().receive_buffer_held == 0
+
+    run(body())

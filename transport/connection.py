@@ -331,17 +331,23 @@ class Connection:
                 return
 
     def sweep_first_messages(self, sweep: int) -> int:
-        """Sweep number ``sweep`` (one every ``first_message_timeout / 4`` s): reset each stream the
-        peer opened that has waited for its first message since three sweeps ago (§3.16.4)."""
+        """Sweep number ``sweep`` (one every ``first_message_timeout / 4`` s): reset each stream that has
+        been stalled since three sweeps ago - opened by the peer and still without its first message
+        (§3.16.4), or holding a receive-budget reservation for a message whose bytes stopped coming
+        (§3.16.1: a declared message cannot hold budget without sending)."""
         expired = 0
         for stream in list(self._streams.values()):
-            if not getattr(stream, "awaiting_first_message", False):
+            marker = getattr(stream, "stall_marker", None)
+            if marker is None:
+                if getattr(stream, "_stall", None) is not None:
+                    stream._stall = None  # type: ignore[union-attr]
                 continue
-            if not stream._first_sweep:  # type: ignore[union-attr]
-                stream._first_sweep = sweep  # type: ignore[union-attr]
+            if stream._stall != marker:  # type: ignore[union-attr]
+                stream._first_sweep, stream._stall = sweep, marker  # type: ignore[union-attr]
             elif sweep - stream._first_sweep >= FIRST_MESSAGE_SWEEPS - 1:  # type: ignore[union-attr]
                 timeout = self._config.first_message_timeout
-                stream.reset(ErrorCode.TIMEOUT, f"no first message within {timeout:g} s (spec/transport.md §3.16.4)")
+                what = "no first message" if marker == "first" else "no progress of a reserved message"
+                stream.reset(ErrorCode.TIMEOUT, f"{what} within {timeout:g} s (spec/transport.md §3.16.4)")
                 expired += 1
         return expired
 

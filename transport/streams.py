@@ -90,7 +90,7 @@ class Stream:
         "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_parts", "_assembled",
         "_need", "_prefix", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
         "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_unary", "_messages_sent", "_messages_received",
-        "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "__weakref__",
+        "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "_stall", "__weakref__",
     )
 
     def __init__(self, connection: StreamLink, stream_id: int, protocol: str, *, local: bool) -> None:
@@ -109,7 +109,8 @@ class Stream:
         self._ready: bytes | None = None  # a complete message not yet returned
         self._reserved = 0  # bytes of the connection's receive budget held for the message being assembled (§3.16)
         self._budget_wait = False  # the next message's prefix is in; its body waits for budget (§3.16)
-        self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it waiting
+        self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it stalled ...
+        self._stall: object = None  # ... and how (stall_marker then)
         self._receiving = False  # a task is inside receive(): data is consumed on arrival
         self._receive_waiter: asyncio.Future[None] | None = None
         self._eof = False  # the peer sent FIN
@@ -463,6 +464,16 @@ class Stream:
     def awaiting_first_message(self) -> bool:
         """Opened by the peer, and its first message has not arrived yet (spec/transport.md §3.16.4)."""
         return not self.local and self._messages_received == 0 and self._ready is None and self._error is None and not self._eof
+
+    @property
+    def stall_marker(self) -> object:
+        """What ``Connection.sweep_first_messages`` watches: "first" while the first message is awaited,
+        the bytes assembled so far while a reserved message is coming (§3.16.1), else None."""
+        if self.awaiting_first_message:
+            return "first"
+        if self._reserved and self._error is None:
+            return self._assembled
+        return None
 
     @property
     def is_closed(self) -> bool:

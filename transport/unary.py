@@ -220,7 +220,7 @@ class UnaryRequest(_StandIn):
     ``protocol``, ``_try_send_last``, ``send``, ``reset``, ``_task_to_cancel``.
     """
 
-    __slots__ = ("_server", "_task_to_cancel", "_closed", "_first_sweep")
+    __slots__ = ("_server", "_task_to_cancel", "_closed", "_first_sweep", "_stall")
 
     def __init__(self, conn: StreamLink, stream_id: int, protocol: str, server: UnaryServer) -> None:
         super().__init__(conn, stream_id, protocol)
@@ -228,11 +228,17 @@ class UnaryRequest(_StandIn):
         self._task_to_cancel: asyncio.Task[None] | None = None  # an async handler working for the caller
         self._closed = False
         self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it waiting
+        self._stall: object = None
 
     @property
     def awaiting_first_message(self) -> bool:
         """The request has not arrived yet (spec/transport.md §3.16.4)."""
         return self._server is not None and not self._closed and self._stream is None
+
+    @property
+    def stall_marker(self) -> object:
+        """"first" while the request is awaited (Connection.sweep_first_messages), else None."""
+        return "first" if self.awaiting_first_message else None
 
     @property
     def peer_id(self) -> PeerId:

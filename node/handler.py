@@ -438,9 +438,9 @@ class NodeService:
             )
             answer = decode_message(reply, (PushAck, Error))
             if isinstance(answer, Error):
-                log.warning("push to %s refused: %s", hop.peer_id, answer.message)
+                self.host.warn("push refused", str(hop.peer_id), f"by {hop.peer_id}: {answer.message}")
         except (ProtocolError, OSError) as exc:
-            log.warning("push to %s failed: %s", hop.peer_id, exc)
+            self.host.warn("push failed", str(hop.peer_id), f"to {hop.peer_id}: {exc}")  # aggregated (§3.16.3)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

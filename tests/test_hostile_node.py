@@ -243,6 +243,7 @@ def test_a_step_cannot_make_the_node_dial_anything(node, checkpoint, reference):
                 assert isinstance(reply, StepResult), reply
             await asyncio.sleep(0.5)
 
+    log_before = os.path.getsize(n.log_path)
     try:
         asyncio.run(go())
         dialled = 0
@@ -255,8 +256,10 @@ def test_a_step_cannot_make_the_node_dial_anything(node, checkpoint, reference):
             dialled += 1
     finally:
         listener.close()
-    print(f"\nattack 4: 40 Steps with hops at a listening address: {dialled} dials")
+    logged = os.path.getsize(n.log_path) - log_before
+    print(f"\nattack 4: 40 Steps with hops at a listening address: {dialled} dials, log +{logged} B")
     assert dialled == 0
+    assert logged <= 2048  # the failed pushes: one aggregated line per interval (§3.16.3)
     assert n.alive()
 
 

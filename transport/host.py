@@ -195,7 +195,7 @@ class Host:
             sweep += 1
             expired = sum(conn.sweep_first_messages(sweep) for conn in self.connections())
             if expired:
-                self._warn("reset streams without a first message", "?", f"{expired} within {self.config.first_message_timeout:g} s")
+                self.warn("reset streams without a first message", "?", f"{expired} within {self.config.first_message_timeout:g} s")
 
     async def _shutdown(self) -> None:
         self._running = False
@@ -278,7 +278,7 @@ class Host:
             self._admission.forget(wire)
             self._handshakes_failed[_code_name(error.code)] += 1
             where = f"{peername[0]}:{peername[1]}" if peername else "?"
-            self._warn("inbound handshake failed", peername[0] if peername else "?", f"from {where}: {_with_hint(error).message}")
+            self.warn("inbound handshake failed", peername[0] if peername else "?", f"from {where}: {_with_hint(error).message}")
 
         wire = _Wire(
             identity=self.identity,
@@ -301,16 +301,17 @@ class Host:
         if refusal is not None:
             self._handshaking.discard(wire)
             self._handshakes_failed["REFUSED"] += 1
-            self._warn("refused an inbound connection", source, f"from {source}: too many {refusal} (spec/transport.md §3.16.2)")
+            self.warn("refused an inbound connection", source, f"from {source}: too many {refusal} (spec/transport.md §3.16.2)")
             return False
         for victim in evict:
             self._handshakes_failed["EVICTED"] += 1
-            self._warn("dropped a pending handshake", source, "to make room for a newer one (spec/transport.md §3.16.2)")
+            self.warn("dropped a pending handshake", source, "to make room for a newer one (spec/transport.md §3.16.2)")
             victim.abort()  # type: ignore[attr-defined]
         return True
 
-    def _warn(self, kind: str, source: str, message: str) -> None:
-        """A warning a peer can cause: at most one line per kind and ``log_interval`` (§3.16.3)."""
+    def warn(self, kind: str, source: str, message: str) -> None:
+        """Log a warning a peer can cause (for this host's users too): at most one line per ``kind``
+        and ``log_interval``, the rest counted by ``source`` (spec/transport.md §3.16.3)."""
         line = self._logs.note(kind, source, message, asyncio.get_running_loop().time())
         if line is not None:
             log.warning("%s", line)
@@ -570,10 +571,10 @@ class Host:
             return
         refusal = self._admission.open(conn.peer_id, inbound=not conn.initiator)
         if refusal is not None:
-            self._warn("refused a connection", str(conn.peer_id), f"with {conn.peer_id}: too many {refusal} (spec/transport.md §3.16.2)")
+            self.warn("refused a connection", str(conn.peer_id), f"with {conn.peer_id}: too many {refusal} (spec/transport.md §3.16.2)")
             conn.close(ErrorCode.BUSY, f"too many {refusal} (spec/transport.md §3.16.2)")
             return
-        conn.on_warning = self._warn
+        conn.on_warning = self.warn
         conn.on_stream = self._on_stream
         conn.unary_servers = self._unary_servers
         conn.on_going_away = self._on_going_away

@@ -25,8 +25,9 @@ __all__ = ["FairQueue", "current_peer", "MAX_QUEUE_PER_PEER", "QUANTUM"]
 
 T = TypeVar("T")
 
-#: Default jobs one peer may have waiting for compute; more are answered BUSY.
-MAX_QUEUE_PER_PEER: Final = 32
+#: Default jobs one peer may have waiting for compute; more are answered BUSY. A client (or an API
+#: server) runs one step at a time per session, so this is its concurrent sessions and requests.
+MAX_QUEUE_PER_PEER: Final = 128
 #: Default credit (tokens) a peer gets per round.
 QUANTUM: Final = 256
 

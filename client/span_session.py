@@ -32,7 +32,7 @@ from biopetals.protocol.messages import (
     decode_message,
     encode_message,
 )
-from biopetals.protocol.multiaddr import Multiaddr
+from biopetals.transport import addresses
 from biopetals.transport.errors import EndOfStream
 from biopetals.transport.host import Host
 from biopetals.transport.streams import Stream
@@ -47,16 +47,8 @@ EventHandler = Callable[["SpanSession", "StepResult | PeerFailure"], None]
 
 
 def dial_target(server: ServerSpan) -> str:
-    """What to dial for ``server``: its first announced multiaddr with /p2p/, else its peer id."""
-    for addr in server.addrs:
-        try:
-            parsed = Multiaddr.parse(addr)
-        except ValueError:
-            continue
-        if parsed.peer_id is None:
-            return f"{parsed}/p2p/{server.peer_id}"
-        return str(parsed)
-    return server.peer_id
+    """What to dial for ``server``: the swarm's dial rule (transport/addresses.py) on its announcement."""
+    return addresses.dial_target(server.peer_id, server.addrs)
 
 
 class SpanSession:

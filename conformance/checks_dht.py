@@ -55,9 +55,18 @@ def _record(identity=None, *, key=None, subkey=None, value=b"conformance", ttl_m
     return sign_record(identity, key, subkey, value, exp)
 
 
-async def _store(ctx, *records: Record):
+async def _store(ctx, *records: Record, sender: Identity | None = None):
+    """STORE ``records``; from ``sender``'s own connection if given (a node MAY accept a peer-id
+    subkey's record only from its signer, spec/dht.md §5.4, and the reference does)."""
     data = dm.encode(dm.StoreRequest(tuple(records)))
-    reply, raw = await dht_call(ctx, data)
+    if sender is None:
+        reply, raw = await dht_call(ctx, data)
+    else:
+        from biopetals.transport.host import Host
+
+        async with Host(sender, swarm_key=ctx.key_bytes) as host:
+            raw = await host.call(ctx.addr, DHT_PROTOCOL, data, timeout=10)
+        reply = dm.decode_response(raw)
     if not isinstance(reply, dm.StoreResponse) or len(reply.statuses) != len(records):
         raise Failed("expected a STORE response with one status per record (§7.2)", sent=data, received=raw)
     return reply.statuses, data
@@ -101,8 +110,9 @@ async def ping(ctx):
 
 @check("dht.store.find", D + "§4, §5.1, §7.2, §7.4", "a valid record is stored (status 0) and returned as stored, signature included")
 async def store_find(ctx):
-    rec = _record()
-    statuses, data = await _store(ctx, rec)
+    ident = Identity.generate()
+    rec = _record(ident)
+    statuses, data = await _store(ctx, rec, sender=ident)
     _expect_status(statuses, 0, data)
     found = await _find(ctx, rec.key)
     if rec not in found:
@@ -141,9 +151,9 @@ async def store_older(ctx):
     key = f"conformance/{os.urandom(8).hex()}.0"
     new = _record(ident, key=key, value=b"new", ttl_ms=120_000)
     old = _record(ident, key=key, value=b"old", ttl_ms=60_000)
-    statuses, data = await _store(ctx, new)
+    statuses, data = await _store(ctx, new, sender=ident)
     _expect_status(statuses, 0, data)
-    statuses, data = await _store(ctx, old)
+    statuses, data = await _store(ctx, old, sender=ident)
     _expect_status(statuses, 0, data)
     found = await _find(ctx, key)
     if [r.value for r in found] != [b"new"]:

@@ -46,18 +46,22 @@ class RequestHandler:
         self.limiter = limiter
         self.requests_handled = 0
 
-    def handle_bytes(self, sender_peer_id: bytes, data: bytes, now: float) -> tuple[bytes, Contact | None]:
-        """Response bytes for request bytes; bad requests get an ERROR response."""
+    def handle_bytes(self, sender_peer_id: bytes, data: bytes, now: float, address: str | None = None) -> tuple[bytes, Contact | None]:
+        """Response bytes for request bytes; bad requests get an ERROR response.
+
+        ``address``: the source IP of the sender's authenticated connection, for the
+        per-address limits of storage (spec/dht.md §5.4) and routing (§8.1).
+        """
         if self.limiter is not None and not self.limiter.allow(sender_peer_id, now):
             return _BUSY, None
         try:
             request = decode_request(data)
         except RemoteProtocolError as e:
             return encode(ErrorResponse(int(e.code), e.message[: params.MAX_ERROR_MESSAGE_BYTES // 4])), None
-        response, to_ping = self.handle(sender_peer_id, request, now)
+        response, to_ping = self.handle(sender_peer_id, request, now, address)
         return encode(response), to_ping
 
-    def handle(self, sender_peer_id: bytes, request: Request, now: float) -> tuple[Response, Contact | None]:
+    def handle(self, sender_peer_id: bytes, request: Request, now: float, address: str | None = None) -> tuple[Response, Contact | None]:
         self.requests_handled += 1
         to_ping = None
         if request.sender_addrs:  # clients without addresses stay out of tables (spec/dht.md §7)
@@ -65,14 +69,14 @@ class RequestHandler:
                 sender = Contact(sender_peer_id, request.sender_addrs)
             except LocalProtocolError as e:
                 return ErrorResponse(int(e.code), e.message[: params.MAX_ERROR_MESSAGE_BYTES // 4]), None
-            to_ping = self.table.add_or_update(sender, now)
+            to_ping = self.table.add_or_update(sender, now, address)
         if isinstance(request, PingRequest):
             return PingResponse(), to_ping
         if isinstance(request, StoreRequest):
             statuses = []
             for record in request.records:
                 try:
-                    self.storage.put(record, now)
+                    self.storage.put(record, now, sender=sender_peer_id, address=address)
                     statuses.append(STATUS_OK)
                 except RemoteProtocolError as e:
                     statuses.append(int(e.code))

@@ -74,6 +74,11 @@ class DHTConfig:
     #: answered BUSY (dht/ratelimit.py). A lookup sends only a few requests to each peer.
     request_rate: float = 100.0
     request_burst: float = 200.0
+    #: Storage quotas and per-address limits (spec/dht.md §5.4, §8.1).
+    max_records_per_writer: int = params.MAX_RECORDS_PER_WRITER
+    max_records_per_sender: int = params.MAX_RECORDS_PER_SENDER
+    max_writers_per_address: int = params.MAX_WRITERS_PER_ADDRESS
+    max_contacts_per_address: int = params.MAX_CONTACTS_PER_ADDRESS
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,13 @@ class DHT:
         self.host = host
         self.config = config or DHTConfig()
         self.peer_id: bytes = host.peer_id.multihash
-        self.table = RoutingTable(self.peer_id, self.config.k)
-        self.storage = Storage()
+        cfg = self.config
+        self.table = RoutingTable(self.peer_id, cfg.k, max_per_address=cfg.max_contacts_per_address)
+        self.storage = Storage(
+            max_records_per_writer=cfg.max_records_per_writer,
+            max_records_per_sender=cfg.max_records_per_sender,
+            max_writers_per_address=cfg.max_writers_per_address,
+        )
         self.handler = RequestHandler(
             self.table, self.storage, limiter=PeerRateLimiter(self.config.request_rate, self.config.request_burst)
         )
@@ -165,13 +175,18 @@ class DHT:
 
     def _serve(self, peer: PeerId, request: bytes) -> bytes:
         """Inline handler (``Host.set_inline_handler``): must not wait; a stale contact's ping is its own task."""
-        response, to_ping = self.handler.handle_bytes(peer.multihash, request, self.clock())
+        conn = self.host.connection(peer)
+        address = conn.remote_address[0] if conn is not None and conn.remote_address else None
+        response, to_ping = self.handler.handle_bytes(peer.multihash, request, self.clock(), address)
         if to_ping is not None:
             self._ping_stale(to_ping)
         return response
 
     def _heard_from(self, contact: Contact) -> None:
-        stale = self.table.add_or_update(contact, self.clock())
+        """``contact`` answered us over an authenticated connection: into the table (spec/dht.md §8.1)."""
+        conn = self.host.connection(PeerId(contact.peer_id))
+        address = conn.remote_address[0] if conn is not None and conn.remote_address else None
+        stale = self.table.add_or_update(contact, self.clock(), address)
         if stale is not None:
             self._ping_stale(stale)
 
@@ -396,4 +411,5 @@ class DHT:
             "own_records": len(self._own),
             "requests_handled": self.handler.requests_handled,
             "requests_refused_busy": self.handler.limiter.refused if self.handler.limiter is not None else 0,
+            "contacts_refused_per_address": self.table.refused,
         }

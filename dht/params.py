@@ -21,6 +21,15 @@ MAX_SUBKEY_BYTES: Final = 64
 MAX_VALUE_BYTES: Final = 1024
 MAX_SUBKEYS_PER_KEY: Final = 64
 MAX_STORED_RECORDS: Final = 65536
+#: Quotas of one node's storage (spec/dht.md §5.4): records signed by one key, records
+#: stored by one sender (the authenticated peer of the STORE), distinct writers whose
+#: records came from one source IP address (under half of MAX_SUBKEYS_PER_KEY, so one
+#: host's identities cannot fill a block key).
+MAX_RECORDS_PER_WRITER: Final = 2048
+MAX_RECORDS_PER_SENDER: Final = 2048
+MAX_WRITERS_PER_ADDRESS: Final = 32
+#: Routing-table contacts whose connection came from one source IP address (spec/dht.md §8.1).
+MAX_CONTACTS_PER_ADDRESS: Final = 16
 MAX_RECORDS_PER_STORE: Final = 32
 MAX_KEYS_PER_FIND: Final = 16
 MAX_CONTACTS: Final = 32

@@ -2,8 +2,8 @@
 
 Every computation runs on one worker thread per device (a single-thread executor),
 off the asyncio event loop; torch releases the GIL while it computes, so the loop
-keeps serving the network meanwhile. The executor's queue is FIFO, and each session
-has at most one step in flight (node/session_machine.py), so sessions progress
+keeps serving the network meanwhile. Jobs wait in a fair queue by peer (node/fair_queue.py), and each
+session has at most one step in flight (node/session_machine.py), so sessions progress
 round-robin. Steps arrive as ``models.step.SpanStep`` values the session state machine
 checked; this module computes them and checks only that the results are finite.
 
@@ -33,6 +33,7 @@ import torch
 from biopetals.models.blocks import BlockSpan, SpanCache, batched_decode_step, kv_cache_bytes
 from biopetals.models.step import SpanStep
 from biopetals.node.adapters import AdapterSet
+from biopetals.node.fair_queue import FairQueue, current_peer
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
@@ -112,6 +113,8 @@ class Backend:
         )
         self._queued = 0
         self._views: dict[tuple[int, int], BlockSpan] = {}
+        # Jobs wait here, by peer, and the worker takes them in fair order (node/fair_queue.py).
+        self._fair: FairQueue[tuple[concurrent.futures.Future[Any], Callable[[], None]]] = FairQueue()
 
     @property
     def queued(self) -> int:
@@ -130,13 +133,33 @@ class Backend:
         return kv_cache_bytes(self.span.config, end - start, self.span.dtype, batch_size, max_length)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the worker thread, in FIFO order; ``BUSY`` when the queue is full."""
+        """Run ``fn(*args)`` on the worker thread, peers served fairly (node/fair_queue.py); ``BUSY`` when full."""
         self._check_room()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._submit(future, lambda: _run_into(future, fn, args), _cost(args))
         self._queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.wrap_future(future)
         finally:
             self._queued -= 1
+
+    def _submit(self, future: concurrent.futures.Future[Any], job: Callable[[], None], cost: int) -> None:
+        """Queue ``job`` (which resolves ``future``) for the current peer; the worker runs queued jobs
+        in fair order. ``BUSY`` past the peer's depth."""
+        peer = current_peer.get()
+        with self._lock:
+            if not self._fair.push(peer, (future, job), cost):
+                raise RemoteProtocolError(
+                    ErrorCode.BUSY, f"{self._fair.max_per_peer} of your requests already wait on this node; retry later"
+                )
+        self._executor.submit(self._next_job)
+
+    def _next_job(self) -> None:
+        """On the worker: run the next job in fair order (one per submission, so every job runs once)."""
+        with self._lock:
+            entry = self._fair.pop()
+        if entry is not None:
+            entry[1]()
 
     async def run_step(
         self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
@@ -150,7 +173,7 @@ class Backend:
         try:
             with self._lock:
                 self._waiting.append(item)
-            self._executor.submit(self._drain, item)
+            self._submit(item.future, lambda: self._drain(item), 1)
             # Cancelling the awaiting task cancels ``item.future``; the worker then skips it.
             return await asyncio.wrap_future(item.future)
         finally:
@@ -166,6 +189,8 @@ class Backend:
             for item in self._waiting:
                 item.future.cancel()
             self._waiting.clear()
+            while (entry := self._fair.pop()) is not None:
+                entry[0].cancel()  # queued, never to run: its awaiter gets CancelledError
         print(f"batching: {self.stats.line()}", flush=True)
 
     # ------------------------------------------------------------------ work (worker thread)
@@ -265,6 +290,25 @@ class Backend:
         if grad_prompts is not None:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
         return grad_inputs, grad_prompts
+
+
+def _run_into(future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    if future.set_running_or_notify_cancel():  # else the caller gave up while it waited
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiter
+            future.set_exception(exc)
+
+
+def _cost(args: tuple[Any, ...]) -> int:
+    """A job's cost for the fair queue: the tokens (batch x sequence) of its first activation tensor
+    (a session step's ``SpanStep.hidden``, or a Forward/Backward's hidden states)."""
+    for arg in args:
+        if isinstance(arg, SpanStep):
+            arg = arg.hidden
+        if isinstance(arg, torch.Tensor) and arg.ndim == 3:
+            return max(1, arg.shape[0] * arg.shape[1])
+    return 1
 
 
 def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> None:

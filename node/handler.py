@@ -35,6 +35,7 @@ from biopetals.node.session_machine import (
     Send,
     SessionMachine,
 )
+from biopetals.node.fair_queue import current_peer
 from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import PeerId
@@ -57,6 +58,7 @@ from biopetals.protocol.messages import (
     error_from_exception,
 )
 from biopetals.protocol.tensors import Codec
+from biopetals.transport.addresses import hop_target
 from biopetals.transport.errors import EndOfStream, TransportError
 from biopetals.transport.host import Host
 from biopetals.transport.streams import Stream
@@ -166,6 +168,7 @@ class NodeService:
 
     async def handle_stream(self, peer_id: PeerId, stream: Stream) -> None:
         """Host stream handler: the first message decides the stream's kind (§2.1)."""
+        current_peer.set(peer_id)  # whose compute this stream queues (node/fair_queue.py)
         sender = _Sender(stream)
         try:
             data = await stream.receive()
@@ -330,21 +333,15 @@ class NodeService:
     async def _push(self, hop, push: Push, codec: Codec) -> None:
         """Send ``push`` to the next node; failures are logged only (§5.7: the client's deadline covers them)."""
         try:
-            peer = hop.peer_id if isinstance(hop.peer_id, PeerId) else PeerId.from_base58(hop.peer_id)
-            for addr in hop.addrs:
-                try:
-                    self.host.add_address(peer, addr)
-                    break
-                except ProtocolError:
-                    continue
+            peer = hop_target(hop.peer_id)  # never the hop's addrs (spec/transport.md §3.16.5)
             reply = await self.host.call(
                 peer, PROTOCOL_NAME, encode_message(push, codec), timeout=self.config.push_timeout
             )
             answer = decode_message(reply, (PushAck, Error))
             if isinstance(answer, Error):
-                log.warning("push to %s refused: %s", hop.peer_id, answer.message)
+                self.host.warn("push refused", str(hop.peer_id), f"by {hop.peer_id}: {answer.message}")
         except (ProtocolError, OSError) as exc:
-            log.warning("push to %s failed: %s", hop.peer_id, exc)
+            self.host.warn("push failed", str(hop.peer_id), f"to {hop.peer_id}: {exc}")  # aggregated (§3.16.3)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

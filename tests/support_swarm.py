@@ -114,14 +114,19 @@ class Swarm:
         *extra: str,
         timeout: float = 90.0,
         env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> NodeProcess:
-        """Start a node serving ``blocks`` ("START:END") and wait for its READY line."""
-        node = self.spawn_node(model, "--blocks", blocks, *extra, env=env)
+        """Start a node serving ``blocks`` ("START:END") and wait for its READY line.
+
+        ``prefix``: a command the node runs under, e.g. ``("prlimit", "--nofile=1024:1024")``."""
+        node = self.spawn_node(model, "--blocks", blocks, *extra, env=env, prefix=prefix)
         node.blocks = blocks
         node.addr = self._wait_ready(node, timeout)
         return node
 
-    def spawn_node(self, model: str | os.PathLike, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+    def spawn_node(
+        self, model: str | os.PathLike, *extra: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> NodeProcess:
         """Start a node (``extra``: ``--blocks A:B`` or ``--num-blocks N``, ...) without waiting:
         ``wait_ready(node)`` then. Several spawned at once join concurrently."""
         peers = self.initial_peers
@@ -131,7 +136,7 @@ class Swarm:
         ]
         args += ["--initial-peers", *peers[:1]] if peers else ["--new-swarm"]
         args += list(extra)
-        return self._spawn(NODE_COMMAND + args, args, env)
+        return self._spawn([*prefix, *NODE_COMMAND, *args], args, env)
 
     def start_dht(self, timeout: float = 30.0) -> NodeProcess:
         """A ``biopetals-dht`` bootstrap peer (serves no blocks); its first line is its multiaddr."""

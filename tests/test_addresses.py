@@ -34,3 +34,14 @@ def test_announced_addresses_replace_the_listen_addresses_and_carry_our_peer_id(
         announce_addrs([f"/ip4/203.0.113.7/tcp/31337/p2p/{other}"], listen, me)
     with pytest.raises(MultiaddrError):
         announce_addrs(["/ip4/203.0.113.7/udp/31337"], listen, me)
+
+
+def test_dial_rule_uses_announced_addresses_and_never_a_hops():
+    """spec/transport.md §3.16.5: announced addresses (with /p2p/ added), none naming another peer; a hop is its peer id."""
+    from biopetals.transport.addresses import dial_target, hop_target
+
+    me, other = Identity.generate().peer_id, Identity.generate().peer_id
+    assert dial_target(me, ["not a multiaddr", f"/ip4/10.0.0.2/tcp/1/p2p/{other}", "/ip4/10.0.0.1/tcp/2"]) == f"/ip4/10.0.0.1/tcp/2/p2p/{me}"
+    assert dial_target(str(me), [f"/dns4/n.example/tcp/3/p2p/{me}"]) == f"/dns4/n.example/tcp/3/p2p/{me}"
+    assert dial_target(me, []) == str(me)  # only an open connection or a learned address then
+    assert hop_target(str(me)) == me and hop_target(me) is me

@@ -24,13 +24,8 @@ from biopetals.protocol.program_env import PROGRAM_ENVIRONMENT
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "spec/README.md"
 
-# Known cycles being removed on another branch (issue 25: transport/streams and transport/unary
-# import transport/connection for type hints while it imports them). Each entry is the import that
-# closes the cycle; the lead deletes these entries when that branch is merged.
-KNOWN_CYCLE_EDGES = {
-    ("biopetals.transport.streams", "biopetals.transport.connection"),  # transport/streams <-> transport/connection
-    ("biopetals.transport.unary", "biopetals.transport.connection"),  # transport/unary <-> transport/connection
-}
+# Import edges allowed to close a cycle: none (the transport's were removed with transport/link.py).
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 # The programs' entry modules (pyproject's [project.scripts] and the demo): they, and only they,
 # set process settings when imported (protocol/program_env.py).

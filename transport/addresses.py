@@ -1,4 +1,13 @@
-"""Which of our listen addresses other peers can dial.
+"""Which of our listen addresses other peers can dial, and which addresses we dial for others.
+
+Dialling (spec/transport.md §3.16.5, one rule for client and node): a peer is dialled only
+as a swarm member - an open connection, or an address learned from the swarm (its signed
+announcement, a DHT contact that reached us over its own authenticated connection, an
+earlier dial whose handshake proved it). ``dial_target`` picks what to dial for a peer
+known from its announcement; ``hop_target`` is all a push hop (a Step's ``next``) yields:
+the peer id, never the hop's own ``addrs``, which are neither dialled nor recorded, so a
+Step cannot make a node dial anything nor rewrite a known peer's address. ``Host.connect``
+keeps at most one dial in flight per peer id.
 
 A node bound to a wildcard (``0.0.0.0``) must announce a concrete address instead: the first
 non-loopback IPv4 address this machine's host name resolves to or, failing that, the source
@@ -15,7 +24,7 @@ from collections.abc import Iterable
 from biopetals.protocol.identity import PeerId
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 
-__all__ = ["announce_addrs", "dialable_addrs", "primary_ip"]
+__all__ = ["announce_addrs", "dialable_addrs", "primary_ip", "dial_target", "hop_target"]
 
 
 def primary_ip() -> str:
@@ -60,3 +69,30 @@ def announce_addrs(announce: Iterable[str | Multiaddr], listen_addrs: Iterable[M
         if addr.peer_id is not None and addr.peer_id != peer_id:
             raise MultiaddrError(f"announced address {addr} names peer {addr.peer_id}, but this peer is {peer_id}")
     return [addr.with_peer_id(peer_id) for addr in given]
+
+
+def dial_target(peer_id: str | PeerId, announced: Iterable[str]) -> str:
+    """What to dial for a swarm member known from its announcement (§3.16.5): its first announced
+    multiaddr that parses and names no other peer, with ``/p2p/<peer_id>``; else the bare peer id
+    (then only an open connection or an address the host learned from the swarm is used)."""
+    peer = str(peer_id)
+    for addr in announced:
+        try:
+            parsed = Multiaddr.parse(addr)
+        except (ValueError, MultiaddrError):
+            continue
+        if parsed.peer_id is None:
+            return f"{parsed}/p2p/{peer}"
+        if str(parsed.peer_id) == peer:
+            return str(parsed)
+    return peer
+
+
+def hop_target(peer_id: str | PeerId) -> PeerId:
+    """Whom to push to for a hop of a Step (§3.16.5): the peer id alone; the hop's ``addrs`` are ignored.
+
+    ``Host.call(hop_target(...), ...)`` then reaches the peer over an open connection or at an
+    address learned from the swarm, and fails (ConnectionClosedError) for a peer it does not know.
+    Raises RemoteProtocolError for a peer id that does not parse (the decoder already checked it).
+    """
+    return peer_id if isinstance(peer_id, PeerId) else PeerId.from_base58(peer_id)

@@ -34,8 +34,18 @@ from biopetals.protocol.handshake import HANDSHAKE_TIMEOUT, Handshake, Handshake
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.mux import Mux
 
+from .admission import (
+    FD_HEADROOM,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_PEER,
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_PER_ADDRESS,
+    ConnectionLimits,
+)
+from .logs import LOG_INTERVAL
+from .budget import MAX_CONNECTION_BUFFER, MAX_MESSAGE_BUFFER, MAX_NODE_BUFFER, ConnectionBudget, ReceiveBudget
 from .errors import ConnectionClosedError, DeadlineExceeded
-from .streams import Stream
+from .streams import Stream, retry_budget_waiters
 from .unary import UnaryCall, UnaryRequest, UnaryServer
 
 __all__ = ["Connection", "ConnectionStatistics", "TransportConfig"]
@@ -61,6 +71,36 @@ class TransportConfig:
     write_buffer_high: int = 4 * 1024 * 1024
     #: Seconds a closing connection may spend flushing before the socket is aborted.
     close_timeout: float = 2.0
+    #: Largest message one stream may be assembling (§3.16, ``max_message_buffer``).
+    max_message_buffer: int = MAX_MESSAGE_BUFFER
+    #: Bytes of unfinished messages one connection may hold (§3.16, ``max_connection_buffer``).
+    max_connection_buffer: int = MAX_CONNECTION_BUFFER
+    #: Bytes of unfinished messages all connections together may hold (§3.16, ``max_node_buffer``).
+    max_node_buffer: int = MAX_NODE_BUFFER
+    #: Most handshakes in progress on accepted sockets (§3.16.2).
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Most handshakes in progress from one source IP address (§3.16.2).
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
+    #: Most established inbound connections (§3.16.2).
+    max_connections: int = MAX_CONNECTIONS
+    #: Most established connections with one peer id (§3.16.2).
+    max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
+    #: Descriptors kept free for dials and files: an accepted socket beyond is closed at once (§3.16.2).
+    fd_headroom: int = FD_HEADROOM
+    #: Seconds between two log lines of one kind of peer-caused warning; the rest are counted (§3.16.3).
+    log_interval: float = LOG_INTERVAL
+    #: A stream the peer opened is reset (TIMEOUT) if its first message has not arrived
+    #: within this many seconds (not before 3/4 of it; §3.16.4). 0: never.
+    first_message_timeout: float = 15.0
+
+    def receive_budget(self) -> ReceiveBudget:
+        """A node-wide receive budget with this configuration's limits."""
+        return ReceiveBudget(self.max_message_buffer, self.max_connection_buffer, self.max_node_buffer)
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            self.max_pending_handshakes, self.max_pending_per_address, self.max_connections, self.max_connections_per_peer, self.fd_headroom
+        )
 
 
 @dataclass(frozen=True)
@@ -92,7 +132,7 @@ class Connection:
         "remote_address", "_streams", "_receive_plaintext", "_in_dispatch", "_write_paused", "_drain_waiters",
         "_pong_waiters", "rtt", "_min_rtt", "_bytes_sent", "_bytes_received", "_flush_scheduled", "_batching",
         "going_away", "_closing", "_close_reason", "_closed", "_closed_event", "_keepalive_task", "_abort_timer",
-        "on_stream", "unary_servers", "on_going_away", "on_closed", "__weakref__",
+        "on_stream", "unary_servers", "on_going_away", "on_closed", "on_warning", "_budget", "__weakref__",
     )
 
     def __init__(
@@ -103,9 +143,12 @@ class Connection:
         initiator: bool,
         local_peer_id: PeerId,
         config: TransportConfig,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport = transport
+        # Unfinished messages of this connection's streams reserve their size here (§3.16).
+        self._budget = budget if budget is not None else config.receive_budget().connection()
         self._secure = result.channel
         self._mux = Mux(initiator=initiator, max_window=config.max_window)
         self._config = config
@@ -141,6 +184,8 @@ class Connection:
         self.unary_servers: dict[str, UnaryServer] = {}
         self.on_going_away: Callable[[Connection], None] = lambda conn: None
         self.on_closed: Callable[[Connection], None] = lambda conn: None
+        # Set by Host: a peer-caused warning (kind, source, message), aggregated there (§3.16.3).
+        self.on_warning: Callable[[str, str, str], None] = lambda kind, source, message: log.warning("%s: %s", kind, message)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "going away" if self.going_away else "open"
@@ -284,6 +329,27 @@ class Connection:
                 return
             except ConnectionClosedError:
                 return
+
+    def sweep_first_messages(self, sweep: int) -> int:
+        """Sweep number ``sweep`` (one every ``first_message_timeout / 4`` s): reset each stream that has
+        been stalled since three sweeps ago - opened by the peer and still without its first message
+        (§3.16.4), or holding a receive-budget reservation for a message whose bytes stopped coming
+        (§3.16.1: a declared message cannot hold budget without sending)."""
+        expired = 0
+        for stream in list(self._streams.values()):
+            marker = getattr(stream, "stall_marker", None)
+            if marker is None:
+                if getattr(stream, "_stall", None) is not None:
+                    stream._stall = None  # type: ignore[union-attr]
+                continue
+            if stream._stall != marker:  # type: ignore[union-attr]
+                stream._first_sweep, stream._stall = sweep, marker  # type: ignore[union-attr]
+            elif sweep - stream._first_sweep >= FIRST_MESSAGE_SWEEPS - 1:  # type: ignore[union-attr]
+                timeout = self._config.first_message_timeout
+                what = "no first message" if marker == "first" else "no progress of a reserved message"
+                stream.reset(ErrorCode.TIMEOUT, f"{what} within {timeout:g} s (spec/transport.md §3.16.4)")
+                expired += 1
+        return expired
 
     # ------------------------------------------------------------------ output
 
@@ -480,7 +546,7 @@ class Connection:
 
     def _abort_for(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: tell it why (GO_AWAY), then close."""
-        log.warning("closing connection to %s: %s", self.peer_id, exc)
+        self.on_warning("closing a connection that broke the protocol", str(self.peer_id), f"{self.peer_id}: {exc}")
         error = ConnectionClosedError(f"connection to {self.peer_id} failed: {exc}", code=exc.code)
         error.__cause__ = exc
         self._close_reason = error
@@ -505,6 +571,9 @@ class Connection:
         for stream in list(self._streams.values()):
             stream._on_connection_lost(error)
         self._streams.clear()
+        waiters = self._budget.close()
+        if waiters:
+            self._loop.call_soon(retry_budget_waiters, waiters)
         self._wake_drain_waiters()
         for fut in self._pong_waiters.values():
             if not fut.done():
@@ -521,8 +590,14 @@ def _closed_error(exc: LocalProtocolError) -> LocalProtocolError:
     return ConnectionClosedError(exc.message) if exc.code == ErrorCode.CONNECTION_CLOSED else exc
 
 
+#: Sweeps per ``first_message_timeout``: a silent stream is reset between 3/4 of it and all of it.
+FIRST_MESSAGE_SWEEPS = 4
+
 #: Size of each connection's receive buffer (one ``recv_into`` per socket read).
 _RECV_BUFFER = 256 * 1024
+#: Receive buffer of a connection still in its handshake (every handshake message is far
+#: smaller): an unauthenticated socket costs little memory (spec/transport.md §3.16.2).
+_HANDSHAKE_BUFFER = 2048
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -530,7 +605,9 @@ class _Wire(asyncio.BufferedProtocol):
 
     ``on_ready(connection)`` runs once the handshake is done (before any stream data
     is dispatched); ``on_failed(error, peername)`` if it fails or times out.
-    A dialling wire also resolves ``ready``.
+    A dialling wire also resolves ``ready``. An accepting wire asks ``admit(wire,
+    peername, fd)`` first and, refused, drops the socket before any handshake; it
+    tells ``on_progress(wire)`` when handshake bytes arrive.
 
     A ``BufferedProtocol``: the socket is read into one buffer per connection
     (``recv_into``) instead of a fresh 256 KiB bytes object per read, whose
@@ -547,6 +624,9 @@ class _Wire(asyncio.BufferedProtocol):
         on_ready: Callable[[Connection], None],
         on_failed: Callable[[ProtocolError, Any], None],
         expected_peer_id: PeerId | None = None,
+        budget: ReceiveBudget | None = None,
+        admit: Callable[[_Wire, Any, int], bool] | None = None,
+        on_progress: Callable[[_Wire], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._identity = identity
@@ -556,6 +636,9 @@ class _Wire(asyncio.BufferedProtocol):
         self._on_ready = on_ready
         self._on_failed = on_failed
         self._expected = expected_peer_id
+        self._budget = budget
+        self._admit = admit
+        self._on_progress = on_progress
         self._transport: asyncio.Transport | None = None
         self._handshake: Handshake | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -563,7 +646,7 @@ class _Wire(asyncio.BufferedProtocol):
         self._peername: Any = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[Connection] | None = self._loop.create_future() if initiator else None
-        self._recv_buffer = memoryview(bytearray(_RECV_BUFFER))
+        self._recv_buffer = memoryview(bytearray(_HANDSHAKE_BUFFER))  # the full one once authenticated
 
     # -- asyncio.Protocol
 
@@ -572,6 +655,9 @@ class _Wire(asyncio.BufferedProtocol):
         self._transport = transport
         self._peername = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
+        if self._admit is not None and not self._admit(self, self._peername, sock.fileno() if sock is not None else -1):
+            transport.abort()  # refused (§3.16.2): no handshake state, no timer
+            return
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=self._config.write_buffer_high)
@@ -591,6 +677,8 @@ class _Wire(asyncio.BufferedProtocol):
         if conn is not None:
             conn._data_received(self._recv_buffer[:nbytes])
             return
+        if self._on_progress is not None:
+            self._on_progress(self)
         self._feed_handshake(bytes(self._recv_buffer[:nbytes]))
 
     def eof_received(self) -> bool:
@@ -647,8 +735,10 @@ class _Wire(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self._handshake = None
+        self._recv_buffer = memoryview(bytearray(_RECV_BUFFER))
+        budget = self._budget.connection() if self._budget is not None else None
         conn = Connection(
-            self._transport, result, initiator=self._initiator, local_peer_id=self._identity.peer_id, config=self._config
+            self._transport, result, initiator=self._initiator, local_peer_id=self._identity.peer_id, config=self._config, budget=budget
         )
         self._conn = conn
         if self._transport.is_closing():  # peer already gone; connection_lost follows

@@ -61,7 +61,9 @@ from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import validate_protocol_name
 from biopetals.protocol.swarm_key import SwarmKey
 
-from .connection import Connection, TransportConfig, _Wire
+from .admission import Admission, raise_descriptor_limit
+from .logs import LogAggregator
+from .connection import FIRST_MESSAGE_SWEEPS, Connection, TransportConfig, _Wire
 from .errors import ConnectionClosedError, DeadlineExceeded, StreamResetError, TransportError
 from .streams import Stream
 from .unary import ONE_FRAME, UnaryCall, UnaryRequest, UnaryServer
@@ -107,6 +109,8 @@ class HostStatistics:
     bytes_sent: int
     bytes_received: int
     inline_requests: int = 0  # requests answered by inline handlers (no task each), since start
+    receive_buffer_held: int = 0  # bytes reserved for unfinished incoming messages (§3.16)
+    messages_refused: int = 0  # incoming messages refused by the receive budget, since start
 
 
 class Host:
@@ -126,6 +130,13 @@ class Host:
         self.identity = identity
         self._swarm_key = swarm_key.key if isinstance(swarm_key, SwarmKey) else swarm_key
         self.config = config or TransportConfig()
+        # Bytes of unfinished incoming messages, over every connection (spec/transport.md §3.16).
+        self._budget = self.config.receive_budget()
+        # Pending handshakes and established connections, bounded (§3.16.2); the descriptor
+        # limit is learnt (and raised) when the host starts listening.
+        self._admission = Admission(self.config.connection_limits())
+        self._logs = LogAggregator(self.config.log_interval)  # peer-caused warnings, aggregated (§3.16.3)
+        self._sweeper: asyncio.Task[None] | None = None  # resets streams without a first message (§3.16.4)
         self._tg: asyncio.TaskGroup | None = None
         self._running = False
         self._servers: list[asyncio.Server] = []
@@ -163,6 +174,8 @@ class Host:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._running = True
+        if self.config.first_message_timeout > 0:
+            self._sweeper = self._tg.create_task(self._sweep_first_messages())
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
@@ -173,8 +186,21 @@ class Host:
             result = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
+    async def _sweep_first_messages(self) -> None:
+        """Every ``first_message_timeout / 4`` s, reset streams still silent (spec/transport.md §3.16.4)."""
+        period = self.config.first_message_timeout / FIRST_MESSAGE_SWEEPS
+        sweep = 0
+        while True:
+            await asyncio.sleep(period)
+            sweep += 1
+            expired = sum(conn.sweep_first_messages(sweep) for conn in self.connections())
+            if expired:
+                self.warn("reset streams without a first message", "?", f"{expired} within {self.config.first_message_timeout:g} s")
+
     async def _shutdown(self) -> None:
         self._running = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for wire in list(self._handshaking):
@@ -200,6 +226,8 @@ class Host:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        for line in self._logs.flush(asyncio.get_running_loop().time()):
+            log.warning("%s", line)
 
     def _check_running(self) -> asyncio.TaskGroup:
         if not self._running or self._tg is None:
@@ -214,6 +242,8 @@ class Host:
         ``host`` may also be a multiaddr such as ``/ip4/0.0.0.0/tcp/31337``.
         """
         self._check_running()
+        if self._admission.fd_limit is None:
+            self._admission.fd_limit = raise_descriptor_limit()
         if host.startswith("/"):
             addr = Multiaddr.parse(host)
             host, port = addr.host, addr.port
@@ -240,13 +270,15 @@ class Host:
 
         def ready(conn: Connection) -> None:
             self._handshaking.discard(wire)
+            self._admission.forget(wire)
             self._adopt(conn)
 
         def failed(error: ProtocolError, peername: Any) -> None:
             self._handshaking.discard(wire)
+            self._admission.forget(wire)
             self._handshakes_failed[_code_name(error.code)] += 1
             where = f"{peername[0]}:{peername[1]}" if peername else "?"
-            log.warning("inbound handshake from %s failed: %s", where, _with_hint(error).message)
+            self.warn("inbound handshake failed", peername[0] if peername else "?", f"from {where}: {_with_hint(error).message}")
 
         wire = _Wire(
             identity=self.identity,
@@ -255,9 +287,34 @@ class Host:
             config=self.config,
             on_ready=ready,
             on_failed=failed,
+            budget=self._budget,
+            admit=self._admit,
+            on_progress=self._admission.progressed,
         )
         self._handshaking.add(wire)
         return wire
+
+    def _admit(self, wire: _Wire, peername: Any, fd: int) -> bool:
+        """An accepted socket: within the limits of §3.16.2? Evicts idle pending handshakes to make room."""
+        refusal, evict = self._admission.accept(wire, peername[0] if peername else "?", fd if fd >= 0 else None)
+        source = peername[0] if peername else "?"
+        if refusal is not None:
+            self._handshaking.discard(wire)
+            self._handshakes_failed["REFUSED"] += 1
+            self.warn("refused an inbound connection", source, f"from {source}: too many {refusal} (spec/transport.md §3.16.2)")
+            return False
+        for victim in evict:
+            self._handshakes_failed["EVICTED"] += 1
+            self.warn("dropped a pending handshake", source, "to make room for a newer one (spec/transport.md §3.16.2)")
+            victim.abort()  # type: ignore[attr-defined]
+        return True
+
+    def warn(self, kind: str, source: str, message: str) -> None:
+        """Log a warning a peer can cause (for this host's users too): at most one line per ``kind``
+        and ``log_interval``, the rest counted by ``source`` (spec/transport.md §3.16.3)."""
+        line = self._logs.note(kind, source, message, asyncio.get_running_loop().time())
+        if line is not None:
+            log.warning("%s", line)
 
     # ------------------------------------------------------------------ handlers
 
@@ -480,6 +537,7 @@ class Host:
             on_ready=self._adopt,
             on_failed=self._dial_failed,
             expected_peer_id=addr.peer_id,
+            budget=self._budget,
         )
         family = {"ip4": socket.AF_INET, "dns4": socket.AF_INET, "ip6": socket.AF_INET6, "dns6": socket.AF_INET6}.get(addr.kind, 0)
         assert wire.ready is not None
@@ -511,6 +569,12 @@ class Host:
         if not self._running or self._tg is None:
             conn.close(0, "host shutting down")
             return
+        refusal = self._admission.open(conn.peer_id, inbound=not conn.initiator)
+        if refusal is not None:
+            self.warn("refused a connection", str(conn.peer_id), f"with {conn.peer_id}: too many {refusal} (spec/transport.md §3.16.2)")
+            conn.close(ErrorCode.BUSY, f"too many {refusal} (spec/transport.md §3.16.2)")
+            return
+        conn.on_warning = self.warn
         conn.on_stream = self._on_stream
         conn.unary_servers = self._unary_servers
         conn.on_going_away = self._on_going_away
@@ -527,6 +591,7 @@ class Host:
         conn.retire()
 
     def _on_closed(self, conn: Connection) -> None:
+        self._admission.close(conn.peer_id, inbound=not conn.initiator)
         stats = conn.statistics()
         self._closed_bytes[0] += stats.bytes_sent
         self._closed_bytes[1] += stats.bytes_received
@@ -675,6 +740,8 @@ class Host:
             bytes_sent=self._closed_bytes[0] + sum(s.bytes_sent for s in stats),
             bytes_received=self._closed_bytes[1] + sum(s.bytes_received for s in stats),
             inline_requests=self._inline_requests,
+            receive_buffer_held=self._budget.held,
+            messages_refused=self._budget.refused,
         )
 
     # ------------------------------------------------------------------ inline handlers

@@ -31,7 +31,7 @@ import asyncio
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
@@ -40,11 +40,9 @@ from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
 
 from .errors import EndOfStream, StreamResetError, TransportError, stream_reset_error
+from .link import StreamLink
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["Stream", "StreamStatistics", "SEND_BATCH"]
+__all__ = ["Stream", "StreamStatistics", "SEND_BATCH", "retry_budget_waiters"]
 
 #: Most bytes handed to the multiplexer (and the socket) in one step of ``send``:
 #: big enough for few Python-level steps per message, small enough that concurrent
@@ -92,10 +90,10 @@ class Stream:
         "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_parts", "_assembled",
         "_need", "_prefix", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
         "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_unary", "_messages_sent", "_messages_received",
-        "_bytes_sent", "_bytes_received", "__weakref__",
+        "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "_stall", "__weakref__",
     )
 
-    def __init__(self, connection: Connection, stream_id: int, protocol: str, *, local: bool) -> None:
+    def __init__(self, connection: StreamLink, stream_id: int, protocol: str, *, local: bool) -> None:
         self._conn = connection
         self._mux = connection._mux
         self.stream_id = stream_id
@@ -109,6 +107,10 @@ class Stream:
         self._need: int | None = None  # size of the message being assembled, once its prefix is read
         self._prefix = b""  # bytes of a length prefix split across chunks (immutable: no allocation per stream)
         self._ready: bytes | None = None  # a complete message not yet returned
+        self._reserved = 0  # bytes of the connection's receive budget held for the message being assembled (§3.16)
+        self._budget_wait = False  # the next message's prefix is in; its body waits for budget (§3.16)
+        self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it stalled ...
+        self._stall: object = None  # ... and how (stall_marker then)
         self._receiving = False  # a task is inside receive(): data is consumed on arrival
         self._receive_waiter: asyncio.Future[None] | None = None
         self._eof = False  # the peer sent FIN
@@ -129,7 +131,7 @@ class Stream:
         return self._conn.peer_id
 
     @property
-    def connection(self) -> Connection:
+    def connection(self) -> StreamLink:
         return self._conn
 
     def __repr__(self) -> str:
@@ -311,7 +313,7 @@ class Stream:
                 conn._flush()  # window update for what we just consumed, if one is due
                 continue
             conn._flush()
-            if self._eof:
+            if self._eof and not self._budget_wait:
                 if self._need is not None or self._prefix:
                     why = f"{self!r}: peer ended the stream inside a message"
                     self.reset(ErrorCode.MALFORMED, "FIN inside a message (spec/transport.md §3.10)")
@@ -364,10 +366,23 @@ class Stream:
                     pending[0] = memoryview(chunk)[take:]
                 if len(self._prefix) == LENGTH_PREFIX_BYTES:
                     size = int.from_bytes(self._prefix, "big")
-                    self._prefix = b""
                     if not 1 <= size <= MAX_FRAME_BYTES:
+                        self._prefix = b""
                         self._pending_bytes -= consumed
                         self._protocol_violation(size)
+                    # No byte of the body is taken (no credit granted) before its whole size is reserved (§3.16).
+                    refusal = self._conn._budget.reserve(size)
+                    if refusal is not None:
+                        if refusal.fatal:
+                            self._prefix = b""
+                            self._pending_bytes -= consumed
+                            self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
+                        self._budget_wait = True  # keep the prefix; retried when budget is released
+                        self._conn._budget.node.wait(self)
+                        break
+                    self._budget_wait = False
+                    self._prefix = b""
+                    self._reserved = size
                     self._need = size
                 continue
             want = self._need - self._assembled
@@ -389,6 +404,7 @@ class Stream:
                 self._parts = []
                 self._assembled = 0
                 self._need = None
+                self._release()
                 self._bytes_received += LENGTH_PREFIX_BYTES + len(self._ready)
                 complete = True
                 break
@@ -399,7 +415,10 @@ class Stream:
 
     def _protocol_violation(self, size: int) -> None:
         code = ErrorCode.MALFORMED if size == 0 else ErrorCode.LIMIT_EXCEEDED
-        message = f"peer sent a message of {size} bytes; must be 1 to {MAX_FRAME_BYTES} (spec/tensors.md §6)"
+        self._refuse(code, f"peer sent a message of {size} bytes; must be 1 to {MAX_FRAME_BYTES} (spec/tensors.md §6)")
+
+    def _refuse(self, code: ErrorCode, message: str) -> None:
+        """The peer's next message cannot be taken: reset the stream with ``code`` and raise."""
         self._mux.reset_stream(self.stream_id, code, message)
         self._conn._flush()
         self._fail(RemoteProtocolError(code, message))
@@ -428,6 +447,7 @@ class Stream:
         self._pending.clear()
         self._pending_bytes = 0
         self._parts = []
+        self._release()
         await self.send_eof()
         self._conn._flush()
 
@@ -439,6 +459,21 @@ class Stream:
             await self.aclose()
         else:
             self.reset(ErrorCode.STREAM_RESET, "aborted by the application")
+
+    @property
+    def awaiting_first_message(self) -> bool:
+        """Opened by the peer, and its first message has not arrived yet (spec/transport.md §3.16.4)."""
+        return not self.local and self._messages_received == 0 and self._ready is None and self._error is None and not self._eof
+
+    @property
+    def stall_marker(self) -> object:
+        """What ``Connection.sweep_first_messages`` watches: "first" while the first message is awaited,
+        the bytes assembled so far while a reserved message is coming (§3.16.1), else None."""
+        if self.awaiting_first_message:
+            return "first"
+        if self._reserved and self._error is None:
+            return self._assembled
+        return None
 
     @property
     def is_closed(self) -> bool:
@@ -504,8 +539,8 @@ class Stream:
         if unary is None:
             self._wake(self._receive_waiter)
             return
-        if self._error is not None:
-            return  # already reported by _fail
+        if self._error is not None or self._budget_wait:
+            return  # already reported by _fail, or the message waits for budget (_on_budget ends it)
         message = self._ready
         if message is None or self._pending or self._need is not None or self._prefix:
             self._unary_malformed("no message" if message is None else "more than one message")
@@ -542,6 +577,7 @@ class Stream:
         self._pending.clear()
         self._pending_bytes = 0
         self._parts = []
+        self._release()
         self._wake(self._receive_waiter)
         self._wake(self._window_waiter)
         self._conn._stream_failed(self)
@@ -550,7 +586,39 @@ class Stream:
             self._unary = None
             unary.failed(self, self._error)
 
+    def _release(self) -> None:
+        """Give the reservation of the message being assembled back to the receive budget."""
+        if self._reserved:
+            waiters = self._conn._budget.release(self._reserved)
+            self._reserved = 0
+            if waiters:
+                self._conn._loop.call_soon(retry_budget_waiters, waiters)
+
+    def _on_budget(self) -> None:
+        """Receive budget was released: retry the message that waits for it (§3.16)."""
+        if not self._budget_wait or self._error is not None:
+            return
+        if self._unary is not None:
+            try:
+                self._absorb()
+            except RemoteProtocolError:
+                return  # _fail told the receiver
+            if self._eof and not self._budget_wait:
+                self._on_end()  # the FIN came while the message waited
+            self._conn._flush()
+        elif self._receiving:
+            self._wake(self._receive_waiter)  # receive() retries; it also sends the credit
+        else:
+            self._budget_wait = False  # the next receive() retries
+
     @staticmethod
     def _wake(fut: asyncio.Future[None] | None) -> None:
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+
+def retry_budget_waiters(waiters: list[object]) -> None:
+    """Let each stream that waited for receive budget retry (called soon after a release, §3.16)."""
+    for stream in waiters:
+        if isinstance(stream, Stream):
+            stream._on_budget()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
@@ -33,10 +33,8 @@ from biopetals.protocol.identity import PeerId
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
 
 from .errors import DeadlineExceeded, StreamResetError, TransportError, stream_reset_error
+from .link import StreamLink
 from .streams import Stream
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 __all__ = ["UnaryCall", "UnaryRequest", "UnaryServer", "ONE_FRAME"]
 
@@ -71,7 +69,7 @@ class _StandIn:
 
     __slots__ = ("_conn", "stream_id", "protocol", "_message", "_stream")
 
-    def __init__(self, conn: Connection, stream_id: int, protocol: str) -> None:
+    def __init__(self, conn: StreamLink, stream_id: int, protocol: str) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.protocol = protocol
@@ -105,7 +103,7 @@ class UnaryCall(_StandIn):
 
     __slots__ = ("future", "peer", "timeout", "deadline", "timer", "active", "received")
 
-    def __init__(self, conn: Connection, stream_id: int, protocol: str, peer: Any, timeout: float) -> None:
+    def __init__(self, conn: StreamLink, stream_id: int, protocol: str, peer: Any, timeout: float) -> None:
         super().__init__(conn, stream_id, protocol)
         self.future: asyncio.Future[bytes] = conn._loop.create_future()
         self.peer = peer
@@ -222,13 +220,25 @@ class UnaryRequest(_StandIn):
     ``protocol``, ``_try_send_last``, ``send``, ``reset``, ``_task_to_cancel``.
     """
 
-    __slots__ = ("_server", "_task_to_cancel", "_closed")
+    __slots__ = ("_server", "_task_to_cancel", "_closed", "_first_sweep", "_stall")
 
-    def __init__(self, conn: Connection, stream_id: int, protocol: str, server: UnaryServer) -> None:
+    def __init__(self, conn: StreamLink, stream_id: int, protocol: str, server: UnaryServer) -> None:
         super().__init__(conn, stream_id, protocol)
         self._server: UnaryServer | None = server  # None once told of the request (or reset)
         self._task_to_cancel: asyncio.Task[None] | None = None  # an async handler working for the caller
         self._closed = False
+        self._first_sweep = 0  # Connection.sweep_first_messages: the sweep that first saw it waiting
+        self._stall: object = None
+
+    @property
+    def awaiting_first_message(self) -> bool:
+        """The request has not arrived yet (spec/transport.md §3.16.4)."""
+        return self._server is not None and not self._closed and self._stream is None
+
+    @property
+    def stall_marker(self) -> object:
+        """"first" while the request is awaited (Connection.sweep_first_messages), else None."""
+        return "first" if self.awaiting_first_message else None
 
     @property
     def peer_id(self) -> PeerId:

@@ -197,6 +197,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         """A session holding KV caches on the nodes; ``generate()`` inside continues it."""
         if self._session is not None:
             raise RuntimeError("an inference session is already active on this model")
+        self.check_context(max_length)
         session = InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size)
         self._session = session
         try:
@@ -205,6 +206,22 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             self._session = None
             self.last_route = session.route
             session.close()
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model takes (``max_position_embeddings``)."""
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def check_context(self, total_tokens: int, *, prompt_tokens: int | None = None) -> None:
+        """ValueError, before any route is tried, when ``total_tokens`` (prompt plus new tokens)
+        exceeds the model's context: no node could hold them, and asking would only mark healthy
+        nodes as failing."""
+        if total_tokens <= self.context_length:
+            return
+        what = (f"the prompt has {prompt_tokens} tokens and {total_tokens - prompt_tokens} new tokens were asked for"
+                if prompt_tokens is not None else f"a session of {total_tokens} tokens was asked for")
+        raise ValueError(f"this model's context is {self.context_length} tokens (max_position_embeddings): {what}; "
+                         "shorten the prompt or ask for fewer new tokens")
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -237,6 +254,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
                     raise ValueError("generate() over the swarm needs a prompt (input_ids or inputs_embeds)")
                 length = generate_total_length(self.generation_config, int(prompt.shape[1]), generation_config,
                                                kwargs)
+                self.check_context(length, prompt_tokens=int(prompt.shape[1]))
                 owned = InferenceSession(self.swarm, max_length=length)
                 cache = RemoteCache(owned, owned=True)
         if cache is not None:

@@ -5,13 +5,16 @@ have no online node.
         --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW... [--node-info] [--json]
 
 It joins the DHT as a client (it never listens), reads the model's block announcements
-(spec/announcement.md) like the client library does before routing, and prints one line per
-node (blocks, state, dtype, announced throughput, free cache, address) and the coverage of
-the blocks: per run of blocks served alike, how many online nodes serve it and their
-announced throughput together (the smallest is the swarm's bottleneck, spec/announcement.md
-§5). ``--node-info`` also asks every node for its ``NodeInfo`` (spec/messages.md §4.2:
-open sessions, decode steps, uptime), each within ``--timeout``. Exit status: 0 when every
-block has an online node, 1 when some block has none (for monitoring scripts), 2 on errors.
+(spec/announcement.md) like the client library does before routing, and asks every announced
+node for its ``NodeInfo`` (spec/messages.md §4.2), all at once, each within ``--timeout``: an
+announcement outlives a node killed without a word (up to its expiry), so a node that does
+not answer is shown as UNREACHABLE and does not count as serving its blocks. It prints one
+line per node (blocks, state, dtype, announced throughput, free cache, address) and the
+coverage of the blocks: per run of blocks served alike, how many online nodes serve it and
+their announced throughput together (the smallest is the swarm's bottleneck,
+spec/announcement.md §5). ``--node-info`` also shows each node's load (open sessions,
+uptime). Exit status: 0 when every block has an online, reachable node, 1 when some block
+has none (for monitoring scripts), 2 on errors.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, decode
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
 from biopetals.transport.errors import expected_failures
-from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
+from biopetals.transport.keyfiles import KeyFileError
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
 from .announcements import read_announcements
 from .errors import describe_code
@@ -48,12 +52,21 @@ __all__ = ["NodeStatus", "SwarmStatus", "read_status", "main"]
 class NodeStatus:
     peer_id: str
     announcement: Announcement
-    info: NodeInfo | None = None  # with --node-info, if the node answered
+    info: NodeInfo | None = None  # if the node was asked and answered
     info_error: str | None = None  # why it did not
+    reachable: bool | None = None  # None: not asked; False: could not be reached (dial or call failed)
 
     @property
     def online(self) -> bool:
-        return self.announcement.state == State.ONLINE
+        """Announced ONLINE and not found unreachable: serves its blocks."""
+        return self.announcement.state == State.ONLINE and self.reachable is not False
+
+    @property
+    def state(self) -> str:
+        """The announced state, or UNREACHABLE for an ONLINE announcement whose node does not answer."""
+        if self.announcement.state == State.ONLINE and self.reachable is False:
+            return "UNREACHABLE"
+        return self.announcement.state.name
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,12 @@ class SwarmStatus:
         return out
 
 
-async def read_status(host: Host, dht: DHT, model: str, n_blocks: int, *, node_info: bool = False,
+async def read_status(host: Host, dht: DHT, model: str, n_blocks: int, *, probe: bool = True,
                       timeout: float = 5.0) -> SwarmStatus:
-    """The swarm's announcements for ``model`` (and each node's NodeInfo if ``node_info``)."""
+    """The swarm's announcements for ``model`` and, if ``probe``, each node's NodeInfo (all at once)."""
     found = await read_announcements(dht, model, n_blocks)
     nodes = [NodeStatus(peer, ann) for peer, ann in found.items()]
-    if node_info:
+    if probe:
         nodes = list(await asyncio.gather(*(_with_info(host, node, timeout) for node in nodes)))
     nodes.sort(key=lambda n: (n.announcement.start, n.announcement.end, n.peer_id))
     return SwarmStatus(model, n_blocks, tuple(nodes))
@@ -122,10 +135,11 @@ async def _with_info(host: Host, node: NodeStatus, timeout: float) -> NodeStatus
         data = await host.call(target, PROTOCOL_NAME, encode_message(NodeInfoRequest()), timeout=timeout)
         reply = decode_message(data, expected=(NodeInfo, Error))
     except (ProtocolError, OSError) as exc:
-        return NodeStatus(node.peer_id, ann, info_error=str(exc))
-    if isinstance(reply, Error):
-        return NodeStatus(node.peer_id, ann, info_error=f"{describe_code(reply.code)}: {reply.message}")
-    return NodeStatus(node.peer_id, ann, info=reply)
+        return NodeStatus(node.peer_id, ann, info_error=str(exc), reachable=False)
+    if isinstance(reply, Error):  # it answers: reachable, if not willing
+        return NodeStatus(node.peer_id, ann, info_error=f"{describe_code(reply.code)}: {reply.message}",
+                          reachable=True)
+    return NodeStatus(node.peer_id, ann, info=reply, reachable=True)
 
 
 # ----------------------------------------------------------------------------- output
@@ -135,7 +149,7 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
     def node(n: NodeStatus) -> dict[str, Any]:
         a = n.announcement
         out: dict[str, Any] = {
-            "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": a.state.name, "dtype": a.dtype,
+            "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": n.state, "dtype": a.dtype,
             "quant": a.quant, "version": a.version, "inference_tps": a.inference_tps, "forward_tps": a.forward_tps,
             "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs), "adapters": list(a.adapters),
         }
@@ -156,11 +170,14 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
     }
 
 
-def format_text(status: SwarmStatus) -> str:
+def format_text(status: SwarmStatus, *, node_info: bool = False) -> str:
+    """The table ``biopetals-swarm`` prints; ``node_info``: with each node's sessions and uptime."""
     online = sum(n.online for n in status.nodes)
-    lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"]
+    unreachable = sum(n.state == "UNREACHABLE" for n in status.nodes)
+    lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"
+             + (f", {unreachable} unreachable" if unreachable else "")]
     header = ["blocks", "peer id", "state", "dtype", "tok/s inf / fwd", "cache left", "address"]
-    with_info = any(n.info is not None or n.info_error is not None for n in status.nodes)
+    with_info = node_info and any(n.info is not None or n.info_error is not None for n in status.nodes)
     if with_info:
         header[-1:-1] = ["sessions", "uptime"]
     rows = [header]
@@ -168,7 +185,7 @@ def format_text(status: SwarmStatus) -> str:
         a = n.announcement
         dtype = a.dtype if a.quant == "none" else f"{a.dtype}/{a.quant}"
         address = a.addrs[0].split("/p2p/")[0] if a.addrs else "-"  # the peer id has its own column
-        row = [f"{a.start}:{a.end}", n.peer_id, a.state.name, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
+        row = [f"{a.start}:{a.end}", n.peer_id, n.state, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
                str(a.cache_tokens_left), address]
         if with_info:
             if n.info is not None:
@@ -184,7 +201,9 @@ def format_text(status: SwarmStatus) -> str:
         if n.announcement.adapters:  # server-side LoRA adapters (spec/messages.md §6.3)
             lines.append(f"  adapters of {n.peer_id}: {', '.join(n.announcement.adapters)}")
     for n in status.nodes:
-        if n.info_error is not None:
+        if n.reachable is False and n.announcement.state == State.ONLINE:
+            lines.append(f"  UNREACHABLE {n.peer_id}: announced ONLINE but does not answer ({n.info_error})")
+        elif n.info_error is not None and node_info:
             lines.append(f"  no NodeInfo from {n.peer_id}: {n.info_error}")
     lines.append("coverage per block (online nodes, announced inference tokens/s):")
     for start, end, count, tps in status.coverage_runs():
@@ -223,30 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the checkpoint (a directory with config.json, or a hub name in the local cache): "
                         "its name and config fingerprint are the model's name in the swarm; or its weights "
                         "manifest file (biopetals-manifest), which names the model by itself")
-    key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--swarm-key", metavar="FILE", help="the swarm's key file (IPFS swarm.key format)")
-    key.add_argument("--public", action="store_true", help="a public swarm, without a swarm key")
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members")
-    p.add_argument("--node-info", action="store_true", help="also ask every node for its live load (NodeInfo)")
+    add_swarm_options(p, join="join")
+    p.add_argument("--node-info", action="store_true", help="also show every node's live load (open sessions, uptime)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="trust the announcements: do not ask the nodes whether they answer (a node killed without a "
+                        "word then shows as ONLINE until its announcement expires)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each request (default 5)")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds for each request; a node that does not answer NodeInfo within it is UNREACHABLE "
+                        "(default 3)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
 
 
 async def _run(args: argparse.Namespace, model: str, n_blocks: int) -> SwarmStatus:
-    swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+    swarm_key = swarm_key_of(args)
     config = TransportConfig(keepalive_interval=0, call_timeout=args.timeout)
     async with Host(Identity.generate(), swarm_key=swarm_key, config=config) as host:
         async with DHT(host, initial_peers=args.initial_peers, client_mode=True) as dht:
             if not len(dht.table):
                 raise ConnectionError("could not reach any initial peer (wrong address or swarm key?)")
-            return await read_status(host, dht, model, n_blocks, node_info=args.node_info, timeout=args.timeout)
+            return await read_status(host, dht, model, n_blocks, probe=not args.no_probe, timeout=args.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from biopetals.models.config import ModelConfigError, load_config, model_info  # transformers: only when run
@@ -268,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in failures:
             print(f"biopetals-swarm: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(to_json(status), indent=2) if args.json else format_text(status))
+    print(json.dumps(to_json(status), indent=2) if args.json else format_text(status, node_info=args.node_info))
     return 1 if status.missing() else 0
 
 

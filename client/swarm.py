@@ -42,7 +42,9 @@ from biopetals.protocol.messages import (
 from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
+from biopetals.transport.joining import require_join
 from biopetals.transport.keyfiles import load_swarm_key
+from biopetals.transport.swarm_options import EXAMPLE_PEER, check_peer
 
 from .announcements import read_announcements
 from .errors import PeerFailure, describe_code, peer_failure_from
@@ -106,6 +108,14 @@ def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
     return load_swarm_key(value)
 
 
+def check_initial_peers(addrs: tuple[str, ...]) -> None:
+    """ValueError naming the problem unless ``addrs`` is a non-empty list of multiaddrs (before any dial)."""
+    if not addrs:
+        raise ValueError(f"no initial peers: give the multiaddr of at least one swarm member, e.g. {EXAMPLE_PEER}")
+    for addr in addrs:
+        check_peer(addr)
+
+
 class RemoteSwarm:
     """Network access for one client model; every public method is a coroutine run on ``self.loop``."""
 
@@ -120,6 +130,7 @@ class RemoteSwarm:
         self.dht: DHT | None = None
         self._servers: list[ServerSpan] = []
         self._fetched_at = -1e18
+        check_initial_peers(config.initial_peers)
         self._key = _swarm_key(config.swarm_key)
         try:
             self.loop.run(self._start(), timeout=config.connect_timeout + 30)
@@ -132,8 +143,9 @@ class RemoteSwarm:
                     config=TransportConfig(call_timeout=self.config.forward_timeout, keepalive_interval=5.0))
         await host.__aenter__()
         self.host = host
-        dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
         try:
+            await require_join(host, self.config.initial_peers, timeout=self.config.connect_timeout, alone_hint=None)
+            dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
             await dht.__aenter__()
         except BaseException:
             await host.__aexit__(None, None, None)

@@ -43,10 +43,12 @@ from biopetals.node.quant import quantize_span
 from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
+from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
+from biopetals.transport.joining import NEW_SWARM_HINT, JoinError, require_join
 from biopetals.weights.fetch import fetch_parts
 from biopetals.weights.limits import ServeLimits
 from biopetals.weights.local import CorruptCopy, LocalWeights
@@ -234,7 +236,13 @@ async def run_node(
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
         addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
+        await require_join(host, options.initial_peers, timeout=10.0, alone_hint=NEW_SWARM_HINT)
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
+            if options.initial_peers and not len(dht.table):
+                raise JoinError(ErrorCode.UNKNOWN_PROTOCOL,
+                                "cannot join the swarm: the initial peers accept our key but answer no DHT request "
+                                f"({', '.join(options.initial_peers)}); give the address of a biopetals-node or "
+                                "biopetals-dht of the swarm, or --new-swarm to start a new swarm alone", ())
             if facts is None:  # only a swarm name: the manifest comes from a provider
                 await source.complete(host, dht, lambda manifest: [], progress=options.progress)
                 facts = _model_facts(options, source.directory)
@@ -290,7 +298,7 @@ async def run_node(
             service.install()
             await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
-                f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
+                f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
             if options.adapters:
                 out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
             out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")

@@ -135,7 +135,7 @@ class Swarm:
 
     def start_dht(self, timeout: float = 30.0) -> NodeProcess:
         """A ``biopetals-dht`` bootstrap peer (serves no blocks); its first line is its multiaddr."""
-        args = ["--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0"]
+        args = ["--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--new-swarm"]
         node = self._spawn([sys.executable, "-m", "biopetals.dht.cli", *args], args, None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not node.addr:

@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
+from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.weights.source import fetch_client_parts
 
 from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
@@ -131,6 +132,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         codec: str = "f16",
         model_name: str | None = None,
         weights_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
         **client_options: Any,
     ) -> "DistributedLlamaForCausalLM":
         """Load the client parts of a checkpoint and connect to the swarm.
@@ -142,8 +144,12 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         ``path_or_name`` may also be a weights manifest file or a swarm name ``<name>.<16 hex>``
         (spec/weights.md): the embeddings, norm, head and tokenizer are then fetched from the
         swarm's peers into ``weights_dir`` (default ``$BIOPETALS_CACHE/models/<swarm name>``).
+        A Hugging Face hub name ``org/name`` downloads (at ``revision``) only the config, the
+        tokenizer and the shards holding the embeddings, norm and head (models/hub.py).
         Further options: fields of ``ClientConfig`` (``step_timeout``, ``max_failovers``, ...).
         """
+        if isinstance(path_or_name, str) and is_hub_name(path_or_name):
+            path_or_name = str(HubCheckpoint(path_or_name, revision=revision).fetch_client())
         path_or_name = fetch_client_parts(path_or_name, weights_dir=weights_dir, initial_peers=initial_peers,
                                           swarm_key=swarm_key)
         config, resolved = load_config(path_or_name)

@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from biopetals.models.config import ModelConfigError, load_config, model_info  # transformers: only when run
+    from biopetals.models.hub import HubCheckpoint, is_hub_name
 
     try:
         if Path(args.model).is_file():  # a weights manifest (spec/weights.md) names the model by itself
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = parse_manifest(Path(args.model).read_bytes())
             model, n_blocks = manifest.swarm_name, manifest.num_blocks
         else:
+            if is_hub_name(args.model):  # the config is all it needs from the hub
+                args.model = str(HubCheckpoint(args.model, progress=False).directory)
             config, _ = load_config(args.model)
             model, n_blocks = model_info(args.model, config).dht_prefix, int(config.num_hidden_layers)
         status = asyncio.run(_run(args, model, n_blocks))

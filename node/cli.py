@@ -103,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM/SIGHUP: announce offline, then stop.",
     )
     p.add_argument("--model", required=True,
-                   help="a checkpoint directory (config.json + safetensors), a hub name in the local cache (offline), "
+                   help="a checkpoint directory (config.json + safetensors), a Hugging Face hub name org/name (the "
+                        "config and only the safetensors shards holding this node's blocks are downloaded into the "
+                        "HF cache; gated models use your HF token: `hf auth login` or HF_TOKEN), "
                         "or - to fetch the weights from the swarm's peers - a weights manifest file "
                         "(biopetals-manifest) or the swarm name <name>.<16 hex digits> it prints; a directory with a "
                         "manifest fetches the blocks it lacks")
+    p.add_argument("--revision", metavar="REV",
+                   help="with --model a hub name: the branch, tag or commit to download (default: main)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--blocks", type=_blocks, metavar="START:END",
                        help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16); fixed, never rebalanced")
@@ -222,6 +226,7 @@ async def _main(args: argparse.Namespace) -> None:
         weights_per_peer=args.weights_per_peer,
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
+        revision=args.revision,
     )
     try:
         await run_node(options, stop)

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 from biopetals.dht.node import DHT
 from biopetals.models.blocks import BlockSpan
 from biopetals.models.config import ModelConfigError, load_config, model_info
+from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.node.adapters import AdapterSet
 from biopetals.node.announcer import AnnouncementInfo, Announcer
 from biopetals.node.backend import Backend, set_threads
@@ -93,6 +94,7 @@ class NodeOptions:
     weights_per_peer: int = 4  # chunk requests in flight per peer
     weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
     verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
+    revision: str | None = None  # --model a hub name: the branch, tag or commit to download
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -150,10 +152,14 @@ def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: D
 
 
 def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, weights: WeightsService | None,
-                     loop: asyncio.AbstractEventLoop, out: Callable[[str], None]) -> Callable[[NodeOptions], BlockSpan]:
-    """``load_span`` that first fetches, from peers, the blocks the directory lacks (run on a worker thread)."""
+                     loop: asyncio.AbstractEventLoop, out: Callable[[str], None],
+                     hub: HubCheckpoint | None = None) -> Callable[[NodeOptions], BlockSpan]:
+    """``load_span`` that first fetches the blocks the directory lacks, from peers or, for a hub
+    name, only the hub's shards that hold them (run on a worker thread)."""
 
     def load(opts: NodeOptions) -> BlockSpan:
+        if hub is not None:
+            hub.fetch_blocks(opts.start, opts.end)
         if source.manifest is not None:
             blocks = list(range(opts.start, opts.end))
             missing = source.missing(blocks)
@@ -204,14 +210,16 @@ def _verify_blocks(source: ModelSource, weights: WeightsService | None, blocks: 
             bar.close()
 
 
-def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan]) -> Callable[[NodeOptions], BlockSpan]:
+def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan],
+                  from_hub: bool = False) -> Callable[[NodeOptions], BlockSpan]:
     """What placement measures one block with: every block has the same shape, so any block already
-    on this machine will do, and a node that holds none yet measures a block with random weights
-    rather than fetch one it may never serve."""
+    on this machine will do, and a node that holds none yet (or downloads from the hub) measures a
+    block with random weights rather than fetch one it may never serve."""
 
     def probe(opts: NodeOptions) -> BlockSpan:
-        if source.manifest is not None:
-            held = [p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
+        if source.manifest is not None or from_hub:
+            held = [] if from_hub else [
+                p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
             if not held:
                 set_threads(opts.num_threads)
                 span = BlockSpan.random(opts.model, dtype=opts.dtype, device=opts.device)
@@ -231,6 +239,11 @@ async def run_node(
     out: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> None:
     """Run the node until ``stop`` is set."""
+    hub = None
+    if is_hub_name(options.model):  # config and shard index now, the blocks' shards once they are chosen
+        hub = HubCheckpoint(options.model, revision=options.revision, progress=options.progress)
+        options.model = str(hub.directory)
+        out(f"downloading from the hub: {hub.repo_id} (revision {options.revision or 'main'}) into {hub.directory}")
     source = resolve_source(options.model, options.weights_dir)
     facts = None if source.needs_network else _model_facts(options, source.directory)  # fail before listening
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
@@ -251,7 +264,7 @@ async def run_node(
             weights = _serve_weights(options, source, host, dht, addrs)
             # announced from the start: peers may fetch what this node holds while it loads or fetches
             provider_task = asyncio.create_task(weights.provider.run()) if weights is not None else None
-            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out)
+            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out, hub)
             announcer = Announcer(
                 dht,
                 AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
@@ -261,7 +274,7 @@ async def run_node(
             )
             if choose:
                 (options.start, options.end), _ = await place_node(
-                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load),
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load, hub is not None),
                     random.Random())
             else:
                 await announcer.announce(State.JOINING, (0.0, 0.0), 0)

@@ -10,8 +10,8 @@ With ``--num-blocks N`` (or neither option: as many blocks as fit in memory) the
 chooses its blocks from the swarm's announcements and moves when the swarm is out of
 balance (node/placement.py, node/rebalancer.py).
 
-On start it prints what it serves, its multiaddrs, and a last line ``READY <multiaddr>``
-(for scripts and tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with
+On start it prints (each line with the time, like its log lines) the device and dtype, what
+it serves, its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with
 ``--exit-with-parent`` so does the exit of the process that started it. See
 node/server.py for the start-up order.
 """
@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 # Before torch (and its OpenMP runtime) is loaded: idle OpenMP threads sleep at once
 # instead of spinning. Spinning workers of a node that waits for the network steal the
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight chunk requests served at once per peer; more are answered BUSY (default 4)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (decode steps, sessions, KV cache, queue depth, error replies) on "
+                        "http://--metrics-host:PORT/metrics (default: none; 0: any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (default 127.0.0.1, this machine only)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop (announcing offline) when the process that started this node exits, however it ends "
                         "(for programs that start nodes for their user, e.g. the demos)")
@@ -227,12 +233,22 @@ async def _main(args: argparse.Namespace) -> None:
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
         revision=args.revision,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     try:
-        await run_node(options, stop)
+        await run_node(options, stop, out=output_line)
     finally:
         if watch is not None:
             watch.cancel()
+
+
+def output_line(line: str) -> None:
+    """A line of the node's output, with the time as its log lines have it; ``READY <multiaddr>``
+    stays bare: scripts and tests read it."""
+    if not line.startswith("READY "):
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+    print(line, flush=True)
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event, interval: float = 0.5) -> None:
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        print(resolve_device(args), flush=True)
+        output_line(resolve_device(args))
         asyncio.run(_main(args))
     except BaseException as exc:  # errors inside the Host's TaskGroup arrive wrapped in a group
         failures = expected_failures(exc, _EXPECTED)

@@ -95,6 +95,9 @@ class NodeOptions:
     weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
     verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
     revision: str | None = None  # --model a hub name: the branch, tag or commit to download
+    metrics_port: int | None = None  # Prometheus metrics on this port (node/metrics.py); None: none
+    metrics_host: str = "127.0.0.1"
+    public_name: str = ""  # a name people recognise (announced, shown by biopetals-swarm and the page)
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -325,6 +328,14 @@ async def run_node(
             )]
             if provider_task is not None:
                 tasks.append(provider_task)
+            metrics_server = None
+            if options.metrics_port is not None:
+                from biopetals.node.handler import error_replies
+                from biopetals.node.metrics import NodeCollector, serve_metrics
+
+                metrics_server, _ = serve_metrics(options.metrics_port, options.metrics_host, NodeCollector(
+                    lambda: relocator.service, lambda: dict(error_replies), options.public_name))
+                out(f"metrics on http://{options.metrics_host}:{metrics_server.server_port}/metrics")
             if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
                 rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
                                         quality=options.balance_quality, interval=options.balance_interval,
@@ -335,6 +346,8 @@ async def run_node(
             finally:
                 for task in tasks:
                     task.cancel()
+                if metrics_server is not None:
+                    metrics_server.shutdown()
                 host.remove_handler("/biopetals/node/1")
                 if weights is not None:
                     weights.server.close()

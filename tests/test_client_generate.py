@@ -199,7 +199,7 @@ def test_missing_blocks_error_names_blocks_and_nodes(checkpoint, swarm):
         finally:
             m.close()
     assert info.value.missing == [(3, 8)]
-    assert "3..7" in str(info.value) and partial.nodes[0].peer_id in str(info.value)
+    assert "3:8" in str(info.value) and partial.nodes[0].peer_id in str(info.value)
 
 
 def test_generation_survives_a_killed_node(checkpoint, reference):

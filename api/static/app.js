@@ -48,7 +48,7 @@ function addMessage(role, text) {
 function showMeta(div, extra, usage, elapsed) {
   const meta = document.createElement("div");
   meta.className = "meta";
-  const route = (extra.route || []).map((s) => `blocks ${s.start}–${s.end - 1} ← <code title="${esc(s.peer_id)}">${esc(short(s.peer_id))}</code>`).join(" → ");
+  const route = (extra.route || []).map((s) => `blocks ${s.start}:${s.end} ← <code title="${esc(s.peer_id)}">${esc(short(s.peer_id))}</code>`).join(" → ");
   const parts = [];
   if (usage) parts.push(`${usage.completion_tokens} tokens`);
   if (extra.tokens_per_second) parts.push(`${fmt(extra.tokens_per_second)} tokens/s`);
@@ -129,7 +129,7 @@ async function ask(question) {
 function renderSwarm(s) {
   const missing = s.missing || [];
   const online = s.nodes.filter((n) => n.state === "ONLINE").length;
-  const ranges = missing.map(([a, b]) => b - a === 1 ? `${a}` : `${a}–${b - 1}`).join(", ");
+  const ranges = missing.map(([a, b]) => `${a}:${b}`).join(", ");
   $("swarm-summary").innerHTML =
     `<b>${s.blocks}</b> blocks · <b>${online}</b> of ${s.nodes.length} nodes online · ` +
     `API sessions <b>${s.api_sessions_active}</b> / ${s.api_sessions_max}` +
@@ -165,7 +165,7 @@ function renderSwarm(s) {
     const info = n.node_info || {};
     const row = body.insertRow();
     const tps = n.inference_tps ? `${fmt(n.inference_tps)} / ${fmt(n.forward_tps, 0)}` : "–";
-    const cells = [short(n.peer_id), `${n.start}–${n.end - 1}`, n.state, tps,
+    const cells = [short(n.peer_id), `${n.start}:${n.end}`, n.state, tps,
                    info.sessions_open ?? "?", n.cache_tokens_left, duration(info.uptime)];
     cells.forEach((c, i) => { const td = row.insertCell(); td.textContent = c; if (i === 2) td.className = "state-" + n.state; if (i === 0) td.title = n.peer_id; });
   }

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from biopetals.models.config import ModelConfigError
+from biopetals.models.config import ModelConfigError, model_info
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.manifest import DEFAULT_CHUNK_SIZE, MANIFEST_FILE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MiB, parse_manifest
 from biopetals.transport.errors import expected_failures
@@ -73,6 +73,7 @@ def manifest_main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - started
+        previous = _swarm_name_now(directory)
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_bytes(raw)
         tmp.replace(output)
@@ -85,7 +86,20 @@ def manifest_main(argv: list[str] | None = None) -> int:
     print(f"wrote {output} ({len(raw)} bytes): {manifest.num_blocks} blocks, {size / 1e6:.1f} MB in {chunks} chunks "
           f"of {manifest.chunk_size // MiB} MiB, hashed in {seconds:.1f} s")
     print(f"swarm name: {manifest.swarm_name}")
+    if previous != manifest.swarm_name and output == directory / MANIFEST_FILE:
+        print(f"NOTE: the swarm name of {directory} changes from {previous} to {manifest.swarm_name}: nodes started "
+              f"from this directory before now announce under the old name and cannot serve clients that use the new "
+              f"one. Restart every node, client and biopetals-api that uses this model (or started before the "
+              f"manifest was written) so that they all use {manifest.swarm_name}.")
     return 0
+
+
+def _swarm_name_now(directory: Path) -> str | None:
+    """The name nodes started from ``directory`` announce under before the new manifest (None: unknown)."""
+    try:
+        return model_info(directory).dht_prefix
+    except ModelConfigError:
+        return None
 
 
 def _blocks(text: str) -> tuple[int, int]:

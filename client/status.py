@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biopetals.dht.node import DHT
+from biopetals.dht.node import DHT, DHTConfig
 from biopetals.protocol.announcement import Announcement, State
 from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.protocol.errors import ProtocolError
@@ -37,6 +37,7 @@ from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, decode
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
 from biopetals.transport.errors import expected_failures
+from biopetals.transport.joining import require_join
 from biopetals.transport.keyfiles import KeyFileError
 from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
@@ -149,7 +150,8 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
     def node(n: NodeStatus) -> dict[str, Any]:
         a = n.announcement
         out: dict[str, Any] = {
-            "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": n.state, "dtype": a.dtype,
+            "peer_id": n.peer_id, "public_name": a.public_name, "start": a.start, "end": a.end, "state": n.state,
+            "dtype": a.dtype,
             "quant": a.quant, "version": a.version, "inference_tps": a.inference_tps, "forward_tps": a.forward_tps,
             "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs), "adapters": list(a.adapters),
         }
@@ -176,7 +178,9 @@ def format_text(status: SwarmStatus, *, node_info: bool = False) -> str:
     unreachable = sum(n.state == "UNREACHABLE" for n in status.nodes)
     lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"
              + (f", {unreachable} unreachable" if unreachable else "")]
-    header = ["blocks", "peer id", "state", "dtype", "tok/s inf / fwd", "cache left", "address"]
+    # cache: KV-cache tokens free for new sessions, the node's live NodeInfo value when it answered
+    # (the announcement's is as old as its last re-announcement)
+    header = ["blocks", "name", "peer id", "state", "dtype", "tok/s inf / fwd", "free cache tokens", "address"]
     with_info = node_info and any(n.info is not None or n.info_error is not None for n in status.nodes)
     if with_info:
         header[-1:-1] = ["sessions", "uptime"]
@@ -185,8 +189,8 @@ def format_text(status: SwarmStatus, *, node_info: bool = False) -> str:
         a = n.announcement
         dtype = a.dtype if a.quant == "none" else f"{a.dtype}/{a.quant}"
         address = a.addrs[0].split("/p2p/")[0] if a.addrs else "-"  # the peer id has its own column
-        row = [f"{a.start}:{a.end}", n.peer_id, n.state, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
-               str(a.cache_tokens_left), address]
+        row = [f"{a.start}:{a.end}", a.public_name or "-", n.peer_id, n.state, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
+               str(n.info.cache_tokens_left if n.info is not None else a.cache_tokens_left), address]
         if with_info:
             if n.info is not None:
                 sessions = "-" if n.info.sessions_open is None else str(n.info.sessions_open)
@@ -259,9 +263,12 @@ async def _run(args: argparse.Namespace, model: str, n_blocks: int) -> SwarmStat
     swarm_key = swarm_key_of(args)
     config = TransportConfig(keepalive_interval=0, call_timeout=args.timeout)
     async with Host(Identity.generate(), swarm_key=swarm_key, config=config) as host:
-        async with DHT(host, initial_peers=args.initial_peers, client_mode=True) as dht:
+        await require_join(host, args.initial_peers, timeout=args.timeout, alone_hint=None)
+        async with DHT(host, initial_peers=args.initial_peers, client_mode=True,
+                       config=DHTConfig(request_timeout=args.timeout)) as dht:  # a dead DHT contact: --timeout
             if not len(dht.table):
-                raise ConnectionError("could not reach any initial peer (wrong address or swarm key?)")
+                raise ConnectionError("the initial peers accept our swarm key but answer no DHT request: give the "
+                                      "address of a biopetals-node or biopetals-dht of the swarm")
             return await read_status(host, dht, model, n_blocks, probe=not args.no_probe, timeout=args.timeout)
 
 

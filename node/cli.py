@@ -40,6 +40,7 @@ from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
+from biopetals.protocol.limits import MAX_LABEL_BYTES
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity
@@ -86,6 +87,13 @@ _positive = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
 _seconds = _bounded(float, "a number of seconds", lambda v: 0 < v < float("inf"), "a finite number > 0")
 _rate = _bounded(float, "a number of MB/s", lambda v: 0 < v < float("inf"), "a finite number > 0")
 _quality = _bounded(float, "a number, e.g. 0.75", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+
+def _public_name(text: str) -> str:
+    size = len(text.encode())
+    if not 1 <= size <= MAX_LABEL_BYTES or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 to {MAX_LABEL_BYTES} bytes of printable text")
+    return text
 
 
 def _multiaddr(text: str) -> str:
@@ -141,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
                         "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "
                         "one by NAME per session or forward/backward (spec/messages.md §6.3)")
+    p.add_argument("--public-name", type=_public_name, default=None, metavar="NAME",
+                   help="a name for this node that people recognise, e.g. 'lab-a gpu3' (as in Petals): announced "
+                        "with its blocks and shown by biopetals-swarm and the API's page; at most 64 bytes")
     p.add_argument("--identity", metavar="FILE",
                    help="Ed25519 identity key file (created if missing) for a stable peer id; default: a new identity each run")
     p.add_argument("--device", default="auto",
@@ -233,6 +244,7 @@ async def _main(args: argparse.Namespace) -> None:
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
         revision=args.revision,
+        public_name=args.public_name or "",
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )

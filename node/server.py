@@ -97,7 +97,7 @@ class NodeOptions:
     revision: str | None = None  # --model a hub name: the branch, tag or commit to download
     metrics_port: int | None = None  # Prometheus metrics on this port (node/metrics.py); None: none
     metrics_host: str = "127.0.0.1"
-    public_name: str = ""  # a name people recognise (announced, shown by biopetals-swarm and the page)
+    public_name: str = ""  # a name people recognise (announced, shown by biopetals-swarm and the page); "": none
 
 
 def load_span(options: NodeOptions) -> BlockSpan:
@@ -271,7 +271,8 @@ async def run_node(
             announcer = Announcer(
                 dht,
                 AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
-                                 tuple(addrs), tuple(name for name, _ in options.adapters)),
+                                 tuple(addrs), tuple(name for name, _ in options.adapters),
+                                 options.public_name or None),
                 interval=options.announce_interval,
                 ttl=max(3 * options.announce_interval, 30.0),
             )

@@ -2,7 +2,8 @@
 
 ``LocalSwarm(model_path, [(0, 10), (10, 20), (20, 30)])`` writes a fresh swarm key
 into a temporary directory, starts one node process per span (the first with
-``--new-swarm``, the others joining through it), waits for each to print
+``--new-swarm``, the others joining through it; named ``local-0``, ``local-1``, ... by
+``--public-name``), waits for each to print
 ``READY <multiaddr>``, and stops them all on ``close()`` (SIGTERM, then SIGKILL
 after a grace period) - also when the caller is interrupted, since it is a
 context manager. Nodes are separate processes started through the command line;
@@ -107,7 +108,7 @@ class LocalSwarm:
     def _command(self, start: int, end: int) -> list[str]:
         cmd = [sys.executable, "-m", "biopetals.node.cli", "--model", self.model, "--blocks", f"{start}:{end}",
                "--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
-               "--no-progress", "--exit-with-parent"]
+               "--no-progress", "--exit-with-parent", "--public-name", f"local-{len(self.nodes)}"]
         if not self.benchmark:
             cmd.append("--no-benchmark")
         if self.threads is not None:

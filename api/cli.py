@@ -28,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "page (chat and swarm view) in front of a BioPetals swarm.")
     p.add_argument("--model", required=True,
                    help="the checkpoint directory (config, tokenizer, embeddings and head are loaded here; the "
-                        "blocks run on the swarm)")
+                        "blocks run on the swarm), or a hub name org/name: only those files are downloaded")
     add_swarm_options(p, join="join")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --api-keys)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
     p.add_argument("--api-keys", metavar="FILE",
-                   help="file of API keys, one per line, mode 0600: requests must send 'Authorization: Bearer KEY'")
+                   help="file of API keys, one per line, each one word of at least 16 characters, mode 0600: "
+                        "requests must send 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the checkpoint directory's name)")
     p.add_argument("--model-name", default=None,

@@ -42,7 +42,7 @@ from biopetals.protocol.messages import (
 from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
-from biopetals.transport.joining import require_join
+from biopetals.transport.joining import JoinError, require_join
 from biopetals.transport.keyfiles import load_swarm_key
 from biopetals.transport.swarm_options import EXAMPLE_PEER, check_peer
 
@@ -74,6 +74,10 @@ class ClientConfig:
     swarm_key: str | bytes | SwarmKey | None = None  # path of the key file, raw 32 bytes, or a SwarmKey
     codec: str = "f16"  # activations on the wire; "f32" is lossless for fp32 models
     connect_timeout: float = 10.0  # s, dial + open a session
+    # No initial peer accepts us (wrong swarm key, unreachable): raise ``JoinError`` at once
+    # (True), or only log it and keep retrying the DHT bootstrap (False: a long-running server
+    # such as biopetals-api that may start before the swarm, and answers 503 meanwhile).
+    require_join: bool = True
     # Deadline for each span's result of one inference step (adaptive, ``routing.step_deadline``):
     #   clamp(step_timeout_factor x expected, step_timeout_floor, step_timeout), where expected is
     #   the step's tokens over the node's announced throughput (its share of the span) + 2 x RTT.
@@ -144,7 +148,13 @@ class RemoteSwarm:
         await host.__aenter__()
         self.host = host
         try:
-            await require_join(host, self.config.initial_peers, timeout=self.config.connect_timeout, alone_hint=None)
+            try:
+                await require_join(host, self.config.initial_peers, timeout=self.config.connect_timeout,
+                                   alone_hint=None)
+            except JoinError as exc:
+                if self.config.require_join:
+                    raise
+                log.warning("%s (retrying in the background)", exc.message)
             dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
             await dht.__aenter__()
         except BaseException:

@@ -49,6 +49,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
 from biopetals.models.hub import HubCheckpoint, is_hub_name
+from biopetals.models.step import positions_from_mask
 from biopetals.weights.source import fetch_client_parts
 
 from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
@@ -338,9 +339,10 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             return
         if attention_mask is not None and cache is not None:
             # a session's nodes number the tokens of each row as generate() does: cumsum(mask) - 1
-            mask = attention_mask.long()
-            check_positions("position_ids", position_ids, (mask.cumsum(-1) - 1)[:, -new_tokens:],
-                            mask[:, -new_tokens:])
+            columns = attention_mask.shape[1]
+            check_positions("position_ids", position_ids,
+                            positions_from_mask(attention_mask, columns - new_tokens, new_tokens),
+                            attention_mask[:, -new_tokens:])
         else:
             valid = None if attention_mask is None else attention_mask[:, -new_tokens:]
             check_positions("position_ids", position_ids, columns, valid)

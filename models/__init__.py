@@ -9,6 +9,8 @@ Modules (import them directly; this package imports nothing eagerly):
 * ``blocks``: ``BlockSpan``, blocks [start, end) through transformers' own decoder
   layers, with a preallocated KV cache (``SpanCache``), stateless forward/backward
   and deep prompts.
+* ``step``: ``SpanStep``, one checked inference step as the blocks run it, and
+  ``positions_from_mask``, the one rotary-position rule (spec/messages.md §5.6).
 * ``client_parts``: ``ClientParts``, embeddings, final norm and LM head.
 * ``smollm2``: the bundled SmolLM2-135M-Instruct, converted once from GGUF
   (``smollm2_path()``).

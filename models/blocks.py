@@ -16,7 +16,11 @@ What a span computes, for hidden states ``[B, T, H]``:
   0 = padding), either for all tokens so far ``[B, past + T]`` as transformers
   takes it, or for the new tokens only ``[B, T]`` (the cache remembers earlier
   ones). Built with transformers' ``create_causal_mask``, as the model does.
-  Left-padded rows use positions ``cumsum(mask) - 1`` like ``generate()``.
+  Left-padded rows use positions ``cumsum(mask) - 1`` like ``generate()``
+  (``models.step.positions_from_mask``, the one place they are computed).
+* a node's session step: ``run_step(SpanStep, cache)`` takes a step checked once by
+  the node's session state machine (node/session_machine.py) and computes it; only
+  our own invariants are checked there (``SpanInputError``: a bug if it happens).
 * KV cache (inference): a ``SpanCache`` holds one transformers cache layer per
   block, preallocated for ``max_length`` tokens when it is created, so a node
   reserves the memory up front (``kv_cache_bytes`` tells how much before
@@ -46,6 +50,7 @@ from transformers.masking_utils import create_causal_mask
 
 from biopetals.models.checkpoint import CheckpointIndex, load_block_state
 from biopetals.models.config import ArchSpec, ModelConfigError, check_architecture, load_config
+from biopetals.models.step import SpanStep
 from biopetals.models.transformers_contract import cache_keyword_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,8 +63,10 @@ _MASK_CACHE_KEYWORD = cache_keyword_of(create_causal_mask)
 class SpanInputError(ValueError):
     """A call to a span had inputs that cannot be run (wrong shape, cache overflow, ...).
 
-    The node validates requests before calling; this is the last line of defence and
-    the message says what was wrong.
+    Our caller's mistake, never a peer's (as h11's ``LocalProtocolError``): the node
+    checks every request once where it enters (node/session_machine.py) and hands the
+    blocks only checked values; reaching this from the node is a bug, answered
+    ``INTERNAL``. The message says what was wrong.
     """
 
 
@@ -262,7 +269,11 @@ class BlockSpan(nn.Module):
         prompts: torch.Tensor | None = None,
         cache: SpanCache | None = None,
     ) -> torch.Tensor:
-        """Run the span. With ``cache``, the new tokens are appended to it (call under no_grad)."""
+        """Run the span (the library entry: its arguments are checked here).
+
+        With ``cache``, the new tokens are appended to it (call under no_grad). The node's
+        sessions use ``run_step`` instead, with a step their state machine checked.
+        """
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
             raise SpanInputError(f"hidden states must be [B, T, {self.hidden_size}], got {list(hidden.shape)}")
         batch, length = hidden.shape[:2]
@@ -270,22 +281,38 @@ class BlockSpan(nn.Module):
             raise SpanInputError("no tokens")
         past = 0
         if cache is not None:
-            if (cache.start, cache.end) != (self.start, self.end):
-                raise SpanInputError(f"cache is for [{cache.start}, {cache.end}), span is [{self.start}, {self.end})")
-            if batch != cache.batch_size:
-                raise SpanInputError(f"batch {batch} != cache batch {cache.batch_size}")
-            if cache.length + length > cache.max_length:
-                raise SpanInputError(
-                    f"{length} tokens after {cache.length} exceed the cache's max_length {cache.max_length}"
-                )
+            self._check_cache(cache, batch, length)
             past = cache.length
         elif past + length > self.max_length:
             raise SpanInputError(f"{length} tokens exceed max length {self.max_length}")
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
         position_ids = self._positions(position_ids, batch, length, past)
         padding = self._padding(attention_mask, cache, batch, length, past)
         if prompts is not None:
             prompts = self._check_prompts(prompts, batch, length)
+        return self._run(hidden, position_ids, padding, prompts, cache)
+
+    @torch.no_grad()
+    def run_step(self, step: SpanStep, cache: SpanCache) -> torch.Tensor:
+        """Compute one session step, checked once already (node/session_machine.py), into ``cache``.
+
+        Nothing a peer sent is checked again here; only our own invariants (the cache is
+        this span's, holds ``step.position`` columns and has room), whose failure is a bug.
+        """
+        self._check_step(step, cache)
+        padding = step.mask.to(self.device) if step.mask is not None else None
+        prompts = step.prompts.to(device=self.device, dtype=self.dtype) if step.prompts is not None else None
+        return self._run(step.hidden, step.positions.to(self.device), padding, prompts, cache)
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+        cache: SpanCache | None,
+    ) -> torch.Tensor:
+        """The computation: ``padding`` bool ``[B, past + T]`` or None, ``prompts`` on the span's device."""
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
         kv = cache.cache if cache is not None else None
         mask = create_causal_mask(
             config=self.config,
@@ -308,7 +335,7 @@ class BlockSpan(nn.Module):
                 **{self.cache_keyword: kv},
             )
         if cache is not None:
-            cache.length += length
+            cache.length += int(hidden.shape[1])
             cache.padding_mask = padding
         return hidden
 
@@ -349,6 +376,20 @@ class BlockSpan(nn.Module):
         return grads[0], (grads[1] if p is not None else None)
 
     # ---------------------------------------------------------------- helpers
+
+    def _check_cache(self, cache: SpanCache, batch: int, length: int) -> None:
+        if (cache.start, cache.end) != (self.start, self.end):
+            raise SpanInputError(f"cache is for [{cache.start}, {cache.end}), span is [{self.start}, {self.end})")
+        if batch != cache.batch_size:
+            raise SpanInputError(f"batch {batch} != cache batch {cache.batch_size}")
+        if cache.length + length > cache.max_length:
+            raise SpanInputError(f"{length} tokens after {cache.length} exceed the cache's max_length {cache.max_length}")
+
+    def _check_step(self, step: SpanStep, cache: SpanCache) -> None:
+        """Our invariants for a checked step (a failure is a bug, not a peer's doing)."""
+        self._check_cache(cache, step.batch, step.tokens)
+        if cache.length != step.position:
+            raise SpanInputError(f"internal: a step at column {step.position} for a cache holding {cache.length}")
 
     def _positions(self, position_ids, batch: int, length: int, past: int) -> torch.Tensor:
         if position_ids is None:
@@ -429,39 +470,32 @@ class _BatchedDecodeKV(Cache):
         return torch.cat([pad(k) for k in keys]), torch.cat([pad(v) for v in values])
 
 
-def batched_decode_step(span: BlockSpan, hiddens: list[torch.Tensor], caches: list[SpanCache]) -> list[torch.Tensor]:
+def batched_decode_step(span: BlockSpan, steps: list[SpanStep], caches: list[SpanCache]) -> list[torch.Tensor]:
     """One-token inference steps of several sessions on ``span`` in one batched call.
 
-    ``hiddens[i]``: ``[B_i, 1, H]`` for ``caches[i]`` (no step mask, no prompts).
-    Equivalent to ``span.inference_step(hiddens[i], caches[i])`` for each ``i``
-    (same positions, same keys; within float rounding): the weights are read once
-    for all rows instead of once per session. On failure some caches may have been
+    ``steps[i]``: a batchable ``SpanStep`` (one real token per row, no prompts) for
+    ``caches[i]``. Equivalent to ``span.run_step(steps[i], caches[i])`` for each ``i``
+    (same positions, same keys; within float rounding): the weights are read once for
+    all rows instead of once per session. On failure some caches may have been
     appended to; the caller rolls them back.
     """
-    if len(hiddens) != len(caches) or not caches:
-        raise SpanInputError("need one hidden tensor per cache")
-    rows, masks, positions = [], [], []
+    if len(steps) != len(caches) or not caches:
+        raise SpanInputError("need one step per cache")
+    rows, masks = [], []
     at = 0
-    for hidden, cache in zip(hiddens, caches):
-        if hidden.ndim != 3 or hidden.shape[1] != 1 or hidden.shape[2] != span.hidden_size:
-            raise SpanInputError(f"a batched decode step takes [B, 1, {span.hidden_size}], got {list(hidden.shape)}")
-        if (cache.start, cache.end) != (span.start, span.end) or hidden.shape[0] != cache.batch_size:
-            raise SpanInputError("cache does not match the span or the batch")
-        if cache.length + 1 > cache.max_length:
-            raise SpanInputError(f"1 token after {cache.length} exceeds the cache's max_length {cache.max_length}")
-        b = int(hidden.shape[0])
+    for step, cache in zip(steps, caches):
+        if not step.batchable:
+            raise SpanInputError("internal: a batched decode step takes one real token per row and no prompts")
+        span._check_step(step, cache)
+        b = step.batch
         rows.append(slice(at, at + b))
         at += b
-        past = cache.padding_mask
-        if past is None:
-            past = torch.ones(b, cache.length, dtype=torch.bool, device=span.device)
-        full = torch.cat([past.to(span.device), torch.ones(b, 1, dtype=torch.bool, device=span.device)], dim=1)
-        masks.append(full)
-        positions.append((full.long().cumsum(-1) - 1)[:, -1:])
+        full = step.mask if step.mask is not None else torch.ones(b, step.position + 1, dtype=torch.bool)
+        masks.append(full.to(span.device))
     longest = max(m.shape[1] for m in masks)
     keys = torch.cat([nn.functional.pad(m, (0, longest - m.shape[1])) for m in masks])  # [N, longest]
-    hidden = torch.cat(hiddens).to(device=span.device, dtype=span.dtype)
-    position_ids = torch.cat(positions)
+    hidden = torch.cat([step.hidden for step in steps]).to(device=span.device, dtype=span.dtype)
+    position_ids = torch.cat([step.positions.expand(step.batch, 1) for step in steps]).to(span.device)
     mask = keys[:, None, None, :]  # bool [N, 1, 1, keys]: True = attend (sdpa convention)
     if span.config._attn_implementation == "eager":
         mask = torch.zeros(mask.shape, dtype=span.dtype, device=span.device).masked_fill(~mask, torch.finfo(span.dtype).min)
@@ -478,9 +512,8 @@ def batched_decode_step(span: BlockSpan, hiddens: list[torch.Tensor], caches: li
                 **{span.cache_keyword: kv},
             )
     outs = []
-    for cache, r, full in zip(caches, rows, masks):
+    for step, cache, r in zip(steps, caches, rows):
         cache.length += 1
-        if cache.padding_mask is not None:
-            cache.padding_mask = full
+        cache.padding_mask = step.mask
         outs.append(hidden[r])
     return outs

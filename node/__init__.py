@@ -4,8 +4,11 @@ Modules (flat, one job each):
 
 * ``cli``: the command line (``biopetals-node --help``).
 * ``server``: ``run_node``, start-up order, announcing, clean shutdown.
-* ``handler``: ``NodeService``, every message of spec/messages.md on ``/biopetals/node/1``.
-* ``sessions``: session state and rules (positions, duplicates, idle), sans-IO.
+* ``handler``: ``NodeService``, the asyncio driver of every message of spec/messages.md on
+  ``/biopetals/node/1``.
+* ``session_machine``: ``SessionMachine``, every session rule and transition (open, steps,
+  push, duplicates, idle timeout, close) as messages in, actions out, sans-IO.
+* ``sessions``: one session's state and the checks of one step against it, sans-IO.
 * ``budget``: the KV-cache budget (per session and total), sans-IO.
 * ``backend``: the ``BlockSpan`` and its single worker thread; rollback of failed steps.
 * ``benchmark``: start-up throughput (inference and forward tokens/s).

@@ -3,7 +3,9 @@
 Every computation runs on one worker thread per device (a single-thread executor),
 off the asyncio event loop; torch releases the GIL while it computes, so the loop
 keeps serving the network meanwhile. The executor's queue is FIFO, and each session
-has at most one step in flight (node/handler.py), so sessions progress round-robin.
+has at most one step in flight (node/session_machine.py), so sessions progress
+round-robin. Steps arrive as ``models.step.SpanStep`` values the session state machine
+checked; this module computes them and checks only that the results are finite.
 
 Batching (opportunistic, ``Backend.run_step``): a decode step (one token per row, no
 step mask, no prompts) is queued like any job; when the worker reaches it, every
@@ -29,11 +31,12 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from biopetals.models.blocks import BlockSpan, SpanCache, batched_decode_step, kv_cache_bytes
+from biopetals.models.step import SpanStep
 from biopetals.node.adapters import AdapterSet
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
-__all__ = ["Backend", "BatchStats", "WIRE_DTYPE", "session_positions", "set_threads"]
+__all__ = ["Backend", "BatchStats", "WIRE_DTYPE", "set_threads"]
 
 T = TypeVar("T")
 
@@ -83,7 +86,7 @@ class _Decode:
 
     view: BlockSpan
     cache: SpanCache
-    hidden: torch.Tensor
+    step: SpanStep
     codec: Codec
     adapter: str | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -136,20 +139,13 @@ class Backend:
             self._queued -= 1
 
     async def run_step(
-        self,
-        view: BlockSpan,
-        cache: SpanCache,
-        hidden: torch.Tensor,
-        prompts: torch.Tensor | None,
-        codec: Codec,
-        mask: torch.Tensor | None = None,
-        adapter: str | None = None,
+        self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
     ) -> torch.Tensor:
         """``step`` on the worker; decode steps may share one batched call with other sessions'."""
-        if prompts is not None or mask is not None or hidden.ndim != 3 or hidden.shape[1] != 1:
-            return await self.run(self.step, view, cache, hidden, prompts, codec, mask, adapter)
+        if not step.batchable:
+            return await self.run(self.step, view, cache, step, codec, adapter)
         self._check_room()
-        item = _Decode(view, cache, hidden, codec, adapter)
+        item = _Decode(view, cache, step, codec, adapter)
         self._queued += 1
         try:
             with self._lock:
@@ -178,28 +174,14 @@ class Backend:
         return self.view(start, end).allocate_cache(batch_size, max_length)
 
     def step(
-        self,
-        view: BlockSpan,
-        cache: SpanCache,
-        hidden: torch.Tensor,
-        prompts: torch.Tensor | None,
-        codec: Codec,
-        mask: torch.Tensor | None = None,
-        adapter: str | None = None,
+        self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
     ) -> torch.Tensor:
-        """One inference step; on any failure the cache is left as it was (spec/messages.md §2.6).
-
-        ``mask``: the padding mask of the new tokens (§8.1); rotary positions follow
-        from the session's whole mask (§5.6).
-        """
-        before = cache.length
-        padding = cache.padding_mask
-        positions = None
-        if mask is not None or padding is not None:
-            mask, positions = session_positions(padding, mask, int(hidden.shape[0]), int(hidden.shape[1]), before)
+        """One inference step, checked already (node/session_machine.py); on any failure the
+        cache is left as it was (spec/messages.md §2.6)."""
+        before, padding = cache.length, cache.padding_mask
         try:
             with self.adapters.use(adapter):
-                out = view.inference_step(hidden, cache, position_ids=positions, attention_mask=mask, prompts=prompts)
+                out = view.run_step(step, cache)
             return _finite_on_wire(out, codec, "the step's outputs")
         except BaseException:
             _rollback(cache, before, padding)
@@ -226,7 +208,7 @@ class Backend:
         for b in batch:  # alone, or the fallback after a failed batched call
             self.stats.decode_steps += 1
             try:
-                b.future.set_result(self.step(b.view, b.cache, b.hidden, None, b.codec, None, b.adapter))
+                b.future.set_result(self.step(b.view, b.cache, b.step, b.codec, b.adapter))
             except BaseException as exc:  # noqa: BLE001 - handed to the step's awaiter
                 b.future.set_exception(exc)
 
@@ -235,7 +217,7 @@ class Backend:
         saved = [(b.cache.length, b.cache.padding_mask) for b in batch]
         try:
             with self.adapters.use(batch[0].adapter):  # one adapter per batch (``_drain``)
-                outs = batched_decode_step(batch[0].view, [b.hidden for b in batch], [b.cache for b in batch])
+                outs = batched_decode_step(batch[0].view, [b.step for b in batch], [b.cache for b in batch])
         except Exception:  # noqa: BLE001 - any failure: rerun one by one, each failing alone
             for b, (length, padding) in zip(batch, saved):
                 _rollback(b.cache, length, padding)
@@ -283,26 +265,6 @@ class Backend:
         if grad_prompts is not None:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
         return grad_inputs, grad_prompts
-
-
-def session_positions(
-    past: torch.Tensor | None, new: torch.Tensor | None, batch: int, tokens: int, past_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The new tokens' padding mask and rotary positions in a session (spec/messages.md §5.6).
-
-    ``past``: the mask of the ``past_length`` positions in the cache (None: no padding);
-    ``new``: the step's mask ``[batch, tokens]`` (None: no padding). Positions are
-    ``cumsum(mask) - 1`` over the whole row, padding set to 0: exactly what
-    transformers' ``generate()`` computes for a left-padded batch.
-    """
-    if new is None:
-        new = torch.ones(batch, tokens, dtype=torch.bool)
-    new = new.to(torch.bool)
-    if past is None:
-        past = torch.ones(batch, past_length, dtype=torch.bool)
-    full = torch.cat([past.to(device="cpu", dtype=torch.bool), new.cpu()], dim=1)
-    positions = (full.long().cumsum(-1) - 1).masked_fill(~full, 0)
-    return new, positions[:, -tokens:]
 
 
 def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> None:

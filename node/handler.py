@@ -1,4 +1,4 @@
-"""The node's side of the node protocol: one handler for every stream of ``/biopetals/node/1``.
+"""The node's side of the node protocol: the asyncio driver of ``/biopetals/node/1``.
 
 See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push), §6
 (forward/backward) and §7 (errors). The first message of a stream decides its kind:
@@ -6,9 +6,11 @@ See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push)
 stream ends; ``OpenSession`` starts a session stream that carries ``Step`` and
 ``CloseSession`` until the session ends.
 
-Every rule broken by a peer is answered with the spec's typed ``Error`` and the node
-keeps serving (§2.6). Session state and its rules live in ``node/sessions.py``, the
-tensor work in ``node/backend.py``; this module moves messages and keeps time.
+Every rule of a session lives in the sans-IO ``SessionMachine`` (node/session_machine.py);
+this module only moves messages into it, performs the actions it returns (send,
+allocate, run a step on ``node/backend.py``, push to the next node, end a stream) and
+keeps its one timer (``get_timer``/``handle_timer``). Every rule broken by a peer is
+answered with the spec's typed ``Error`` and the node keeps serving (§2.6).
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ import collections
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import Callable, Iterable
 
 from biopetals.node.backend import Backend
 from biopetals.node.budget import CacheBudget
-from biopetals.node.sessions import Session, SessionTable
+from biopetals.node.session_machine import (
+    Action,
+    Allocate,
+    EndStream,
+    NodeRules,
+    PushTo,
+    RunStep,
+    Send,
+    SessionMachine,
+)
 from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import PeerId
@@ -42,10 +52,7 @@ from biopetals.protocol.messages import (
     OpenSession,
     Push,
     PushAck,
-    SessionClosed,
-    SessionOpened,
     Step,
-    StepResult,
     decode_message,
     encode_message,
     error_from_exception,
@@ -71,8 +78,7 @@ class ServiceConfig:
     version: str
     dtype: str
     quant: str
-    idle_timeout: float = 60.0
-    #: Most tokens (batch x tokens) in one Forward/Backward; above: LIMIT_EXCEEDED.
+    idle_timeout: float = 60.0  # these two become the machine's NodeRules
     max_forward_tokens: int = 8192
     #: Deadline for a server-to-server push (connect + PushAck).
     push_timeout: float = 10.0
@@ -90,7 +96,7 @@ def _code_name(code: int) -> str:
 
 
 class _Sender:
-    """Serialises sends on one stream: the session loop and push tasks both answer on it."""
+    """Serialises sends on one stream (the machine names streams by their sender)."""
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -128,10 +134,18 @@ class NodeService:
         self.config = config
         self.throughput = throughput  # (inference tokens/s, forward tokens/s)
         self.clock = clock
-        self.sessions = SessionTable(config.idle_timeout)
+        span = backend.span
+        self.rules = NodeRules(
+            model=config.model, start=span.start, end=span.end, hidden_size=span.hidden_size,
+            max_positions=span.max_length, adapters=tuple(backend.adapters.names), idle_timeout=config.idle_timeout,
+            max_forward_tokens=config.max_forward_tokens,
+        )
+        self.sessions = SessionMachine(self.rules, budget, backend.cache_bytes)
         self.started = clock()
-        self._locks: dict[bytes, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._receiving: dict[_Sender, asyncio.Timeout] = {}  # session streams waiting for a message
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         #: The service this one replaced when the node moved to other blocks (node/relocation.py),
         #: still finishing its sessions: pushes for them go there.
         self.previous: NodeService | None = None
@@ -178,18 +192,18 @@ class NodeService:
             return
         previous = self.previous
         if isinstance(message, Push) and previous is not None and message.session_id in previous.sessions:
-            await previous._serve_first(message, stream, sender)
+            await previous._serve_first(peer_id, message, stream, sender)
             return
-        await self._serve_first(message, stream, sender)
+        await self._serve_first(peer_id, message, stream, sender)
 
-    async def _serve_first(self, message: Message, stream: Stream, sender: _Sender) -> None:
+    async def _serve_first(self, peer_id: PeerId, message: Message, stream: Stream, sender: _Sender) -> None:
         try:
             if isinstance(message, NodeInfoRequest):
                 await sender.send(self.node_info())
             elif isinstance(message, OpenSession):
-                await self._serve_session(message, stream, sender)
+                await self._serve_session(peer_id, message, stream, sender)
             elif isinstance(message, Push):
-                await self._serve_push(message, sender)
+                await self._serve_push(peer_id, message, sender)
             elif isinstance(message, Forward):
                 await sender.send(await self._forward(message), message.codec)
             elif isinstance(message, Backward):
@@ -200,49 +214,10 @@ class NodeService:
             log.exception("request %s failed", type(message).__name__)
             await sender.send(Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"))
 
-    # ------------------------------------------------------------------ common checks
-
-    def _check_request(self, model: str, start: int, end: int, adapter: str | None = None) -> None:
-        if model != self.config.model:
-            raise RemoteProtocolError(
-                ErrorCode.MODEL_MISMATCH, f"this node serves model {self.config.model!r}, not {model!r}"
-            )
-        if not (self.span.start <= start and end <= self.span.end):
-            raise RemoteProtocolError(
-                ErrorCode.BLOCKS_NOT_SERVED,
-                f"blocks [{start}, {end}) requested; this node serves [{self.span.start}, {self.span.end})",
-            )
-        if adapter is not None and adapter not in self.backend.adapters.names:
-            held = ", ".join(self.backend.adapters.names) or "none"
-            raise RemoteProtocolError(
-                ErrorCode.UNKNOWN_ADAPTER, f"adapter {adapter!r} is not loaded on this node (it holds: {held})"
-            )
-
-    def _check_hidden(self, hidden: torch.Tensor) -> None:
-        if hidden.shape[-1] != self.span.hidden_size:
-            raise RemoteProtocolError(
-                ErrorCode.HIDDEN_SIZE_MISMATCH,
-                f"hidden size {hidden.shape[-1]}; this model's is {self.span.hidden_size}",
-            )
-
     # ------------------------------------------------------------------ forward / backward (§6)
 
-    def _check_stateless(self, request: Forward | Backward) -> None:
-        self._check_request(request.model, request.start, request.end, request.adapter)
-        self._check_hidden(request.hidden)
-        batch, tokens = request.hidden.shape[:2]
-        if batch * tokens > self.config.max_forward_tokens:
-            raise RemoteProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"{batch} x {tokens} tokens in one request; this node takes at most {self.config.max_forward_tokens}",
-            )
-        if tokens > self.span.max_length:
-            raise RemoteProtocolError(
-                ErrorCode.LIMIT_EXCEEDED, f"{tokens} tokens > the model's {self.span.max_length} positions"
-            )
-
     async def _forward(self, request: Forward) -> ForwardResult:
-        self._check_stateless(request)
+        self.rules.check_stateless(request)
         view = self.backend.view(request.start, request.end)
         out = await self.backend.run(
             self.backend.forward, view, request.hidden, request.prompts, request.codec, request.mask, request.adapter
@@ -250,7 +225,7 @@ class NodeService:
         return ForwardResult(hidden=out)
 
     async def _backward(self, request: Backward) -> BackwardResult:
-        self._check_stateless(request)
+        self.rules.check_stateless(request)
         view = self.backend.view(request.start, request.end)
         grad_inputs, grad_prompts = await self.backend.run(
             self.backend.backward, view, request.hidden, request.grad_outputs, request.prompts, request.codec,
@@ -258,187 +233,113 @@ class NodeService:
         )
         return BackwardResult(grad_inputs=grad_inputs, grad_prompts=grad_prompts)
 
-    # ------------------------------------------------------------------ sessions (§5)
+    # ------------------------------------------------------------------ sessions (§5): moving messages
 
-    async def _open(self, request: OpenSession, sender: _Sender) -> Session:
-        session_id = request.session_id if request.session_id is not None else os.urandom(16)
-        if session_id in self.sessions:
-            raise RemoteProtocolError(
-                ErrorCode.INVALID_FIELD, f"a session with id {session_id.hex()} is already open on this node"
-            )
-        self._check_request(request.model, request.start, request.end, request.adapter)
-        if request.max_length > self.span.max_length:
-            raise RemoteProtocolError(
-                ErrorCode.LIMIT_EXCEEDED, f"max_length {request.max_length} > the model's {self.span.max_length} positions"
-            )
-        nbytes = self.backend.cache_bytes(request.start, request.end, request.batch_size, request.max_length)
-        self.budget.reserve(session_id, nbytes)
+    async def _serve_session(self, peer_id: PeerId, request: OpenSession, stream: Stream, sender: _Sender) -> None:
+        """One session stream, from ``OpenSession`` until the machine ends it or the client leaves."""
+        try:
+            await self._perform(self.sessions.open(sender, peer_id, request, self.clock(), os.urandom(16)))
+            while self.sessions.serves(sender):
+                try:
+                    async with asyncio.timeout(None) as waiting:  # EndStream wakes it (``_end``)
+                        self._receiving[sender] = waiting
+                        data = await stream.receive()
+                except TimeoutError:
+                    return  # the machine ended the stream (idle timeout)
+                except (EndOfStream, TransportError, RemoteProtocolError):
+                    return  # the client left (or broke the framing): free the cache (§5.9)
+                finally:
+                    self._receiving.pop(sender, None)
+                try:
+                    message = decode_message(data, _ON_SESSION)
+                except RemoteProtocolError as exc:
+                    await sender.send(error_from_exception(exc))
+                    continue
+                await self._perform(self.sessions.receive(sender, message, self.clock()))
+        finally:
+            self.sessions.stream_closed(sender)
+            self._arm_timer()
+
+    async def _serve_push(self, peer_id: PeerId, push: Push, sender: _Sender) -> None:
+        """§5.7: the reply (``PushAck`` or ``Error``) goes at once; the step runs after, in a task."""
+        actions = self.sessions.push(sender, peer_id, push, self.clock())
+        await self._perform(a for a in actions if isinstance(a, Send) and a.to is sender)
+        rest = [a for a in actions if not (isinstance(a, Send) and a.to is sender)]
+        if rest:
+            self._spawn(self._perform(rest))
+
+    # ------------------------------------------------------------------ sessions: performing actions
+
+    async def _perform(self, actions: Iterable[Action]) -> None:
+        """Perform the machine's actions in order, with those that computing a step returns."""
+        todo = deque(actions)
+        while todo:
+            action = todo.popleft()
+            if isinstance(action, Send):
+                await action.to.send(action.message, action.codec)
+            elif isinstance(action, PushTo):
+                self._spawn(self._push(action.hop, action.push, action.codec))
+                await asyncio.sleep(0)  # let the push go out first: the next node's compute is the critical path
+            elif isinstance(action, RunStep):
+                todo.extend(await self._run_step(action))
+            elif isinstance(action, Allocate):
+                todo.extend(await self._allocate(action))
+            elif isinstance(action, EndStream):
+                self._end(action.to)
+        self._arm_timer()
+
+    async def _run_step(self, run: RunStep) -> list[Action]:
+        view = self.backend.view(run.start, run.end)
+        try:
+            out = await self.backend.run_step(view, run.cache, run.step, run.codec, run.adapter)
+        except ProtocolError as exc:  # BUSY, NON_FINITE: the session is as it was (§2.6)
+            return self.sessions.step_failed(run.session_id, run.step_id, error_from_exception(exc, run.step_id))
+        except Exception as exc:
+            log.exception("step failed")
+            internal = Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}", step_id=run.step_id)
+            return self.sessions.step_failed(run.session_id, run.step_id, internal)
+        return self.sessions.step_done(run.session_id, run.step_id, out, self.clock())
+
+    async def _allocate(self, allocate: Allocate) -> list[Action]:
         try:
             cache = await self.backend.run(
-                self.backend.allocate, request.start, request.end, request.batch_size, request.max_length
+                self.backend.allocate, allocate.start, allocate.end, allocate.batch_size, allocate.max_length
             )
         except (MemoryError, RuntimeError) as exc:
-            self.budget.release(session_id)
-            raise RemoteProtocolError(ErrorCode.CACHE_BUDGET, f"could not allocate the KV cache: {exc}") from None
+            error = Error(code=ErrorCode.CACHE_BUDGET, message=f"could not allocate the KV cache: {exc}")
+            return self.sessions.allocation_failed(allocate.session_id, error)
+        except ProtocolError as exc:  # BUSY
+            return self.sessions.allocation_failed(allocate.session_id, error_from_exception(exc))
         except BaseException:
-            self.budget.release(session_id)
+            self.sessions.allocation_failed(allocate.session_id, Error(code=ErrorCode.INTERNAL, message="internal error"))
             raise
-        if session_id in self.sessions:  # opened meanwhile by another stream with the same id
-            self.budget.release(session_id)
-            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"session id {session_id.hex()} is already open")
-        session = Session(
-            session_id=session_id,
-            start=request.start,
-            end=request.end,
-            batch_size=request.batch_size,
-            max_length=request.max_length,
-            codec=request.codec,
-            cache=cache,
-            span=self.backend.view(request.start, request.end),
-            last_activity=self.clock(),
-            owner=sender,
-            adapter=request.adapter,
-        )
-        self.sessions.add(session)
-        self._locks[session_id] = asyncio.Lock()
-        return session
+        return self.sessions.allocated(allocate.session_id, cache, self.clock())
 
-    def _close(self, session: Session) -> None:
-        """Free a session's cache and reservation (idempotent)."""
-        self.sessions.remove(session.session_id)
-        self._locks.pop(session.session_id, None)
-        self.budget.release(session.session_id)
-        session.cache = None  # the worker may still hold it for a step in flight; then it is freed after
+    def _end(self, sender: _Sender) -> None:
+        """EndStream: wake the stream's reader if it waits for a message (it returns, closing the stream)."""
+        waiting = self._receiving.pop(sender, None)
+        if waiting is not None:
+            waiting.reschedule(asyncio.get_running_loop().time())
 
-    async def _serve_session(self, request: OpenSession, stream: Stream, sender: _Sender) -> None:
-        session = await self._open(request, sender)
-        try:
-            if not await sender.send(SessionOpened(session_id=session.session_id, idle_timeout=self.config.idle_timeout)):
-                return
-            await self._session_loop(session, stream, sender)
-        finally:
-            self._close(session)
-
-    async def _session_loop(self, session: Session, stream: Stream, sender: _Sender) -> None:
-        while True:
-            wait = session.idle_deadline(self.config.idle_timeout) - self.clock()
-            if wait <= 0:  # only while a pushed step runs past the deadline: check again soon, not in a loop
-                wait = min(1.0, self.config.idle_timeout)
-            try:
-                async with asyncio.timeout(wait):
-                    data = await stream.receive()
-            except TimeoutError:
-                lock = self._locks.get(session.session_id)
-                busy = lock is not None and lock.locked()
-                if busy or self.clock() < session.idle_deadline(self.config.idle_timeout):
-                    continue  # a push kept it alive, or a step is still running
-                await sender.send(
-                    Error(code=ErrorCode.TIMEOUT, message=f"session idle for {self.config.idle_timeout:g} s: closed")
-                )
-                return
-            except (EndOfStream, TransportError, RemoteProtocolError):
-                return  # the client left (or broke the framing): free the cache (§5.9)
-            try:
-                message = decode_message(data, _ON_SESSION)
-            except RemoteProtocolError as exc:
-                await sender.send(error_from_exception(exc))
-                continue
-            if isinstance(message, CloseSession):
-                if message.session_id != session.session_id:
-                    await sender.send(
-                        Error(
-                            code=ErrorCode.UNKNOWN_SESSION,
-                            message=f"session {message.session_id.hex()} is not open on this stream",
-                        )
-                    )
-                    continue
-                self._close(session)
-                await sender.send(SessionClosed(session_id=session.session_id))
-                return
-            session.last_activity = self.clock()
-            if message.session_id != session.session_id:
-                await sender.send(
-                    Error(
-                        code=ErrorCode.UNKNOWN_SESSION,
-                        message=f"session {message.session_id.hex()} is not open on this stream",
-                        step_id=message.step_id,
-                    )
-                )
-                continue
-            await self._run_step(session, message)
-
-    async def _serve_push(self, push: Push, sender: _Sender) -> None:
-        """§5.7: check, acknowledge at once, then process like a Step of that session."""
-        session = self.sessions.get(push.session_id)
-        session.last_activity = self.clock()
-        await sender.send(PushAck(session_id=push.session_id, step_id=push.step_id))
-        if session.is_duplicate(push.step_id):
+    def _arm_timer(self) -> None:
+        """Keep the one timer at the machine's ``get_timer()``."""
+        when = self.sessions.get_timer()
+        if when == self._timer_at:
             return
-        task = asyncio.get_running_loop().create_task(self._run_step(session, push))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, when
+        if when is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._spawn(self._perform(self.sessions.handle_timer(self.clock())))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _run_step(self, session: Session, step: Step | Push) -> None:
-        """Run a step under the session's lock; the result or Error goes to the session stream."""
-        lock = self._locks.get(session.session_id)
-        if lock is None:
-            return
-        async with lock:
-            try:
-                if session.closed:
-                    self.sessions.get(session.session_id)  # raises UNKNOWN_SESSION
-                if session.is_duplicate(step.step_id):
-                    return  # processed already: its StepResult was sent (§5.7)
-                hidden = step.hidden
-                session.check_step(step.position, step.tokens, hidden.shape[0], hidden.shape[2], self.span.hidden_size)
-                own, rest = self._split_prompts(session, step)
-                out = await self.backend.run_step(
-                    session.span, session.cache, hidden, own, session.codec, step.mask, session.adapter
-                )
-            except ProtocolError as exc:
-                await session.owner.send(error_from_exception(exc, step.step_id))
-                return
-            except Exception as exc:
-                log.exception("step failed")
-                await session.owner.send(
-                    Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}", step_id=step.step_id)
-                )
-                return
-            session.last_step_id = step.step_id
-            session.last_activity = self.clock()
-        if step.next:
-            push = Push(
-                session_id=step.next[0].session_id,
-                step_id=step.step_id,
-                position=step.position,
-                hidden=out,
-                prompts=rest,
-                next=step.next[1:],
-                mask=step.mask,  # every span of the chain pads the same tokens (§5.3)
-            )
-            task = asyncio.get_running_loop().create_task(self._push(step.next[0], push, session.codec))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            await asyncio.sleep(0)  # let the push go out first: the next node's compute is the critical path
-        await session.owner.send(StepResult(session_id=session.session_id, step_id=step.step_id, hidden=out), session.codec)
-
-    def _split_prompts(self, session: Session, step: Step | Push) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The prompts for this span, and the rest for the hops (§5.3, §5.7)."""
-        n = session.end - session.start
-        if step.next and step.next[0].start != session.end:
-            raise RemoteProtocolError(
-                ErrorCode.INVALID_FIELD, f"next[0] starts at block {step.next[0].start}; this session ends at {session.end}"
-            )
-        if step.prompts is None:
-            return None, None
-        covered = (step.next[-1].end - step.next[0].start) if step.next else 0
-        if step.prompts.shape[0] != n + covered:
-            raise RemoteProtocolError(
-                ErrorCode.INVALID_TENSOR,
-                f"prompts cover {step.prompts.shape[0]} blocks; the session and its hops cover {n + covered}",
-            )
-        rest = step.prompts[n:] if covered else None
-        return step.prompts[:n], rest
 
     async def _push(self, hop, push: Push, codec: Codec) -> None:
         """Send ``push`` to the next node; failures are logged only (§5.7: the client's deadline covers them)."""
@@ -462,5 +363,7 @@ class NodeService:
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for session in self.sessions.sessions():
-            self._close(session)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        self.sessions.close_all()

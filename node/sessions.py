@@ -1,25 +1,42 @@
-"""Inference sessions: state and rules, without I/O.
+"""One inference session on a node: what it holds, and the checks of one step against it.
 
-See spec/messages.md §5 (sessions), §5.6 (positions), §5.7 (duplicates) and §5.9
-(lifetime). A ``Session`` knows its span, its reserved ``SpanCache``, how many
-positions it holds and the last ``step_id`` it processed; ``SessionTable`` holds the
-open sessions. Time is an argument (``now``, seconds on any monotonic clock).
+See spec/messages.md §5.3 (the node's checks of a step, in order), §5.6 (positions and
+masks) and §5.7 (duplicates). Pure data and rules, no I/O and no clock (time is an
+argument). The node's session state machine (node/session_machine.py) owns every
+``Session`` and every transition between its phases; this module answers the
+questions it asks about one session: is this step a duplicate, is it valid here (and
+then: which ``models.step.SpanStep`` do the blocks run), what does the session hold
+after it ran.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Hashable
 
+import torch
+
+from biopetals.models.step import SpanStep, span_step
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+from biopetals.protocol.messages import CloseSession, Push, Step
 from biopetals.protocol.tensors import Codec
 
-__all__ = ["Session", "SessionTable"]
+__all__ = ["Checked", "Session"]
+
+
+@dataclass(frozen=True, eq=False)
+class Checked:
+    """A ``Step``/``Push`` that passed every check of its session: ready to run."""
+
+    message: Step | Push
+    step: SpanStep  # what this node's blocks compute
+    rest: torch.Tensor | None  # the prompts of the hops after this node (§5.7), None if none
 
 
 @dataclass(eq=False)
 class Session:
-    """One open session (spec/messages.md §5). ``cache`` is a ``models.blocks.SpanCache``."""
+    """One session (spec/messages.md §5): its span, cache, positions, masks and step ids."""
 
     session_id: bytes
     start: int
@@ -27,25 +44,33 @@ class Session:
     batch_size: int
     max_length: int
     codec: Codec
-    cache: Any
-    span: Any  # the BlockSpan view of [start, end)
-    last_activity: float
+    adapter: str | None  # the server-side adapter of every step (§6.3)
+    owner: Hashable = field(repr=False)  # the session stream, as the driver names it
+    peer: Any = field(repr=False)  # the authenticated peer that opened the session
+    last_activity: float = 0.0
+    is_open: bool = False  # False while its cache is being allocated
+    cache: Any = field(default=None, repr=False)  # models.blocks.SpanCache once allocated
+    length: int = 0  # positions (columns) held in the cache, padding included (§5.6)
+    mask: torch.Tensor | None = field(default=None, repr=False)  # bool [batch, length]; None: no padding yet
     last_step_id: int | None = None
-    closed: bool = False
-    owner: Any = field(default=None, repr=False)  # the session stream's sender (node/handler.py)
-    adapter: str | None = None  # the server-side adapter of every step (spec/messages.md §6.3)
+    running: Checked | None = field(default=None, repr=False)  # the step in flight (at most one)
+    inbox: deque[Step | Push | CloseSession] = field(default_factory=deque, repr=False)  # waiting, in order
 
     @property
-    def length(self) -> int:
-        """Positions held in the cache."""
-        return int(self.cache.length)
+    def busy(self) -> bool:
+        """A step runs or waits: the session is not idle (§5.9)."""
+        return self.running is not None or bool(self.inbox)
+
+    def idle_deadline(self, idle_timeout: float) -> float:
+        return self.last_activity + idle_timeout
 
     def is_duplicate(self, step_id: int) -> bool:
         """A step this session already processed, or an older one (§5.7)."""
         return self.last_step_id is not None and step_id <= self.last_step_id
 
-    def check_step(self, position: int, tokens: int, batch: int, hidden_size: int, model_hidden: int) -> None:
-        """The node's checks of a ``Step``/``Push`` after duplicates (§5.3 last paragraph, §5.6)."""
+    def check_step(self, step: Step | Push, model_hidden: int) -> Checked:
+        """The node's checks of a ``Step``/``Push`` after duplicates, in the order of §5.3."""
+        batch, tokens, hidden_size = step.hidden.shape
         if batch != self.batch_size:
             raise RemoteProtocolError(
                 ErrorCode.INVALID_TENSOR, f"hidden batch {batch} != the session's batch_size {self.batch_size}"
@@ -54,57 +79,38 @@ class Session:
             raise RemoteProtocolError(
                 ErrorCode.HIDDEN_SIZE_MISMATCH, f"hidden size {hidden_size}; this model's is {model_hidden}"
             )
-        if position != self.length:
+        if step.position != self.length:
             raise RemoteProtocolError(
-                ErrorCode.BAD_POSITION, f"position {position}; the session holds {self.length} positions, so must be {self.length}"
+                ErrorCode.BAD_POSITION,
+                f"position {step.position}; the session holds {self.length} positions, so must be {self.length}",
             )
-        if position + tokens > self.max_length:
+        if step.position + tokens > self.max_length:
             raise RemoteProtocolError(
-                ErrorCode.BAD_POSITION, f"position {position} + {tokens} tokens > max_length {self.max_length}"
+                ErrorCode.BAD_POSITION, f"position {step.position} + {tokens} tokens > max_length {self.max_length}"
             )
+        own, rest = self._split_prompts(step)
+        return Checked(step, span_step(step.hidden, step.position, self.mask, step.mask, own), rest)
 
-    def idle_deadline(self, idle_timeout: float) -> float:
-        return self.last_activity + idle_timeout
-
-
-class SessionTable:
-    """The open sessions of a node, by id."""
-
-    def __init__(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
-        self._sessions: dict[bytes, Session] = {}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def __contains__(self, session_id: bytes) -> bool:
-        return session_id in self._sessions
-
-    def add(self, session: Session) -> None:
-        if session.session_id in self._sessions:
+    def _split_prompts(self, step: Step | Push) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prompts of this span and those of the hops (§5.3 ``prompts``, §5.7); ``next[0]`` starts here."""
+        n = self.end - self.start
+        covered = (step.next[-1].end - step.next[0].start) if step.next else 0
+        if step.prompts is not None and step.prompts.shape[0] != n + covered:
             raise RemoteProtocolError(
-                ErrorCode.INVALID_FIELD, f"a session with id {session.session_id.hex()} is already open on this node"
+                ErrorCode.INVALID_TENSOR,
+                f"prompts cover {step.prompts.shape[0]} blocks; the session and its hops cover {n + covered}",
             )
-        self._sessions[session.session_id] = session
-
-    def get(self, session_id: bytes) -> Session:
-        """The open session, or ``UNKNOWN_SESSION`` (§5.9)."""
-        session = self._sessions.get(session_id)
-        if session is None or session.closed:
+        if step.next and step.next[0].start != self.end:
             raise RemoteProtocolError(
-                ErrorCode.UNKNOWN_SESSION, f"session {session_id.hex()} is not open on this node (never opened, closed or expired)"
+                ErrorCode.INVALID_FIELD, f"next[0] starts at block {step.next[0].start}; this session ends at {self.end}"
             )
-        return session
+        if step.prompts is None:
+            return None, None
+        return step.prompts[:n], (step.prompts[n:] if covered else None)
 
-    def remove(self, session_id: bytes) -> Session | None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.closed = True
-        return session
-
-    def expired(self, now: float) -> list[Session]:
-        """Sessions idle for longer than ``idle_timeout`` at ``now``."""
-        return [s for s in self._sessions.values() if now >= s.idle_deadline(self.idle_timeout)]
-
-    def sessions(self) -> list[Session]:
-        return list(self._sessions.values())
+    def commit(self, checked: Checked, now: float) -> None:
+        """The step ran: the cache holds its columns and their mask (§5.6); its id is processed (§5.7)."""
+        self.length = checked.step.position + checked.step.tokens
+        self.mask = checked.step.mask
+        self.last_step_id = checked.message.step_id
+        self.last_activity = now

@@ -115,6 +115,7 @@ def test_batched_decode_never_mixes_adapters(checkpoint, adapter):
     import asyncio
     import time
 
+    from biopetals.models.step import span_step
     from biopetals.node.backend import Backend
 
     s, adapters = span(checkpoint, 0, 8), AdapterSet()
@@ -126,18 +127,18 @@ def test_batched_decode_never_mixes_adapters(checkpoint, adapter):
 
     def alone(name):
         cache = s.allocate_cache(1, 8)
-        backend.step(s, cache, prefill, None, "f32", None, name)
-        return backend.step(s, cache, step, None, "f32", None, name)
+        backend.step(s, cache, span_step(prefill, cache.length), "f32", name)
+        return backend.step(s, cache, span_step(step, cache.length), "f32", name)
 
     expected = [alone(name) for name in plan]
     caches = [s.allocate_cache(1, 8) for _ in plan]
     for cache, name in zip(caches, plan):
-        backend.step(s, cache, prefill, None, "f32", None, name)
+        backend.step(s, cache, span_step(prefill, cache.length), "f32", name)
 
     async def together():
         busy = asyncio.ensure_future(backend.run(time.sleep, 0.5))  # the worker is busy: all four steps queue
         await asyncio.sleep(0.1)
-        outs = await asyncio.gather(*(backend.run_step(s, c, step, None, "f32", None, name)
+        outs = await asyncio.gather(*(backend.run_step(s, c, span_step(step, c.length), "f32", name)
                                       for c, name in zip(caches, plan)))
         await busy
         return outs

@@ -1,4 +1,6 @@
-"""Sans-IO parts of the node: the KV-cache budget, session rules, announcement records, rollback."""
+"""Sans-IO parts of the node: the KV-cache budget, announcement records, rollback, batching.
+
+The session rules are tested in tests/test_node_session_machine.py."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ import torch
 from support_models import make_tiny_checkpoint
 
 from biopetals.models.blocks import BlockSpan
+from biopetals.models.step import span_step
 from biopetals.node.announcer import AnnouncementInfo, announcement_records
 from biopetals.node.backend import Backend
 from biopetals.node.budget import CacheBudget
-from biopetals.node.sessions import Session, SessionTable
 from biopetals.protocol.announcement import State, decode_announcement
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 
@@ -33,40 +35,6 @@ def test_budget_per_session_and_total():
     assert budget.tokens_left == 300 and budget.statistics().sessions == 2
 
 
-class _Cache:
-    length = 0
-
-
-def _session(now=0.0) -> Session:
-    return Session(b"s", 0, 4, 1, 10, "f32", _Cache(), None, last_activity=now)
-
-
-def test_session_positions_duplicates_and_idle():
-    s = _session()
-    s.check_step(0, 3, 1, 64, 64)
-    for args, code in (
-        ((1, 1, 1, 64, 64), ErrorCode.BAD_POSITION),  # gap
-        ((0, 11, 1, 64, 64), ErrorCode.BAD_POSITION),  # over max_length
-        ((0, 1, 2, 64, 64), ErrorCode.INVALID_TENSOR),  # batch
-        ((0, 1, 1, 32, 64), ErrorCode.HIDDEN_SIZE_MISMATCH),
-    ):
-        with pytest.raises(RemoteProtocolError) as info:
-            s.check_step(*args)
-        assert info.value.code == code
-    assert not s.is_duplicate(0)
-    s.last_step_id = 5
-    assert s.is_duplicate(5) and s.is_duplicate(4) and not s.is_duplicate(6)
-    table = SessionTable(idle_timeout=10)
-    table.add(s)
-    with pytest.raises(RemoteProtocolError):
-        table.add(_session())
-    assert table.expired(9.9) == [] and table.expired(10.0) == [s]
-    table.remove(b"s")
-    with pytest.raises(RemoteProtocolError) as info:
-        table.get(b"s")
-    assert info.value.code == ErrorCode.UNKNOWN_SESSION
-
-
 def test_announcement_records_one_per_block():
     info = AnnouncementInfo("tiny.abcd1234", 2, 5, "float32", "none", "biopetals/0.1.0", ("/ip4/127.0.0.1/tcp/1",))
     records = announcement_records(info, State.ONLINE, (10.0, 100.0), 77)
@@ -82,12 +50,12 @@ def test_failed_step_leaves_the_cache_as_it_was(tmp_path):
     try:
         cache = span.allocate_cache(1, 8)
         x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(0))
-        first = backend.step(span, cache, x[:, :2], None, "f32")
+        first = backend.step(span, cache, span_step(x[:, :2], cache.length), "f32")
         with pytest.raises(RemoteProtocolError) as info:
-            backend.step(span, cache, torch.full((1, 1, 64), 1e30), None, "f16")  # overflows fp16
+            backend.step(span, cache, span_step(torch.full((1, 1, 64), 1e30), cache.length), "f16")  # overflows fp16
         assert info.value.code == ErrorCode.NON_FINITE
         assert cache.length == 2
-        again = backend.step(span, cache, x[:, 2:], None, "f32")
+        again = backend.step(span, cache, span_step(x[:, 2:], cache.length), "f32")
         fresh = span.allocate_cache(1, 8)
         with torch.no_grad():
             ref = span.inference_step(x, fresh)
@@ -110,14 +78,14 @@ def test_queued_decode_steps_batch_and_fail_alone(tmp_path):
     caches = [span.allocate_cache(1, 8) for _ in prefix]
     refs = [span.allocate_cache(1, 8) for _ in prefix]
     for x, c, r in zip(prefix, caches, refs):
-        backend.step(span, c, x, None, "f32")
-        backend.step(span, r, x, None, "f32")
+        backend.step(span, c, span_step(x, c.length), "f32")
+        backend.step(span, r, span_step(x, r.length), "f32")
 
     async def round_(hiddens, codecs):
         gate = threading.Event()
         busy = asyncio.ensure_future(backend.run(gate.wait))
         await asyncio.sleep(0.05)  # the worker is now blocked: the steps below queue up
-        steps = [asyncio.ensure_future(backend.run_step(span, c, h, None, k)) for c, h, k in zip(caches, hiddens, codecs)]
+        steps = [asyncio.ensure_future(backend.run_step(span, c, span_step(h, c.length), k)) for c, h, k in zip(caches, hiddens, codecs)]
         await asyncio.sleep(0.05)
         gate.set()
         await busy
@@ -131,7 +99,7 @@ def test_queued_decode_steps_batch_and_fail_alone(tmp_path):
         assert isinstance(outs[1], RemoteProtocolError) and outs[1].code == ErrorCode.NON_FINITE
         assert [c.length for c in caches] == [3, 5, 4, 8]
         for i in (0, 2, 3):
-            alone = backend.step(span, refs[i], new[i], None, "f32")
+            alone = backend.step(span, refs[i], span_step(new[i], refs[i].length), "f32")
             assert (outs[i] - alone).abs().max().item() <= 1e-5
 
         # session 3 is full: the batched call is refused, the steps rerun one by one
@@ -141,7 +109,7 @@ def test_queued_decode_steps_batch_and_fail_alone(tmp_path):
         assert not isinstance(outs[0], BaseException) and isinstance(outs[3], Exception)
         assert [c.length for c in caches] == [4, 6, 5, 8]
         for i in (0, 2):
-            alone = backend.step(span, refs[i], new[i], None, "f32")
+            alone = backend.step(span, refs[i], span_step(new[i], refs[i].length), "f32")
             assert (outs[i] - alone).abs().max().item() <= 1e-5
     finally:
         backend.shutdown()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
-from biopetals.node.backend import session_positions
+from biopetals.models.step import positions_from_mask, span_step
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import Forward, Step, decode_message, encode_message
@@ -71,23 +71,24 @@ class _Generator(GenerationMixin):
 
 @pytest.mark.parametrize("pad", [[0, 0, 0], [3, 1, 0], [5, 0, 2]])
 def test_session_positions_equal_transformers_generate(pad):
-    """Prefill of a left-padded batch, then decode steps: the node's positions (§5.6) are those
-    ``generate()`` computes and extends, for every real token."""
+    """Prefill of a left-padded batch, then decode steps: the node's positions (§5.6, one
+    ``positions_from_mask`` through ``span_step``) are those ``generate()`` computes and extends."""
     length = 7
     mask = torch.tensor([[0] * p + [1] * (length - p) for p in pad])
     ref = _Generator()._prepare_position_ids_for_generation(
         torch.zeros(len(pad), length, dtype=torch.long), {"attention_mask": mask}
     )
-    new, positions = session_positions(None, mask.bool(), len(pad), length, 0)
-    assert torch.equal(positions, ref)
-    past = new
+    first = span_step(torch.zeros(len(pad), length, 4), 0, None, mask.bool())
+    assert torch.equal(first.positions, ref)
+    past = first.mask
     for _ in range(3):  # generate() extends positions by last + 1 each step
         ref = torch.cat([ref, ref[:, -1:] + 1], dim=1)
-        new, positions = session_positions(past, None, len(pad), 1, past.shape[1])
-        assert torch.equal(positions, ref[:, -1:])
-        past = torch.cat([past, new], dim=1)
+        step = span_step(torch.zeros(len(pad), 1, 4), past.shape[1], past, None)
+        assert torch.equal(step.positions, ref[:, -1:]) and step.batchable
+        past = step.mask
 
 
 def test_session_positions_without_padding_are_columns():
-    _, positions = session_positions(None, None, 2, 3, 5)
-    assert positions.tolist() == [[5, 6, 7], [5, 6, 7]]
+    step = span_step(torch.zeros(2, 3, 4), 5)
+    assert step.mask is None and step.positions.tolist() == [[5, 6, 7]]
+    assert positions_from_mask(torch.tensor([[0, 1, 1, 0, 1]]), 2, 3).tolist() == [[1, 0, 2]]

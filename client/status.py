@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "blocks have no online node.",
                                 epilog="Exit status: 0 every block served, 1 some block without an online node, 2 error.")
     p.add_argument("--model", required=True,
-                   help="the checkpoint (a directory with config.json, or a hub name in the local cache): "
+                   help="the checkpoint (a directory with config.json, or a hub name org/name: only its config "
+                        "is downloaded): "
                         "its name and config fingerprint are the model's name in the swarm; or its weights "
                         "manifest file (biopetals-manifest), which names the model by itself")
     add_swarm_options(p, join="join")

@@ -11,9 +11,9 @@ chooses its blocks from the swarm's announcements and moves when the swarm is ou
 balance (node/placement.py, node/rebalancer.py).
 
 On start it prints (each line with the time, like its log lines) the device and dtype, what
-it serves, its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with
-``--exit-with-parent`` so does the exit of the process that started it. See
-node/server.py for the start-up order.
+it serves, its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and
+tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent``
+so does the exit of the process that started it. See node/server.py for the start-up order.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         if total_tokens <= self.context_length:
             return
         what = (f"the prompt has {prompt_tokens} tokens and {total_tokens - prompt_tokens} new tokens were asked for"
-                if prompt_tokens is not None else f"a session of {total_tokens} tokens was asked for")
+                if prompt_tokens is not None else f"a session of max_length={total_tokens} tokens was asked for")
         raise ValueError(f"this model's context is {self.context_length} tokens (max_position_embeddings): {what}; "
                          "shorten the prompt or ask for fewer new tokens")
 

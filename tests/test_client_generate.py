@@ -183,7 +183,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_route(model, swa
         model.generate(torch.ones(1, context + 1, dtype=torch.long), max_new_tokens=1)
     with pytest.raises(ValueError, match=f"context is {context} tokens"):
         model.generate(torch.ones(1, context - 2, dtype=torch.long), max_new_tokens=8)
-    with pytest.raises(ValueError, match=f"a session of {context + 1} tokens"):
+    with pytest.raises(ValueError, match=f"a session of max_length={context + 1} tokens"):
         with model.inference_session(max_length=context + 1):
             pass
     assert model.last_route is routes_before

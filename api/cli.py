@@ -20,6 +20,8 @@ import logging
 import socket
 import sys
 
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
+
 __all__ = ["build_parser", "main"]
 
 
@@ -30,17 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "page (chat and swarm view) in front of a BioPetals swarm.")
     p.add_argument("--model", required=True,
                    help="the checkpoint directory (config, tokenizer, embeddings and head are loaded here; the "
-                        "blocks run on the swarm)")
-    key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--swarm-key", metavar="FILE", help="the swarm's key file (IPFS swarm.key format)")
-    key.add_argument("--public", action="store_true", help="a public swarm, without a swarm key")
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members")
+                        "blocks run on the swarm), or a hub name org/name: only those files are downloaded")
+    add_swarm_options(p, join="join")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --api-keys)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
     p.add_argument("--api-keys", metavar="FILE",
-                   help="file of API keys, one per line, mode 0600: requests must send 'Authorization: Bearer KEY'")
+                   help="file of API keys, one per line, each one word of at least 16 characters, mode 0600: "
+                        "requests must send 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the checkpoint directory's name)")
     p.add_argument("--model-name", default=None,
@@ -57,20 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.max_sessions < 1:
         print("biopetals-api: --max-sessions must be at least 1", file=sys.stderr)
         return 2
-    from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
+    from biopetals.transport.keyfiles import KeyFileError
 
     from .auth import check_bind, load_api_keys
 
     try:
         keys = load_api_keys(args.api_keys) if args.api_keys else None
         check_bind(args.host, keys)
-        swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+        swarm_key = swarm_key_of(args)
     except (KeyFileError, ValueError) as exc:
         print(f"biopetals-api: {exc}", file=sys.stderr)
         return 2

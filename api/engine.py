@@ -178,9 +178,12 @@ class Engine:
         self.served_name = served_name or Path(self.path).name
         self.max_sessions = max_sessions
         self.max_tokens_default = max_tokens_default
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        # require_join=False: the server starts before (or without) the swarm and answers 503 meanwhile
         first = AutoDistributedModelForCausalLM.from_pretrained(self.path, initial_peers=initial_peers,
-                                                                swarm_key=swarm_key, **client_options)
+                                                                swarm_key=swarm_key, require_join=False,
+                                                                **client_options)
+        # from where the client's parts were loaded: the directory, or a hub model's downloaded snapshot
+        self.tokenizer = AutoTokenizer.from_pretrained(first.name_or_path)
         self.swarm = first.swarm
         self.config = first.config
         parts = ClientParts(first.config, first.model.embed_tokens, first.model.norm, first.lm_head)

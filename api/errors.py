@@ -51,8 +51,8 @@ def _swarm_error(exc: BaseException) -> APIError:
             return APIError(503, "the swarm is unreachable: no node serving this model was found (are the nodes "
                                  f"up, and are --initial-peers and --swarm-key right?). {exc}", "swarm_error",
                             "swarm_unreachable")
-        ranges = ", ".join(f"{s}" if e - s == 1 else f"{s}..{e - 1}" for s, e in exc.missing)
-        return APIError(503, f"the swarm cannot serve this model now: block(s) {ranges} have no online node. {exc}",
+        ranges = ", ".join(f"{s}:{e}" for s, e in exc.missing)
+        return APIError(503, f"the swarm cannot serve this model now: blocks {ranges} have no online node. {exc}",
                         "swarm_error", "blocks_missing")
     if isinstance(exc, SwarmError):
         # the same failure repeats once per re-route: say each once

@@ -100,7 +100,7 @@ def measure_recovery(workdir: Path) -> float:
     key = workdir / "swarm.key"
     write_swarm_key(key, SwarmKey.generate(), overwrite=True)
     procs = [_spawn([sys.executable, "-m", "biopetals.dht.cli", "--swarm-key", str(key), "--host", "127.0.0.1",
-                     "--port", "0"], workdir / "dht.log")]
+                     "--port", "0", "--new-swarm"], workdir / "dht.log")]
     try:
         bootstrap = _wait_line(workdir / "dht.log", "/ip4/").strip()
         logs = [workdir / f"node-{i}.log" for i in range(4)]

@@ -39,8 +39,7 @@ from biopetals.transport.keyfiles import write_swarm_key
 
 def _start(key: Path, initial: list[str]) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, "-m", "biopetals.dht.cli", "--swarm-key", str(key), "--host", "127.0.0.1", "--port", "0"]
-    if initial:
-        args += ["--initial-peers", *initial]
+    args += ["--initial-peers", *initial] if initial else ["--new-swarm"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     return proc, proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
 

@@ -2,11 +2,18 @@
 
 ``LocalSwarm(model_path, [(0, 10), (10, 20), (20, 30)])`` writes a fresh swarm key
 into a temporary directory, starts one node process per span (the first with
-``--new-swarm``, the others joining through it), waits for each to print
+``--new-swarm``, the others joining through it; named ``local-0``, ``local-1``, ... by
+``--public-name``), waits for each to print
 ``READY <multiaddr>``, and stops them all on ``close()`` (SIGTERM, then SIGKILL
 after a grace period) - also when the caller is interrupted, since it is a
 context manager. Nodes are separate processes started through the command line;
 the client never imports the node's code.
+
+Nothing it starts outlives the program (issue 24): while a swarm is open in the main
+thread, SIGTERM and SIGHUP raise ``KeyboardInterrupt`` there as Ctrl-C does, so the
+``with`` block unwinds and ``close()`` stops the nodes; and every node runs with
+``--exit-with-parent``, so it stops by itself when this process dies in any other way
+(``kill -9``, a crash of the interpreter).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class LocalSwarm:
         self.key_path = self.dir / "swarm.key"
         write_swarm_key(self.key_path, SwarmKey.generate())
         self.nodes: list[NodeProcess] = []
+        self._previous_handlers = _interrupt_on_signals()
         try:
             for start, end in spans:
                 self.add_node(start, end)
@@ -100,7 +108,7 @@ class LocalSwarm:
     def _command(self, start: int, end: int) -> list[str]:
         cmd = [sys.executable, "-m", "biopetals.node.cli", "--model", self.model, "--blocks", f"{start}:{end}",
                "--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
-               "--no-progress"]
+               "--no-progress", "--exit-with-parent", "--public-name", f"local-{len(self.nodes)}"]
         if not self.benchmark:
             cmd.append("--no-benchmark")
         if self.threads is not None:
@@ -142,6 +150,8 @@ class LocalSwarm:
                 return node
 
     def close(self) -> None:
+        _restore_handlers(self._previous_handlers)
+        self._previous_handlers = {}
         for node in self.nodes:
             if node.alive():
                 node.process.send_signal(signal.SIGTERM)
@@ -158,6 +168,31 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Signals that stop a program holding a LocalSwarm the way Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def _interrupt_on_signals() -> dict[int, object]:
+    """Make STOP_SIGNALS raise KeyboardInterrupt (main thread only); the handlers they had before."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers; the nodes still stop with the process
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):  # a handler the program chose is kept
+            previous[sig] = signal.signal(sig, _interrupt)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, object]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _pump(proc: subprocess.Popen, log_path: Path, lines: "queue.Queue[str | None]") -> None:

@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
+from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.models.step import positions_from_mask
 from biopetals.weights.source import fetch_client_parts
 
@@ -132,6 +133,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         codec: str = "f16",
         model_name: str | None = None,
         weights_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
         **client_options: Any,
     ) -> "DistributedLlamaForCausalLM":
         """Load the client parts of a checkpoint and connect to the swarm.
@@ -143,8 +145,12 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         ``path_or_name`` may also be a weights manifest file or a swarm name ``<name>.<16 hex>``
         (spec/weights.md): the embeddings, norm, head and tokenizer are then fetched from the
         swarm's peers into ``weights_dir`` (default ``$BIOPETALS_CACHE/models/<swarm name>``).
+        A Hugging Face hub name ``org/name`` downloads (at ``revision``) only the config, the
+        tokenizer and the shards holding the embeddings, norm and head (models/hub.py).
         Further options: fields of ``ClientConfig`` (``step_timeout``, ``max_failovers``, ...).
         """
+        if isinstance(path_or_name, str) and is_hub_name(path_or_name):
+            path_or_name = str(HubCheckpoint(path_or_name, revision=revision).fetch_client())
         path_or_name = fetch_client_parts(path_or_name, weights_dir=weights_dir, initial_peers=initial_peers,
                                           swarm_key=swarm_key)
         config, resolved = load_config(path_or_name)
@@ -198,6 +204,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         """A session holding KV caches on the nodes; ``generate()`` inside continues it."""
         if self._session is not None:
             raise RuntimeError("an inference session is already active on this model")
+        self.check_context(max_length)
         session = InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size)
         self._session = session
         try:
@@ -206,6 +213,22 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             self._session = None
             self.last_route = session.route
             session.close()
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model takes (``max_position_embeddings``)."""
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def check_context(self, total_tokens: int, *, prompt_tokens: int | None = None) -> None:
+        """ValueError, before any route is tried, when ``total_tokens`` (prompt plus new tokens)
+        exceeds the model's context: no node could hold them, and asking would only mark healthy
+        nodes as failing."""
+        if total_tokens <= self.context_length:
+            return
+        what = (f"the prompt has {prompt_tokens} tokens and {total_tokens - prompt_tokens} new tokens were asked for"
+                if prompt_tokens is not None else f"a session of max_length={total_tokens} tokens was asked for")
+        raise ValueError(f"this model's context is {self.context_length} tokens (max_position_embeddings): {what}; "
+                         "shorten the prompt or ask for fewer new tokens")
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -238,6 +261,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
                     raise ValueError("generate() over the swarm needs a prompt (input_ids or inputs_embeds)")
                 length = generate_total_length(self.generation_config, int(prompt.shape[1]), generation_config,
                                                kwargs)
+                self.check_context(length, prompt_tokens=int(prompt.shape[1]))
                 owned = InferenceSession(self.swarm, max_length=length)
                 cache = RemoteCache(owned, owned=True)
         if cache is not None:

@@ -120,8 +120,8 @@ class MissingBlocksError(LookupError):
         self.missing = missing
         self.found = found
         self.excluded = dict(excluded or {})
-        what = ", ".join(f"{a}" if b - a == 1 else f"{a}..{b - 1}" for a, b in missing)
-        nodes = "; ".join(f"{s.peer_id} serves [{s.start}, {s.end})" for s in found) or "no nodes at all"
+        what = ", ".join(f"{a}:{b}" for a, b in missing)  # one notation: half-open START:END
+        nodes = "; ".join(f"{s.peer_id} serves {s.start}:{s.end}" for s in found) or "no nodes at all"
         text = f"no usable node serves block(s) {what}{' of ' + model if model else ''}. Nodes found: {nodes}."
         if self.excluded:
             text += " Left out: " + "; ".join(f"{p} ({why})" for p, why in self.excluded.items()) + "."

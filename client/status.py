@@ -5,13 +5,16 @@ have no online node.
         --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW... [--node-info] [--json]
 
 It joins the DHT as a client (it never listens), reads the model's block announcements
-(spec/announcement.md) like the client library does before routing, and prints one line per
-node (blocks, state, dtype, announced throughput, free cache, address) and the coverage of
-the blocks: per run of blocks served alike, how many online nodes serve it and their
-announced throughput together (the smallest is the swarm's bottleneck, spec/announcement.md
-§5). ``--node-info`` also asks every node for its ``NodeInfo`` (spec/messages.md §4.2:
-open sessions, decode steps, uptime), each within ``--timeout``. Exit status: 0 when every
-block has an online node, 1 when some block has none (for monitoring scripts), 2 on errors.
+(spec/announcement.md) like the client library does before routing, and asks every announced
+node for its ``NodeInfo`` (spec/messages.md §4.2), all at once, each within ``--timeout``: an
+announcement outlives a node killed without a word (up to its expiry), so a node that does
+not answer is shown as UNREACHABLE and does not count as serving its blocks. It prints one
+line per node (blocks, state, dtype, announced throughput, free cache, address) and the
+coverage of the blocks: per run of blocks served alike, how many online nodes serve it and
+their announced throughput together (the smallest is the swarm's bottleneck,
+spec/announcement.md §5). ``--node-info`` also shows each node's load (open sessions,
+uptime). Exit status: 0 when every block has an online, reachable node, 1 when some block
+has none (for monitoring scripts), 2 on errors.
 """
 
 from __future__ import annotations
@@ -27,17 +30,22 @@ import logging
 import sys
 from pathlib import Path
 
-from biopetals.dht.node import DHT
+from biopetals.dht.node import DHT, DHTConfig
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
 from biopetals.transport.errors import expected_failures
-from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
+from biopetals.transport.joining import require_join
+from biopetals.transport.keyfiles import KeyFileError
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
 from .swarm_status import NodeStatus, SwarmStatus, format_text, read_status, to_json
 
 __all__ = ["NodeStatus", "SwarmStatus", "read_status", "main"]
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,36 +54,44 @@ def build_parser() -> argparse.ArgumentParser:
                                             "blocks have no online node.",
                                 epilog="Exit status: 0 every block served, 1 some block without an online node, 2 error.")
     p.add_argument("--model", required=True,
-                   help="the checkpoint (a directory with config.json, or a hub name in the local cache): "
+                   help="the checkpoint (a directory with config.json, or a hub name org/name: only its config "
+                        "is downloaded): "
                         "its name and config fingerprint are the model's name in the swarm; or its weights "
                         "manifest file (biopetals-manifest), which names the model by itself")
-    key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--swarm-key", metavar="FILE", help="the swarm's key file (IPFS swarm.key format)")
-    key.add_argument("--public", action="store_true", help="a public swarm, without a swarm key")
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members")
-    p.add_argument("--node-info", action="store_true", help="also ask every node for its live load (NodeInfo)")
+    add_swarm_options(p, join="join")
+    p.add_argument("--node-info", action="store_true", help="also show every node's live load (open sessions, uptime)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="trust the announcements: do not ask the nodes whether they answer (a node killed without a "
+                        "word then shows as ONLINE until its announcement expires)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each request (default 5)")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds for each request; a node that does not answer NodeInfo within it is UNREACHABLE "
+                        "(default 3)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
 
 
 async def _run(args: argparse.Namespace, model: str, n_blocks: int) -> SwarmStatus:
-    swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+    swarm_key = swarm_key_of(args)
     config = TransportConfig(keepalive_interval=0, call_timeout=args.timeout)
     async with Host(Identity.generate(), swarm_key=swarm_key, config=config) as host:
-        async with DHT(host, initial_peers=args.initial_peers, client_mode=True) as dht:
+        await require_join(host, args.initial_peers, timeout=args.timeout, alone_hint=None)
+        async with DHT(host, initial_peers=args.initial_peers, client_mode=True,
+                       config=DHTConfig(request_timeout=args.timeout)) as dht:  # a dead DHT contact: --timeout
             if not len(dht.table):
-                raise ConnectionError("could not reach any initial peer (wrong address or swarm key?)")
-            return await read_status(host, dht, model, n_blocks, node_info=args.node_info, timeout=args.timeout)
+                raise ConnectionError("the initial peers accept our swarm key but answer no DHT request: give the "
+                                      "address of a biopetals-node or biopetals-dht of the swarm")
+            return await read_status(host, dht, model, n_blocks, probe=not args.no_probe, timeout=args.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from biopetals.models.config import ModelConfigError, load_config, model_info  # transformers: only when run
+    from biopetals.models.hub import HubCheckpoint, is_hub_name
 
     try:
         if Path(args.model).is_file():  # a weights manifest (spec/weights.md) names the model by itself
@@ -84,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = parse_manifest(Path(args.model).read_bytes())
             model, n_blocks = manifest.swarm_name, manifest.num_blocks
         else:
+            if is_hub_name(args.model):  # the config is all it needs from the hub
+                args.model = str(HubCheckpoint(args.model, progress=False).directory)
             config, _ = load_config(args.model)
             model, n_blocks = model_info(args.model, config).dht_prefix, int(config.num_hidden_layers)
         status = asyncio.run(_run(args, model, n_blocks))
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in failures:
             print(f"biopetals-swarm: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(to_json(status), indent=2) if args.json else format_text(status))
+    print(json.dumps(to_json(status), indent=2) if args.json else format_text(status, node_info=args.node_info))
     return 1 if status.missing() else 0
 
 

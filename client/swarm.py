@@ -42,7 +42,9 @@ from biopetals.protocol.messages import (
 from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.connection import TransportConfig
 from biopetals.transport.host import Host
+from biopetals.transport.joining import JoinError, require_join
 from biopetals.transport.keyfiles import load_swarm_key
+from biopetals.transport.swarm_options import EXAMPLE_PEER, check_peer
 
 from .announcements import read_announcements
 from .errors import PeerFailure, describe_code, peer_failure_from
@@ -72,6 +74,10 @@ class ClientConfig:
     swarm_key: str | bytes | SwarmKey | None = None  # path of the key file, raw 32 bytes, or a SwarmKey
     codec: str = "f16"  # activations on the wire; "f32" is lossless for fp32 models
     connect_timeout: float = 10.0  # s, dial + open a session
+    # No initial peer accepts us (wrong swarm key, unreachable): raise ``JoinError`` at once
+    # (True), or only log it and keep retrying the DHT bootstrap (False: a long-running server
+    # such as biopetals-api that may start before the swarm, and answers 503 meanwhile).
+    require_join: bool = True
     # Deadline for each span's result of one inference step (adaptive, ``routing.step_deadline``):
     #   clamp(step_timeout_factor x expected, step_timeout_floor, step_timeout), where expected is
     #   the step's tokens over the node's announced throughput (its share of the span) + 2 x RTT.
@@ -106,6 +112,14 @@ def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
     return load_swarm_key(value)
 
 
+def check_initial_peers(addrs: tuple[str, ...]) -> None:
+    """ValueError naming the problem unless ``addrs`` is a non-empty list of multiaddrs (before any dial)."""
+    if not addrs:
+        raise ValueError(f"no initial peers: give the multiaddr of at least one swarm member, e.g. {EXAMPLE_PEER}")
+    for addr in addrs:
+        check_peer(addr)
+
+
 class RemoteSwarm:
     """Network access for one client model; every public method is a coroutine run on ``self.loop``."""
 
@@ -120,6 +134,7 @@ class RemoteSwarm:
         self.dht: DHT | None = None
         self._servers: list[ServerSpan] = []
         self._fetched_at = -1e18
+        check_initial_peers(config.initial_peers)
         self._key = _swarm_key(config.swarm_key)
         try:
             self.loop.run(self._start(), timeout=config.connect_timeout + 30)
@@ -132,8 +147,15 @@ class RemoteSwarm:
                     config=TransportConfig(call_timeout=self.config.forward_timeout, keepalive_interval=5.0))
         await host.__aenter__()
         self.host = host
-        dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
         try:
+            try:
+                await require_join(host, self.config.initial_peers, timeout=self.config.connect_timeout,
+                                   alone_hint=None)
+            except JoinError as exc:
+                if self.config.require_join:
+                    raise
+                log.warning("%s (retrying in the background)", exc.message)
+            dht = DHT(host, initial_peers=self.config.initial_peers, client_mode=True)
             await dht.__aenter__()
         except BaseException:
             await host.__aexit__(None, None, None)

@@ -29,12 +29,21 @@ __all__ = ["NodeStatus", "SwarmStatus", "read_status", "to_json", "format_text"]
 class NodeStatus:
     peer_id: str
     announcement: Announcement
-    info: NodeInfo | None = None  # with --node-info, if the node answered
+    info: NodeInfo | None = None  # if the node was asked and answered
     info_error: str | None = None  # why it did not
+    reachable: bool | None = None  # None: not asked; False: could not be reached (dial or call failed)
 
     @property
     def online(self) -> bool:
-        return self.announcement.state == State.ONLINE
+        """Announced ONLINE and not found unreachable: serves its blocks."""
+        return self.announcement.state == State.ONLINE and self.reachable is not False
+
+    @property
+    def state(self) -> str:
+        """The announced state, or UNREACHABLE for an ONLINE announcement whose node does not answer."""
+        if self.announcement.state == State.ONLINE and self.reachable is False:
+            return "UNREACHABLE"
+        return self.announcement.state.name
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,12 @@ class SwarmStatus:
         return out
 
 
-async def read_status(host: Host, dht: DHT, model: str, n_blocks: int, *, node_info: bool = False,
+async def read_status(host: Host, dht: DHT, model: str, n_blocks: int, *, probe: bool = True,
                       timeout: float = 5.0) -> SwarmStatus:
-    """The swarm's announcements for ``model`` (and each node's NodeInfo if ``node_info``)."""
+    """The swarm's announcements for ``model`` and, if ``probe``, each node's NodeInfo (all at once)."""
     found = await read_announcements(dht, model, n_blocks)
     nodes = [NodeStatus(peer, ann) for peer, ann in found.items()]
-    if node_info:
+    if probe:
         nodes = list(await asyncio.gather(*(_with_info(host, node, timeout) for node in nodes)))
     nodes.sort(key=lambda n: (n.announcement.start, n.announcement.end, n.peer_id))
     return SwarmStatus(model, n_blocks, tuple(nodes))
@@ -103,10 +112,11 @@ async def _with_info(host: Host, node: NodeStatus, timeout: float) -> NodeStatus
         data = await host.call(target, PROTOCOL_NAME, encode_message(NodeInfoRequest()), timeout=timeout)
         reply = decode_message(data, expected=(NodeInfo, Error))
     except (ProtocolError, OSError) as exc:
-        return NodeStatus(node.peer_id, ann, info_error=str(exc))
-    if isinstance(reply, Error):
-        return NodeStatus(node.peer_id, ann, info_error=f"{describe_code(reply.code)}: {reply.message}")
-    return NodeStatus(node.peer_id, ann, info=reply)
+        return NodeStatus(node.peer_id, ann, info_error=str(exc), reachable=False)
+    if isinstance(reply, Error):  # it answers: reachable, if not willing
+        return NodeStatus(node.peer_id, ann, info_error=f"{describe_code(reply.code)}: {reply.message}",
+                          reachable=True)
+    return NodeStatus(node.peer_id, ann, info=reply, reachable=True)
 
 
 # ----------------------------------------------------------------------------- output
@@ -116,7 +126,8 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
     def node(n: NodeStatus) -> dict[str, Any]:
         a = n.announcement
         out: dict[str, Any] = {
-            "peer_id": n.peer_id, "start": a.start, "end": a.end, "state": a.state.name, "dtype": a.dtype,
+            "peer_id": n.peer_id, "public_name": a.public_name, "start": a.start, "end": a.end, "state": n.state,
+            "dtype": a.dtype,
             "quant": a.quant, "version": a.version, "inference_tps": a.inference_tps, "forward_tps": a.forward_tps,
             "cache_tokens_left": a.cache_tokens_left, "addrs": list(a.addrs), "adapters": list(a.adapters),
         }
@@ -137,11 +148,16 @@ def to_json(status: SwarmStatus) -> dict[str, Any]:
     }
 
 
-def format_text(status: SwarmStatus) -> str:
+def format_text(status: SwarmStatus, *, node_info: bool = False) -> str:
+    """The table ``biopetals-swarm`` prints; ``node_info``: with each node's sessions and uptime."""
     online = sum(n.online for n in status.nodes)
-    lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"]
-    header = ["blocks", "peer id", "state", "dtype", "tok/s inf / fwd", "cache left", "address"]
-    with_info = any(n.info is not None or n.info_error is not None for n in status.nodes)
+    unreachable = sum(n.state == "UNREACHABLE" for n in status.nodes)
+    lines = [f"model {status.model}: {status.n_blocks} blocks, {len(status.nodes)} nodes announced, {online} online"
+             + (f", {unreachable} unreachable" if unreachable else "")]
+    # cache: KV-cache tokens free for new sessions, the node's live NodeInfo value when it answered
+    # (the announcement's is as old as its last re-announcement)
+    header = ["blocks", "name", "peer id", "state", "dtype", "tok/s inf / fwd", "free cache tokens", "address"]
+    with_info = node_info and any(n.info is not None or n.info_error is not None for n in status.nodes)
     if with_info:
         header[-1:-1] = ["sessions", "uptime"]
     rows = [header]
@@ -149,8 +165,8 @@ def format_text(status: SwarmStatus) -> str:
         a = n.announcement
         dtype = a.dtype if a.quant == "none" else f"{a.dtype}/{a.quant}"
         address = a.addrs[0].split("/p2p/")[0] if a.addrs else "-"  # the peer id has its own column
-        row = [f"{a.start}:{a.end}", n.peer_id, a.state.name, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
-               str(a.cache_tokens_left), address]
+        row = [f"{a.start}:{a.end}", a.public_name or "-", n.peer_id, n.state, dtype, f"{a.inference_tps:.1f} / {a.forward_tps:.0f}",
+               str(n.info.cache_tokens_left if n.info is not None else a.cache_tokens_left), address]
         if with_info:
             if n.info is not None:
                 sessions = "-" if n.info.sessions_open is None else str(n.info.sessions_open)
@@ -165,7 +181,9 @@ def format_text(status: SwarmStatus) -> str:
         if n.announcement.adapters:  # server-side LoRA adapters (spec/messages.md §6.3)
             lines.append(f"  adapters of {n.peer_id}: {', '.join(n.announcement.adapters)}")
     for n in status.nodes:
-        if n.info_error is not None:
+        if n.reachable is False and n.announcement.state == State.ONLINE:
+            lines.append(f"  UNREACHABLE {n.peer_id}: announced ONLINE but does not answer ({n.info_error})")
+        elif n.info_error is not None and node_info:
             lines.append(f"  no NodeInfo from {n.peer_id}: {n.info_error}")
     lines.append("coverage per block (online nodes, announced inference tokens/s):")
     for start, end, count, tps in status.coverage_runs():
@@ -190,6 +208,3 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-# ----------------------------------------------------------------------------- command line

@@ -20,6 +20,7 @@ from biopetals.conformance.context import Context
 from biopetals.conformance.catalog import checks_for
 from biopetals.conformance.report import exit_status, row, table, to_json
 from biopetals.conformance.runner import run_checks
+from biopetals.transport.swarm_options import add_swarm_options, swarm_key_of
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,9 +33,7 @@ def parser() -> argparse.ArgumentParser:
         "--section node. Exit status: 0 no check failed, 1 a check failed, 2 usage error. "
         "The vectors come from this checkout's spec/vectors (or $BIOPETALS_SPEC_VECTORS).",
     )
-    key = p.add_mutually_exclusive_group()
-    key.add_argument("--swarm-key", metavar="FILE", help="the swarm key file of the peer's private swarm")
-    key.add_argument("--public", action="store_true", help="the peer runs a public swarm (no swarm key)")
+    add_swarm_options(p, join="none", key_required=False, public_help="the peer runs a public swarm (no swarm key)")
     p.add_argument("--peer", metavar="MULTIADDR", help="the peer to test: /ip4/HOST/tcp/PORT/p2p/PEER_ID")
     p.add_argument("--section", choices=["transport", "node", "dht", "weights", "all"], default="all",
                    help="which checks to run (default all; node checks are n/a on a DHT-only peer, weights checks "
@@ -68,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from biopetals.protocol.multiaddr import Multiaddr
-        from biopetals.transport.keyfiles import load_swarm_key
-
         Multiaddr.parse(args.peer)
-        swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+        swarm_key = swarm_key_of(args)
     except Exception as exc:
         print(f"biopetals-conformance: {exc}", file=sys.stderr)
         return 2

@@ -23,11 +23,12 @@ from typing import Any
 
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity, PeerId
-from biopetals.protocol.multiaddr import Multiaddr
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
 from biopetals.transport.errors import expected_failures
-from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
+from biopetals.transport.joining import NEW_SWARM_HINT, require_join
+from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
 from . import params
 from .ids import is_peer_id_subkey
@@ -39,7 +40,7 @@ _DESCRIPTION = """\
 Run a BioPetals DHT node: a bootstrap peer that stores and serves signed block
 announcements for a swarm, and serves no model blocks itself.
 
-  biopetals-dht --swarm-key lab.key                       first node of a swarm
+  biopetals-dht --swarm-key lab.key --new-swarm           first node of a swarm
   biopetals-dht --swarm-key lab.key --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/12D3KooW...
 
 The first line printed is this node's multiaddr: give it to other nodes and clients
@@ -63,15 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_INTERACTIVE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--swarm-key", metavar="FILE",
-                     help="the swarm's key file (IPFS swarm.key format, from `biopetals-keygen swarm`); "
-                          "only peers holding the same key can connect")
-    key.add_argument("--public", action="store_true", help="run a public swarm without a swarm key")
+    add_swarm_options(p, join="join-or-new", public_help="run a public swarm without a swarm key")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=31337, help="TCP port to listen on, 0 for any free port (default 31337)")
-    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
-                   help="multiaddrs (with /p2p/<peer id>) of nodes already in the swarm")
     p.add_argument("--identity", metavar="FILE",
                    help="node identity key file, created if missing (keeps the peer id across restarts); "
                         "default: a new identity every run")
@@ -134,12 +129,8 @@ async def _interactive(dht: DHT, stop: asyncio.Event) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    swarm_key = None if args.public else load_swarm_key(args.swarm_key)
+    swarm_key = swarm_key_of(args)
     identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
-    for addr in args.initial_peers:
-        parsed = Multiaddr.parse(addr)
-        if parsed.peer_id is None:
-            raise SystemExit(f"biopetals-dht: --initial-peers {addr}: needs /p2p/<peer id> at the end")
     config = DHTConfig(request_timeout=args.request_timeout, republish_interval=args.republish_interval,
                        refresh_interval=args.refresh_interval)
     stop = asyncio.Event()
@@ -150,11 +141,12 @@ async def run(args: argparse.Namespace) -> int:
         listen = await host.listen(args.host, args.port)
         addrs = announce_addrs(args.announce or [], listen, identity.peer_id)
         announce = [str(a.without_peer_id()) for a in addrs]
+        await require_join(host, args.initial_peers, timeout=args.request_timeout, alone_hint=NEW_SWARM_HINT)
         print(str(addrs[0]), flush=True)
         async with DHT(host, initial_peers=args.initial_peers, config=config, announce_addrs=announce) as dht:
             log.info("DHT node %s up; %d contacts after bootstrap", identity.peer_id, len(dht.table))
             if args.initial_peers and not len(dht.table):
-                log.error("could not join through any initial peer (wrong swarm key or address?); retrying")
+                log.error("the initial peers accept our key but answer no DHT request; retrying")
             tasks = [asyncio.create_task(stop.wait())]
             if args.interactive:
                 tasks.append(asyncio.create_task(_interactive(dht, stop)))
@@ -166,7 +158,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

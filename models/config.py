@@ -2,8 +2,8 @@
 
 A checkpoint is a Hugging Face format directory (``config.json`` plus safetensors,
 sharded through ``model.safetensors.index.json`` or a single ``model.safetensors``)
-or a hub name already present in the local Hugging Face cache (we never download:
-the lookup is ``local_files_only``).
+or a hub name already present in the local Hugging Face cache (the lookup here is
+``local_files_only``; models/hub.py downloads, only the files a node or client needs).
 
 Supported architectures are listed in ``ARCHITECTURES``. Each entry names the
 transformers classes a node and a client need: the decoder layer (one block), the
@@ -141,8 +141,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         )
     except Exception as exc:  # huggingface_hub raises several types for "not cached"
         raise ModelConfigError(
-            f"{name!r} is not a directory and is not in the local Hugging Face cache "
-            f"(offline lookup only): {exc}"
+            f"{name!r} is not a directory and is not in the local Hugging Face cache; biopetals-node --model "
+            f"{name} and from_pretrained({name!r}) download what they need from the hub ({type(exc).__name__})"
         ) from exc
     return Path(snapshot).resolve()
 

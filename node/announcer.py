@@ -34,6 +34,7 @@ class AnnouncementInfo:
     version: str
     addrs: tuple[str, ...]
     adapters: tuple[str, ...] = ()  # server-side adapters (spec/messages.md §6.3)
+    public_name: str | None = None  # --public-name (spec/announcement.md §2, key 12)
 
 
 def announcement_records(
@@ -54,6 +55,7 @@ def announcement_records(
             version=info.version,
             addrs=info.addrs[:MAX_ANNOUNCED_ADDRS],
             adapters=info.adapters,
+            public_name=info.public_name,
         )
     )
     blocks = range(info.start, info.end) if blocks is None else blocks

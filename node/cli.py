@@ -10,9 +10,10 @@ With ``--num-blocks N`` (or neither option: as many blocks as fit in memory) the
 chooses its blocks from the swarm's announcements and moves when the swarm is out of
 balance (node/placement.py, node/rebalancer.py).
 
-On start it prints what it serves, its multiaddrs, and a last line ``READY <multiaddr>``
-(for scripts and tests). SIGINT/SIGTERM announce it offline, then stop it. See
-node/server.py for the start-up order.
+On start it prints (each line with the time, like its log lines) the device and dtype, what
+it serves, its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and
+tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent``
+so does the exit of the process that started it. See node/server.py for the start-up order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 from biopetals.protocol.program_env import apply_program_environment
 
@@ -29,17 +31,21 @@ apply_program_environment()  # a program: OpenSSL and OpenMP settings before the
 
 from biopetals.models.blocks import DTYPES
 from biopetals.models.config import ModelConfigError
+from biopetals.models.devices import Accelerators, DeviceError, choose_device, choose_dtype, describe
 from biopetals.node.adapters import AdapterError, parse_adapter_arg
 from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
+from biopetals.protocol.limits import MAX_LABEL_BYTES
 from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 from biopetals.transport.errors import expected_failures
-from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity, load_swarm_key
+from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 from biopetals.weights.fetch import FetchError
 
 DEFAULT_PORT = 31337
+log = logging.getLogger("biopetals.node")
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -80,6 +86,13 @@ _rate = _bounded(float, "a number of MB/s", lambda v: 0 < v < float("inf"), "a f
 _quality = _bounded(float, "a number, e.g. 0.75", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
+def _public_name(text: str) -> str:
+    size = len(text.encode())
+    if not 1 <= size <= MAX_LABEL_BYTES or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 to {MAX_LABEL_BYTES} bytes of printable text")
+    return text
+
+
 def _multiaddr(text: str) -> str:
     try:
         Multiaddr.parse(text)
@@ -93,13 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="biopetals-node",
         description="Serve transformer blocks of a Llama-family model to a BioPetals swarm: a fixed range (--blocks) "
                     "or N blocks the node chooses where the swarm needs them (--num-blocks).",
-        epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM: announce offline, then stop.",
+        epilog="The node prints 'READY <multiaddr>' once it serves. SIGINT/SIGTERM/SIGHUP: announce offline, then stop.",
     )
     p.add_argument("--model", required=True,
-                   help="a checkpoint directory (config.json + safetensors), a hub name in the local cache (offline), "
+                   help="a checkpoint directory (config.json + safetensors), a Hugging Face hub name org/name (the "
+                        "config and only the safetensors shards holding this node's blocks are downloaded into the "
+                        "HF cache; gated models use your HF token: `hf auth login` or HF_TOKEN), "
                         "or - to fetch the weights from the swarm's peers - a weights manifest file "
                         "(biopetals-manifest) or the swarm name <name>.<16 hex digits> it prints; a directory with a "
                         "manifest fetches the blocks it lacks")
+    p.add_argument("--revision", metavar="REV",
+                   help="with --model a hub name: the branch, tag or commit to download (default: main)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--blocks", type=_blocks, metavar="START:END",
                        help="the blocks to serve, START inclusive, END exclusive (e.g. 0:16); fixed, never rebalanced")
@@ -109,19 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "swarm is out of balance (--balance-quality). With neither --blocks nor --num-blocks: "
                             "as many blocks as fit in 80%% of the free memory of --device (weights at --dtype/--quant "
                             "plus each block's share of --max-cache-tokens), at least 1")
-    p.add_argument("--swarm-key", required=True, metavar="FILE",
-                   help="the swarm key file of the private swarm (IPFS swarm.key format); only holders can connect")
+    add_swarm_options(p, join="join-or-new")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, all interfaces)")
     p.add_argument("--announce", nargs="+", default=[], type=_multiaddr, metavar="MULTIADDR",
                    help="addresses to announce to the swarm instead of the listen address, e.g. a public address "
                         "behind NAT: /ip4/203.0.113.7/tcp/31337 or /dns4/node1.lab.example/tcp/31337 "
                         "(default: the listen address; with 0.0.0.0, this machine's primary IPv4 address)")
-    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
-                   help="multiaddrs (/ip4/.../tcp/.../p2p/12D3KooW...) of swarm members to join through")
-    p.add_argument("--new-swarm", action="store_true",
-                   help="start a new swarm (no initial peers); this node is its first DHT node")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks (default float32)")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="compute dtype of the blocks (default auto: bfloat16 on a GPU that supports it, else float16 "
+                        "on a GPU or MPS; float32 on the CPU)")
     p.add_argument("--quant", choices=QUANT_MODES, default="none",
                    help="weight quantisation through bitsandbytes (default none)")
     p.add_argument("--max-cache-tokens", type=int, default=16384, metavar="N",
@@ -132,9 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
                         "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "
                         "one by NAME per session or forward/backward (spec/messages.md §6.3)")
+    p.add_argument("--public-name", type=_public_name, default=None, metavar="NAME",
+                   help="a name for this node that people recognise, e.g. 'lab-a gpu3' (as in Petals): announced "
+                        "with its blocks and shown by biopetals-swarm and the API's page; at most 64 bytes")
     p.add_argument("--identity", metavar="FILE",
                    help="Ed25519 identity key file (created if missing) for a stable peer id; default: a new identity each run")
-    p.add_argument("--device", default="cpu", help="torch device of the blocks: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="torch device of the blocks: auto, cpu, cuda, cuda:N or mps (default auto: the first CUDA GPU, "
+                        "else Apple's MPS, else the CPU)")
     p.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="torch intra-op CPU threads of the compute (default 0: torch's default, one per core); "
                         "give each node its share of the cores when several run on one machine")
@@ -164,15 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight chunk requests served at once per peer; more are answered BUSY (default 4)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (decode steps, sessions, KV cache, queue depth, error replies) on "
+                        "http://--metrics-host:PORT/metrics (default: none; 0: any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (default 127.0.0.1, this machine only)")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="stop (announcing offline) when the process that started this node exits, however it ends "
+                        "(for programs that start nodes for their user, e.g. the demos)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
+
+
+def resolve_device(args: argparse.Namespace, acc: Accelerators | None = None) -> str:
+    """Turn ``--device``/``--dtype`` (``auto`` included) into concrete ones on ``args``; the start-up line."""
+    acc = Accelerators.detect() if acc is None else acc
+    args.device = choose_device(args.device, acc)
+    args.dtype = choose_dtype(args.dtype, args.device, acc)
+    return describe(args.device, args.dtype, acc)
 
 
 async def _main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_watch_parent(os.getppid(), stop)) if args.exit_with_parent else None
     identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
     options = NodeOptions(
         model=args.model,
@@ -183,7 +219,7 @@ async def _main(args: argparse.Namespace) -> None:
         balance_interval=args.balance_interval,
         drain_timeout=args.drain_timeout,
         identity=identity,
-        swarm_key=load_swarm_key(args.swarm_key),
+        swarm_key=swarm_key_of(args),
         host=args.host,
         port=args.port,
         initial_peers=list(args.initial_peers),
@@ -204,24 +240,47 @@ async def _main(args: argparse.Namespace) -> None:
         weights_per_peer=args.weights_per_peer,
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
+        revision=args.revision,
+        public_name=args.public_name or "",
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
-    await run_node(options, stop)
+    try:
+        await run_node(options, stop, out=output_line)
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
-_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError, FetchError)
+def output_line(line: str) -> None:
+    """A line of the node's output, with the time as its log lines have it; ``READY <multiaddr>``
+    stays bare: scripts and tests read it."""
+    if not line.startswith("READY "):
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+    print(line, flush=True)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event, interval: float = 0.5) -> None:
+    """Set ``stop`` once ``parent`` is gone: this process is then re-parented (another ppid)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(interval)
+    log.warning("the process that started this node (pid %d) exited: stopping", parent)
+    stop.set()
+
+
+_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError, FetchError,
+             DeviceError)
 
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.new_swarm and not args.initial_peers:
-        parser.error("give --initial-peers to join a swarm, or --new-swarm to start one")
-    if args.new_swarm and args.initial_peers:
-        parser.error("--new-swarm and --initial-peers exclude each other")
+    check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        output_line(resolve_device(args))
         asyncio.run(_main(args))
     except BaseException as exc:  # errors inside the Host's TaskGroup arrive wrapped in a group
         failures = expected_failures(exc, _EXPECTED)

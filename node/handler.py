@@ -16,6 +16,7 @@ answered with the spec's typed ``Error`` and the node keeps serving (§2.6).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -85,6 +86,17 @@ class ServiceConfig:
     push_timeout: float = 10.0
 
 
+#: Typed Error replies sent by every service of this process, by code name (node/metrics.py reads it).
+error_replies: collections.Counter[str] = collections.Counter()
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
+
+
 class _Sender:
     """Serialises sends on one stream (the machine names streams by their sender)."""
 
@@ -95,6 +107,8 @@ class _Sender:
     async def send(self, message: Message, codec: Codec | None = None) -> bool:
         """Send; False if the stream or connection is gone (the client left)."""
         data = encode_message(message, codec)
+        if isinstance(message, Error):
+            error_replies[_code_name(message.code)] += 1
         async with self._lock:
             try:
                 await self.stream.send(data)

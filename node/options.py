@@ -47,3 +47,7 @@ class NodeOptions:
     weights_per_peer: int = 4  # chunk requests in flight per peer
     weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
     verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
+    revision: str | None = None  # --model a hub name: the branch, tag or commit to download
+    metrics_port: int | None = None  # Prometheus metrics on this port (node/metrics.py); None: none
+    metrics_host: str = "127.0.0.1"
+    public_name: str = ""  # a name people recognise (announced, shown by biopetals-swarm and the page); "": none

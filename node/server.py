@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 from biopetals.dht.node import DHT
 from biopetals.models.blocks import BlockSpan
 from biopetals.models.config import ModelConfigError, load_config, model_info
+from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.node.adapters import AdapterSet
 from biopetals.node.announcer import AnnouncementInfo, Announcer
 from biopetals.node.backend import Backend, set_threads
@@ -44,8 +45,10 @@ from biopetals.node.quant import quantize_span
 from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
+from biopetals.protocol.errors import ErrorCode
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
+from biopetals.transport.joining import NEW_SWARM_HINT, JoinError, require_join
 from biopetals.weights.fetch import fetch_parts
 from biopetals.weights.limits import ServeLimits
 from biopetals.weights.local import CorruptCopy, LocalWeights
@@ -113,10 +116,14 @@ def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: D
 
 
 def _fetching_loader(options: NodeOptions, source: ModelSource, host: Host, dht: DHT, weights: WeightsService | None,
-                     loop: asyncio.AbstractEventLoop, out: Callable[[str], None]) -> Callable[[NodeOptions], BlockSpan]:
-    """``load_span`` that first fetches, from peers, the blocks the directory lacks (run on a worker thread)."""
+                     loop: asyncio.AbstractEventLoop, out: Callable[[str], None],
+                     hub: HubCheckpoint | None = None) -> Callable[[NodeOptions], BlockSpan]:
+    """``load_span`` that first fetches the blocks the directory lacks, from peers or, for a hub
+    name, only the hub's shards that hold them (run on a worker thread)."""
 
     def load(opts: NodeOptions) -> BlockSpan:
+        if hub is not None:
+            hub.fetch_blocks(opts.start, opts.end)
         if source.manifest is not None:
             blocks = list(range(opts.start, opts.end))
             missing = source.missing(blocks)
@@ -167,14 +174,16 @@ def _verify_blocks(source: ModelSource, weights: WeightsService | None, blocks: 
             bar.close()
 
 
-def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan]) -> Callable[[NodeOptions], BlockSpan]:
+def _probe_loader(source: ModelSource, load: Callable[[NodeOptions], BlockSpan],
+                  from_hub: bool = False) -> Callable[[NodeOptions], BlockSpan]:
     """What placement measures one block with: every block has the same shape, so any block already
-    on this machine will do, and a node that holds none yet measures a block with random weights
-    rather than fetch one it may never serve."""
+    on this machine will do, and a node that holds none yet (or downloads from the hub) measures a
+    block with random weights rather than fetch one it may never serve."""
 
     def probe(opts: NodeOptions) -> BlockSpan:
-        if source.manifest is not None:
-            held = [p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
+        if source.manifest is not None or from_hub:
+            held = [] if from_hub else [
+                p for p in LocalWeights(source.manifest, source.directory).held if p < source.manifest.num_blocks]
             if not held:
                 set_threads(opts.num_threads)
                 span = BlockSpan.random(opts.model, dtype=opts.dtype, device=opts.device)
@@ -194,12 +203,23 @@ async def run_node(
     out: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> None:
     """Run the node until ``stop`` is set."""
+    hub = None
+    if is_hub_name(options.model):  # config and shard index now, the blocks' shards once they are chosen
+        hub = HubCheckpoint(options.model, revision=options.revision, progress=options.progress)
+        options.model = str(hub.directory)
+        out(f"downloading from the hub: {hub.repo_id} (revision {options.revision or 'main'}) into {hub.directory}")
     source = resolve_source(options.model, options.weights_dir)
     facts = None if source.needs_network else _model_facts(options, source.directory)  # fail before listening
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
         addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
+        await require_join(host, options.initial_peers, timeout=10.0, alone_hint=NEW_SWARM_HINT)
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
+            if options.initial_peers and not len(dht.table):
+                raise JoinError(ErrorCode.UNKNOWN_PROTOCOL,
+                                "cannot join the swarm: the initial peers accept our key but answer no DHT request "
+                                f"({', '.join(options.initial_peers)}); give the address of a biopetals-node or "
+                                "biopetals-dht of the swarm, or --new-swarm to start a new swarm alone", ())
             if facts is None:  # only a swarm name: the manifest comes from a provider
                 await source.complete(host, dht, lambda manifest: [], progress=options.progress)
                 facts = _model_facts(options, source.directory)
@@ -208,17 +228,18 @@ async def run_node(
             weights = _serve_weights(options, source, host, dht, addrs)
             # announced from the start: peers may fetch what this node holds while it loads or fetches
             provider_task = asyncio.create_task(weights.provider.run()) if weights is not None else None
-            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out)
+            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out, hub)
             announcer = Announcer(
                 dht,
                 AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
-                                 tuple(addrs), tuple(name for name, _ in options.adapters)),
+                                 tuple(addrs), tuple(name for name, _ in options.adapters),
+                                 options.public_name or None),
                 interval=options.announce_interval,
                 ttl=max(3 * options.announce_interval, 30.0),
             )
             if choose:
                 (options.start, options.end), _ = await place_node(
-                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load),
+                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load, hub is not None),
                     random.Random())
             else:
                 await announcer.announce(State.JOINING, (0.0, 0.0), 0)
@@ -255,7 +276,7 @@ async def run_node(
             service.install()
             await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
-                f"{options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
+                f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
             if options.adapters:
                 out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
             out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
@@ -269,6 +290,14 @@ async def run_node(
             )]
             if provider_task is not None:
                 tasks.append(provider_task)
+            metrics_server = None
+            if options.metrics_port is not None:
+                from biopetals.node.handler import error_replies
+                from biopetals.node.metrics import NodeCollector, serve_metrics
+
+                metrics_server, _ = serve_metrics(options.metrics_port, options.metrics_host, NodeCollector(
+                    lambda: relocator.service, lambda: dict(error_replies), options.public_name))
+                out(f"metrics on http://{options.metrics_host}:{metrics_server.server_port}/metrics")
             if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
                 rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
                                         quality=options.balance_quality, interval=options.balance_interval,
@@ -279,6 +308,8 @@ async def run_node(
             finally:
                 for task in tasks:
                     task.cancel()
+                if metrics_server is not None:
+                    metrics_server.shutdown()
                 host.remove_handler("/biopetals/node/1")
                 if weights is not None:
                     weights.server.close()

@@ -34,10 +34,12 @@ def block_bytes(config: PretrainedConfig, dtype: str = "float32", quant: str = "
 
 
 def free_memory(device: str = "cpu") -> int:
-    """Bytes free now on ``device`` (``cpu`` or ``cuda[:N]``)."""
+    """Bytes free now on ``device`` (``cpu``, ``cuda[:N]`` or ``mps``)."""
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
+    if device == "mps":  # unified memory: what Metal recommends, less what it holds already
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -93,6 +93,7 @@ class Announcement(WireStruct):
     version: str = wire(9, _LABEL)
     addrs: tuple[str, ...] = wire(10, ArrayOf(Text(1, MAX_MULTIADDR_BYTES), MAX_ANNOUNCED_ADDRS), optional=True)
     adapters: tuple[str, ...] = wire(11, ArrayOf(_LABEL, MAX_ADAPTERS), optional=True)  # server-side adapters
+    public_name: str | None = wire(12, _LABEL, optional=True)  # a name people recognise (revision 3)
 
     def _check_rules(self) -> None:
         if self.start >= self.end:

@@ -133,6 +133,7 @@ class Swarm:
         args = [
             "--model", str(model), "--swarm-key", str(self.key_path),
             "--host", "127.0.0.1", "--port", "0", "--no-progress",
+            "--dtype", "float32",  # the reference dtype of the numeric checks on any device (--dtype in extra wins)
         ]
         args += ["--initial-peers", *peers[:1]] if peers else ["--new-swarm"]
         args += list(extra)
@@ -140,7 +141,7 @@ class Swarm:
 
     def start_dht(self, timeout: float = 30.0) -> NodeProcess:
         """A ``biopetals-dht`` bootstrap peer (serves no blocks); its first line is its multiaddr."""
-        args = ["--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0"]
+        args = ["--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--new-swarm"]
         node = self._spawn([sys.executable, "-m", "biopetals.dht.cli", *args], args, None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not node.addr:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,6 +324,11 @@ def test_web_page_chat_and_swarm_view_in_a_real_browser(server, swarm, reference
     with browser_page() as page:
         page.goto(server.url + "/")
         page.wait_for_selector("#key-form:not([hidden])", timeout=30_000)  # 401: the page asks for a key
+        assert not page.is_visible("#key-error")  # no key sent yet: nothing was refused
+        page.fill("#key-input", "wrong-key-0123456789abcdef")
+        page.click("#key-form button")
+        page.wait_for_selector("#key-error:not([hidden])", timeout=30_000)  # a visible 401
+        assert "refused (HTTP 401)" in page.text_content("#key-error")
         page.fill("#key-input", KEY)
         page.click("#key-form button")
         page.wait_for_function("document.querySelector('#model-name').textContent.includes('tiny')",
@@ -333,6 +339,10 @@ def test_web_page_chat_and_swarm_view_in_a_real_browser(server, swarm, reference
         assert page.query_selector("#missing") is None
         peers = page.eval_on_selector_all("#nodes tbody tr td:first-child", "tds => tds.map(td => td.title)")
         assert sorted(peers) == sorted(n.peer_id for n in swarm.nodes)
+        names = page.eval_on_selector_all("#nodes tbody tr td:first-child", "tds => tds.map(td => td.textContent)")
+        assert sorted(names) == ["local-0", "local-1", "local-2"]  # LocalSwarm's --public-name
+        blocks = page.eval_on_selector_all("#nodes tbody tr td:nth-child(2)", "tds => tds.map(td => td.textContent)")
+        assert sorted(blocks) == ["0:3", "3:6", "6:8"]
         # count how often the answer's text changes while it streams
         page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
             .observe(document.querySelector('#messages'), {subtree: true, characterData: true, childList: true}); }""")
@@ -343,8 +353,27 @@ def test_web_page_chat_and_swarm_view_in_a_real_browser(server, swarm, reference
         answer = page.text_content(".msg.assistant span")
         meta = page.text_content(".msg.assistant .meta")
         updates = page.evaluate("window.updates")
+        note = page.text_content(".msg.assistant .note") if page.query_selector(".msg.assistant .note") else None
+        # tokens/s now: measured for every node (decode steps between two views), never a dash
+        page.wait_for_timeout(2500)
+        tps = page.eval_on_selector_all("#nodes tbody tr td.tps", "tds => tds.map(td => td.textContent)")
         path = workdir / "page.png"
         page.screenshot(path=str(path), full_page=True)
+    finish = server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                        max_tokens=24).choices[0].finish_reason
+    assert (note is not None) == (finish == "length"), (note, finish)
+    if note is not None:
+        assert note.startswith("(stopped at max tokens: 24")
+    assert len(tps) == 3 and all(re.fullmatch(r"\d+\.\d", t) for t in tps), tps
+    with browser_page(width=420, height=900) as narrow:  # a phone: nothing wider than the screen
+        narrow.goto(server.url + "/")
+        narrow.wait_for_selector("#key-form:not([hidden])", timeout=30_000)
+        narrow.fill("#key-input", KEY)
+        narrow.click("#key-form button")
+        narrow.wait_for_function("document.querySelectorAll('#nodes tbody tr').length === 3", timeout=30_000)
+        width = narrow.evaluate("document.documentElement.scrollWidth")
+        narrow.screenshot(path=str(workdir / "page-420.png"), full_page=True)
+    assert width <= 420, f"the page is {width} px wide at 420 px"
     assert answer == greedy(reference, tok, chat_ids(tok), 24)[1]
     assert "tokens/s" in meta and meta.count("blocks ") == 3, meta
     assert updates >= 4, updates
@@ -410,7 +439,7 @@ def test_no_node_left_ends_the_stream_with_an_error_then_503(server, swarm):
         server.client(KEY).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
     print(info.value)
     assert info.value.status_code == 503
-    assert "blocks 0:8" in str(info.value) or "3..5" in str(info.value)
+    assert "blocks 0:8" in str(info.value) or "3:6" in str(info.value)
     status, view = get(server, "/api/swarm")
     assert status == 200
     assert view["missing"] == [[3, 6]] and view["online_per_block"] == [1, 1, 1, 0, 0, 0, 1, 1]

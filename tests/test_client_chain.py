@@ -375,7 +375,7 @@ def test_no_node_left_names_the_missing_blocks_once():
     with pytest.raises(SwarmError) as info:
         step(sim, state)
     text = str(info.value)
-    assert "failed 2 times: no live node for blocks 3:6" in text and "no usable node serves block(s) 3..5" in text
+    assert "failed 2 times: no live node for blocks 3:6" in text and "no usable node serves block(s) 3:6" in text
     assert text.count("peer B:") == 1 and text.count("peer B2:") == 1, text
 
 

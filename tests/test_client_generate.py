@@ -174,6 +174,22 @@ def test_inference_session_continues_generation(model, reference, checkpoint):
     assert torch.equal(torch.cat([first, second[:, 1:]], dim=1), full)
 
 
+def test_a_prompt_longer_than_the_context_is_refused_before_any_route(model, swarm):
+    """Issue 24: no route is tried (no node is marked as failing) for what no node could hold."""
+    context = model.context_length  # the tiny checkpoint's max_position_embeddings
+    routes_before = model.last_route
+    failures = [model.swarm.health.failures(n.peer_id) for n in swarm.nodes]
+    with pytest.raises(ValueError, match=f"context is {context} tokens.*the prompt has {context + 1} tokens"):
+        model.generate(torch.ones(1, context + 1, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match=f"context is {context} tokens"):
+        model.generate(torch.ones(1, context - 2, dtype=torch.long), max_new_tokens=8)
+    with pytest.raises(ValueError, match=f"a session of max_length={context + 1} tokens"):
+        with model.inference_session(max_length=context + 1):
+            pass
+    assert model.last_route is routes_before
+    assert [model.swarm.health.failures(n.peer_id) for n in swarm.nodes] == failures
+
+
 def test_missing_blocks_error_names_blocks_and_nodes(checkpoint, swarm):
     # a swarm serving blocks 0:3 only of this model
     with LocalSwarm(checkpoint, [(0, 3)]) as partial:
@@ -185,7 +201,7 @@ def test_missing_blocks_error_names_blocks_and_nodes(checkpoint, swarm):
         finally:
             m.close()
     assert info.value.missing == [(3, 8)]
-    assert "3..7" in str(info.value) and partial.nodes[0].peer_id in str(info.value)
+    assert "3:8" in str(info.value) and partial.nodes[0].peer_id in str(info.value)
 
 
 def test_a_request_over_the_models_length_is_raised_at_once_and_no_node_is_avoided(model, swarm, checkpoint):

@@ -120,7 +120,7 @@ def test_missing_blocks_error_names_blocks_and_nodes():
     assert err.missing == [(3, 5)]
     assert [s.peer_id for s in err.found] == ["a", "b"]
     text = str(err)
-    assert "3..4" in text and "a serves [0, 3)" in text and "b serves [5, 8)" in text and "m.1234" in text
+    assert "3:5" in text and "a serves 0:3" in text and "b serves 5:8" in text and "m.1234" in text
 
 
 def test_nothing_found():

@@ -123,7 +123,8 @@ def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
 
 
 def _dht_peer(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "biopetals.dht.cli", *args, "--host", "127.0.0.1", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "biopetals.dht.cli", *args, "--host", "127.0.0.1", "--port", "0",
+                             "--new-swarm"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     addr = proc.stdout.readline().strip()
     assert addr.startswith("/ip4/127.0.0.1/tcp/"), addr

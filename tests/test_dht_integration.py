@@ -39,8 +39,7 @@ class Node:
     def __init__(self, swarm_key: Path, log: Path, initial: list[str]) -> None:
         args = [sys.executable, "-m", "biopetals.dht.cli", "--swarm-key", str(swarm_key), "--host", "127.0.0.1",
                 "--port", "0", "--interactive", "-v", *FAST]
-        if initial:
-            args += ["--initial-peers", *initial]
+        args += ["--initial-peers", *initial] if initial else ["--new-swarm"]
         self.log = log
         self._err = open(log, "wb")
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
@@ -201,28 +200,26 @@ def test_latecomer_receives_records_by_republish(swarm) -> None:
 
 
 def test_node_without_the_swarm_key_cannot_join(swarm) -> None:
+    """A node whose initial peers all refuse its swarm key exits 1 saying so, never running alone (issue 24)."""
     nodes = [n for n in swarm["nodes"] if n.proc.poll() is None]
     other_key = swarm["tmp"] / "other.key"
     write_swarm_key(other_key, SwarmKey.generate())
-    stranger = Node(other_key, swarm["tmp"] / "stranger.log", [nodes[0].addr])
-    try:
-        stranger.wait_addr()
-        stats = stranger.ask("stats")
-        assert stats["contacts"] == 0
-        assert stranger.get("m.0") == {}
-        assert "SWARM_KEY_MISMATCH" in stranger.log.read_text()
-        for node in nodes:
-            assert stranger.peer_id not in node.ask("stats")["contact_ids"]
+    contacts = [len(node.ask("stats")["contact_ids"]) for node in nodes]
+    result = subprocess.run([sys.executable, "-m", "biopetals.dht.cli", "--swarm-key", str(other_key), "--host",
+                             "127.0.0.1", "--port", "0", "--initial-peers", nodes[0].addr],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""  # no address: it never served
+    assert "wrong swarm key" in result.stderr and "SWARM_KEY_MISMATCH" in result.stderr
+    assert "--new-swarm" in result.stderr
+    assert [len(node.ask("stats")["contact_ids"]) for node in nodes] == contacts
 
-        async def call_with_wrong_key() -> ProtocolError | None:
-            async with Host(Identity.generate(), swarm_key=SwarmKey.generate()) as host:
-                try:
-                    await host.call(nodes[1].addr, params.PROTOCOL, m.encode(m.PingRequest(())), timeout=10)
-                except ProtocolError as e:
-                    return e
-            return None
+    async def call_with_wrong_key() -> ProtocolError | None:
+        async with Host(Identity.generate(), swarm_key=SwarmKey.generate()) as host:
+            try:
+                await host.call(nodes[1].addr, params.PROTOCOL, m.encode(m.PingRequest(())), timeout=10)
+            except ProtocolError as e:
+                return e
+        return None
 
-        error = asyncio.run(call_with_wrong_key())
-        assert error is not None and error.code == ErrorCode.SWARM_KEY_MISMATCH
-    finally:
-        assert stranger.stop() == 0
+    error = asyncio.run(call_with_wrong_key())
+    assert error is not None and error.code == ErrorCode.SWARM_KEY_MISMATCH

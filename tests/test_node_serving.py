@@ -159,7 +159,8 @@ def test_swarm_status_command_says_when_no_peer_answers(checkpoint, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
-    assert "biopetals-swarm: could not reach any initial peer (wrong address or swarm key?)" in done.stderr
+    assert "biopetals-swarm: [CONNECTION_CLOSED] cannot join the swarm: no initial peer accepted us" in done.stderr
+    assert f"/ip4/127.0.0.1/tcp/{port}" in done.stderr and "is unreachable" in done.stderr
 
 
 async def _session_steps(client, addr, model, start, end, inputs, codec="f32"):

@@ -89,6 +89,21 @@ def test_manifest_cli_refuses_bad_chunk_sizes_and_directories(tmp_path, capsys):
     assert "biopetals-manifest:" in capsys.readouterr().err
 
 
+def test_manifest_cli_says_that_the_swarm_name_changes_and_what_to_restart(checkpoint, tmp_path, capsys):
+    from biopetals.weights.cli import manifest_main
+
+    directory = tmp_path / "copy"
+    shutil.copytree(checkpoint, directory)
+    before = model_info(directory).dht_prefix
+    assert manifest_main([str(directory), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    after = model_info(directory).dht_prefix
+    assert before != after
+    assert f"swarm name of {directory} changes from {before} to {after}" in out and "Restart every node" in out
+    assert manifest_main([str(directory), "--no-progress"]) == 0  # the same weights again: the name stays
+    assert "changes from" not in capsys.readouterr().out
+
+
 def test_parse_rejects_a_changed_chunk_count(checkpoint):
     doc = json.loads(build_manifest(checkpoint, chunk_size=MiB))
     doc["parts"][0]["chunks"].append("0" * 64)

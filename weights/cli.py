@@ -22,18 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-from biopetals.models.config import ModelConfigError
+from biopetals.models.config import ModelConfigError, model_info
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.manifest import DEFAULT_CHUNK_SIZE, MANIFEST_FILE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MiB, parse_manifest
 from biopetals.transport.errors import expected_failures
-from biopetals.transport.keyfiles import KeyFileError, load_swarm_key
+from biopetals.transport.keyfiles import KeyFileError
+from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
 from .build import build_manifest, checkpoint_bytes
 from .fetch import FetchError
 from .source import fetch_blocking, resolve_source
 from .store import DirectoryMismatch
 
-__all__ = ["manifest_main", "fetch_main"]
+__all__ = ["manifest_main", "fetch_main", "fetch_parser"]
 
 
 def _chunk_size(text: str) -> int:
@@ -76,6 +77,7 @@ def manifest_main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - started
+        previous = _swarm_name_now(directory)
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_bytes(raw)
         tmp.replace(output)
@@ -88,7 +90,20 @@ def manifest_main(argv: list[str] | None = None) -> int:
     print(f"wrote {output} ({len(raw)} bytes): {manifest.num_blocks} blocks, {size / 1e6:.1f} MB in {chunks} chunks "
           f"of {manifest.chunk_size // MiB} MiB, hashed in {seconds:.1f} s")
     print(f"swarm name: {manifest.swarm_name}")
+    if previous != manifest.swarm_name and output == directory / MANIFEST_FILE:
+        print(f"NOTE: the swarm name of {directory} changes from {previous} to {manifest.swarm_name}: nodes started "
+              f"from this directory before now announce under the old name and cannot serve clients that use the new "
+              f"one. Restart every node, client and biopetals-api that uses this model (or started before the "
+              f"manifest was written) so that they all use {manifest.swarm_name}.")
     return 0
+
+
+def _swarm_name_now(directory: Path) -> str | None:
+    """The name nodes started from ``directory`` announce under before the new manifest (None: unknown)."""
+    try:
+        return model_info(directory).dht_prefix
+    except ModelConfigError:
+        return None
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -101,7 +116,7 @@ def _blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
-def fetch_main(argv: list[str] | None = None) -> int:
+def fetch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="biopetals-fetch",
         description="Fetch a model's weights from the swarm's peers, hash-verified chunk by chunk, into a safetensors "
@@ -114,14 +129,19 @@ def fetch_main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every part of the model")
     p.add_argument("--out", help="the directory (default $BIOPETALS_CACHE/models/<swarm name>, "
                                  "BIOPETALS_CACHE defaulting to ~/.cache/biopetals)")
-    p.add_argument("--swarm-key", required=True, metavar="FILE", help="the swarm key file of the private swarm")
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="any peers of the swarm")
+    add_swarm_options(p, join="join")
     p.add_argument("--per-peer", type=int, default=4, metavar="N", help="chunk requests in flight per peer (default 4)")
     p.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up when no peer serves a missing part for this long (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    return p
+
+
+def fetch_main(argv: list[str] | None = None) -> int:
+    p = fetch_parser()
     args = p.parse_args(argv)
+    check_swarm_options(p, args)
     if not (args.blocks or args.client or args.all):
         p.error("say what to fetch: --blocks START:END, --client and/or --all")
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -141,7 +161,7 @@ def fetch_main(argv: list[str] | None = None) -> int:
 
     try:
         source = resolve_source(args.model, args.out)
-        report = fetch_blocking(source, parts, initial_peers=args.initial_peers, swarm_key=load_swarm_key(args.swarm_key),
+        report = fetch_blocking(source, parts, initial_peers=args.initial_peers, swarm_key=swarm_key_of(args),
                                 progress=not args.no_progress, stall_timeout=args.stall_timeout, per_peer=args.per_peer)
     except BaseException as exc:
         failures = expected_failures(exc, (FetchError, ModelConfigError, DirectoryMismatch, KeyFileError,

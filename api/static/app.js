@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], key: localStorage.getItem("biopetals-api-key") || "", abort: null };
+const state = { model: null, history: [], key: localStorage.getItem("biopetals-api-key") || "", abort: null,
+                steps: new Map() };  // peer id -> [decode steps, read_at] of the previous swarm view
 
 function headers(json) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -13,6 +14,9 @@ function headers(json) {
 function needKey() {
   $("key-form").hidden = false;
   $("model-name").textContent = "this server needs an API key";
+  // a key was sent and refused: say so (HTTP 401), do not just ask again
+  $("key-error").hidden = !state.key;
+  $("key-error").textContent = state.key ? "this API key was refused (HTTP 401): check it and try again" : "";
 }
 
 async function getJSON(path) {
@@ -25,6 +29,8 @@ async function getJSON(path) {
 
 const esc = (t) => String(t).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const short = (peer) => peer.length > 16 ? peer.slice(0, 8) + "…" + peer.slice(-6) : peer;
+// a node as people know it: its --public-name, else its shortened peer id
+const nodeName = (n) => n.public_name || short(n.peer_id);
 const fmt = (x, d = 1) => (x === null || x === undefined) ? "–" : Number(x).toFixed(d);
 
 function duration(s) {
@@ -48,7 +54,7 @@ function addMessage(role, text) {
 function showMeta(div, extra, usage, elapsed) {
   const meta = document.createElement("div");
   meta.className = "meta";
-  const route = (extra.route || []).map((s) => `blocks ${s.start}–${s.end - 1} ← <code title="${esc(s.peer_id)}">${esc(short(s.peer_id))}</code>`).join(" → ");
+  const route = (extra.route || []).map((s) => `blocks ${s.start}:${s.end} ← <code title="${esc(s.peer_id)}">${esc(short(s.peer_id))}</code>`).join(" → ");
   const parts = [];
   if (usage) parts.push(`${usage.completion_tokens} tokens`);
   if (extra.tokens_per_second) parts.push(`${fmt(extra.tokens_per_second)} tokens/s`);
@@ -67,7 +73,7 @@ async function ask(question) {
   $("send").disabled = true; $("stop").disabled = false;
   state.abort = new AbortController();
   const started = performance.now();
-  let answer = "", extra = null, usage = null, error = null;
+  let answer = "", extra = null, usage = null, error = null, finish = null;
   try {
     const temperature = Number($("temperature").value);
     const r = await fetch("/v1/chat/completions", {
@@ -100,6 +106,7 @@ async function ask(question) {
         if (chunk.usage) usage = chunk.usage;
         if (chunk.biopetals) extra = chunk.biopetals;
         for (const choice of chunk.choices || []) {
+          if (choice.finish_reason) finish = choice.finish_reason;
           if (choice.delta && choice.delta.content) {
             answer += choice.delta.content;
             text.textContent = answer;
@@ -121,6 +128,12 @@ async function ask(question) {
     err.textContent = error === "stopped" ? "(stopped)" : "Error: " + error;
     div.appendChild(err);
   }
+  if (finish === "length") {
+    const note = document.createElement("div");
+    note.className = "note";
+    note.textContent = `(stopped at max tokens: ${$("max-tokens").value}; raise "max tokens" for a longer answer)`;
+    div.appendChild(note);
+  }
   if (extra) showMeta(div, extra, usage, (performance.now() - started) / 1000);
 }
 
@@ -129,7 +142,7 @@ async function ask(question) {
 function renderSwarm(s) {
   const missing = s.missing || [];
   const online = s.nodes.filter((n) => n.state === "ONLINE").length;
-  const ranges = missing.map(([a, b]) => b - a === 1 ? `${a}` : `${a}–${b - 1}`).join(", ");
+  const ranges = missing.map(([a, b]) => `${a}:${b}`).join(", ");
   $("swarm-summary").innerHTML =
     `<b>${s.blocks}</b> blocks · <b>${online}</b> of ${s.nodes.length} nodes online · ` +
     `API sessions <b>${s.api_sessions_active}</b> / ${s.api_sessions_max}` +
@@ -145,10 +158,10 @@ function renderSwarm(s) {
   for (let b = 0; b < s.blocks; b++) { const th = document.createElement("th"); th.textContent = b % every ? "" : b; th.title = `block ${b}`; head.appendChild(th); }
   for (const n of s.nodes) {
     const row = table.insertRow();
-    const th = document.createElement("th"); th.className = "rowhead"; th.textContent = short(n.peer_id); th.title = n.peer_id; row.appendChild(th);
+    const th = document.createElement("th"); th.className = "rowhead"; th.textContent = nodeName(n); th.title = n.peer_id; row.appendChild(th);
     for (let b = 0; b < s.blocks; b++) {
       const td = row.insertCell();
-      if (n.start <= b && b < n.end) { td.className = n.state === "ONLINE" ? "on" : "off"; td.title = `${short(n.peer_id)} ${n.state}`; }
+      if (n.start <= b && b < n.end) { td.className = n.state === "ONLINE" ? "on" : "off"; td.title = `${nodeName(n)} ${n.state}`; }
     }
   }
   const cov = table.insertRow();
@@ -161,14 +174,26 @@ function renderSwarm(s) {
   });
   const body = $("nodes").tBodies[0];
   body.innerHTML = "";
+  const steps = new Map();
   for (const n of s.nodes) {
     const info = n.node_info || {};
     const row = body.insertRow();
-    const tps = n.inference_tps ? `${fmt(n.inference_tps)} / ${fmt(n.forward_tps, 0)}` : "–";
-    const cells = [short(n.peer_id), `${n.start}–${n.end - 1}`, n.state, tps,
-                   info.sessions_open ?? "?", n.cache_tokens_left, duration(info.uptime)];
-    cells.forEach((c, i) => { const td = row.insertCell(); td.textContent = c; if (i === 2) td.className = "state-" + n.state; if (i === 0) td.title = n.peer_id; });
+    // tokens/s now: decode steps the node ran since the previous view, measured for every node
+    // that answers (its start-up benchmark, when it ran one, is the tooltip)
+    let now = "–";
+    if (info.decode_steps !== undefined && info.decode_steps !== null) {
+      steps.set(n.peer_id, [info.decode_steps, s.read_at]);
+      const prev = state.steps.get(n.peer_id);
+      now = prev && s.read_at > prev[1] ? fmt(Math.max(0, info.decode_steps - prev[0]) / (s.read_at - prev[1])) : "0.0";
+    }
+    const cache = info.cache_tokens_left ?? n.cache_tokens_left;
+    const cells = [nodeName(n), `${n.start}:${n.end}`, n.state, now,
+                   info.sessions_open ?? "?", cache, duration(info.uptime)];
+    cells.forEach((c, i) => { const td = row.insertCell(); td.textContent = c; if (i === 2) td.className = "state-" + n.state;
+      if (i === 0) td.title = n.peer_id;
+      if (i === 3) { td.className = "tps"; td.title = n.inference_tps ? `measured at start: ${fmt(n.inference_tps)} tokens/s` : "no start-up benchmark (--no-benchmark)"; } });
   }
+  state.steps = steps;
   $("swarm-updated").textContent = "updated " + new Date(s.read_at * 1000).toLocaleTimeString();
 }
 

@@ -65,6 +65,12 @@ class PeerFailure(Exception):
 class RequestError(ValueError):
     """The request itself is invalid for the swarm (over a protocol or model limit); no node is to blame."""
 
+    @classmethod
+    def before_sending(cls, reason: str) -> "RequestError":
+        """The client's own check refused the request: nothing was sent to any node."""
+        return cls(PeerFailure("(this client)", f"{describe_code(ErrorCode.LIMIT_EXCEEDED)}: {reason}",
+                               int(ErrorCode.LIMIT_EXCEEDED), local=True))
+
     def __init__(self, failure: PeerFailure) -> None:
         self.failure = failure
         where = "refused before sending" if failure.local else f"node {failure.peer_id} refused it"

@@ -53,7 +53,9 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
 
 
 def _chain(swarm: "RemoteSwarm") -> CallChain:
-    return CallChain(swarm.n_blocks, timeout=swarm.config.forward_timeout, max_failovers=swarm.config.max_failovers)
+    cfg = swarm.config
+    return CallChain(swarm.n_blocks, timeout=cfg.forward_timeout, max_failovers=cfg.max_failovers,
+                     chunking=cfg.chunking())
 
 
 async def _drive(swarm: "RemoteSwarm", chain: CallChain):

@@ -10,6 +10,8 @@ tests/test_client_chunking_real.py shows the same on real node processes against
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,9 +21,14 @@ from biopetals.client.errors import RequestError
 from biopetals.protocol.limits import MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS
 
 from test_client_chain import DEADLINE, CallSim, FakeNode, Sim, columns, step, three_spans
+from test_sans_io import violations
 
 
 # ---------------------------------------------------------------------------------------- the rule
+
+
+def test_the_rule_is_sans_io():
+    assert violations(Path(__file__).resolve().parent.parent / "client" / "chunking.py") == []
 
 
 @pytest.mark.parametrize("codec", ["f16", "f32", "bf16", "f16+zstd"])

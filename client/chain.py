@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from biopetals.protocol.errors import ErrorCode
+from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 from .chunking import Chunking, pieces
 from .errors import PeerFailure, RequestError, SwarmError
@@ -339,6 +340,18 @@ def _timeout(peer_id: str, step_id: int, seconds: float) -> PeerFailure:
     return PeerFailure(peer_id, f"no result for step {step_id} within {seconds:.1f} s", int(ErrorCode.TIMEOUT))
 
 
+def _check_inputs(hidden_size: int | None, hidden: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """What any node would refuse about our own inputs is refused here, before anything is sent
+    (spec/messages.md §7.2: ``HIDDEN_SIZE_MISMATCH``, ``NON_FINITE``), so that no node is blamed for it."""
+    if hidden_size is not None and int(hidden.shape[-1]) != hidden_size:
+        raise RequestError.before_sending(f"hidden states of width {hidden.shape[-1]}; the model's is {hidden_size}",
+                                          ErrorCode.HIDDEN_SIZE_MISMATCH)
+    for t in (hidden, *others):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise RequestError.before_sending("an input holds NaN or infinity (spec/messages.md §7.3)",
+                                              ErrorCode.NON_FINITE)
+
+
 def _check_shape(peer_id: str, what: str, got: torch.Tensor, want: tuple[int, ...]) -> None:
     """An answer of the wrong shape is the node's failure (§5.5), never an abort."""
     if tuple(got.shape) != tuple(want):
@@ -354,9 +367,16 @@ class SessionChain(_Machine):
     ``max_length`` columns: a chain of ``ChainSpan`` sessions (spec/messages.md §5)."""
 
     def __init__(self, n_blocks: int, max_length: int, batch_size: int, *, deadline: DeadlineRule,
-                 max_failovers: int = 8, use_push: bool = True, chunking: Chunking = Chunking()) -> None:
+                 max_failovers: int = 8, use_push: bool = True, chunking: Chunking = Chunking(),
+                 hidden_size: int | None = None) -> None:
         super().__init__(max_failovers)
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise RequestError.before_sending(f"a session of {batch_size} sequences; at most MAX_BATCH = {MAX_BATCH}")
+        if not 1 <= max_length <= MAX_SEQUENCE_LENGTH:
+            raise RequestError.before_sending(
+                f"a session of max_length {max_length}; at most MAX_SEQUENCE_LENGTH = {MAX_SEQUENCE_LENGTH}")
         self.chunking = chunking
+        self.hidden_size = hidden_size  # the model's, when known: a step of another width is refused
         self.n_blocks = n_blocks
         self.max_length = max_length
         self.batch_size = batch_size
@@ -408,6 +428,7 @@ class SessionChain(_Machine):
                 raise ValueError(f"prompts must be [{n}, {batch}, P <= {tokens}, {hidden.shape[2]}], "
                                  f"got {list(prompts.shape)}")
             prompts = prompts.detach().to(hidden.dtype)
+        _check_inputs(self.hidden_size, hidden, prompts)
         size = self.chunking.step_tokens(batch, int(hidden.shape[2]), self.n_blocks if prompts is not None else 0)
         if size < 1:
             raise RequestError.before_sending(
@@ -600,20 +621,23 @@ class CallChain(_Machine):
     span used; ``backward(trace, ...)`` finishes with ``(grad_inputs, grad_prompts)``."""
 
     def __init__(self, n_blocks: int, *, timeout: float, max_failovers: int = 8,
-                 chunking: Chunking = Chunking()) -> None:
+                 chunking: Chunking = Chunking(), hidden_size: int | None = None) -> None:
         super().__init__(max_failovers)
         self.n_blocks = n_blocks
         self.timeout = timeout
         self.chunking = chunking
+        self.hidden_size = hidden_size  # the model's, when known
         self.rows = 0  # sequences per call (client/chunking.py), set by forward()/backward()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                 now: float) -> None:
+        _check_inputs(self.hidden_size, hidden, prompts)
         self.rows = self._rows(hidden, prompts)
         self._start(self._forward(hidden, mask, prompts), now)
 
     def backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor, mask: torch.Tensor | None,
                  prompts: torch.Tensor | None, now: float) -> None:
+        _check_inputs(self.hidden_size, grad, prompts)
         self.rows = self._rows(grad, prompts)
         self._start(self._backward(trace, grad, mask, prompts), now)
 
@@ -621,6 +645,9 @@ class CallChain(_Machine):
         """Sequences per ``Forward``/``Backward`` message: one rule for both directions (a backward
         carries inputs and gradients), so a forward's groups are also its backward's."""
         tokens, width = int(hidden.shape[1]), int(hidden.shape[2])
+        if tokens > MAX_SEQUENCE_LENGTH:
+            raise RequestError.before_sending(f"{tokens} tokens in one sequence; at most MAX_SEQUENCE_LENGTH = "
+                                              f"{MAX_SEQUENCE_LENGTH} (spec/messages.md §1.2)")
         blocks, prefix = (0, 0) if prompts is None else (self.n_blocks, int(prompts.shape[2]))
         rows = self.chunking.call_rows(tokens, width, 2, blocks, prefix)
         if rows < 1:

@@ -17,7 +17,8 @@ the whole batch; ``Forward``/``Backward``: whole sequences) as keep
   bytes per element (``f32``: 4, else 2; ``f16+zstd`` is counted uncompressed,
   which bounds it within zstd's per-block overhead, covered by the reserve),
 * and, for ``Forward``/``Backward``, ``batch x tokens`` within ``max_call_tokens``
-  (a node's ``max_forward_tokens``, 8192 by default; nodes do not announce it).
+  (a node's ``max_forward_tokens``, 8192 by default; nodes do not announce it) and the
+  batch within ``MAX_BATCH``.
 
 So the piece size follows from the limits and the model's width, never from one model:
 a 4200-token prefill of hidden size 4096 goes in two steps of at most 4096 tokens, at
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from biopetals.protocol.limits import MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS, MiB
+from biopetals.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS, MiB
 
 __all__ = ["Chunking", "element_bytes", "pieces"]
 
@@ -100,7 +101,7 @@ class Chunking:
         """Most sequences of ``tokens`` one ``Forward`` (``tensors`` = 1) or ``Backward`` (2: inputs and
         gradients) may carry, with deep prompts ``[prompt_blocks, rows, prefix, hidden]``. 0: not even one."""
         per_row = tokens * hidden
-        rows = min(self.max_elements // per_row, self.max_call_tokens // tokens)
+        rows = min(self.max_elements // per_row, self.max_call_tokens // tokens, MAX_BATCH)
         if prompt_blocks and prefix:
             rows = min(rows, self.max_elements // (prompt_blocks * prefix * hidden))
         bytes_per_row = (tensors * per_row + prompt_blocks * prefix * hidden) * element_bytes(self.codec) + tokens

@@ -153,7 +153,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         key = os.fspath(swarm_key) if isinstance(swarm_key, (str, os.PathLike)) else swarm_key
         client_config = ClientConfig(initial_peers=tuple(str(p) for p in initial_peers), swarm_key=key, codec=codec,
                                      **client_options)
-        swarm = RemoteSwarm(name, int(config.num_hidden_layers), client_config)
+        swarm = RemoteSwarm(name, int(config.num_hidden_layers), client_config, int(config.hidden_size))
         try:
             model = cls(config, parts, swarm)
             if (Path(resolved) / "generation_config.json").is_file():

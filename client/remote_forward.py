@@ -55,7 +55,7 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
 def _chain(swarm: "RemoteSwarm") -> CallChain:
     cfg = swarm.config
     return CallChain(swarm.n_blocks, timeout=cfg.forward_timeout, max_failovers=cfg.max_failovers,
-                     chunking=cfg.chunking())
+                     chunking=cfg.chunking(), hidden_size=swarm.hidden_size)
 
 
 async def _drive(swarm: "RemoteSwarm", chain: CallChain):

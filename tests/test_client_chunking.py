@@ -54,7 +54,8 @@ def test_the_pieces_follow_the_models_width_not_a_constant():
     assert Chunking(codec="f32").call_rows(600, 4096, tensors=2) == 6
     assert pieces(8, 6) == [(0, 6), (6, 8)]
     # a node takes at most max_call_tokens (batch x tokens) in one call
-    assert Chunking(codec="f16").call_rows(100, 64, tensors=2) == 81
+    assert Chunking(codec="f16").call_rows(200, 64, tensors=2) == 40
+    assert Chunking(codec="f16").call_rows(1, 64, tensors=2) == 64  # and at most MAX_BATCH sequences
     # one sequence over the limits cannot be split by a stateless call: 0, and the refusal says what to do
     assert Chunking(codec="f16").call_rows(4200, 4096, tensors=2) == 0
     assert "at most 4096 tokens" in Chunking(codec="f16").call_refusal(4200, 4096)
@@ -181,3 +182,39 @@ def test_a_sequence_too_long_for_one_call_is_refused_before_sending_with_what_to
     assert not c.busy and c.action is None
     with pytest.raises(RequestError, match=r"deep prompts of 8 blocks x 3 positions"):
         c.forward(torch.zeros(1, 4, 2), None, torch.zeros(8, 1, 3, 2), 0.0)
+
+
+# ---------------------------------------------------------------------------------------- the request's own errors
+
+
+@pytest.mark.parametrize("bad, code", [
+    (torch.zeros(1, 3, 3), "HIDDEN_SIZE_MISMATCH"),  # the model's width is 2
+    (torch.tensor([[[0.0, float("nan")]]]), "NON_FINITE"),
+    (torch.tensor([[[float("inf"), 0.0]]]), "NON_FINITE"),
+])
+def test_what_every_node_would_refuse_is_refused_before_sending(bad, code):
+    """A shape or a value that any node would refuse (spec/messages.md §7.2) is the request's fault: raised at
+    once with what to do, nothing sent, no node avoided; the session stays usable."""
+    sim = three_spans()
+    state = SessionChain(8, 64, 1, deadline=lambda *_: DEADLINE, hidden_size=2)
+    with pytest.raises(RequestError, match=f"refused before sending: {code}.*(hidden size|NaN)"):
+        state.step(bad, None, None, 0.0)
+    assert not sim.log and not state.busy
+    step(sim, state, tokens=2)  # a valid step afterwards goes through
+    c = CallChain(8, timeout=5.0, hidden_size=2)
+    with pytest.raises(RequestError, match=code):
+        c.forward(bad, None, None, 0.0)
+    with pytest.raises(RequestError, match=code):
+        c.backward([], bad, None, None, 0.0)
+    assert not c.busy
+
+
+def test_a_session_over_the_protocols_batch_or_length_is_refused_before_opening():
+    from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
+
+    with pytest.raises(RequestError, match="refused before sending.*MAX_SEQUENCE_LENGTH"):
+        SessionChain(8, MAX_SEQUENCE_LENGTH + 1, 1, deadline=lambda *_: DEADLINE)
+    with pytest.raises(RequestError, match="refused before sending.*MAX_BATCH"):
+        SessionChain(8, 64, MAX_BATCH + 1, deadline=lambda *_: DEADLINE)
+    with pytest.raises(RequestError, match="refused before sending.*MAX_SEQUENCE_LENGTH"):
+        CallChain(8, timeout=5.0).forward(torch.zeros(1, MAX_SEQUENCE_LENGTH + 1, 2), None, None, 0.0)

@@ -35,11 +35,6 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def swarm(checkpoint):
     with LocalSwarm(checkpoint, [(0, 4), (4, 8)]) as s:
         yield s
@@ -47,14 +42,16 @@ def swarm(checkpoint):
 
 @pytest.fixture(scope="module")
 def model(checkpoint, swarm):
-    m = AutoDistributedModelForCausalLM.from_pretrained(
-        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", step_timeout=30.0,
-        max_message_elements=LIMIT)
-    yield m
+    """The client under the lowered element limit, and transformers' model of the same checkpoint."""
+    m = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                        swarm_key=swarm.key_path, codec="f32",
+                                                        max_message_elements=LIMIT)
+    yield m, AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     m.close()
 
 
-def test_a_prefill_over_the_message_limit_goes_in_steps_and_greedy_tokens_equal_transformers(model, reference):
+def test_a_prefill_over_the_message_limit_goes_in_steps_and_greedy_tokens_equal_transformers(model):
+    model, reference = model
     ids = torch.randint(4, 320, (1, 37), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True,
                   output_logits=True)
@@ -68,7 +65,8 @@ def test_a_prefill_over_the_message_limit_goes_in_steps_and_greedy_tokens_equal_
     assert fed == [(1, 8, HIDDEN)] * 4 + [(1, 5, HIDDEN)] + [(1, 1, HIDDEN)] * 11
 
 
-def test_forward_and_backward_of_a_batch_over_the_limit_go_in_groups_and_match(model, reference):
+def test_forward_and_backward_of_a_batch_over_the_limit_go_in_groups_and_match(model):
+    model, reference = model
     ids = torch.randint(4, 320, (4, 8), generator=torch.Generator().manual_seed(2))
     calls = []
     forward, backward = model.swarm.forward, model.swarm.backward
@@ -100,9 +98,19 @@ def test_forward_and_backward_of_a_batch_over_the_limit_go_in_groups_and_match(m
 
 
 def test_a_sequence_too_long_for_one_call_is_refused_before_sending_and_no_node_is_avoided(model, swarm):
+    model, _ = model
     ids = torch.randint(4, 320, (1, TOKENS_PER_STEP + 1))
     t = time.monotonic()
     with pytest.raises(RequestError, match=f"refused before sending.*at most {TOKENS_PER_STEP} tokens"):
         model(ids)
-    assert time.monotonic() - t < 5
+    # inputs any node would refuse (NaN, spec/messages.md §7.3; another width): the same
+    emb = model.model.embed_tokens(ids[:, :4]).detach()
+    emb[0, 1, 3] = float("nan")
+    with pytest.raises(RequestError, match="NON_FINITE"):
+        model(inputs_embeds=emb)
+    with model.inference_session(max_length=16) as session:
+        with pytest.raises(RequestError, match="HIDDEN_SIZE_MISMATCH"):
+            session.step(torch.zeros(1, 2, HIDDEN + 1))
+        assert session.step(torch.zeros(1, 2, HIDDEN)).shape == (1, 2, HIDDEN)  # the session still works
+    assert time.monotonic() - t < 10
     assert [model.swarm.health.failures(n.peer_id) for n in swarm.nodes] == [0, 0]

@@ -352,6 +352,16 @@ def _check_inputs(hidden_size: int | None, hidden: torch.Tensor, *others: torch.
                                               ErrorCode.NON_FINITE)
 
 
+def _check_length(what: str, tokens: int, max_positions: int | None) -> None:
+    """A session or sequence longer than the protocol (``MAX_SEQUENCE_LENGTH``, spec/tensors.md §2) or the
+    model's positions (its context; every node would answer ``LIMIT_EXCEEDED``) is refused before sending."""
+    if tokens > MAX_SEQUENCE_LENGTH:
+        raise RequestError.before_sending(f"{what} {tokens} tokens; at most MAX_SEQUENCE_LENGTH = {MAX_SEQUENCE_LENGTH}")
+    if max_positions is not None and tokens > max_positions:
+        raise RequestError.before_sending(f"{what} {tokens} tokens; the model has {max_positions} positions (its "
+                                          "context)")
+
+
 def _check_shape(peer_id: str, what: str, got: torch.Tensor, want: tuple[int, ...]) -> None:
     """An answer of the wrong shape is the node's failure (§5.5), never an abort."""
     if tuple(got.shape) != tuple(want):
@@ -368,13 +378,13 @@ class SessionChain(_Machine):
 
     def __init__(self, n_blocks: int, max_length: int, batch_size: int, *, deadline: DeadlineRule,
                  max_failovers: int = 8, use_push: bool = True, chunking: Chunking = Chunking(),
-                 hidden_size: int | None = None) -> None:
+                 hidden_size: int | None = None, max_positions: int | None = None) -> None:
         super().__init__(max_failovers)
         if not 1 <= batch_size <= MAX_BATCH:
             raise RequestError.before_sending(f"a session of {batch_size} sequences; at most MAX_BATCH = {MAX_BATCH}")
-        if not 1 <= max_length <= MAX_SEQUENCE_LENGTH:
-            raise RequestError.before_sending(
-                f"a session of max_length {max_length}; at most MAX_SEQUENCE_LENGTH = {MAX_SEQUENCE_LENGTH}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        _check_length("a session of max_length", max_length, max_positions)
         self.chunking = chunking
         self.hidden_size = hidden_size  # the model's, when known: a step of another width is refused
         self.n_blocks = n_blocks
@@ -621,8 +631,10 @@ class CallChain(_Machine):
     span used; ``backward(trace, ...)`` finishes with ``(grad_inputs, grad_prompts)``."""
 
     def __init__(self, n_blocks: int, *, timeout: float, max_failovers: int = 8,
-                 chunking: Chunking = Chunking(), hidden_size: int | None = None) -> None:
+                 chunking: Chunking = Chunking(), hidden_size: int | None = None,
+                 max_positions: int | None = None) -> None:
         super().__init__(max_failovers)
+        self.max_positions = max_positions  # the model's, when known
         self.n_blocks = n_blocks
         self.timeout = timeout
         self.chunking = chunking
@@ -645,9 +657,7 @@ class CallChain(_Machine):
         """Sequences per ``Forward``/``Backward`` message: one rule for both directions (a backward
         carries inputs and gradients), so a forward's groups are also its backward's."""
         tokens, width = int(hidden.shape[1]), int(hidden.shape[2])
-        if tokens > MAX_SEQUENCE_LENGTH:
-            raise RequestError.before_sending(f"{tokens} tokens in one sequence; at most MAX_SEQUENCE_LENGTH = "
-                                              f"{MAX_SEQUENCE_LENGTH} (spec/messages.md §1.2)")
+        _check_length("a sequence of", tokens, self.max_positions)
         blocks, prefix = (0, 0) if prompts is None else (self.n_blocks, int(prompts.shape[2]))
         rows = self.chunking.call_rows(tokens, width, 2, blocks, prefix)
         if rows < 1:

@@ -87,7 +87,8 @@ class RequestError(ValueError):
     def __init__(self, failure: PeerFailure) -> None:
         self.failure = failure
         where = "refused before sending" if failure.local else f"node {failure.peer_id} refused it"
-        hint = _REQUEST_HINTS.get(failure.code, _REQUEST_HINTS[ErrorCode.LIMIT_EXCEEDED])  # type: ignore[call-overload]
+        default = _REQUEST_HINTS[ErrorCode.LIMIT_EXCEEDED]
+        hint = _REQUEST_HINTS.get(failure.code, default)  # type: ignore[call-overload]
         super().__init__(f"{where}: {failure.reason}; {hint}")
 
 

@@ -55,7 +55,8 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
 def _chain(swarm: "RemoteSwarm") -> CallChain:
     cfg = swarm.config
     return CallChain(swarm.n_blocks, timeout=cfg.forward_timeout, max_failovers=cfg.max_failovers,
-                     chunking=cfg.chunking(), hidden_size=swarm.hidden_size)
+                     chunking=cfg.chunking(), hidden_size=swarm.hidden_size,
+                     max_positions=swarm.max_positions)
 
 
 async def _drive(swarm: "RemoteSwarm", chain: CallChain):

@@ -53,7 +53,7 @@ class ChainSession:
         self.batch_size = batch_size
         self.state = SessionChain(swarm.n_blocks, max_length, batch_size, deadline=swarm.step_deadline,
                                   max_failovers=cfg.max_failovers, use_push=cfg.use_push, chunking=cfg.chunking(),
-                                  hidden_size=swarm.hidden_size)
+                                  hidden_size=swarm.hidden_size, max_positions=swarm.max_positions)
         self._events: asyncio.Queue[tuple[SpanSession, StepResult | PeerFailure]] = asyncio.Queue()
         self._spans: dict[SpanSession, ChainSpan] = {}
 

@@ -121,10 +121,13 @@ def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
 class RemoteSwarm:
     """Network access for one client model; every public method is a coroutine run on ``self.loop``."""
 
-    def __init__(self, model_name: str, n_blocks: int, config: ClientConfig, hidden_size: int | None = None) -> None:
+    def __init__(self, model_name: str, n_blocks: int, config: ClientConfig, hidden_size: int | None = None,
+                 max_positions: int | None = None) -> None:
         self.model_name = model_name
         self.n_blocks = n_blocks
-        self.hidden_size = hidden_size  # the model's: inputs of another width are refused before sending
+        # the model's width and positions (its context): requests beyond them are refused before sending
+        self.hidden_size = hidden_size
+        self.max_positions = max_positions
         self.config = config
         self.health = PeerHealth(base=config.ban_base, cap=config.ban_cap)
         self.rng = random.Random(config.seed)

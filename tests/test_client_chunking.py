@@ -209,7 +209,7 @@ def test_what_every_node_would_refuse_is_refused_before_sending(bad, code):
     assert not c.busy
 
 
-def test_a_session_over_the_protocols_batch_or_length_is_refused_before_opening():
+def test_a_session_over_the_protocols_or_the_models_length_is_refused_before_opening():
     from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
     with pytest.raises(RequestError, match="refused before sending.*MAX_SEQUENCE_LENGTH"):
@@ -218,3 +218,9 @@ def test_a_session_over_the_protocols_batch_or_length_is_refused_before_opening(
         SessionChain(8, 64, MAX_BATCH + 1, deadline=lambda *_: DEADLINE)
     with pytest.raises(RequestError, match="refused before sending.*MAX_SEQUENCE_LENGTH"):
         CallChain(8, timeout=5.0).forward(torch.zeros(1, MAX_SEQUENCE_LENGTH + 1, 2), None, None, 0.0)
+    # the model's own context, when the client knows it: every node would refuse it (LIMIT_EXCEEDED)
+    with pytest.raises(RequestError, match="refused before sending.*the model has 100 positions"):
+        SessionChain(8, 101, 1, deadline=lambda *_: DEADLINE, max_positions=100)
+    with pytest.raises(RequestError, match="refused before sending.*the model has 100 positions"):
+        CallChain(8, timeout=5.0, max_positions=100).forward(torch.zeros(1, 101, 2), None, None, 0.0)
+    assert SessionChain(8, 100, 1, deadline=lambda *_: DEADLINE, max_positions=100).max_length == 100

@@ -644,14 +644,12 @@ class CallChain(_Machine):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                 now: float) -> None:
         _check_inputs(self.hidden_size, hidden, prompts)
-        self.rows = self._rows(hidden, prompts)
-        self._start(self._forward(hidden, mask, prompts), now)
+        self._start(self._forward(hidden, mask, prompts, self._rows(hidden, prompts)), now)
 
     def backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor, mask: torch.Tensor | None,
                  prompts: torch.Tensor | None, now: float) -> None:
         _check_inputs(self.hidden_size, grad, prompts)
-        self.rows = self._rows(grad, prompts)
-        self._start(self._backward(trace, grad, mask, prompts), now)
+        self._start(self._backward(trace, grad, mask, prompts, self._rows(grad, prompts)), now)
 
     def _rows(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> int:
         """Sequences per ``Forward``/``Backward`` message: one rule for both directions (a backward
@@ -705,7 +703,9 @@ class CallChain(_Machine):
             outs.append(out.to(x.dtype))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                 rows: int) -> _Rules:
+        self.rows = rows  # set once the operation started (never while another is under way)
         budget = FailoverBudget(self.max_failovers, "the forward pass")
         trace: list[tuple[RouteSpan, torch.Tensor]] = []
         x = hidden
@@ -725,7 +725,8 @@ class CallChain(_Machine):
         return x, trace
 
     def _backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor,
-                  mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+                  mask: torch.Tensor | None, prompts: torch.Tensor | None, rows: int) -> _Rules:
+        self.rows = rows
         budget = FailoverBudget(self.max_failovers, "the backward pass")
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for r, x in reversed(trace):

@@ -10,7 +10,8 @@ frozen. Deep prompts ``[N, batch, prefix, hidden]`` (§8: ``prompts[i]`` is adde
 to the first ``prefix`` positions before block ``i``) are cut per span, and their
 gradients (``grad_prompts``) are put back together for the whole model. ``mask``
 (``[batch, tokens]``, 1 = token, 0 = padding) travels with every call (§8.1), so a
-padded batch is one call per span.
+padded batch is one call per span, or one per group of sequences when the batch is
+over one message's limits (client/chunking.py, spec/tensors.md §2).
 
 The rules (which calls, re-routing around a failed node, the failover budget) are the
 chain state's (client/chain.py, ``CallChain``); this module is its asyncio driver.

@@ -14,7 +14,8 @@ predict, within ``[step_timeout_floor, step_timeout]``), so a stalled node (aliv
 answering) is found in seconds; opening has ``connect_timeout``.
 
 ``InferenceSession`` is the synchronous user object (``model.inference_session``):
-one ``ChainSession`` for the whole batch. A padded batch is one session too: each
+one ``ChainSession`` for the whole batch; a prompt longer than one message may carry
+goes as several steps (client/chunking.py). A padded batch is one session too: each
 step carries the padding mask of its new tokens (spec/messages.md §8.1), recorded
 with the history so that a replay rebuilds the node's mask as well.
 """

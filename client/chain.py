@@ -32,6 +32,12 @@ What it owns:
   request ends with a ``SwarmError`` that names once the blocks without a live
   node and each peer tried. A failure the request caused (``PeerFailure.by_request``)
   is raised at once as ``RequestError`` and no node is avoided;
+- **chunking** (client/chunking.py, spec/tensors.md §2): a step longer than one message may
+  carry (a long prefill) is sent as consecutive steps under the limits, each an ordinary
+  step with its own position and step id, so history and replay keep the same chunks; a
+  ``Forward``/``Backward`` of more sequences than one message may carry is sent in
+  groups of whole sequences, and a single sequence over the limits is refused before
+  anything is sent (``RequestError``);
 - **deadlines**: a step's result is due ``deadline(server, start, end, batch, tokens)``
   seconds after it was sent (a pure estimate passed in); a pushed result that is
   late is first asked for directly (the node may have missed only the push), a
@@ -53,7 +59,9 @@ from typing import Any
 import torch
 
 from biopetals.protocol.errors import ErrorCode
+from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
+from .chunking import Chunking, pieces
 from .errors import PeerFailure, RequestError, SwarmError
 from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
@@ -332,6 +340,28 @@ def _timeout(peer_id: str, step_id: int, seconds: float) -> PeerFailure:
     return PeerFailure(peer_id, f"no result for step {step_id} within {seconds:.1f} s", int(ErrorCode.TIMEOUT))
 
 
+def _check_inputs(hidden_size: int | None, hidden: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """What any node would refuse about our own inputs is refused here, before anything is sent
+    (spec/messages.md §7.2: ``HIDDEN_SIZE_MISMATCH``, ``NON_FINITE``), so that no node is blamed for it."""
+    if hidden_size is not None and int(hidden.shape[-1]) != hidden_size:
+        raise RequestError.before_sending(f"hidden states of width {hidden.shape[-1]}; the model's is {hidden_size}",
+                                          ErrorCode.HIDDEN_SIZE_MISMATCH)
+    for t in (hidden, *others):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise RequestError.before_sending("an input holds NaN or infinity (spec/messages.md §7.3)",
+                                              ErrorCode.NON_FINITE)
+
+
+def _check_length(what: str, tokens: int, max_positions: int | None) -> None:
+    """A session or sequence longer than the protocol (``MAX_SEQUENCE_LENGTH``, spec/tensors.md §2) or the
+    model's positions (its context; every node would answer ``LIMIT_EXCEEDED``) is refused before sending."""
+    if tokens > MAX_SEQUENCE_LENGTH:
+        raise RequestError.before_sending(f"{what} {tokens} tokens; at most MAX_SEQUENCE_LENGTH = {MAX_SEQUENCE_LENGTH}")
+    if max_positions is not None and tokens > max_positions:
+        raise RequestError.before_sending(f"{what} {tokens} tokens; the model has {max_positions} positions (its "
+                                          "context)")
+
+
 def _check_shape(peer_id: str, what: str, got: torch.Tensor, want: tuple[int, ...]) -> None:
     """An answer of the wrong shape is the node's failure (§5.5), never an abort."""
     if tuple(got.shape) != tuple(want):
@@ -347,8 +377,16 @@ class SessionChain(_Machine):
     ``max_length`` columns: a chain of ``ChainSpan`` sessions (spec/messages.md §5)."""
 
     def __init__(self, n_blocks: int, max_length: int, batch_size: int, *, deadline: DeadlineRule,
-                 max_failovers: int = 8, use_push: bool = True) -> None:
+                 max_failovers: int = 8, use_push: bool = True, chunking: Chunking = Chunking(),
+                 hidden_size: int | None = None, max_positions: int | None = None) -> None:
         super().__init__(max_failovers)
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise RequestError.before_sending(f"a session of {batch_size} sequences; at most MAX_BATCH = {MAX_BATCH}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        _check_length("a session of max_length", max_length, max_positions)
+        self.chunking = chunking
+        self.hidden_size = hidden_size  # the model's, when known: a step of another width is refused
         self.n_blocks = n_blocks
         self.max_length = max_length
         self.batch_size = batch_size
@@ -400,7 +438,13 @@ class SessionChain(_Machine):
                 raise ValueError(f"prompts must be [{n}, {batch}, P <= {tokens}, {hidden.shape[2]}], "
                                  f"got {list(prompts.shape)}")
             prompts = prompts.detach().to(hidden.dtype)
-        self._start(self._step(hidden, mask, prompts), now)
+        _check_inputs(self.hidden_size, hidden, prompts)
+        size = self.chunking.step_tokens(batch, int(hidden.shape[2]), self.n_blocks if prompts is not None else 0)
+        if size < 1:
+            raise RequestError.before_sending(
+                f"one token of {batch} sequences at hidden size {hidden.shape[2]} is over one message's limits "
+                "(spec/tensors.md §2): use a smaller batch")
+        self._start(self._chunked(hidden, mask, prompts, size), now)
 
     def close(self) -> list[ChainSpan]:
         """End the session; returns the spans for the driver to close."""
@@ -482,6 +526,19 @@ class SessionChain(_Machine):
         if span.failure is not None:
             raise span.failure
         return (yield WaitResult(span, step_id, deadline))
+
+    def _chunked(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                 size: int) -> _Rules:
+        """The step as consecutive steps of at most ``size`` tokens (client/chunking.py): each gets its
+        columns of the mask and of the deep prompts (which cover the step's first ``prefix`` tokens)."""
+        outs = []
+        for a, b in pieces(int(hidden.shape[1]), size):
+            part_mask = None if mask is None or bool(mask[:, a:b].all()) else mask[:, a:b]
+            part_prompts = None
+            if prompts is not None and a < prompts.shape[2]:
+                part_prompts = prompts[:, :, a:b].contiguous()
+            outs.append((yield from self._step(hidden[:, a:b].contiguous(), part_mask, part_prompts)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _step(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
         if not self.spans:
@@ -573,18 +630,37 @@ class CallChain(_Machine):
     ``forward(...)`` finishes with ``(outputs, trace)``, ``trace`` being ``(span, input)`` of every
     span used; ``backward(trace, ...)`` finishes with ``(grad_inputs, grad_prompts)``."""
 
-    def __init__(self, n_blocks: int, *, timeout: float, max_failovers: int = 8) -> None:
+    def __init__(self, n_blocks: int, *, timeout: float, max_failovers: int = 8,
+                 chunking: Chunking = Chunking(), hidden_size: int | None = None,
+                 max_positions: int | None = None) -> None:
         super().__init__(max_failovers)
+        self.max_positions = max_positions  # the model's, when known
         self.n_blocks = n_blocks
         self.timeout = timeout
+        self.chunking = chunking
+        self.hidden_size = hidden_size  # the model's, when known
+        self.rows = 0  # sequences per call (client/chunking.py), set by forward()/backward()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                 now: float) -> None:
-        self._start(self._forward(hidden, mask, prompts), now)
+        _check_inputs(self.hidden_size, hidden, prompts)
+        self._start(self._forward(hidden, mask, prompts, self._rows(hidden, prompts)), now)
 
     def backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor, mask: torch.Tensor | None,
                  prompts: torch.Tensor | None, now: float) -> None:
-        self._start(self._backward(trace, grad, mask, prompts), now)
+        _check_inputs(self.hidden_size, grad, prompts)
+        self._start(self._backward(trace, grad, mask, prompts, self._rows(grad, prompts)), now)
+
+    def _rows(self, hidden: torch.Tensor, prompts: torch.Tensor | None) -> int:
+        """Sequences per ``Forward``/``Backward`` message: one rule for both directions (a backward
+        carries inputs and gradients), so a forward's groups are also its backward's."""
+        tokens, width = int(hidden.shape[1]), int(hidden.shape[2])
+        _check_length("a sequence of", tokens, self.max_positions)
+        blocks, prefix = (0, 0) if prompts is None else (self.n_blocks, int(prompts.shape[2]))
+        rows = self.chunking.call_rows(tokens, width, 2, blocks, prefix)
+        if rows < 1:
+            raise RequestError.before_sending(self.chunking.call_refusal(tokens, width, blocks, prefix))
+        return rows
 
     # ------------------------------------------------------------------ reports
 
@@ -608,13 +684,28 @@ class CallChain(_Machine):
             raise PeerFailure(action.span.peer_id, f"no answer within {self.timeout:.1f} s",
                               int(ErrorCode.TIMEOUT)) from None
 
+    def _groups(self, x: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None):
+        """``(rows, x, mask, prompts)`` of each group of at most ``self.rows`` sequences."""
+        for a, b in pieces(int(x.shape[0]), self.rows):
+            if (a, b) == (0, int(x.shape[0])):
+                yield slice(a, b), x, mask, prompts
+                continue
+            part_mask = None if mask is None or bool(mask[a:b].all()) else mask[a:b]
+            yield slice(a, b), x[a:b], part_mask, None if prompts is None else prompts[:, a:b].contiguous()
+
     def _forward_one(self, r: RouteSpan, x: torch.Tensor, mask: torch.Tensor | None,
                      prompts: torch.Tensor | None) -> _Rules:
-        out = yield from self._call(CallForward(r, x, mask, _blocks(prompts, r.start, r.end), self.now + self.timeout))
-        _check_shape(r.peer_id, "a ForwardResult", out, tuple(x.shape))
-        return out.to(x.dtype)
+        """``x`` through span ``r``: one ``Forward`` per group of sequences (client/chunking.py)."""
+        outs = []
+        for _, xs, ms, ps in self._groups(x, mask, _blocks(prompts, r.start, r.end)):
+            out = yield from self._call(CallForward(r, xs, ms, ps, self.now + self.timeout))
+            _check_shape(r.peer_id, "a ForwardResult", out, tuple(xs.shape))
+            outs.append(out.to(x.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                 rows: int) -> _Rules:
+        self.rows = rows  # set once the operation started (never while another is under way)
         budget = FailoverBudget(self.max_failovers, "the forward pass")
         trace: list[tuple[RouteSpan, torch.Tensor]] = []
         x = hidden
@@ -634,7 +725,8 @@ class CallChain(_Machine):
         return x, trace
 
     def _backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor,
-                  mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+                  mask: torch.Tensor | None, prompts: torch.Tensor | None, rows: int) -> _Rules:
+        self.rows = rows
         budget = FailoverBudget(self.max_failovers, "the backward pass")
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for r, x in reversed(trace):
@@ -662,12 +754,18 @@ class CallChain(_Machine):
         parts = []
         for r, inp in zip(reversed(route), reversed(inputs)):
             span_prompts = _blocks(prompts, r.start, r.end)
-            gi, gp = yield from self._call(CallBackward(r, inp, g, mask, span_prompts, self.now + self.timeout))
-            _check_shape(r.peer_id, "a BackwardResult", gi, tuple(inp.shape))
-            if span_prompts is not None:
-                if gp is None:
-                    raise PeerFailure(r.peer_id, "a BackwardResult without grad_prompts", int(ErrorCode.INVALID_TENSOR))
-                _check_shape(r.peer_id, "BackwardResult grad_prompts", gp, tuple(span_prompts.shape))
-            g = gi.to(x.dtype)
+            grads, grad_prompts = [], []
+            for rows, xs, ms, ps in self._groups(inp, mask, span_prompts):
+                gi, gp = yield from self._call(CallBackward(r, xs, g[rows], ms, ps, self.now + self.timeout))
+                _check_shape(r.peer_id, "a BackwardResult", gi, tuple(xs.shape))
+                if ps is not None:
+                    if gp is None:
+                        raise PeerFailure(r.peer_id, "a BackwardResult without grad_prompts",
+                                          int(ErrorCode.INVALID_TENSOR))
+                    _check_shape(r.peer_id, "BackwardResult grad_prompts", gp, tuple(ps.shape))
+                    grad_prompts.append(gp)
+                grads.append(gi.to(x.dtype))
+            g = grads[0] if len(grads) == 1 else torch.cat(grads)
+            gp = None if not grad_prompts else grad_prompts[0] if len(grad_prompts) == 1 else torch.cat(grad_prompts, 1)
             parts.append((r, gp))
         return g, parts

@@ -62,16 +62,34 @@ class PeerFailure(Exception):
         return self.local or (self.code is not None and int(self.code) in REQUEST_CODES)
 
 
+# What to do about a request the client refused, or every node would refuse, by code.
+_REQUEST_HINTS = {
+    ErrorCode.LIMIT_EXCEEDED: "the request is over a limit of the protocol or the model: send a shorter prompt, a "
+                              "smaller batch or a smaller max_length (limits: spec/tensors.md §2, spec/messages.md §1.2)",
+    ErrorCode.NON_FINITE: "the inputs hold NaN or infinity, or overflow the codec: check them, or use codec='bf16' "
+                          "or 'f32' (spec/tensors.md §4.3)",
+    ErrorCode.HIDDEN_SIZE_MISMATCH: "the hidden states must be [batch, tokens, the model's hidden size]",
+    ErrorCode.INVALID_TENSOR: "the inputs' shapes do not fit the request (spec/messages.md §8)",
+}
+
+
 class RequestError(ValueError):
-    """The request itself is invalid for the swarm (over a protocol or model limit); no node is to blame."""
+    """The request itself cannot be served by any node (a limit, a shape, a value); no node is to blame.
+
+    Raised at once: by the client's own checks before anything is sent (``before_sending``), or
+    when a node answers a code that any node would answer for this request (``REQUEST_CODES``)."""
+
+    @classmethod
+    def before_sending(cls, reason: str, code: ErrorCode = ErrorCode.LIMIT_EXCEEDED) -> "RequestError":
+        """The client's own check refused the request: nothing was sent to any node."""
+        return cls(PeerFailure("(this client)", f"{code.name}: {reason}", int(code), local=True))
 
     def __init__(self, failure: PeerFailure) -> None:
         self.failure = failure
         where = "refused before sending" if failure.local else f"node {failure.peer_id} refused it"
-        super().__init__(
-            f"the request is over a limit of the protocol or the model ({where}: {failure.reason}); "
-            "send a shorter prompt, a smaller batch or a smaller max_length (limits: spec/messages.md §1.2)"
-        )
+        default = _REQUEST_HINTS[ErrorCode.LIMIT_EXCEEDED]
+        hint = _REQUEST_HINTS.get(failure.code, default)  # type: ignore[call-overload]
+        super().__init__(f"{where}: {failure.reason}; {hint}")
 
 
 class SwarmError(RuntimeError):

@@ -46,6 +46,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
+from biopetals.models.blocks import max_positions
 from biopetals.models.client_parts import ClientParts
 from biopetals.models.config import load_config, model_info
 from biopetals.models.hub import HubCheckpoint, is_hub_name
@@ -159,7 +160,8 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         key = os.fspath(swarm_key) if isinstance(swarm_key, (str, os.PathLike)) else swarm_key
         client_config = ClientConfig(initial_peers=tuple(str(p) for p in initial_peers), swarm_key=key, codec=codec,
                                      **client_options)
-        swarm = RemoteSwarm(name, int(config.num_hidden_layers), client_config)
+        swarm = RemoteSwarm(name, int(config.num_hidden_layers), client_config, int(config.hidden_size),
+                            max_positions(config))
         try:
             model = cls(config, parts, swarm)
             if (Path(resolved) / "generation_config.json").is_file():

@@ -10,7 +10,8 @@ frozen. Deep prompts ``[N, batch, prefix, hidden]`` (§8: ``prompts[i]`` is adde
 to the first ``prefix`` positions before block ``i``) are cut per span, and their
 gradients (``grad_prompts``) are put back together for the whole model. ``mask``
 (``[batch, tokens]``, 1 = token, 0 = padding) travels with every call (§8.1), so a
-padded batch is one call per span.
+padded batch is one call per span, or one per group of sequences when the batch is
+over one message's limits (client/chunking.py, spec/tensors.md §2).
 
 The rules (which calls, re-routing around a failed node, the failover budget) are the
 chain state's (client/chain.py, ``CallChain``); this module is its asyncio driver.
@@ -53,7 +54,10 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
 
 
 def _chain(swarm: "RemoteSwarm") -> CallChain:
-    return CallChain(swarm.n_blocks, timeout=swarm.config.forward_timeout, max_failovers=swarm.config.max_failovers)
+    cfg = swarm.config
+    return CallChain(swarm.n_blocks, timeout=cfg.forward_timeout, max_failovers=cfg.max_failovers,
+                     chunking=cfg.chunking(), hidden_size=swarm.hidden_size,
+                     max_positions=swarm.max_positions)
 
 
 async def _drive(swarm: "RemoteSwarm", chain: CallChain):

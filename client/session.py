@@ -14,7 +14,8 @@ predict, within ``[step_timeout_floor, step_timeout]``), so a stalled node (aliv
 answering) is found in seconds; opening has ``connect_timeout``.
 
 ``InferenceSession`` is the synchronous user object (``model.inference_session``):
-one ``ChainSession`` for the whole batch. A padded batch is one session too: each
+one ``ChainSession`` for the whole batch; a prompt longer than one message may carry
+goes as several steps (client/chunking.py). A padded batch is one session too: each
 step carries the padding mask of its new tokens (spec/messages.md §8.1), recorded
 with the history so that a replay rebuilds the node's mask as well.
 """
@@ -52,7 +53,8 @@ class ChainSession:
         self.max_length = max_length
         self.batch_size = batch_size
         self.state = SessionChain(swarm.n_blocks, max_length, batch_size, deadline=swarm.step_deadline,
-                                  max_failovers=cfg.max_failovers, use_push=cfg.use_push)
+                                  max_failovers=cfg.max_failovers, use_push=cfg.use_push, chunking=cfg.chunking(),
+                                  hidden_size=swarm.hidden_size, max_positions=swarm.max_positions)
         self._events: asyncio.Queue[tuple[SpanSession, StepResult | PeerFailure]] = asyncio.Queue()
         self._spans: dict[SpanSession, ChainSpan] = {}
 

@@ -27,6 +27,7 @@ from biopetals.protocol.announcement import State
 from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.identity import Identity
+from biopetals.protocol.limits import MAX_TENSOR_ELEMENTS
 from biopetals.protocol.messages import (
     Backward,
     BackwardResult,
@@ -47,6 +48,7 @@ from biopetals.transport.keyfiles import load_swarm_key
 from biopetals.transport.swarm_options import EXAMPLE_PEER, check_peer
 
 from .announcements import read_announcements
+from .chunking import Chunking
 from .errors import PeerFailure, describe_code, peer_failure_from
 from .loop import LoopThread
 from .routing import (
@@ -104,6 +106,16 @@ class ClientConfig:
     # A server-side adapter (spec/messages.md §6.3) for every session and forward/backward:
     # routes use only nodes that announce it (an older node would ignore the field).
     adapter: str | None = None
+    # Limits of the messages this client sends (client/chunking.py; spec/tensors.md §2): a long prefill
+    # goes in several steps, a large Forward/Backward batch in several calls. A sender MAY use a smaller
+    # element limit than the spec's; ``max_call_tokens`` is batch x tokens a node takes in one call.
+    max_message_elements: int = MAX_TENSOR_ELEMENTS
+    max_call_tokens: int = 8192
+
+    def chunking(self) -> Chunking:
+        """The rule that splits requests into messages, at this config's codec and limits."""
+        return Chunking(codec=str(self.codec), max_elements=self.max_message_elements,
+                        max_call_tokens=self.max_call_tokens)
 
 
 def _swarm_key(value: str | bytes | SwarmKey | None) -> SwarmKey | bytes | None:
@@ -123,9 +135,13 @@ def check_initial_peers(addrs: tuple[str, ...]) -> None:
 class RemoteSwarm:
     """Network access for one client model; every public method is a coroutine run on ``self.loop``."""
 
-    def __init__(self, model_name: str, n_blocks: int, config: ClientConfig) -> None:
+    def __init__(self, model_name: str, n_blocks: int, config: ClientConfig, hidden_size: int | None = None,
+                 max_positions: int | None = None) -> None:
         self.model_name = model_name
         self.n_blocks = n_blocks
+        # the model's width and positions (its context): requests beyond them are refused before sending
+        self.hidden_size = hidden_size
+        self.max_positions = max_positions
         self.config = config
         self.health = PeerHealth(base=config.ban_base, cap=config.ban_cap)
         self.rng = random.Random(config.seed)

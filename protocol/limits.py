@@ -53,8 +53,11 @@ MAX_FRAME_BYTES: Final = 128 * MiB
 MAX_BATCH: Final = 64
 
 #: Most tokens (positions) one inference session or forward/backward call may
-#: cover: Llama-3's context length. Larger contexts need a new revision of the spec.
-MAX_SEQUENCE_LENGTH: Final = 8192
+#: cover: Llama-3.1's context length (2**17, ``llama3`` rope scaling), spec/tensors.md §2
+#: revision 2 (was Llama-3's 8192). What a session really gets is the least of this, the
+#: model's positions and the nodes' cache budgets; one message still carries at most
+#: MAX_TENSOR_ELEMENTS, so a long prefill goes in several steps (client/chunking.py).
+MAX_SEQUENCE_LENGTH: Final = 131072
 
 # --- node protocol messages (spec/messages.md §1.2) ---
 

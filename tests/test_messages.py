@@ -18,7 +18,7 @@ import torch
 from biopetals.protocol.envelope import PROTOCOL_NAME, scan_msgpack
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, PeerId
-from biopetals.protocol.limits import MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_OBJECTS
+from biopetals.protocol.limits import MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_OBJECTS, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import (
     FIRST_MESSAGES,
     MESSAGE_TYPES,
@@ -73,7 +73,7 @@ def code_of(excinfo: pytest.ExceptionInfo) -> ErrorCode:
         (dict(step_id=True), ErrorCode.INVALID_FIELD),
         (dict(step_id=1 << 64), ErrorCode.INVALID_FIELD),
         (dict(position=-1), ErrorCode.BAD_POSITION),
-        (dict(position=8191), ErrorCode.BAD_POSITION),  # + 2 tokens > MAX_SEQUENCE_LENGTH
+        (dict(position=MAX_SEQUENCE_LENGTH - 1), ErrorCode.BAD_POSITION),  # + 2 tokens > MAX_SEQUENCE_LENGTH
         (dict(hidden=hidden(2, 4)), ErrorCode.INVALID_TENSOR),
         (dict(hidden=torch.ones((1, 2, 4), dtype=torch.int64)), ErrorCode.INVALID_TENSOR),
         (dict(hidden=[[[1.0]]]), ErrorCode.INVALID_TENSOR),

@@ -64,6 +64,7 @@ from biopetals.protocol.messages import (
     encode_message,
 )
 from biopetals.protocol.tensors import Codec, encode_tensor
+from biopetals.protocol.limits import MAX_SEQUENCE_LENGTH
 
 OUT = Path(__file__).with_name("messages.json")
 
@@ -698,13 +699,13 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("codec given an int", packed(OPEN, k5=2), E.INVALID_FIELD, "§2.5 step 7b, §5.1"),
         # --- §2.5 step 7c: ranges
         ("negative position", packed(STEP, "f16", k2=-1), E.BAD_POSITION, "§5.3 position low"),
-        ("position MAX_SEQUENCE_LENGTH", packed(STEP, "f16", k2=8192), E.BAD_POSITION, "§5.3 position high"),
+        ("position MAX_SEQUENCE_LENGTH", packed(STEP, "f16", k2=MAX_SEQUENCE_LENGTH), E.BAD_POSITION, "§5.3 position high"),
         ("negative step_id", packed(STEP, "f16", k1=-5), E.INVALID_FIELD, "§5.3 step_id"),
         ("empty session id", packed(STEP, "f16", k0=b""), E.INVALID_FIELD, "§5.3 session_id low"),
         ("session id of 65 bytes", packed(STEP, "f16", k0=bytes(65)), E.LIMIT_EXCEEDED, "§5.3 session_id high"),
         ("OpenSession session id of 65 bytes", packed(OPEN, k6=bytes(65)), E.LIMIT_EXCEEDED, "§5.1 session_id high"),
         ("max_length 0", packed(OPEN, k3=0), E.INVALID_FIELD, "§5.1 max_length low"),
-        ("max_length over MAX_SEQUENCE_LENGTH", packed(OPEN, k3=8193), E.LIMIT_EXCEEDED, "§5.1 max_length high"),
+        ("max_length over MAX_SEQUENCE_LENGTH", packed(OPEN, k3=MAX_SEQUENCE_LENGTH + 1), E.LIMIT_EXCEEDED, "§5.1 max_length high"),
         ("batch_size 0", packed(OPEN, k4=0), E.INVALID_FIELD, "§5.1 batch_size low"),
         ("batch_size over MAX_BATCH", packed(OPEN, k4=65), E.LIMIT_EXCEEDED, "§5.1 batch_size high"),
         ("start at MAX_BLOCKS", packed(OPEN, k1=1024, k2=1024), E.INVALID_FIELD, "§5.1 start high"),
@@ -766,7 +767,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
             E.INVALID_FIELD,
             "§5.3 rule 3",
         ),
-        ("position + tokens over MAX_SEQUENCE_LENGTH", packed(STEP, "f16", k2=8191), E.BAD_POSITION, "§5.3 rule 1"),
+        ("position + tokens over MAX_SEQUENCE_LENGTH", packed(STEP, "f16", k2=MAX_SEQUENCE_LENGTH - 1), E.BAD_POSITION, "§5.3 rule 1"),
         # --- §8 tensors and §7.3 finiteness
         ("hidden of rank 2", packed(STEP, "f16", k3=f16([2, 4])), E.INVALID_TENSOR, "§8 rank"),
         ("hidden of rank 4", packed(STEP, "f16", k3=f16([1, 1, 2, 4])), E.INVALID_TENSOR, "§8 rank"),
@@ -775,7 +776,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("hidden with batch over MAX_BATCH", packed(STEP, "f16", k3=f16([65, 1, 1])), E.LIMIT_EXCEEDED, "§8 batch"),
         (
             "hidden with tokens over MAX_SEQUENCE_LENGTH",
-            packed(FORWARD, "f16", k4=zeros([1, 8193, 1])),
+            packed(FORWARD, "f16", k4=zeros([1, MAX_SEQUENCE_LENGTH + 1, 1])),
             E.LIMIT_EXCEEDED,
             "§8 tokens",
         ),
@@ -861,7 +862,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("mask given a tensor map", packed(STEP_22, "f16", k6=f16([2, 2])), E.INVALID_FIELD, "§8.1 type (bin)"),
         ("mask given str", packed(STEP_22, "f16", k6="0111"), E.INVALID_FIELD, "§8.1 type (bin)"),
         ("empty mask", packed(STEP_22, "f16", k6=b""), E.INVALID_FIELD, "§8.1 length low"),
-        # (over MAX_BATCH x MAX_SEQUENCE_LENGTH bytes, LIMIT_EXCEEDED: 512 KiB of hex is too big
+        # (over MAX_BATCH x MAX_SEQUENCE_LENGTH bytes, LIMIT_EXCEEDED: 8 MiB of hex is too big
         # for this file; tests/test_padding_mask.py checks it)
         ("mask byte 2", packed(STEP_22, "f16", k6=b"\x00\x01\x02\x01"), E.INVALID_FIELD, "§8.1 byte values"),
         ("mask byte 0xff", packed(FORWARD, "f32", k6=b"\x01\xff"), E.INVALID_FIELD, "§8.1 byte values"),

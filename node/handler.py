@@ -3,7 +3,7 @@
 See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push), §6
 (forward/backward) and §7 (errors). The first message of a stream decides its kind:
 ``NodeInfoRequest``, ``Push``, ``Forward`` and ``Backward`` get one reply and the
-stream ends; ``OpenSession`` starts a session stream that carries ``Step`` and
+stream ends; ``OpenSession`` starts a session stream that carries ``Step``, ``SetUpstream`` and
 ``CloseSession`` until the session ends.
 
 Every rule of a session lives in the sans-IO ``SessionMachine`` (node/session_machine.py);
@@ -51,6 +51,7 @@ from biopetals.protocol.messages import (
     OpenSession,
     Push,
     PushAck,
+    SetUpstream,
     Step,
     decode_message,
     encode_message,
@@ -66,7 +67,7 @@ __all__ = ["NodeService", "ServiceConfig"]
 log = logging.getLogger("biopetals.node")
 
 _FIRST = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
-_ON_SESSION = (Step, CloseSession)
+_ON_SESSION = (Step, CloseSession, SetUpstream)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ __all__ = [
     "NodeInfo",
     "OpenSession",
     "SessionOpened",
+    "SetUpstream",
     "Step",
     "StepResult",
     "CloseSession",
@@ -112,6 +113,7 @@ CODEC: Final = CodecName()
 #: A server-side adapter's name (spec/messages.md §4.2, §5.1, §6): a short label.
 ADAPTER: Final = LABEL
 ADAPTERS: Final = ArrayOf(LABEL, MAX_ADAPTERS)
+UPSTREAM: Final = PeerIdText(1, MAX_PEER_ID_BYTES)  # a session's upstream peer (§5.10)
 
 
 class WireStruct:
@@ -275,7 +277,7 @@ def _mask_rule(message: "WireStruct", hidden: torch.Tensor) -> None:
 class Hop(WireStruct):
     """One node further down a push chain (spec/messages.md §5.4)."""
 
-    peer_id: PeerId = wire(0, PeerIdText(1, MAX_PEER_ID_BYTES))
+    peer_id: PeerId = wire(0, UPSTREAM)
     session_id: bytes = wire(2, SESSION_ID)
     start: int = wire(3, BLOCK_START)
     end: int = wire(4, BLOCK_END)
@@ -340,6 +342,8 @@ class OpenSession(Message):
     codec: Codec = wire(5, CODEC)
     session_id: bytes | None = wire(6, SESSION_ID, optional=True)
     adapter: str | None = wire(7, ADAPTER, optional=True)
+    #: The one peer whose ``Push`` this session accepts (§5.10); None: no node may push into it.
+    upstream: PeerId | None = wire(8, UPSTREAM, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -352,6 +356,8 @@ class SessionOpened(Message):
     TYPE: ClassVar[int] = 4
     session_id: bytes = wire(0, SESSION_ID)
     idle_timeout: float = wire(1, Float(0.0, exclusive=True))
+    #: The session's upstream as the node bound it (§5.10); absent from a node that does not bind.
+    upstream: PeerId | None = wire(2, UPSTREAM, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -433,6 +439,15 @@ class SessionClosed(Message):
 
     TYPE: ClassVar[int] = 8
     session_id: bytes = wire(0, SESSION_ID)
+
+
+@dataclass(frozen=True, eq=False)
+class SetUpstream(Message):
+    """The owner names its session's new upstream, after a failover (spec/messages.md §5.10)."""
+
+    TYPE: ClassVar[int] = 16
+    session_id: bytes = wire(0, SESSION_ID)
+    upstream: PeerId | None = wire(1, UPSTREAM, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -543,6 +558,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
         Backward,
         BackwardResult,
         Error,
+        SetUpstream,
     )
 }
 
@@ -550,7 +566,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
 #: with ``decode_message(data, FIRST_MESSAGES)``.
 FIRST_MESSAGES: Final = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
 #: What a client may send on an open session stream (§2.1).
-SESSION_MESSAGES: Final = (Step, CloseSession)
+SESSION_MESSAGES: Final = (Step, CloseSession, SetUpstream)
 #: Request type -> its reply type; any request may instead be answered by ``Error`` (§3).
 REPLY_TO: Final[dict[type[Message], type[Message]]] = {
     NodeInfoRequest: NodeInfo,

@@ -30,6 +30,7 @@ from biopetals.protocol.messages import (
     Hop,
     NodeInfo,
     OpenSession,
+    SetUpstream,
     Step,
     StepResult,
     decode_message,
@@ -235,7 +236,7 @@ def test_expected_types_restrict_what_decodes() -> None:
 
 def test_stream_roles_cover_every_message_once() -> None:
     requests = set(FIRST_MESSAGES) | set(SESSION_MESSAGES)
-    assert requests == set(REPLY_TO)
+    assert requests - {SetUpstream} == set(REPLY_TO)  # SetUpstream has no reply (§5.10)
     replies = set(REPLY_TO.values()) | {Error}
     assert requests | replies == set(MESSAGE_TYPES.values()) and not requests & replies
     step_data = encode_message(step())

@@ -1,4 +1,4 @@
-"""The node's side of the node protocol: the asyncio driver of ``/biopetals/node/1``.
+"""The node's side of the node protocol: the asyncio driver of ``/biopetals/node/2``.
 
 See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push), §6
 (forward/backward) and §7 (errors). The first message of a stream decides its kind:
@@ -103,7 +103,7 @@ class _Sender:
 
 
 class NodeService:
-    """Serves ``/biopetals/node/1`` on a ``Host`` with a ``Backend``."""
+    """Serves ``/biopetals/node/2`` on a ``Host`` with a ``Backend``."""
 
     def __init__(
         self,

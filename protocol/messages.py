@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final
 
 import torch
 
-from biopetals.protocol.envelope import pack_envelope, unpack_envelope
+from biopetals.protocol.envelope import PROTOCOL_VERSION, pack_envelope, unpack_envelope
 from biopetals.protocol.errors import (
     ErrorCode,
     LocalProtocolError,
@@ -607,10 +607,11 @@ def decode_message(data: bytes | bytearray | memoryview, expected: Iterable[type
     return decode_from_table(data, MESSAGE_TYPES if expected is None else {cls.TYPE: cls for cls in expected})
 
 
-def decode_from_table(data: bytes | bytearray | memoryview, known: dict[int, type[Message]]) -> Message:
+def decode_from_table(data: bytes | bytearray | memoryview, known: dict[int, type[Message]],
+                      version: int = PROTOCOL_VERSION) -> Message:
     """Decode one frame payload whose type must be one of ``known`` (type code -> class); shared
-    with the protocols that reuse this envelope (spec/weights.md §3.1)."""
-    type_code, body = unpack_envelope(data, known)
+    with the protocols that reuse this envelope with their own ``version`` (spec/weights.md §3.1)."""
+    type_code, body = unpack_envelope(data, known, version)
     try:
         return known[type_code]._decode_body(body)
     except Violation as exc:

@@ -18,6 +18,7 @@ import torch
 from support_models import make_tiny_checkpoint
 from support_swarm import RawClient, Swarm
 
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.models.config import model_info
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.messages import (
@@ -64,7 +65,7 @@ def h(tokens=1, batch=1, hidden=HIDDEN, value=0.5):
 
 
 def raw(type_code: int, body: dict) -> bytes:
-    return msgpack.packb({0: 1, 1: type_code, 2: body}, use_bin_type=True)
+    return msgpack.packb({0: PROTOCOL_VERSION, 1: type_code, 2: body}, use_bin_type=True)
 
 
 async def still_serves(client, addr, model):

@@ -592,6 +592,29 @@ async def push_forbidden(ctx):
         await ctx.close_host(insider)
 
 
+@check("node.session.other-stream", M + "§5.10, §5.3, §5.8", "Step, SetUpstream and CloseSession naming a session on "
+       "another session's stream (another client's): UNKNOWN_SESSION each; that session still serves its owner")
+async def session_other_stream(ctx):
+    victim = await Session.opened_ok(ctx, max_length=8)
+    insider = await ctx.new_host()
+    other = await Session.opened_ok(ctx, host=insider, max_length=8)
+    try:
+        await victim.good_step(1)
+        for msg in (other.step(session_id=victim.sid, step_id=2**64 - 1, position=victim.position),
+                    SetUpstream(session_id=victim.sid, upstream=insider.peer_id),
+                    CloseSession(session_id=victim.sid)):
+            reply, raw, sent = await other.exchange(msg)
+            expect_error(reply, ErrorCode.UNKNOWN_SESSION, sent=sent, raw=raw)
+        got = await _quiet(victim)
+        if got is not None:
+            raise Failed("another client's messages sent something to the session's owner", received=got)
+        await victim.good_step(1, "the owner's Step after another client named its session")
+    finally:
+        await victim.close()
+        await other.close()
+        await ctx.close_host(insider)
+
+
 @check("node.push.no-upstream", M + "§5.10", "a session opened without upstream accepts no Push, even from its owner's peer")
 async def push_no_upstream(ctx):
     s = await Session.opened_ok(ctx, max_length=8, upstream=None)

@@ -169,7 +169,7 @@ def test_open_and_request_errors(node):
             # garbage as the first message of a stream; an unknown message type
             expect(await client.request_bytes(n.addr, b"\x93\x01\x02"), ErrorCode.MALFORMED)
             expect(await client.request_bytes(n.addr, raw(99, {})), ErrorCode.UNKNOWN_MESSAGE)
-            expect(await client.request_bytes(n.addr, msgpack.packb({0: 2, 1: 1, 2: {}})), ErrorCode.UNSUPPORTED_VERSION)
+            expect(await client.request_bytes(n.addr, msgpack.packb({0: PROTOCOL_VERSION + 1, 1: 1, 2: {}})), ErrorCode.UNSUPPORTED_VERSION)
             await still_serves(client, n.addr, model)
 
     run(go())

@@ -25,6 +25,11 @@ died: the stream closes at once; or it stalled: the deadline passes), the client
 4. resends the current step from that span on (push to the rest of the chain;
    nodes that already ran it drop the duplicate, §5.7).
 
+Chain binding (spec/messages.md §5.10): each session names the node before it in the
+chain as its upstream (the first names none), so only that node may push into it; after
+a replacement the next session is told its new upstream (``SetUpstream``) before the
+step is resent.
+
 A result that was pushed but does not arrive in time is first asked for directly
 (the node may only have missed the push), then the node is replaced; a node we
 sent the step to ourselves is replaced at its first missed deadline.
@@ -76,8 +81,10 @@ class ChainSession:
 
     # ------------------------------------------------------------------ opening
 
-    async def _open_route(self, start: int, end: int, failures: list[PeerFailure]) -> list[SpanSession]:
-        """Sessions covering ``[start, end)``; re-routes around nodes that refuse or fail."""
+    async def _open_route(self, start: int, end: int, failures: list[PeerFailure],
+                          upstream: str | None = None) -> list[SpanSession]:
+        """Sessions covering ``[start, end)``; re-routes around nodes that refuse or fail. Each names the
+        node before it as its upstream (spec/messages.md §5.10); the first names ``upstream``."""
         cfg = self.swarm.config
         force = False
         for _ in range(cfg.max_failovers + 1):
@@ -89,7 +96,9 @@ class ChainSession:
                     raise SwarmError(str(exc), failures) from exc
                 raise
             log.info("route for blocks %d:%d: %s", start, end, format_route(route))
-            opened = await asyncio.gather(*(self._open_span(r) for r in route), return_exceptions=True)
+            before = [upstream] + [r.server.peer_id for r in route[:-1]]
+            opened = await asyncio.gather(*(self._open_span(r, up) for r, up in zip(route, before)),
+                                          return_exceptions=True)
             bad = [o for o in opened if isinstance(o, BaseException)]
             if not bad:
                 return list(opened)  # type: ignore[arg-type]
@@ -105,11 +114,12 @@ class ChainSession:
         raise SwarmError(f"could not open sessions for blocks {start}:{end} after {cfg.max_failovers + 1} routes.",
                          failures)
 
-    async def _open_span(self, r: RouteSpan) -> SpanSession:
+    async def _open_span(self, r: RouteSpan, upstream: str | None) -> SpanSession:
         cfg = self.swarm.config
         return await SpanSession.open(self.swarm.host, r.server, r.start, r.end, model=self.swarm.model_name,
                                       max_length=self.max_length, batch_size=self.batch_size, codec=cfg.codec,
-                                      timeout=cfg.connect_timeout, adapter=cfg.adapter)
+                                      timeout=cfg.connect_timeout, adapter=cfg.adapter,
+                                      upstream=upstream if cfg.use_push else None)
 
     async def open(self) -> None:
         self.spans = await self._open_route(0, self.swarm.n_blocks, [])
@@ -214,7 +224,7 @@ class ChainSession:
         old.abandon()
         self.failovers += 1
         while True:
-            new = await self._open_route(old.start, old.end, failures)
+            new = await self._open_route(old.start, old.end, failures, self.spans[i - 1].peer_id if i else None)
             try:
                 for fed in old.history:
                     x = fed.hidden
@@ -236,6 +246,13 @@ class ChainSession:
         log.warning("replaced %s (blocks %d:%d) by %s, replayed %d step(s)", old.peer_id, old.start, old.end,
                     ", ".join(f"{s.peer_id} {s.start}:{s.end}" for s in new), len(old.history))
         self.spans[i:i + 1] = new
+        if i + len(new) < len(self.spans) and self.swarm.config.use_push:
+            # the next session accepts pushes from the replacement from now on (§5.10); a failure
+            # here shows at its next result, like any other
+            try:
+                await self.spans[i + len(new)].set_upstream(new[-1].peer_id)
+            except PeerFailure as failure:
+                log.warning("could not rebind %s: %s", self.spans[i + len(new)].peer_id, failure)
 
 
 def _blocks(prompts: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ victim's position, the same naming the insider as the next hop, ``step_id = 2^64
 a wrong position, a push into the first span (which names no upstream), and the victim's
 session named on the insider's own session stream. Each is refused with a typed error,
 and the victim's tokens still equal transformers' on the same checkpoint, with no
-failover. A failover in the middle of a chain rebinds the next session (``SetUpstream``):
+failover; and a client of version 1 finds no `/biopetals/node/1` to talk to. A failover in the middle of a chain rebinds the next session (``SetUpstream``):
 the replacement's pushes are accepted, the output equals transformers'.
 tests/test_node_chain_binding.py holds the same rules as fake-clock unit tests.
 """
@@ -26,7 +26,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.local_swarm import LocalSwarm
 from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.messages import CloseSession, Error, Hop, OpenSession, Push, SessionOpened, SetUpstream, Step
+from biopetals.protocol.envelope import pack_envelope
+from biopetals.protocol.messages import (
+    CloseSession, Error, Hop, NodeInfoRequest, OpenSession, Push, SessionOpened, SetUpstream, Step,
+)
+from biopetals.transport.errors import UnknownProtocolError
 from biopetals.transport.keyfiles import load_swarm_key
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
@@ -81,6 +85,10 @@ async def insider_attacks(swarm, victim, model_name: str, hidden_size: int) -> l
                         SetUpstream(session_id=second.session_id, upstream=insider.host.peer_id),
                         CloseSession(session_id=second.session_id)):
             replies.append(await insider.exchange(stream, message))
+        # a client of version 1 (§5.10 "Version"): its protocol name is not served at all
+        with pytest.raises(UnknownProtocolError, match="/biopetals/node/1"):
+            await insider.host.call(node[second.peer_id], "/biopetals/node/1",
+                                    pack_envelope(NodeInfoRequest.TYPE, {}, version=1), timeout=20.0)
     return replies
 
 

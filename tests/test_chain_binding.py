@@ -7,8 +7,9 @@ victim's position, the same naming the insider as the next hop, ``step_id = 2^64
 a wrong position, a push into the first span (which names no upstream), and the victim's
 session named on the insider's own session stream. Each is refused with a typed error,
 and the victim's tokens still equal transformers' on the same checkpoint, with no
-failover; and a client of version 1 finds no `/biopetals/node/1` to talk to. A failover in the middle of a chain rebinds the next session (``SetUpstream``):
-the replacement's pushes are accepted, the output equals transformers'.
+failover; a client of version 1 finds no ``/biopetals/node/1`` to talk to. A failover
+in the middle of a chain rebinds the next session (``SetUpstream``): the replacement's
+pushes are accepted, the output equals transformers'.
 tests/test_node_chain_binding.py holds the same rules as fake-clock unit tests.
 """
 

@@ -2,18 +2,22 @@
 
 ``MissingBlocksError`` (routing) is re-exported here. Internally a failed peer
 is a ``PeerFailure`` (its session or call failed: connection lost, deadline
-passed, an ``Error`` reply, an invalid reply); the session manager reacts by
-avoiding the peer and re-routing. Only when that is no longer possible does the
-user see a ``SwarmError``.
+passed, an ``Error`` reply, an invalid reply); the chain state (client/chain.py)
+reacts by avoiding the peer and re-routing. Only when that is no longer possible
+does the user see a ``SwarmError``, which names each peer tried once.
+
+A failure the request itself caused is not the node's fault (``PeerFailure.by_request``:
+our own encoder refused the message, or a node answered ``LIMIT_EXCEEDED``, which every
+node would answer): it is raised at once as a ``RequestError`` and no node is avoided.
 """
 
 from __future__ import annotations
 
-from biopetals.protocol.errors import ErrorCode, ProtocolError
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 
 from .routing import MissingBlocksError
 
-__all__ = ["MissingBlocksError", "PeerFailure", "SwarmError", "describe_code"]
+__all__ = ["MissingBlocksError", "PeerFailure", "RequestError", "SwarmError", "describe_code"]
 
 _HINTS = {
     ErrorCode.CACHE_BUDGET: "the node has no KV-cache room for this session: use a smaller max_length or wait",
@@ -26,6 +30,10 @@ _HINTS = {
     ErrorCode.CONNECTION_CLOSED: "the connection to the node was lost",
 }
 
+# Codes a node answers for what the request is, not for what the node is: any node would answer
+# the same, so trying another one only bans healthy nodes (spec/messages.md §7.2).
+REQUEST_CODES = frozenset({int(ErrorCode.LIMIT_EXCEEDED)})
+
 
 def describe_code(code: int) -> str:
     try:
@@ -37,23 +45,57 @@ def describe_code(code: int) -> str:
 
 
 class PeerFailure(Exception):
-    """A peer failed a call or a session step; the caller avoids it and re-routes."""
+    """A peer failed a call or a session step; the caller avoids it and re-routes.
 
-    def __init__(self, peer_id: str, reason: str, code: int | None = None) -> None:
+    ``local``: the failure is our own encoder refusing the message (it never left)."""
+
+    def __init__(self, peer_id: str, reason: str, code: int | None = None, local: bool = False) -> None:
         self.peer_id = peer_id
         self.reason = reason
         self.code = code
+        self.local = local
         super().__init__(f"peer {peer_id}: {reason}")
+
+    @property
+    def by_request(self) -> bool:
+        """True when the request caused it, not the node (``REQUEST_CODES``, or refused before sending)."""
+        return self.local or (self.code is not None and int(self.code) in REQUEST_CODES)
+
+
+class RequestError(ValueError):
+    """The request itself is invalid for the swarm (over a protocol or model limit); no node is to blame."""
+
+    def __init__(self, failure: PeerFailure) -> None:
+        self.failure = failure
+        where = "refused before sending" if failure.local else f"node {failure.peer_id} refused it"
+        super().__init__(
+            f"the request is over a limit of the protocol or the model ({where}: {failure.reason}); "
+            "send a shorter prompt, a smaller batch or a smaller max_length (limits: spec/messages.md §1.2)"
+        )
 
 
 class SwarmError(RuntimeError):
-    """The swarm could not complete a request even after re-routing; the message says why and what to do."""
+    """The swarm could not complete a request even after re-routing; the message says why and what to do.
+
+    The failures are summed up per peer (each peer named once, with how often and its last reason)."""
 
     def __init__(self, message: str, failures: list[PeerFailure] | None = None) -> None:
         self.failures = list(failures or [])
         if self.failures:
-            message += " Failures: " + "; ".join(str(f) for f in self.failures[-6:])
+            message += " Failures: " + summarize_failures(self.failures)
         super().__init__(message)
+
+
+def summarize_failures(failures: list[PeerFailure]) -> str:
+    """``peer A: 3 times, last: <reason>; peer B: <reason>`` (first-seen order)."""
+    by_peer: dict[str, list[PeerFailure]] = {}
+    for f in failures:
+        by_peer.setdefault(f.peer_id, []).append(f)
+    parts = []
+    for peer, fs in by_peer.items():
+        count = f"{len(fs)} times, last: " if len(fs) > 1 else ""
+        parts.append(f"peer {peer}: {count}{fs[-1].reason}")
+    return "; ".join(parts) + "."
 
 
 def peer_failure_from(peer_id: str, exc: BaseException) -> PeerFailure:
@@ -61,7 +103,8 @@ def peer_failure_from(peer_id: str, exc: BaseException) -> PeerFailure:
     if isinstance(exc, PeerFailure):
         return exc
     if isinstance(exc, ProtocolError):
-        return PeerFailure(peer_id, f"{describe_code(exc.code)}: {exc.message}", int(exc.code))
+        return PeerFailure(peer_id, f"{describe_code(exc.code)}: {exc.message}", int(exc.code),
+                           local=isinstance(exc, LocalProtocolError))
     if isinstance(exc, TimeoutError):
         return PeerFailure(peer_id, "deadline passed", int(ErrorCode.TIMEOUT))
     return PeerFailure(peer_id, f"{type(exc).__name__}: {exc}")

@@ -8,21 +8,25 @@ the gradient w.r.t. its inputs, so gradients reach client-side parameters
 (embeddings, prompts, adapters before the blocks) while the nodes' weights stay
 frozen. Deep prompts ``[N, batch, prefix, hidden]`` (§8: ``prompts[i]`` is added
 to the first ``prefix`` positions before block ``i``) are cut per span, and their
-gradients (``grad_prompts``) are put back together for the whole model. ``mask`` (``[batch, tokens]``, 1 = token, 0 = padding) travels with every
-call (§8.1), so a padded batch is one call per span.
+gradients (``grad_prompts``) are put back together for the whole model. ``mask``
+(``[batch, tokens]``, 1 = token, 0 = padding) travels with every call (§8.1), so a
+padded batch is one call per span.
 
-A failing node is avoided and its span re-routed (possibly over several nodes);
-since calls are stateless, the retry is simply the same call elsewhere.
+The rules (which calls, re-routing around a failed node, the failover budget) are the
+chain state's (client/chain.py, ``CallChain``); this module is its asyncio driver.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import PeerFailure, SwarmError
-from .routing import RouteSpan
+from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route
+from .errors import PeerFailure
+from .routing import MissingBlocksError, RouteSpan
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
@@ -30,83 +34,61 @@ if TYPE_CHECKING:
 __all__ = ["remote_blocks", "forward_all", "backward_all"]
 
 
-def _span_prompts(prompts: torch.Tensor | None, r: RouteSpan) -> torch.Tensor | None:
-    return None if prompts is None else prompts[r.start:r.end].contiguous()
-
-
 async def forward_all(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Tensor | None = None,
                       prompts: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[tuple[RouteSpan, torch.Tensor]]]:
     """Outputs of the last block, and ``(span, input)`` for every span used."""
-    cfg = swarm.config
-    failures: list[PeerFailure] = []
-    trace: list[tuple[RouteSpan, torch.Tensor]] = []
-    x = hidden
-    block = 0
-    n = swarm.n_blocks
-    force = False
-    while block < n:
-        route = await swarm.find_route(block, n, forward=True, force=force)
-        for r in route:
-            try:
-                out = await swarm.forward(r, x, cfg.codec, mask, _span_prompts(prompts, r))
-            except PeerFailure as failure:
-                failures.append(failure)
-                swarm.failed(failure)
-                if len(failures) > cfg.max_failovers:
-                    raise SwarmError(f"forward through blocks {r.start}:{r.end} failed {len(failures)} times.",
-                                     failures) from failure
-                force = True
-                break  # re-route from this block on
-            trace.append((r, x))
-            x = out.to(hidden.dtype)
-            block = r.end
-    return x, trace
+    chain = _chain(swarm)
+    chain.forward(hidden, mask, prompts, time.monotonic())
+    return await _drive(swarm, chain)
 
 
 async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.Tensor]],
                        grad: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients w.r.t. the first span's input and the prompts, given d loss / d outputs of the last block."""
-    cfg = swarm.config
-    failures: list[PeerFailure] = []
-    grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-    for r, x in reversed(trace):
-        route = [r]
-        while True:
-            try:
-                grad = (await _backward_chain(swarm, route, x, grad, mask, prompts, grad_prompts)).to(x.dtype)
-                break
-            except PeerFailure as failure:
-                failures.append(failure)
-                swarm.failed(failure)
-                if len(failures) > cfg.max_failovers:
-                    raise SwarmError(f"backward through blocks {r.start}:{r.end} failed {len(failures)} times.",
-                                     failures) from failure
-                route = await swarm.find_route(r.start, r.end, forward=True, force=True)
-    return grad, grad_prompts
+    chain = _chain(swarm)
+    chain.backward(trace, grad, mask, prompts, time.monotonic())
+    return await _drive(swarm, chain)
 
 
-async def _backward_chain(swarm: "RemoteSwarm", route: list[RouteSpan], x: torch.Tensor, g: torch.Tensor,
-                          mask: torch.Tensor | None, prompts: torch.Tensor | None,
-                          grad_prompts: torch.Tensor | None) -> torch.Tensor:
-    """Backward through ``route`` from input ``x``; a route of several spans (a re-routed span
-    split over nodes) first runs forward to get each part's input. Prompt gradients are
-    written into ``grad_prompts`` at each part's blocks (only once the whole chain succeeded,
-    so a retried chain never adds twice)."""
+def _chain(swarm: "RemoteSwarm") -> CallChain:
+    return CallChain(swarm.n_blocks, timeout=swarm.config.forward_timeout, max_failovers=swarm.config.max_failovers)
+
+
+async def _drive(swarm: "RemoteSwarm", chain: CallChain):
+    """Do what the state says until it finishes; returns its value."""
     codec = swarm.config.codec
-    inputs = [x]
-    for r in route[:-1]:
-        inputs.append((await swarm.forward(r, inputs[-1], codec, mask, _span_prompts(prompts, r))).to(x.dtype))
-    parts = []
-    for r, inp in zip(reversed(route), reversed(inputs)):
-        g, gp = await swarm.backward(r, inp, g, codec, mask, _span_prompts(prompts, r))
-        g = g.to(x.dtype)
-        parts.append((r, gp))
-    if grad_prompts is not None:
-        for r, gp in parts:
-            grad_prompts[r.start:r.end] = gp.to(grad_prompts.dtype)
-    return g
+    while True:
+        action = chain.action
+        if isinstance(action, Finished):
+            return action.value
+        if isinstance(action, Route):
+            try:
+                route = await swarm.find_route(action.start, action.end, forward=True, force=action.force)
+            except MissingBlocksError as exc:
+                chain.no_route(exc, time.monotonic())
+            else:
+                chain.routed(route, time.monotonic())
+        elif isinstance(action, (CallForward, CallBackward)):
+            try:
+                async with asyncio.timeout(action.deadline - time.monotonic()):
+                    if isinstance(action, CallForward):
+                        value = await swarm.forward(action.span, action.hidden, codec, action.mask, action.prompts)
+                    else:
+                        value = await swarm.backward(action.span, action.hidden, action.grad, codec, action.mask,
+                                                     action.prompts)
+            except TimeoutError:
+                chain.handle_timer(max(time.monotonic(), action.deadline))
+            except PeerFailure as failure:
+                chain.failed(failure, time.monotonic())
+            else:
+                chain.returned(value, time.monotonic())
+        elif isinstance(action, Avoid):
+            swarm.failed(action.failure)
+            chain.done(time.monotonic())
+        else:
+            raise RuntimeError(f"unexpected action {action!r}")
 
 
 class _RemoteBlocks(torch.autograd.Function):

@@ -1,0 +1,701 @@
+"""The client's chain state: the one place that decides a route's spans, position, history and failover.
+
+Sans-IO (as protocol/ and the DHT lookup): no asyncio, no sockets, no clock. Time is
+an argument of every call (``now``); the state says what to do next as an action
+(``state.action``) and the caller reports what happened. ``get_timer()`` is the
+deadline of the action under way, ``handle_timer(now)`` says it passed (aioquic's
+habit). The asyncio drivers are client/session.py (inference) and
+client/remote_forward.py (``Forward``/``Backward``); client/span_session.py is one
+session stream.
+
+What it owns:
+
+- **the route's spans** (``ChainSpan``): which node serves which blocks, for the
+  session's life (``SessionChain.spans``) or one call (``CallChain``);
+- **the single position** of an inference session (spec/messages.md §5.6): a step
+  is validated once here (batch, ``max_length``, prompts) and its ``step_id`` is
+  ``position + 1`` on every span, so ids strictly increase and a retry is a
+  duplicate to the node (§5.7);
+- **which answers were asked for**: every span knows the step ids it was sent or
+  had pushed on its behalf; a result for any other step is that node's protocol
+  violation, and a result of the wrong shape is its failure, never an abort;
+- **the history used for replay**: what each span was fed (``Fed``), and the replay
+  plan that rebuilds a failed span's KV cache on its replacement, split over
+  several nodes if need be, in the original chunks and positions, without push,
+  under the original step ids (fresh to the new sessions, still increasing; §5.9),
+  then re-sends the current step with push to the rest (§5.7). Sessions that are
+  no longer used are abandoned (their stream reset) or, when still healthy,
+  closed with ``CloseSession`` (§5.8);
+- **the failover budget** (``FailoverBudget``): one rule for sessions, forward and
+  backward alike. A node failure avoids the node (``Avoid``: a missed deadline
+  counts as a stall) and re-routes its blocks; after ``max_failovers`` failures the
+  request ends with a ``SwarmError`` that names once the blocks without a live
+  node and each peer tried. A failure the request caused (``PeerFailure.by_request``)
+  is raised at once as ``RequestError`` and no node is avoided;
+- **chain binding** (§5.10): each session's upstream is the node before it (``OpenSpans.upstreams``),
+  none without push; after a replacement the session after it is rebound (``Rebind``) before
+  the step is resent, so the replacement's pushes count;
+- **deadlines**: a step's result is due ``deadline(server, start, end, batch, tokens)``
+  seconds after it was sent (a pure estimate passed in); a pushed result that is
+  late is first asked for directly (the node may have missed only the push), a
+  step sent directly that is late replaces the node (§5.7, §5.9);
+- for ``Forward``/``Backward`` (§6.1, §6.2), stateless calls along the route: a
+  failed forward re-routes from its first block, a failed backward re-routes its
+  span and first runs forward through the new sub-spans to get their inputs.
+
+The rules are written as generators that yield actions and receive outcomes: the
+sequential algorithm reads top-down, the I/O is the driver's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from biopetals.protocol.errors import ErrorCode
+
+from .errors import PeerFailure, RequestError, SwarmError
+from .routing import MissingBlocksError, RouteSpan, ServerSpan
+
+__all__ = [
+    "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
+    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult",
+]
+
+# (server, start, end, batch, tokens) -> seconds to wait for that span's result of that step
+DeadlineRule = Callable[[ServerSpan, int, int, int, int], float]
+
+MEASURED_STEPS = 16  # step times kept per span (ChainSpan.step_seconds)
+
+
+# ---------------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Fed:
+    """A step a span's node processed: what rebuilds its KV cache on a replacement (§5.9)."""
+
+    step_id: int
+    position: int
+    hidden: torch.Tensor
+    mask: torch.Tensor | None = None  # padding mask of the step's tokens (§8.1)
+    prompts: torch.Tensor | None = None  # deep prompts of this span's blocks only (§5.3)
+
+
+@dataclass(eq=False)
+class ChainSpan:
+    """One inference session of the chain: blocks ``[start, end)`` on ``server``.
+
+    ``handle`` is the driver's object for the session (opaque here)."""
+
+    server: ServerSpan
+    start: int
+    end: int
+    handle: Any = None
+    history: list[Fed] = field(default_factory=list)
+    expected: dict[int, float] = field(default_factory=dict)  # step id -> when it was sent (asked for)
+    arrived: dict[int, torch.Tensor] = field(default_factory=dict)  # results not yet used
+    step_seconds: list[float] = field(default_factory=list)  # measured send -> result, the last few
+    failure: PeerFailure | None = None
+    abandoned: bool = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.server.peer_id
+
+    def __repr__(self) -> str:
+        return f"<ChainSpan {self.peer_id[:12]} [{self.start}, {self.end}) fed={len(self.history)}>"
+
+
+# ---------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class OpenSpans:
+    """Find a route over ``[start, end)`` (``force``: re-read the announcements) and open a session
+    on each of its spans, each bound to the upstream ``upstreams(route)`` names (§5.10); report
+    ``opened(spans, failures, now)`` or ``no_route(exc, now)``."""
+
+    start: int
+    end: int
+    force: bool
+    upstream: str | None = None  # the node before ``start`` in the chain (None: the chain starts here)
+    push: bool = True  # False: the client sends every step itself, no session names an upstream
+
+    def upstreams(self, peers: list[str]) -> list[str | None]:
+        """The upstream of each session of a route through ``peers`` (spec/messages.md §5.10): the node
+        just before it in the chain, which is the one that pushes into it."""
+        if not self.push:
+            return [None] * len(peers)
+        return [self.upstream, *peers[:-1]]
+
+
+@dataclass(frozen=True)
+class Rebind:
+    """Tell ``span``'s node that ``upstream`` pushes into its session from now on (``SetUpstream``,
+    §5.10; the node before it was replaced); report ``done(now)``, after ``span_failed`` if it failed."""
+
+    span: ChainSpan
+    upstream: str | None
+
+
+@dataclass(frozen=True)
+class SendStep:
+    """Send a ``Step`` on ``span`` with ``hops`` as its push chain (§5.3, §5.7), by ``deadline``;
+    report ``done(now)``, ``span_failed(span, failure, now)`` or ``handle_timer(now)``."""
+
+    span: ChainSpan
+    step_id: int
+    position: int
+    hidden: torch.Tensor
+    hops: tuple[ChainSpan, ...]
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    deadline: float
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """Wait for events until ``deadline``: report each with ``result(...)``/``span_failed(...)``,
+    or ``handle_timer(now)`` when the deadline passes."""
+
+    span: ChainSpan
+    step_id: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Drop these sessions (``close``: politely, with ``CloseSession``); report ``done(now)``."""
+
+    spans: tuple[ChainSpan, ...]
+    close: bool = False
+
+
+@dataclass(frozen=True)
+class Avoid:
+    """Avoid ``failure.peer_id`` for a while (``stalled``: it missed a deadline); report ``done(now)``."""
+
+    failure: PeerFailure
+
+    @property
+    def stalled(self) -> bool:
+        return self.failure.code == int(ErrorCode.TIMEOUT)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Find a route for stateless calls over ``[start, end)``; report ``routed(route, now)`` or ``no_route``."""
+
+    start: int
+    end: int
+    force: bool
+
+
+@dataclass(frozen=True)
+class CallForward:
+    """One ``Forward`` call (§6.1) by ``deadline``; report ``returned(hidden, now)``, ``failed`` or the timer."""
+
+    span: RouteSpan
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    deadline: float
+
+
+@dataclass(frozen=True)
+class CallBackward:
+    """One ``Backward`` call (§6.2); report ``returned((grad_inputs, grad_prompts), now)``, ``failed`` or the timer."""
+
+    span: RouteSpan
+    hidden: torch.Tensor
+    grad: torch.Tensor
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The operation is over; ``value`` is its result."""
+
+    value: Any
+
+
+Action = (OpenSpans | SendStep | WaitResult | Abandon | Avoid | Rebind | Route | CallForward | CallBackward
+          | Finished)
+_Rules = Generator[Action, Any, Any]
+
+
+class _DeadlinePassed(Exception):
+    """Thrown into the rules when the current action's deadline passed."""
+
+
+# ---------------------------------------------------------------------------------------- failover
+
+
+class FailoverBudget:
+    """The node failures one request (a step, a forward or backward pass, an open) may absorb."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.failures: list[PeerFailure] = []
+        self.blocks: list[tuple[int, int]] = []
+
+    def charge(self, failure: PeerFailure, start: int, end: int) -> None:
+        """Count ``failure`` of the node serving ``[start, end)``; raises ``SwarmError`` once spent."""
+        self.failures.append(failure)
+        self.blocks.append((start, end))
+        if len(self.failures) > self.limit:
+            raise self.exhausted()
+
+    def exhausted(self, missing: MissingBlocksError | None = None) -> SwarmError:
+        """The error naming once the blocks left without a live node and every peer tried."""
+        ranges = missing.missing if missing is not None else _merge_ranges(self.blocks)
+        what = ", ".join(f"{a}:{b}" for a, b in ranges)
+        text = f"{self.what} failed {len(self.failures)} times: no live node for blocks {what}."
+        if missing is not None:
+            text += f" {missing}"
+        return SwarmError(text, self.failures)
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(set(ranges)):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+class _Machine:
+    """Runs one operation's rules (a generator of actions) and takes the driver's reports."""
+
+    def __init__(self, max_failovers: int) -> None:
+        self.max_failovers = max_failovers
+        self.now = 0.0
+        self.action: Action | None = None
+        self._rules: _Rules | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._rules is not None
+
+    def _start(self, rules: _Rules, now: float) -> None:
+        if self._rules is not None:
+            raise RuntimeError(f"an operation is under way ({self.action})")
+        self._rules = rules
+        self._resume(now, rules.send, None)
+
+    def _resume(self, now: float, how: Callable[[Any], Action], value: Any) -> None:
+        self.now = now
+        try:
+            self.action = how(value)
+        except StopIteration as stop:
+            self._rules, self.action = None, Finished(stop.value)
+        except BaseException:
+            self._rules, self.action = None, None
+            raise
+
+    def _expect(self, *kinds: type) -> _Rules:
+        if self._rules is None or not isinstance(self.action, kinds):
+            raise RuntimeError(f"no {' or '.join(k.__name__ for k in kinds)} under way (now: {self.action})")
+        return self._rules
+
+    # ------------------------------------------------------------------ reports
+
+    def done(self, now: float) -> None:
+        """The current ``SendStep``, ``Abandon``, ``Avoid`` or ``Rebind`` is done."""
+        self._resume(now, self._expect(SendStep, Abandon, Avoid, Rebind).send, None)
+
+    def no_route(self, exc: MissingBlocksError, now: float) -> None:
+        self._resume(now, self._expect(OpenSpans, Route).throw, exc)
+
+    def get_timer(self) -> float | None:
+        """When the action under way is due (None: nothing is due)."""
+        return getattr(self.action, "deadline", None) if self._rules is not None else None
+
+    def handle_timer(self, now: float) -> None:
+        """Time passed: if the action under way is overdue, the rules decide what next."""
+        timer = self.get_timer()
+        if timer is not None and now >= timer:
+            self._resume(now, self._rules.throw, _DeadlinePassed())  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ the one failover rule
+
+    def _fail(self, failure: PeerFailure, budget: FailoverBudget, start: int, end: int) -> _Rules:
+        """A node failed ``[start, end)``: raise at once if the request caused it, else avoid the node
+        and charge the budget (``SwarmError`` once spent); the caller then re-routes."""
+        if failure.by_request:
+            raise RequestError(failure) from failure
+        yield Avoid(failure)
+        budget.charge(failure, start, end)
+
+    def _route(self, action: OpenSpans | Route, budget: FailoverBudget) -> _Rules:
+        """Ask the driver for a route; no route at all after failures ends the request."""
+        try:
+            return (yield action)
+        except MissingBlocksError as exc:
+            if budget.failures:
+                raise budget.exhausted(exc) from exc
+            raise
+
+
+def _blocks(prompts: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    """Prompts of blocks ``[start, end)`` (rows of the first dimension), contiguous for the wire."""
+    return None if prompts is None else prompts[start:end].contiguous()
+
+
+def _timeout(peer_id: str, step_id: int, seconds: float) -> PeerFailure:
+    return PeerFailure(peer_id, f"no result for step {step_id} within {seconds:.1f} s", int(ErrorCode.TIMEOUT))
+
+
+def _check_shape(peer_id: str, what: str, got: torch.Tensor, want: tuple[int, ...]) -> None:
+    """An answer of the wrong shape is the node's failure (§5.5), never an abort."""
+    if tuple(got.shape) != tuple(want):
+        raise PeerFailure(peer_id, f"{what} of shape {list(got.shape)} for an input of {list(want)}",
+                          int(ErrorCode.INVALID_TENSOR))
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+class SessionChain(_Machine):
+    """An inference session over blocks ``[0, n_blocks)`` for ``batch_size`` sequences of at most
+    ``max_length`` columns: a chain of ``ChainSpan`` sessions (spec/messages.md §5)."""
+
+    def __init__(self, n_blocks: int, max_length: int, batch_size: int, *, deadline: DeadlineRule,
+                 max_failovers: int = 8, use_push: bool = True) -> None:
+        super().__init__(max_failovers)
+        self.n_blocks = n_blocks
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.deadline = deadline
+        self.use_push = use_push
+        self.spans: list[ChainSpan] = []
+        self.position = 0  # columns every span holds (padding included, §5.6)
+        self.failovers = 0  # replacements done, over the session's life
+        self.closed = False
+
+    # ------------------------------------------------------------------ operations
+
+    def open(self, now: float) -> None:
+        """Open sessions over all blocks; ``Finished(None)`` when done."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        self._start(self._open_all(), now)
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+             now: float) -> None:
+        """Run ``hidden`` ``[batch, tokens, hidden]`` (the next tokens) through every span;
+        ``Finished(outputs)`` when done. ``mask``: ``[batch, tokens]`` padding of these tokens
+        (1 = token), or None (§8.1). ``prompts``: deep prompts ``[N, batch, P <= tokens, hidden]``
+        for all blocks (§5.3). Invalid input raises ``ValueError`` here, before anything is sent."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if hidden.ndim != 3:
+            raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+        batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        if batch != self.batch_size:
+            raise ValueError(f"this session holds {self.batch_size} sequence(s), the step has {batch}")
+        if tokens < 1:
+            raise ValueError("a step needs at least one token")
+        if self.position + tokens > self.max_length:
+            raise ValueError(
+                f"the session's max_length is {self.max_length}: {self.position} tokens so far plus {tokens} new do "
+                "not fit; open a session with a larger max_length"
+            )
+        if mask is not None:
+            if tuple(mask.shape) != (batch, tokens):
+                raise ValueError(f"the step's mask must be [{batch}, {tokens}], got {list(mask.shape)}")
+            mask = mask.detach().to(device="cpu", dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None  # no padding: the same as no mask (§8.1)
+        if prompts is not None:
+            n = self.n_blocks
+            if prompts.ndim != 4 or tuple(prompts.shape[:2]) != (n, batch) or prompts.shape[3] != hidden.shape[2] \
+                    or not 0 < prompts.shape[2] <= tokens:
+                raise ValueError(f"prompts must be [{n}, {batch}, P <= {tokens}, {hidden.shape[2]}], "
+                                 f"got {list(prompts.shape)}")
+            prompts = prompts.detach().to(hidden.dtype)
+        self._start(self._step(hidden, mask, prompts), now)
+
+    def close(self) -> list[ChainSpan]:
+        """End the session; returns the spans for the driver to close."""
+        self.closed = True
+        self._rules, self.action = None, None
+        spans, self.spans = self.spans, []
+        for s in spans:
+            s.abandoned = True
+        return spans
+
+    # ------------------------------------------------------------------ reports
+
+    def opened(self, spans: list[ChainSpan], failures: list[PeerFailure], now: float) -> None:
+        """The sessions of the route that opened, and the nodes that failed to open one."""
+        self._resume(now, self._expect(OpenSpans).send, (spans, failures))
+
+    def result(self, span: ChainSpan, step_id: int, hidden: torch.Tensor, now: float) -> None:
+        """``span``'s node sent the ``StepResult`` of ``step_id`` (whenever it arrives)."""
+        if span.abandoned or span.failure is not None:
+            return  # a late answer of a node we no longer use
+        sent = span.expected.pop(step_id, None)
+        if sent is None:
+            self.span_failed(span, PeerFailure(span.peer_id, f"sent a result for step {step_id}, which it was not "
+                                               "asked for", int(ErrorCode.INVALID_FIELD)), now)
+            return
+        span.step_seconds[:] = [*span.step_seconds[-(MEASURED_STEPS - 1):], now - sent]
+        action = self.action
+        if isinstance(action, WaitResult) and action.span is span and action.step_id == step_id:
+            self._resume(now, self._rules.send, hidden)  # type: ignore[union-attr]
+        else:
+            span.arrived[step_id] = hidden
+
+    def span_failed(self, span: ChainSpan, failure: PeerFailure, now: float) -> None:
+        """``span``'s session failed (stream lost, an ``Error``, an invalid message, a failed send)."""
+        if span.abandoned or span.failure is not None:
+            return
+        span.failure = failure
+        action = self.action
+        if isinstance(action, (WaitResult, SendStep)) and action.span is span:
+            self._resume(now, self._rules.throw, failure)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ rules
+
+    def _open_all(self) -> _Rules:
+        budget = FailoverBudget(self.max_failovers, f"opening sessions for blocks 0:{self.n_blocks}")
+        self.spans = yield from self._open_route(0, self.n_blocks, budget)
+
+    def _open_route(self, start: int, end: int, budget: FailoverBudget, upstream: str | None = None) -> _Rules:
+        """Sessions covering ``[start, end)``, the first bound to ``upstream`` (§5.10); re-routes around
+        nodes that refuse or fail to open."""
+        force = False
+        while True:
+            opened, failures = yield from self._route(OpenSpans(start, end, force, upstream, self.use_push), budget)
+            if not failures:
+                return opened
+            yield from self._abandon(opened, close=True)
+            for failure in failures:
+                yield from self._fail(failure, budget, start, end)
+            force = True
+
+    def _abandon(self, spans: list[ChainSpan], close: bool = False) -> _Rules:
+        for s in spans:
+            s.abandoned = True
+        if spans:
+            yield Abandon(tuple(spans), close)
+
+    def _send(self, span: ChainSpan, step_id: int, position: int, x: torch.Tensor, hops: list[ChainSpan],
+              mask: torch.Tensor | None, prompts: torch.Tensor | None, deadline: float) -> _Rules:
+        """Send one step to ``span`` (with push to ``hops``): from now on their results are asked for."""
+        if span.failure is not None:
+            raise span.failure
+        for s in (span, *hops):
+            s.expected[step_id] = self.now
+        yield SendStep(span, step_id, position, x, tuple(hops), mask, prompts, deadline)
+
+    def _result(self, span: ChainSpan, step_id: int, deadline: float) -> _Rules:
+        """``span``'s result of ``step_id``: arrived already, or waited for until ``deadline``."""
+        if step_id in span.arrived:
+            return span.arrived.pop(step_id)
+        if span.failure is not None:
+            raise span.failure
+        return (yield WaitResult(span, step_id, deadline))
+
+    def _step(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+        if not self.spans:
+            yield from self._open_all()
+        batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        position = self.position
+        step_id = position + 1
+        budget = FailoverBudget(self.max_failovers, f"the step at position {position}")
+        x = hidden
+        i = 0
+        send_from = 0  # index to (re)send the step to, with push to the rest; -1: already sent
+        asked_directly: set[int] = set()  # spans that got this step from us, not by push
+        while i < len(self.spans):
+            span = self.spans[i]
+            seconds = self.deadline(span.server, span.start, span.end, batch, tokens)
+            deadline = self.now + seconds
+            try:
+                try:
+                    if send_from == i:
+                        hops = self.spans[i + 1:] if self.use_push else []
+                        last = hops[-1].end if hops else span.end
+                        asked_directly.add(i)
+                        yield from self._send(span, step_id, position, x, hops, mask,
+                                              _blocks(prompts, span.start, last), deadline)
+                        send_from = -1 if self.use_push else i + 1
+                    out = yield from self._result(span, step_id, deadline)
+                except _DeadlinePassed:
+                    if i not in asked_directly:
+                        send_from = i  # maybe only the push was lost: ask this node directly once (§5.7)
+                        continue
+                    raise _timeout(span.peer_id, step_id, seconds) from None
+                _check_shape(span.peer_id, "a StepResult", out, tuple(x.shape))
+            except PeerFailure as failure:
+                yield from self._replace(i, failure, budget)
+                send_from = i
+                asked_directly.discard(i)
+                continue
+            span.history.append(Fed(step_id, position, x, mask, _blocks(prompts, span.start, span.end)))
+            x = out
+            i += 1
+        self.position = position + tokens
+        return x
+
+    def _replace(self, i: int, failure: PeerFailure, budget: FailoverBudget) -> _Rules:
+        """``spans[i]`` failed: avoid its node, open sessions over its blocks elsewhere and replay its history."""
+        old = self.spans[i]
+        old.failure = old.failure or failure
+        yield from self._fail(failure, budget, old.start, old.end)
+        yield from self._abandon([old])
+        self.failovers += 1
+        while True:
+            new = yield from self._open_route(old.start, old.end, budget, self.spans[i - 1].peer_id if i else None)
+            try:
+                yield from self._replay(old, new)
+            except PeerFailure as again:
+                yield from self._abandon(new)
+                yield from self._fail(again, budget, old.start, old.end)
+                continue
+            break
+        self.spans[i:i + 1] = new
+        after = i + len(new)
+        if self.use_push and after < len(self.spans):
+            # the session after pushes from the replacement now (§5.10), before the step is resent
+            yield Rebind(self.spans[after], new[-1].peer_id)
+
+    def _replay(self, old: ChainSpan, new: list[ChainSpan]) -> _Rules:
+        """The replay plan (§5.9): every step ``old`` processed, in order, in its original chunk,
+        position and step id, through the sub-spans of ``new`` in turn (no push); each sub-span gets
+        its own blocks' prompts. Rebuilds the KV caches exactly as they were."""
+        for fed in old.history:
+            x = fed.hidden
+            batch, tokens = int(x.shape[0]), int(x.shape[1])
+            for s in new:
+                part = _blocks(fed.prompts, s.start - old.start, s.end - old.start)
+                seconds = self.deadline(s.server, s.start, s.end, batch, tokens)
+                deadline = self.now + seconds
+                try:
+                    yield from self._send(s, fed.step_id, fed.position, x, [], fed.mask, part, deadline)
+                    out = yield from self._result(s, fed.step_id, deadline)
+                except _DeadlinePassed:
+                    raise _timeout(s.peer_id, fed.step_id, seconds) from None
+                _check_shape(s.peer_id, "a StepResult", out, tuple(x.shape))
+                s.history.append(Fed(fed.step_id, fed.position, x, fed.mask, part))
+                x = out
+
+
+# ---------------------------------------------------------------------------------------- forward / backward
+
+
+class CallChain(_Machine):
+    """Stateless ``Forward``/``Backward`` calls through blocks ``[0, n_blocks)`` (spec/messages.md §6).
+
+    ``forward(...)`` finishes with ``(outputs, trace)``, ``trace`` being ``(span, input)`` of every
+    span used; ``backward(trace, ...)`` finishes with ``(grad_inputs, grad_prompts)``."""
+
+    def __init__(self, n_blocks: int, *, timeout: float, max_failovers: int = 8) -> None:
+        super().__init__(max_failovers)
+        self.n_blocks = n_blocks
+        self.timeout = timeout
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                now: float) -> None:
+        self._start(self._forward(hidden, mask, prompts), now)
+
+    def backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor, mask: torch.Tensor | None,
+                 prompts: torch.Tensor | None, now: float) -> None:
+        self._start(self._backward(trace, grad, mask, prompts), now)
+
+    # ------------------------------------------------------------------ reports
+
+    def routed(self, route: list[RouteSpan], now: float) -> None:
+        self._resume(now, self._expect(Route).send, route)
+
+    def returned(self, value: Any, now: float) -> None:
+        """The call under way answered: ``hidden`` (Forward) or ``(grad_inputs, grad_prompts)`` (Backward)."""
+        self._resume(now, self._expect(CallForward, CallBackward).send, value)
+
+    def failed(self, failure: PeerFailure, now: float) -> None:
+        """The call under way failed."""
+        self._resume(now, self._expect(CallForward, CallBackward).throw, failure)
+
+    # ------------------------------------------------------------------ rules
+
+    def _call(self, action: CallForward | CallBackward) -> _Rules:
+        try:
+            return (yield action)
+        except _DeadlinePassed:
+            raise PeerFailure(action.span.peer_id, f"no answer within {self.timeout:.1f} s",
+                              int(ErrorCode.TIMEOUT)) from None
+
+    def _forward_one(self, r: RouteSpan, x: torch.Tensor, mask: torch.Tensor | None,
+                     prompts: torch.Tensor | None) -> _Rules:
+        out = yield from self._call(CallForward(r, x, mask, _blocks(prompts, r.start, r.end), self.now + self.timeout))
+        _check_shape(r.peer_id, "a ForwardResult", out, tuple(x.shape))
+        return out.to(x.dtype)
+
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+        budget = FailoverBudget(self.max_failovers, "the forward pass")
+        trace: list[tuple[RouteSpan, torch.Tensor]] = []
+        x = hidden
+        block, force = 0, False
+        while block < self.n_blocks:
+            route = yield from self._route(Route(block, self.n_blocks, force), budget)
+            for r in route:
+                try:
+                    out = yield from self._forward_one(r, x, mask, prompts)
+                except PeerFailure as failure:
+                    yield from self._fail(failure, budget, r.start, r.end)
+                    force = True
+                    break  # re-route from this block on
+                trace.append((r, x))
+                x = out
+                block = r.end
+        return x, trace
+
+    def _backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor,
+                  mask: torch.Tensor | None, prompts: torch.Tensor | None) -> _Rules:
+        budget = FailoverBudget(self.max_failovers, "the backward pass")
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        for r, x in reversed(trace):
+            route = [r]
+            while True:
+                try:
+                    g, parts = yield from self._backward_route(route, x, grad, mask, prompts)
+                    break
+                except PeerFailure as failure:
+                    yield from self._fail(failure, budget, r.start, r.end)
+                    route = yield from self._route(Route(r.start, r.end, True), budget)
+            grad = g
+            if grad_prompts is not None:  # written once the whole sub-chain succeeded: a retry never adds twice
+                for part, gp in parts:
+                    grad_prompts[part.start:part.end] = gp.to(grad_prompts.dtype)
+        return grad, grad_prompts
+
+    def _backward_route(self, route: list[RouteSpan], x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None,
+                        prompts: torch.Tensor | None) -> _Rules:
+        """Backward through ``route`` from input ``x``; a route of several spans (a re-routed span split
+        over nodes) first runs forward to get each part's input."""
+        inputs = [x]
+        for r in route[:-1]:
+            inputs.append((yield from self._forward_one(r, inputs[-1], mask, prompts)))
+        parts = []
+        for r, inp in zip(reversed(route), reversed(inputs)):
+            span_prompts = _blocks(prompts, r.start, r.end)
+            gi, gp = yield from self._call(CallBackward(r, inp, g, mask, span_prompts, self.now + self.timeout))
+            _check_shape(r.peer_id, "a BackwardResult", gi, tuple(inp.shape))
+            if span_prompts is not None:
+                if gp is None:
+                    raise PeerFailure(r.peer_id, "a BackwardResult without grad_prompts", int(ErrorCode.INVALID_TENSOR))
+                _check_shape(r.peer_id, "BackwardResult grad_prompts", gp, tuple(span_prompts.shape))
+            g = gi.to(x.dtype)
+            parts.append((r, gp))
+        return g, parts

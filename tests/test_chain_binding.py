@@ -60,7 +60,7 @@ def remote_model(checkpoint, swarm):
 
 async def insider_attacks(swarm, victim, model_name: str, hidden_size: int) -> list[Error]:
     """Every variant of issue 20 against the victim's chain; returns the errors the nodes answered."""
-    first, second = victim.spans
+    first, second = (s.handle for s in victim.spans)  # the SpanSession of each ChainSpan
     position, step_id = victim.position, victim.position + 1
     h = torch.full((1, 1, hidden_size), 0.5)
     node = {n.peer_id: n.addr for n in swarm.nodes}

@@ -541,3 +541,8 @@ def test_which_failures_the_request_caused():
         # our request passed our own checks: the node's answer is about the node
         assert not PeerFailure("A", "x", None if code is None else int(code)).by_request
     assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.INVALID_TENSOR, "bad")).by_request
+    # a node's answer that breaks the protocol is the node's failure, whatever its code (§2.6): a
+    # StepResult over a limit does not decode with LIMIT_EXCEEDED, and must not end the request
+    theirs = peer_failure_from("A", RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, "StepResult.hidden over the limit"))
+    assert not theirs.by_request and theirs.invalid
+    assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.NON_FINITE, "NaN in a StepResult")).by_request

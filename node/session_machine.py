@@ -4,10 +4,9 @@ See spec/messages.md §5.1 (opening: model, span, adapter, ``max_length``, cache
 §5.3 (a step's checks, in order), §5.6 (positions and masks), §5.7 (push and
 duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves), §5.10
 (chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
-changes nothing). Sans-IO, as h11 and
-aioquic are: no asyncio, no sockets, no clock. Time is an argument (``now``, seconds
-on the caller's monotonic clock); the caller asks ``get_timer()`` and calls
-``handle_timer(now)``.
+changes nothing). Sans-IO, as h11 and aioquic are: no asyncio, no sockets, no clock.
+Time is an argument (``now``, seconds on the caller's monotonic clock); the caller asks
+``get_timer()`` and calls ``handle_timer(now)``.
 
 ``SessionMachine`` owns every session's state (``node.sessions.Session``): its span,
 the positions and masks its cache holds, its cache reservation (``CacheBudget``), the

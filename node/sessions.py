@@ -1,8 +1,8 @@
 """One inference session on a node: what it holds, and the checks of one step against it.
 
 See spec/messages.md §5.3 (the node's checks of a step, in order), §5.6 (positions and
-masks), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no I/O and no clock (time is an
-argument). The node's session state machine (node/session_machine.py) owns every
+masks), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no
+I/O and no clock (time is an argument). The node's session state machine (node/session_machine.py) owns every
 ``Session`` and every transition between its phases; this module answers the
 questions it asks about one session: is this step a duplicate, is it valid here (and
 then: which ``models.step.SpanStep`` do the blocks run), what does the session hold

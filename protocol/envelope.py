@@ -218,16 +218,13 @@ def unpack_envelope(
     (the node protocol's by default; the weights protocol has its own, spec/weights.md §3.1).
     Raises only ``RemoteProtocolError`` on bad bytes.
     """
-    expected_version = version
     # Steps 1-3, then 4-6.
     obj = unpack_uint_keyed_map(data, what="message", max_bytes=MAX_FRAME_BYTES)
-    version = obj.get(KEY_VERSION)
-    if not is_uint(version):
+    got = obj.get(KEY_VERSION)
+    if not is_uint(got):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "envelope key 0 (version) absent or not an unsigned integer")
-    if version != expected_version:
-        raise RemoteProtocolError(
-            ErrorCode.UNSUPPORTED_VERSION, f"message version {version}; this side speaks {expected_version}"
-        )
+    if got != version:
+        raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"message version {got}; this side speaks {version}")
     type_code = obj.get(KEY_TYPE)
     if not is_uint(type_code):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "envelope key 1 (type) absent or not an unsigned integer")

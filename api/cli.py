@@ -11,6 +11,10 @@ an unreadable key file or a model directory it cannot load.
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import logging
 import socket
@@ -78,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biopetals-api: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 2
 
-    import biopetals.client  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
     from biopetals.models.config import ModelConfigError
 
     from .engine import Engine

@@ -9,6 +9,10 @@ client demo does), then serves the OpenAI-compatible API and the page on
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import sys
 

@@ -2,7 +2,7 @@
 
 ``SwarmView.snapshot()`` reads the model's announcements from the DHT and asks every node
 for its ``NodeInfo`` (open sessions, decode steps, cache left), through the engine's own
-client network (``client.status.read_status`` on the swarm's event loop), at most once
+client network (``client.swarm_status.read_status`` on the swarm's event loop), at most once
 per ``max_age`` seconds however many pages poll. Blocks with no online node are listed
 in ``missing``.
 """
@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import Any
 
-from biopetals.client.status import read_status, to_json
+from biopetals.client.swarm_status import read_status, to_json
 
 __all__ = ["SwarmView"]
 

@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from biopetals.protocol.program_env import apply_program_environment
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
 
 import torch  # noqa: E402
 

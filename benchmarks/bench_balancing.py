@@ -16,6 +16,10 @@ again by the 3 others (read from the DHT like ``biopetals-swarm``), over ``--kil
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import os
 import random

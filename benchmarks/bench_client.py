@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Before torch loads OpenMP, for the local baseline and the client alike (nodes set it
-# themselves): idle OpenMP threads sleep instead of spinning on the cores that the other
-# processes of the benchmark need. See node/cli.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
 
 import torch  # noqa: E402
 

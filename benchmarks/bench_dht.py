@@ -11,6 +11,10 @@ with signed records of typical (100-byte) and maximal (1024-byte) values.
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import asyncio
 import os

@@ -10,6 +10,10 @@ median rounds <= ceil(log2 N).
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import math
 import time

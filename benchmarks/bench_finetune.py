@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# Before torch loads OpenMP (see benchmarks/bench_client.py): idle threads sleep instead of spinning.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
 
 import torch  # noqa: E402
 

@@ -6,6 +6,10 @@ No sockets: this is the crypto and framing floor under the transport benchmark. 
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import os
 import time

@@ -17,6 +17,10 @@ markdown tables. See spec/tensors.md §5 for how these numbers chose DEFAULT_COD
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import importlib.util
 import statistics

@@ -27,6 +27,10 @@ Targets (issue 3): 8 KiB RTT at most 1.5x plain TCP; at least 250 MB/s for 16 Mi
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import asyncio
 import multiprocessing as mp

@@ -27,6 +27,10 @@ checkpoint (4 blocks, 1 MiB chunks) to check the benchmark itself in seconds. Pr
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import asyncio
 import hashlib

@@ -4,41 +4,47 @@
     model = AutoDistributedModelForCausalLM.from_pretrained(
         "path/to/model", initial_peers=["/ip4/10.0.0.5/tcp/31337/p2p/12D3KooW..."], swarm_key="lab.key")
     out = model.generate(input_ids, max_new_tokens=32)
+
+The names below load on first use (PEP 562), so that ``import biopetals.client.status`` (a
+program) can set its process environment before torch and OpenSSL load. Importing this package
+changes nothing in the process: a program that runs a client next to nodes on the same cores
+should set ``OMP_WAIT_POLICY=PASSIVE`` before torch loads, as the programs of this project do
+(``biopetals.protocol.program_env``; spec/README.md §2).
 """
 
-import os
+from __future__ import annotations
 
-# Before torch is loaded (if the caller has not loaded it yet): idle OpenMP threads sleep
-# instead of spinning. The client mostly waits for the swarm; spinning threads burn the
-# cores that nodes on the same machine compute on (measured with a local swarm on 2 cores:
-# 11 instead of 23 ms of client CPU per token, 64 instead of 80 ms per token). Set
-# OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
+from typing import Any
 
-from .errors import MissingBlocksError, SwarmError  # noqa: E402
-from .generation_contract import UnsupportedTransformersError  # noqa: E402
-from .model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RemoteCache  # noqa: E402
-from .ptune import DistributedLlamaForCausalLMWithPrompts  # noqa: E402
-from .classification import (  # noqa: E402
-    AutoDistributedModelForSequenceClassification,
-    DistributedLlamaForSequenceClassification,
-)
-from .routing import ServerSpan, find_route  # noqa: E402
-from .session import InferenceSession  # noqa: E402
-from .swarm import ClientConfig  # noqa: E402
+# public name -> the module (of this package) that defines it
+_EXPORTS = {
+    "AutoDistributedModelForCausalLM": "auto",
+    "DistributedLlamaForCausalLM": "model",
+    "RemoteCache": "model",
+    "DistributedLlamaForCausalLMWithPrompts": "ptune",
+    "DistributedLlamaForSequenceClassification": "classification",
+    "AutoDistributedModelForSequenceClassification": "classification",
+    "InferenceSession": "session",
+    "ClientConfig": "swarm",
+    "MissingBlocksError": "errors",
+    "SwarmError": "errors",
+    "UnsupportedTransformersError": "generation_contract",
+    "ServerSpan": "routing",
+    "find_route": "routing",
+}
 
-__all__ = [
-    "AutoDistributedModelForCausalLM",
-    "DistributedLlamaForCausalLM",
-    "DistributedLlamaForCausalLMWithPrompts",
-    "DistributedLlamaForSequenceClassification",
-    "AutoDistributedModelForSequenceClassification",
-    "RemoteCache",
-    "InferenceSession",
-    "ClientConfig",
-    "MissingBlocksError",
-    "SwarmError",
-    "UnsupportedTransformersError",
-    "ServerSpan",
-    "find_route",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

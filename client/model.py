@@ -57,7 +57,7 @@ from .remote_forward import remote_blocks
 from .session import InferenceSession
 from .swarm import ClientConfig, RemoteSwarm
 
-__all__ = ["RemoteCache", "DistributedLlamaForCausalLM", "AutoDistributedModelForCausalLM"]
+__all__ = ["RemoteCache", "DistributedLlamaForCausalLM"]
 
 log = logging.getLogger("biopetals.client")
 
@@ -328,17 +328,3 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         (spec/messages.md §6.1, §8.1): positions ``0 .. T - 1`` as transformers' model uses."""
         mask = None if attention_mask is None else attention_mask[:, -embeds.shape[1]:]
         return remote_blocks(self.swarm, embeds, mask).to(embeds.dtype)
-
-
-class AutoDistributedModelForCausalLM:
-    """``AutoDistributedModelForCausalLM.from_pretrained(...)`` picks the class for the checkpoint's architecture."""
-
-    @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any) -> DistributedLlamaForCausalLM:
-        # Llama, Mistral and Qwen2 share the client side (embeddings, RMS norm, head);
-        # load_config has already refused unsupported architectures.
-        if kwargs.get("tuning_mode"):  # trainable prompts: client/ptune.py
-            from .ptune import DistributedLlamaForCausalLMWithPrompts
-            return DistributedLlamaForCausalLMWithPrompts.from_pretrained(path_or_name, **kwargs)
-        kwargs.pop("tuning_mode", None)
-        return DistributedLlamaForCausalLM.from_pretrained(path_or_name, **kwargs)

@@ -204,8 +204,9 @@ def vector_route(v: dict) -> str | None:
     """Where a node must see an invalid vector for its code to be pinned by the spec.
 
     "request": first message of a fresh stream; "session": on an open session stream (a
-    Step or CloseSession is only expected there, §2.1: a *well-formed* unexpected message
-    is UNKNOWN_MESSAGE, so a malformed one must reach a place where its type is expected);
+    Step or CloseSession is only expected there, §2.1: an unexpected type is UNKNOWN_MESSAGE
+    before its body is read, so a body error shows only where its type is expected;
+    the ``unexpected`` vectors check the other places);
     None: a reply type with a body error, which the spec does not pin for a node (§2.1
     vs §2.6: a node never receives replies); offline vectors check those.
     """
@@ -251,6 +252,43 @@ def _register_vectors():
 
 
 _register_vectors()
+
+
+def _register_unexpected():
+    """The ``unexpected`` vectors (§2.1, §2.5 step 5): a type not expected in its place is
+    UNKNOWN_MESSAGE whatever its body; one check per place, every vector of it in turn."""
+    doc = load_or_stub("messages.json", check, "node.unexpected", M + "§2.1")
+    if doc is None:
+        return
+    first = [bytes.fromhex(v["hex"]) for v in doc.get("unexpected", []) if v["where"] == "first"]
+    on_session = [bytes.fromhex(v["hex"]) for v in doc.get("unexpected", []) if v["where"] == "session"]
+
+    @check("node.unexpected.first", M + "§2.1, §2.5 step 5",
+           f"{len(first)} 'unexpected' vectors as a stream's first message (Step, CloseSession, replies; many with "
+           "a broken body): Error UNKNOWN_MESSAGE each, never the body's code")
+    async def unexpected_first(ctx):
+        await ctx.node_info()
+        for data in first:
+            reply, raw = await request(ctx, data)
+            expect_error(reply, ErrorCode.UNKNOWN_MESSAGE, sent=data, raw=raw)
+        return f"{len(first)} vectors"
+
+    @check("node.unexpected.session", M + "§2.1, §2.5 step 5",
+           f"{len(on_session)} 'unexpected' vectors on one open session stream: Error UNKNOWN_MESSAGE each, "
+           "then the session still serves a valid Step")
+    async def unexpected_session(ctx):
+        s = await Session.opened_ok(ctx)
+        try:
+            for data in on_session:
+                reply, raw, sent = await s.exchange(data)
+                expect_error(reply, ErrorCode.UNKNOWN_MESSAGE, sent=sent, raw=raw)
+            await s.good_step(1, "a valid Step after the unexpected messages")
+        finally:
+            await s.close()
+        return f"{len(on_session)} vectors"
+
+
+_register_unexpected()
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -534,6 +572,28 @@ async def push_duplicate(ctx):
         if got is not None:
             raise Failed("a duplicate Push was run (a reply arrived on the session stream)", sent=data, received=got)
         await s.good_step(1, "the next Step after a duplicate Push")
+    finally:
+        await s.close()
+
+
+@check("node.push.ids-count", M + "§5.7", "a pushed step_id counts on its session: a Step sent directly afterwards "
+       "with the same id is a duplicate (no reply), one with a higher id runs")
+async def push_ids_count(ctx):
+    s = await Session.opened_ok(ctx, max_length=8)
+    try:
+        data = encode_message(Push(session_id=s.sid, step_id=5, position=0, hidden=_h(s.info)))
+        reply, raw = await request(ctx, data)
+        if not isinstance(reply, PushAck) or reply.step_id != 5:
+            raise Failed("a valid Push was not answered PushAck", sent=data, received=reply)
+        result, raw = await s.receive()
+        if not isinstance(result, StepResult) or result.step_id != 5:
+            raise Failed("the pushed step's StepResult did not arrive on the session stream", sent=data, received=result)
+        sent = await s.send(s.step(1, step_id=5, position=1))
+        got = await _quiet(s)
+        if got is not None:
+            raise Failed("a Step reusing a pushed step_id was answered (it is a duplicate, §5.7)", sent=sent, received=got)
+        s.step_id, s.position = 6, 1
+        await s.good_step(1, "a Step with an id above the pushed one")
     finally:
         await s.close()
 

@@ -8,12 +8,16 @@ arguments, unreadable key file). See README.md, "Testing another implementation"
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import asyncio
 import sys
 
 from biopetals.conformance.context import Context
-from biopetals.conformance.registry import checks_for
+from biopetals.conformance.catalog import checks_for
 from biopetals.conformance.report import exit_status, row, table, to_json
 from biopetals.conformance.runner import run_checks
 

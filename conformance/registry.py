@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Check", "Failed", "NotApplicable", "REGISTRY", "check", "checks_for"]
+__all__ = ["Check", "Failed", "NotApplicable", "REGISTRY", "check"]
 
 SECTIONS = ("transport", "node", "dht", "weights")
 LEVELS = ("MUST", "SHOULD")
@@ -65,10 +65,3 @@ def check(id: str, spec: str, title: str, *, level: str = "MUST", timeout: float
         return func
 
     return wrap
-
-
-def checks_for(section: str) -> list[Check]:
-    """Registered checks of one section ("all": every one), in registration order."""
-    from biopetals.conformance import checks_transport, checks_node, checks_dht, checks_weights  # noqa: F401 (registers, in this order)
-
-    return [c for c in REGISTRY.values() if section == "all" or c.section == section]

@@ -8,6 +8,10 @@ the integration tests, handy for poking at a swarm by hand).
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import asyncio
 import json

@@ -7,7 +7,7 @@ the routing table wants pinged (spec/dht.md §8.1); it never does I/O itself.
 
 from __future__ import annotations
 
-from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 from . import params
 from .messages import (
@@ -61,7 +61,11 @@ class RequestHandler:
         self.requests_handled += 1
         to_ping = None
         if request.sender_addrs:  # clients without addresses stay out of tables (spec/dht.md §7)
-            to_ping = self.table.add_or_update(Contact(sender_peer_id, request.sender_addrs), now)
+            try:  # §3.1 rules with the authenticated sender: a /p2p/ address must name it
+                sender = Contact(sender_peer_id, request.sender_addrs)
+            except LocalProtocolError as e:
+                return ErrorResponse(int(e.code), e.message[: params.MAX_ERROR_MESSAGE_BYTES // 4]), None
+            to_ping = self.table.add_or_update(sender, now)
         if isinstance(request, PingRequest):
             return PingResponse(), to_ping
         if isinstance(request, StoreRequest):

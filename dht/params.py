@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from biopetals.protocol.reader import ReadLimits
+
 PROTOCOL: Final = "/biopetals/dht/1"
 
 K: Final = 20
@@ -29,3 +31,7 @@ MAX_MESSAGE_BYTES: Final = 4 << 20
 
 #: Largest expiration a record may carry, in integer milliseconds (2**53 - 1, exact in every JSON/float).
 MAX_EXPIRATION_MS: Final = (1 << 53) - 1
+#: What the package's bounded reader (protocol/reader.py) checks before building a DHT message:
+#: its size only; every declared length is bounded by the bytes left (spec/dht.md §3), and each
+#: field carries its own limit and code (§2, §4).
+READ_LIMITS: Final = ReadLimits(max_bytes=MAX_MESSAGE_BYTES, scan=False)

@@ -1,8 +1,8 @@
 """Signed, expiring DHT records: the dataclass, its codec, signing and validation.
 
 See spec/dht.md §3.2 (fields), §3.3 (what is signed) and §4 (validity rules).
-Decoding (``record_from_obj``/``decode_record``) checks rules 4.1 and 4.2 and
-raises only RemoteProtocolError; ``validate`` checks the rules that need the
+Decoding (``record_from_obj``/``decode_record``) checks rules 4.1 and 4.2 with the
+record's declarative field table (``_RecordTable``) and raises only RemoteProtocolError; ``validate`` checks the rules that need the
 clock and the signature (4.3 to 4.6). Time is an argument, never read here.
 """
 
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, verify_signature
+from biopetals.protocol.table import Blob, Text, UInt, Violation, WireStruct, wire
 
 from . import params
+from .codec import unpack
 from .ids import is_peer_id_subkey, key_id, peer_id_of_public_key
 
 SIGNATURE_DOMAIN = b"biopetals/dht/record/1\n"
@@ -73,28 +75,8 @@ def sign_record(identity: Identity, key: str, subkey: bytes, value: bytes, expir
 
 
 def check_structure(record: Record) -> None:
-    """Rules 4.1 and 4.2 of spec/dht.md §4 (no clock, no signature)."""
-    r = record
-    if not isinstance(r.key, str) or not r.key:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record key must be a non-empty string")
-    if not all(isinstance(b, bytes) for b in (r.subkey, r.value, r.public_key, r.signature)):
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record byte fields must be bytes")
-    if type(r.expiration) is not int or not 0 <= r.expiration <= params.MAX_EXPIRATION_MS:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record expiration out of range")
-    if len(r.public_key) != PUBLIC_KEY_BYTES:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record public key must be 32 bytes")
-    if len(r.signature) != SIGNATURE_BYTES:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record signature must be 64 bytes")
-    try:
-        key_len = len(r.key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record key is not valid UTF-8") from None
-    if key_len > params.MAX_KEY_BYTES:
-        raise RemoteProtocolError(ErrorCode.RECORD_TOO_LARGE, f"record key is {key_len} > {params.MAX_KEY_BYTES} bytes")
-    if len(r.subkey) > params.MAX_SUBKEY_BYTES:
-        raise RemoteProtocolError(ErrorCode.RECORD_TOO_LARGE, f"record subkey is {len(r.subkey)} > {params.MAX_SUBKEY_BYTES} bytes")
-    if len(r.value) > params.MAX_VALUE_BYTES:
-        raise RemoteProtocolError(ErrorCode.RECORD_TOO_LARGE, f"record value is {len(r.value)} > {params.MAX_VALUE_BYTES} bytes")
+    """Rules 4.1 and 4.2 of spec/dht.md §4 (no clock, no signature), by the record's table."""
+    _from_table(record_to_obj(record) if isinstance(record, Record) else record)
 
 
 def validate(record: Record, now: float) -> None:
@@ -127,25 +109,42 @@ def record_to_obj(record: Record) -> dict[int, Any]:
     return {i: getattr(record, name) for i, name in enumerate(_FIELDS)}
 
 
-def record_from_obj(obj: Any) -> Record:
-    """A record from its unpacked msgpack map; RemoteProtocolError(RECORD_INVALID/TOO_LARGE) if bad."""
+@dataclass(frozen=True, eq=False)
+class _RecordTable(WireStruct):
+    """The record's field table (spec/dht.md §3.2). Every broken field rule is rule 4.1
+    (``RECORD_INVALID``); the sizes of rule 4.2 (``RECORD_TOO_LARGE``) are checked after all the
+    fields, as a cross-field rule, so that 4.1 comes first for any record."""
+
+    ERROR_CODE: ClassVar[ErrorCode | None] = ErrorCode.RECORD_INVALID
+
+    key: str = wire(0, Text(1, params.MAX_MESSAGE_BYTES))
+    subkey: bytes = wire(1, Blob(0, params.MAX_MESSAGE_BYTES))
+    value: bytes = wire(2, Blob(0, params.MAX_MESSAGE_BYTES))
+    expiration: int = wire(3, UInt(0, params.MAX_EXPIRATION_MS))
+    public_key: bytes = wire(4, Blob(PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES))
+    signature: bytes = wire(5, Blob(SIGNATURE_BYTES, SIGNATURE_BYTES))
+
+    def _check_rules(self) -> None:
+        key_len = len(self.key.encode("utf-8"))
+        for what, size, limit in (("key", key_len, params.MAX_KEY_BYTES), ("subkey", len(self.subkey), params.MAX_SUBKEY_BYTES),
+                                  ("value", len(self.value), params.MAX_VALUE_BYTES)):
+            if size > limit:
+                raise Violation(ErrorCode.RECORD_TOO_LARGE, f"record {what} is {size} > {limit} bytes")
+
+
+def _from_table(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record must be a map")
-    values = []
-    for i, name in enumerate(_FIELDS):
-        if i not in obj:
-            raise RemoteProtocolError(ErrorCode.RECORD_INVALID, f"record field {i} ({name}) missing")
-        values.append(obj[i])
-    key, subkey, value, expiration, public_key, signature = values
-    if not isinstance(key, str):
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record key must be a string")
-    if type(expiration) is not int:
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record expiration must be an integer")
-    if not all(isinstance(b, bytes) for b in (subkey, value, public_key, signature)):
-        raise RemoteProtocolError(ErrorCode.RECORD_INVALID, "record subkey/value/public_key/signature must be bin")
-    record = Record(key, subkey, value, expiration, public_key, signature)
-    check_structure(record)
-    return record
+    try:
+        row = _RecordTable._decode_body(obj)
+    except Violation as exc:
+        raise RemoteProtocolError(exc.code, f"record {exc.message}") from None
+    return Record(row.key, row.subkey, row.value, row.expiration, row.public_key, row.signature)
+
+
+def record_from_obj(obj: Any) -> Record:
+    """A record from its unpacked msgpack map; RemoteProtocolError(RECORD_INVALID/TOO_LARGE) if bad."""
+    return _from_table(obj)
 
 
 def encode_record(record: Record) -> bytes:
@@ -154,6 +153,4 @@ def encode_record(record: Record) -> bytes:
 
 def decode_record(data: bytes) -> Record:
     """A standalone record (as in the vectors); raises only RemoteProtocolError."""
-    from .messages import unpack  # one place owns msgpack limits and error mapping
-
     return record_from_obj(unpack(data))

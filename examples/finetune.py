@@ -21,6 +21,10 @@ Loss is computed on the answer tokens only (the question and padding are labelle
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import random
 import sys

@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
-# Before torch (and its OpenMP runtime) is loaded: idle OpenMP threads sleep at once
-# instead of spinning. Spinning workers of a node that waits for the network steal the
-# cores of the client and of the other nodes on the same machine; measured on a busy
-# 2-core machine: 730 ms of CPU per SmolLM2 decode step instead of 48 ms.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
 
 from biopetals.models.blocks import DTYPES
 from biopetals.models.config import ModelConfigError

@@ -33,7 +33,7 @@ from biopetals.protocol.announcement import State
 
 if TYPE_CHECKING:
     from biopetals.models.blocks import BlockSpan
-    from biopetals.node.server import NodeOptions
+    from biopetals.node.options import NodeOptions
 
 __all__ = ["JoinParams", "read_spans", "balancing_throughput", "join_swarm", "place_node"]
 

@@ -44,7 +44,7 @@ from biopetals.transport.host import Host
 
 if TYPE_CHECKING:
     from biopetals.models.blocks import BlockSpan
-    from biopetals.node.server import NodeOptions
+    from biopetals.node.options import NodeOptions
 
 __all__ = ["Relocator", "Rebalancer", "live_announcements"]
 

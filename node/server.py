@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -38,14 +38,13 @@ from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
+from biopetals.node.options import NodeOptions
 from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
 from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
 from biopetals.protocol.envelope import PROTOCOL_NAME
-from biopetals.protocol.identity import Identity
-from biopetals.protocol.swarm_key import SwarmKey
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
 from biopetals.weights.fetch import fetch_parts
@@ -58,40 +57,6 @@ __all__ = ["NodeOptions", "run_node", "VERSION"]
 
 VERSION = "biopetals/0.1.0"
 log = logging.getLogger("biopetals.node")
-
-
-@dataclass
-class NodeOptions:
-    model: str
-    start: int | None  # None with end None: choose the blocks (node/placement.py)
-    end: int | None
-    identity: Identity
-    swarm_key: SwarmKey | None
-    host: str = "0.0.0.0"
-    port: int = 31337
-    initial_peers: list[str] = field(default_factory=list)
-    dtype: str = "float32"
-    quant: str = "none"
-    device: str = "cpu"
-    num_threads: int = 0  # torch intra-op threads; 0: torch's default
-    max_cache_tokens: int = 16384
-    max_session_tokens: int = 8192
-    idle_timeout: float = 60.0
-    announce_interval: float = 60.0
-    announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
-    benchmark: bool = True
-    progress: bool = True
-    adapters: list[tuple[str, Path]] = field(default_factory=list)  # server-side LoRA adapters (name, peft dir)
-    num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)
-    join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
-    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
-    balance_interval: float = 60.0  # s, mean period of the re-evaluation
-    drain_timeout: float | None = None  # s, old sessions may run this long after a move (None: idle_timeout)
-    weights_dir: str | None = None  # where weights fetched from peers go (--model MANIFEST or swarm name)
-    serve_weights: bool = True  # serve the chunks of held parts to peers (with a manifest)
-    weights_per_peer: int = 4  # chunk requests in flight per peer
-    weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
-    verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
 
 
 def load_span(options: NodeOptions) -> BlockSpan:

@@ -21,9 +21,8 @@ import msgpack
 
 from biopetals.protocol.envelope import is_uint, unpack_uint_keyed_map
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from biopetals.protocol.fields import U64_MAX, ArrayOf, Float, Text, UInt, Violation, wire
 from biopetals.protocol.limits import MAX_ADAPTERS, MAX_BLOCKS, MAX_LABEL_BYTES, MAX_MULTIADDR_BYTES
-from biopetals.protocol.messages import WireStruct
+from biopetals.protocol.table import U64_MAX, ArrayOf, Float, Text, UInt, Violation, WireStruct, wire
 
 __all__ = [
     "ANNOUNCEMENT_FORMAT",

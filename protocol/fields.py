@@ -2,8 +2,9 @@
 
 See spec/messages.md §1.1 (types), §2.5 step 7 (the order of checks) and §8 (tensor
 shape rules). Each message dataclass declares its fields with ``wire(key, kind)``;
-``biopetals.protocol.messages`` walks those tables, so no message has hand-written
-encode/decode code.
+``biopetals.protocol.table.WireStruct`` walks those tables, so no message has hand-written
+encode/decode code. The scalar kinds are defined in protocol/table.py (torch-free, shared with
+the DHT and the handshake); the tensor kinds (and codec names) are here.
 
 A kind signals a broken rule with ``Violation`` (an ErrorCode and a text). The caller
 turns it into ``RemoteProtocolError`` when it decodes a peer's bytes, or into
@@ -12,50 +13,22 @@ turns it into ``RemoteProtocolError`` when it decodes a peer's bytes, or into
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import torch
 
 from biopetals.protocol.errors import ErrorCode, ProtocolError
-from biopetals.protocol.identity import PeerId
 from biopetals.protocol.limits import (
     MAX_BATCH,
     MAX_BLOCKS,
     MAX_HIDDEN_SIZE,
     MAX_SEQUENCE_LENGTH,
 )
-from biopetals.protocol.multiaddr import Multiaddr
+from biopetals.protocol.table import Kind, Violation, _kind
 from biopetals.protocol.tensors import Codec, decode_tensor, encode_tensor
 
-__all__ = [
-    "Violation",
-    "Kind",
-    "UInt",
-    "ErrorCodeKind",
-    "Float",
-    "Text",
-    "Blob",
-    "PeerIdText",
-    "MultiaddrText",
-    "CodecName",
-    "ArrayOf",
-    "Nested",
-    "TensorKind",
-    "PaddingMask",
-    "ACTIVATIONS",
-    "PROMPTS",
-    "MASK",
-    "WireField",
-    "wire",
-    "U64_MAX",
-]
-
-U64_MAX: Final = (1 << 64) - 1
+__all__ = ["CodecName", "TensorKind", "PaddingMask", "ACTIVATIONS", "PROMPTS", "MASK"]
 
 #: Codec used for a tensor field when the encoder is given none: lossless for the dtype.
 _CODEC_FOR_DTYPE: Final = {
@@ -64,186 +37,6 @@ _CODEC_FOR_DTYPE: Final = {
     torch.bfloat16: Codec.BF16,
     torch.float16: Codec.F16,
 }
-
-
-class Violation(Exception):
-    """A broken rule found while checking a field (internal; never escapes the codecs)."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class Kind:
-    """One kind of field. ``absent`` is the Python value of an omitted optional field."""
-
-    absent: Any = None
-
-    def decode(self, raw: object) -> Any:
-        """Wire value (as msgpack built it) to Python value: type, range, nested rules."""
-        raise NotImplementedError
-
-    def check(self, value: object) -> Any:
-        """Validate (and normalise) a Python value given to a message constructor."""
-        raise NotImplementedError
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        """Python value to a msgpack-ready value, canonical (spec/messages.md §2.3)."""
-        return value
-
-
-@dataclass(frozen=True)
-class UInt(Kind):
-    """``uint`` in ``[lo, hi]``; ``low``/``high`` are the codes for a value below/above."""
-
-    lo: int = 0
-    hi: int = U64_MAX
-    low: ErrorCode = ErrorCode.INVALID_FIELD
-    high: ErrorCode = ErrorCode.INVALID_FIELD
-
-    def decode(self, raw: object) -> int:
-        if type(raw) is not int:  # bool is an int subclass; it is not a msgpack int
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected an unsigned integer, got {_kind(raw)}")
-        if raw < self.lo:
-            raise Violation(self.low, f"{raw} < minimum {self.lo}")
-        if raw > self.hi:
-            raise Violation(self.high, f"{raw} > maximum {self.hi}")
-        return raw
-
-    def check(self, value: object) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return self.decode(int(value))
-        return self.decode(value)
-
-
-@dataclass(frozen=True)
-class ErrorCodeKind(UInt):
-    """An error code: a ``uint``; known numbers become ``ErrorCode``, unknown ones stay ints."""
-
-    def decode(self, raw: object) -> int:
-        number = super().decode(raw)
-        try:
-            return ErrorCode(number)
-        except ValueError:
-            return number  # a code from a newer peer (spec/messages.md §2.4)
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        return int(value)
-
-
-@dataclass(frozen=True)
-class Float(Kind):
-    """``float``, finite, ``>= lo`` (or ``> lo`` when ``exclusive``)."""
-
-    lo: float = 0.0
-    exclusive: bool = False
-
-    def decode(self, raw: object) -> float:
-        if type(raw) is not float:
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected a float, got {_kind(raw)}")
-        if not math.isfinite(raw):
-            raise Violation(ErrorCode.INVALID_FIELD, f"{raw} is not finite")
-        if raw < self.lo or (self.exclusive and raw == self.lo):
-            relation = ">" if self.exclusive else ">="
-            raise Violation(ErrorCode.INVALID_FIELD, f"{raw} is not {relation} {self.lo}")
-        return raw
-
-    def check(self, value: object) -> float:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        return self.decode(value)
-
-
-@dataclass(frozen=True)
-class Text(Kind):
-    """``str`` of ``lo..hi`` UTF-8 bytes."""
-
-    lo: int
-    hi: int
-    low: ErrorCode = ErrorCode.INVALID_FIELD
-    high: ErrorCode = ErrorCode.LIMIT_EXCEEDED
-
-    def decode(self, raw: object) -> str:
-        if type(raw) is not str:
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected a str, got {_kind(raw)}")
-        try:
-            size = len(raw.encode("utf-8"))
-        except UnicodeEncodeError:  # lone surrogates: only a local caller can produce them
-            raise Violation(ErrorCode.INVALID_FIELD, "string is not valid UTF-8") from None
-        if size < self.lo:
-            raise Violation(self.low, f"string of {size} bytes < minimum {self.lo}")
-        if size > self.hi:
-            raise Violation(self.high, f"string of {size} bytes > maximum {self.hi}")
-        return raw
-
-    check = decode
-
-
-@dataclass(frozen=True)
-class PeerIdText(Text):
-    """A peer id as base58btc text (spec/transport.md §1.3); Python value: ``PeerId``."""
-
-    def decode(self, raw: object) -> PeerId:
-        return _parse(_peer_id_from_text, Text.decode(self, raw))
-
-    def check(self, value: object) -> PeerId:
-        return value if isinstance(value, PeerId) else self.decode(value)
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        return str(value)
-
-
-@dataclass(frozen=True)
-class MultiaddrText(Text):
-    """A multiaddr as text (spec/transport.md §1.7); Python value: ``Multiaddr``."""
-
-    def decode(self, raw: object) -> Multiaddr:
-        return _parse(_multiaddr_from_text, Text.decode(self, raw))
-
-    def check(self, value: object) -> Multiaddr:
-        return value if isinstance(value, Multiaddr) else self.decode(value)
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        return str(value)
-
-
-# Every step of a push chain names the same few peers: parsing a peer id (base58 and key
-# checks, ~150 us) once per distinct text keeps it off the per-token path. Both parsers
-# are pure; errors are not cached, so bad input costs the same every time.
-_peer_id_from_text = functools.lru_cache(maxsize=1024)(PeerId.from_base58)
-_multiaddr_from_text = functools.lru_cache(maxsize=1024)(Multiaddr.parse)
-
-
-def _parse(parser: Callable[[str], Any], text: str) -> Any:
-    try:
-        return parser(text)
-    except ProtocolError as exc:  # the transport's parsers say INVALID_FIELD
-        raise Violation(ErrorCode(exc.code), exc.message) from None
-
-
-@dataclass(frozen=True)
-class Blob(Kind):
-    """``bin`` of ``lo..hi`` bytes."""
-
-    lo: int
-    hi: int
-    low: ErrorCode = ErrorCode.INVALID_FIELD
-    high: ErrorCode = ErrorCode.LIMIT_EXCEEDED
-
-    def decode(self, raw: object) -> bytes:
-        if type(raw) is not bytes:
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected bin, got {_kind(raw)}")
-        if len(raw) < self.lo:
-            raise Violation(self.low, f"{len(raw)} bytes < minimum {self.lo}")
-        if len(raw) > self.hi:
-            raise Violation(self.high, f"{len(raw)} bytes > maximum {self.hi}")
-        return raw
-
-    def check(self, value: object) -> bytes:
-        if isinstance(value, (bytearray, memoryview)):
-            value = bytes(value)
-        return self.decode(value)
 
 
 @dataclass(frozen=True)
@@ -263,62 +56,6 @@ class CodecName(Kind):
 
     def encode(self, value: Any, codec: Codec | None) -> object:
         return value.value
-
-
-@dataclass(frozen=True)
-class ArrayOf(Kind):
-    """``array<item>`` of at most ``hi`` items; Python value: a tuple (empty when absent)."""
-
-    item: Kind
-    hi: int
-    high: ErrorCode = ErrorCode.LIMIT_EXCEEDED
-    absent: Any = ()
-
-    def decode(self, raw: object) -> tuple:
-        if type(raw) is not list:
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected an array, got {_kind(raw)}")
-        return self._items(raw, self.item.decode)
-
-    def check(self, value: object) -> tuple:
-        if value is None:
-            return ()
-        if not isinstance(value, (list, tuple)):
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected a sequence, got {_kind(value)}")
-        return self._items(value, self.item.check)
-
-    def _items(self, items: list | tuple, convert: Callable[[object], Any]) -> tuple:
-        if len(items) > self.hi:
-            raise Violation(self.high, f"{len(items)} items > maximum {self.hi}")
-        out = []
-        for index, item in enumerate(items):
-            try:
-                out.append(convert(item))
-            except Violation as exc:
-                raise Violation(exc.code, f"[{index}]: {exc.message}") from None
-        return tuple(out)
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        return [self.item.encode(item, codec) for item in value]
-
-
-@dataclass(frozen=True)
-class Nested(Kind):
-    """A nested map with its own field table (a ``Hop``): ``cls`` is a messages.py ``WireStruct``."""
-
-    cls: type
-
-    def decode(self, raw: object) -> Any:
-        if not isinstance(raw, dict):
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected a map, got {_kind(raw)}")
-        return self.cls._decode_body(raw)
-
-    def check(self, value: object) -> Any:
-        if not isinstance(value, self.cls):  # it validated itself when constructed
-            raise Violation(ErrorCode.INVALID_FIELD, f"expected {self.cls.__name__}, got {_kind(value)}")
-        return value
-
-    def encode(self, value: Any, codec: Codec | None) -> object:
-        return value._encode_body(codec)
 
 
 @dataclass(frozen=True)
@@ -426,25 +163,3 @@ PROMPTS: Final = TensorKind(
 )
 #: ``[batch, tokens]`` padding mask of the step's or request's tokens (spec/messages.md §8.1).
 MASK: Final = PaddingMask(MAX_BATCH * MAX_SEQUENCE_LENGTH)
-
-
-@dataclass(frozen=True)
-class WireField:
-    """One row of a message's field table: msgpack key, attribute name, kind."""
-
-    key: int
-    name: str
-    kind: Kind
-    optional: bool
-
-
-def wire(key: int, kind: Kind, *, optional: bool = False) -> Any:
-    """Declare a dataclass attribute as body key ``key`` (spec/messages.md, the body tables)."""
-    metadata = {"wire": (key, kind, optional)}
-    if optional:
-        return dataclasses.field(default=kind.absent, metadata=metadata)
-    return dataclasses.field(metadata=metadata)
-
-
-def _kind(value: object) -> str:
-    return type(value).__name__

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final
 
 import msgpack
 
@@ -47,7 +47,9 @@ from biopetals.protocol.identity import (
     verify_signature,
 )
 from biopetals.protocol.noise import DHLEN, TAGLEN, DecryptError, HandshakeState, KeyPair
+from biopetals.protocol.reader import ReadLimits, read_map
 from biopetals.protocol.secure_channel import REKEY_INTERVAL, SecureChannel
+from biopetals.protocol.table import Blob, Violation, WireStruct, wire
 
 __all__ = [
     "Handshake",
@@ -86,6 +88,8 @@ _REJECT_MAGIC = b"biopetals/reject"
 _PAYLOAD_KEY_IDENTITY = 0
 _PAYLOAD_KEY_SIGNATURE = 1
 _PAYLOAD_MAX_ENTRIES = 16
+#: The bounded reader's limits for the payload (spec/transport.md §2.5): within one handshake message.
+_PAYLOAD_LIMITS = ReadLimits(max_bytes=MAX_HANDSHAKE_MESSAGE_LEN, max_container=MAX_HANDSHAKE_MESSAGE_LEN)
 
 
 class Role(enum.Enum):
@@ -146,48 +150,37 @@ class Rejection:
         return cls(body[n], pid)
 
 
-@dataclass(frozen=True)
-class HandshakePayload:
+@dataclass(frozen=True, eq=False)
+class HandshakePayload(WireStruct):
     """Identity payload of messages 2 and 3: msgpack map {0: PublicKey protobuf, 1: signature}.
 
     The signature is Ed25519 over ``SIGNATURE_PREFIX || sender's Noise static public key``.
     Receivers ignore other integer keys (reserved for extensions); see spec/transport.md §2.5.
+    Read by the package's bounded reader and this field table; every broken rule of step 1 is
+    ``BAD_IDENTITY``.
     """
 
-    identity_key: bytes  # libp2p PublicKey protobuf
-    identity_sig: bytes
+    ERROR_CODE: ClassVar[ErrorCode | None] = ErrorCode.BAD_IDENTITY
+
+    identity_key: bytes = wire(_PAYLOAD_KEY_IDENTITY, Blob(0, MAX_HANDSHAKE_MESSAGE_LEN))  # libp2p PublicKey protobuf
+    identity_sig: bytes = wire(_PAYLOAD_KEY_SIGNATURE, Blob(SIGNATURE_LEN, SIGNATURE_LEN))
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {_PAYLOAD_KEY_IDENTITY: self.identity_key, _PAYLOAD_KEY_SIGNATURE: self.identity_sig}, use_bin_type=True
-        )
+        return msgpack.packb(self._encode_body(None), use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> HandshakePayload:
         """Raises RemoteProtocolError(BAD_IDENTITY) for anything but a well-formed payload."""
         try:
-            obj = msgpack.unpackb(
-                data,
-                raw=False,
-                strict_map_key=False,
-                use_list=False,
-                max_bin_len=MAX_HANDSHAKE_MESSAGE_LEN,
-                max_str_len=MAX_HANDSHAKE_MESSAGE_LEN,
-                max_array_len=_PAYLOAD_MAX_ENTRIES,
-                max_map_len=_PAYLOAD_MAX_ENTRIES,
-                max_ext_len=MAX_HANDSHAKE_MESSAGE_LEN,
-            )
-        except Exception as exc:  # msgpack raises many types (ExtraData, FormatError, ValueError...)
-            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, f"handshake payload is not msgpack: {exc}") from None
-        if not isinstance(obj, dict) or not all(type(k) is int and k >= 0 for k in obj):
-            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, "handshake payload must be a map with integer keys")
-        key = obj.get(_PAYLOAD_KEY_IDENTITY)
-        sig = obj.get(_PAYLOAD_KEY_SIGNATURE)
-        if not isinstance(key, bytes) or not isinstance(sig, bytes):
-            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, "handshake payload lacks identity key (0) or signature (1)")
-        if len(sig) != SIGNATURE_LEN:
-            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, f"identity signature is {len(sig)} bytes, expected 64")
-        return cls(key, sig)
+            obj = read_map(data, _PAYLOAD_LIMITS, what="handshake payload")
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, f"handshake payload: {exc.message}") from None
+        if len(obj) > _PAYLOAD_MAX_ENTRIES:
+            raise RemoteProtocolError(ErrorCode.BAD_IDENTITY, f"handshake payload of {len(obj)} entries > {_PAYLOAD_MAX_ENTRIES}")
+        try:
+            return cls._decode_body(obj)
+        except Violation as exc:
+            raise RemoteProtocolError(exc.code, f"handshake payload: {exc.message}") from None
 
 
 @dataclass(frozen=True)

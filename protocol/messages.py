@@ -16,10 +16,9 @@ Sans-IO: bytes in, messages out.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import ClassVar, Final
 
 import torch
 
@@ -30,14 +29,11 @@ from biopetals.protocol.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from biopetals.protocol.fields import (
-    ACTIVATIONS,
-    MASK,
-    PROMPTS,
+from biopetals.protocol.fields import ACTIVATIONS, MASK, PROMPTS, CodecName
+from biopetals.protocol.table import (
     U64_MAX,
     ArrayOf,
     Blob,
-    CodecName,
     ErrorCodeKind,
     Float,
     MultiaddrText,
@@ -46,7 +42,7 @@ from biopetals.protocol.fields import (
     Text,
     UInt,
     Violation,
-    WireField,
+    WireStruct,
     wire,
 )
 from biopetals.protocol.limits import (
@@ -114,111 +110,6 @@ CODEC: Final = CodecName()
 ADAPTER: Final = LABEL
 ADAPTERS: Final = ArrayOf(LABEL, MAX_ADAPTERS)
 UPSTREAM: Final = PeerIdText(1, MAX_PEER_ID_BYTES)  # a session's upstream peer (§5.10)
-
-
-class WireStruct:
-    """Base of every map with a field table: messages and ``Hop``.
-
-    Subclasses are ``@dataclass(frozen=True, eq=False)``; equality compares tensors
-    by dtype, shape and exact values.
-    """
-
-    _wire_fields: ClassVar[tuple[WireField, ...] | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # The table is collected lazily: dataclass fields exist only after @dataclass runs.
-        cls._wire_fields = None
-
-    @classmethod
-    def _table(cls) -> tuple[WireField, ...]:
-        """The body table (spec/messages.md §4-§7), in ascending key order."""
-        if cls._wire_fields is None:
-            rows = [
-                WireField(f.metadata["wire"][0], f.name, f.metadata["wire"][1], f.metadata["wire"][2])
-                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                if "wire" in f.metadata
-            ]
-            cls._wire_fields = tuple(sorted(rows, key=lambda row: row.key))
-        return cls._wire_fields
-
-    def __post_init__(self) -> None:
-        try:
-            for row in self._table():
-                value = getattr(self, row.name)
-                if row.optional and _is_absent(value):
-                    object.__setattr__(self, row.name, row.kind.absent)
-                    continue
-                if value is None:
-                    raise Violation(ErrorCode.INVALID_FIELD, f"{row.name}: required")
-                try:
-                    object.__setattr__(self, row.name, row.kind.check(value))
-                except Violation as exc:
-                    raise Violation(exc.code, f"{row.name}: {exc.message}") from None
-            self._check_rules()
-        except Violation as exc:
-            raise LocalProtocolError(exc.code, f"{type(self).__name__}.{exc.message}") from None
-
-    def _check_rules(self) -> None:
-        """Cross-field rules of the spec, raising ``Violation``; none by default."""
-
-    @classmethod
-    def _decode_body(cls, body: dict[int, object]) -> Any:
-        """Build an instance from a body map (spec/messages.md §2.5 steps 7-8)."""
-        values: dict[str, Any] = {}
-        for row in cls._table():
-            raw = body.get(row.key)
-            if raw is None:  # absent, or nil (accepted as absent, §2.3)
-                if not row.optional:
-                    raise Violation(ErrorCode.INVALID_FIELD, f"{row.name} (key {row.key}): required field absent")
-                values[row.name] = row.kind.absent
-                continue
-            try:
-                values[row.name] = row.kind.decode(raw)
-            except Violation as exc:
-                raise Violation(exc.code, f"{row.name} (key {row.key}): {exc.message}") from None
-        # Fields are already checked: skip __post_init__ and its second pass over tensors.
-        instance = object.__new__(cls)
-        for name, value in values.items():
-            object.__setattr__(instance, name, value)
-        instance._check_rules()
-        return instance
-
-    def _encode_body(self, codec: Codec | None) -> dict[int, object]:
-        """The canonical body map: ascending keys, absent optional fields omitted (§2.3)."""
-        body: dict[int, object] = {}
-        for row in self._table():
-            value = getattr(self, row.name)
-            if row.optional and _is_absent(value):
-                continue
-            body[row.key] = row.kind.encode(value, codec)
-        return body
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(_same(getattr(self, row.name), getattr(other, row.name)) for row in self._table())
-
-    __hash__ = None  # type: ignore[assignment]  # tensors make messages unhashable
-
-
-def _is_absent(value: object) -> bool:
-    """An omitted optional field: ``None``, or an empty sequence for arrays (§2.3 rule 5)."""
-    return value is None or (isinstance(value, (tuple, list)) and len(value) == 0)
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(a, b)
-        )
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
 
 
 class Message(WireStruct):

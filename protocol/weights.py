@@ -23,10 +23,10 @@ import msgpack
 
 from biopetals.protocol.envelope import is_uint, pack_envelope, unpack_uint_keyed_map
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from biopetals.protocol.fields import ArrayOf, Blob, Text, UInt, Violation, wire
 from biopetals.protocol.limits import MAX_BLOCKS, MAX_MULTIADDR_BYTES, MAX_NAME_BYTES
 from biopetals.protocol.manifest import MAX_CHUNK_SIZE, MAX_CHUNKS_PER_PART, MAX_MANIFEST_BYTES
-from biopetals.protocol.messages import Error, Message, WireStruct, decode_from_table
+from biopetals.protocol.messages import Error, Message, decode_from_table
+from biopetals.protocol.table import ArrayOf, Blob, Text, UInt, Violation, WireStruct, wire
 
 __all__ = [
     "WEIGHTS_PROTOCOL",

@@ -94,7 +94,7 @@ def read_map() -> dict[str, list[str]]:
 
 def _check_ids() -> set[str] | None:
     try:
-        from biopetals.conformance.registry import checks_for
+        from biopetals.conformance.catalog import checks_for
     except ImportError:
         return None
     return {c.id for c in checks_for("all")}

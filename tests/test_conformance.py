@@ -114,7 +114,7 @@ def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
         status, results = conformance(swarm.key_path, node.addr, *only)
     assert status == 1
     assert set(failures(results)) == {
-        "node.step.duplicate", "node.push.duplicate",
+        "node.step.duplicate", "node.push.duplicate", "node.push.ids-count",
         "node.step.position-gap", "node.step.position-overlap", "node.step.over-max-length",
         "dht.store.bad-signature", "dht.store.forged-subkey",
     }, failures(results)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_check_names_a_section_that_exists():
-    from biopetals.conformance.registry import checks_for
+    from biopetals.conformance.catalog import checks_for
 
     checks = checks_for("all")
     assert len({c.id for c in checks}) == len(checks)

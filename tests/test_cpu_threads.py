@@ -3,7 +3,8 @@
 Why it matters (measured on a 2-core machine shared with other work): with OpenMP's
 default wait policy, the idle threads of one process spin on the cores another needs,
 and a SmolLM2 decode step of a node cost 730 ms of CPU instead of 48 ms. node/cli.py and
-biopetals.client therefore set ``OMP_WAIT_POLICY=PASSIVE`` before torch loads OpenMP.
+the client programs (client/demo.py, ...) therefore set ``OMP_WAIT_POLICY=PASSIVE`` before torch
+loads OpenMP (protocol/program_env.py); importing the client library sets nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ def test_node_cli_sets_passive_wait_policy_before_torch_loads() -> None:
     assert _policy_when_torch_loads("biopetals.node.cli") == "PASSIVE"
 
 
-def test_client_sets_passive_wait_policy_before_torch_loads() -> None:
-    assert _policy_when_torch_loads("biopetals.client") == "PASSIVE"
+def test_client_programs_set_passive_wait_policy_before_torch_loads() -> None:
+    # The demo loads the client library (and torch) in main(): imported after the program, as then.
+    assert _policy_when_torch_loads("biopetals.client.demo, biopetals.client.model") == "PASSIVE"
+    assert _policy_when_torch_loads("biopetals.api.cli, biopetals.api.engine") == "PASSIVE"
+
+
+def test_the_client_library_leaves_the_wait_policy_alone() -> None:
+    assert _policy_when_torch_loads("biopetals.client.model") == "None"
 
 
 def test_an_explicit_wait_policy_is_kept() -> None:

@@ -121,3 +121,21 @@ def test_handler_answers_garbage_with_error() -> None:
                               use_bin_type=True)
     resp = decode_response(h.handle_bytes(A.peer_id.multihash, oversized, NOW)[0])
     assert resp.code == ErrorCode.RECORD_TOO_LARGE
+
+
+def test_repeated_or_negative_keys_are_malformed() -> None:
+    """spec/dht.md §3: map keys are unsigned integers, each at most once (the shared reader)."""
+    for data in (b"\x83\x00\x01\x01\x90\x01\x90", b"\x83\x00\x01\x01\x90\xff\x00", b"\xc1", b"\x82\x00\x01\x01\x90\x00"):
+        with pytest.raises(RemoteProtocolError) as info:
+            decode_request(data)
+        assert info.value.code == ErrorCode.MALFORMED
+
+
+def test_sender_address_naming_another_peer_is_refused() -> None:
+    """spec/dht.md §3.1, §7: a /p2p/ sender address must name the authenticated sender."""
+    h = _handler()
+    other = f"{ADDR}/p2p/{B.peer_id}"
+    reply = _ask(h, A, PingRequest((other,)))
+    assert isinstance(reply, ErrorResponse) and reply.code == ErrorCode.INVALID_FIELD
+    assert not len(h.table)  # not added to the routing table
+    assert isinstance(_ask(h, A, PingRequest((f"{ADDR}/p2p/{A.peer_id}",))), PingResponse)

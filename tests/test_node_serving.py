@@ -128,7 +128,7 @@ def test_swarm_status_command(two_nodes, checkpoint):
 
 
 def test_swarm_status_coverage_per_block():
-    from biopetals.client.status import NodeStatus, SwarmStatus, format_text
+    from biopetals.client.swarm_status import NodeStatus, SwarmStatus, format_text
     from biopetals.protocol.announcement import Announcement, State
 
     def ann(start, end, tps, state=State.ONLINE):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -75,3 +76,16 @@ def test_every_dht_error_code_has_a_vector() -> None:
     for code in ("RECORD_INVALID", "BAD_SIGNATURE", "RECORD_TOO_LARGE", "RECORD_EXPIRED", "EXPIRATION_TOO_FAR",
                  "MALFORMED", "INVALID_FIELD", "LIMIT_EXCEEDED", "UNKNOWN_MESSAGE"):
         assert code in used, code
+
+
+@pytest.mark.parametrize("vector", VECTORS["model_names"], ids=lambda v: v["name"])
+def test_model_name_of_a_plain_checkpoint(vector: dict, tmp_path: Path) -> None:
+    """spec/dht.md §6.1: a real checkpoint directory is named as the vector says."""
+    from biopetals.models.config import model_info
+
+    directory = tmp_path / vector["path"]
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(vector["config"]))
+    info = model_info(directory)
+    assert info.dht_prefix == vector["swarm_name"]
+    assert info.fingerprint == hashlib.sha256(vector["fingerprint_json"].encode()).hexdigest()

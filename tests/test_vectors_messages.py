@@ -112,3 +112,16 @@ def test_invalid_through_frames(vector: dict) -> None:
         decode_message(decoder.next_frame())
     assert info.value.code == ErrorCode[vector["error"]]
     assert decode_message(decoder.next_frame()) == gen.fields_to_message(VECTORS["valid"][0]["fields"])
+
+
+@pytest.mark.parametrize("vector", VECTORS["unexpected"], ids=lambda v: v["name"])
+def test_unexpected(vector: dict) -> None:
+    """A type not expected where it arrives is UNKNOWN_MESSAGE whatever its body (§2.1, §2.5 step 5)."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_message(bytes.fromhex(vector["hex"]), gen.PLACES[vector["where"]])
+    assert info.value.code == ErrorCode[vector["error"]] == ErrorCode.UNKNOWN_MESSAGE, info.value.message
+
+
+def test_unexpected_covers_both_places() -> None:
+    places = {v["where"] for v in VECTORS["unexpected"]}
+    assert places == {"first", "session"} and len(VECTORS["unexpected"]) >= 50

@@ -6,6 +6,10 @@ file problem (exists, malformed, unwritable; the message names the file), 2 usag
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import sys
 

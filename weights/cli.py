@@ -12,6 +12,10 @@ fetches blocks (and with ``--client`` the embeddings, head and tokenizer) ahead 
 
 from __future__ import annotations
 
+from biopetals.protocol.program_env import apply_program_environment
+
+apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
+
 import argparse
 import logging
 import sys

@@ -18,11 +18,18 @@ exactly ``error``. Byte strings in fields are hex. Keys are Ed25519 seeds 01..01
 
 ``fields_to_message`` / ``message_to_fields`` below are the JSON mapping that
 tests/test_vectors_dht.py uses in both directions.
+
+``model_names`` (spec/dht.md §6.1): a checkpoint's ``path`` (the directory, relative to any
+root) and its ``config`` (config.json) give the swarm name ``swarm_name``; ``fingerprint_json``
+is the canonical JSON whose SHA-256 gives the name's 8 hex digits. Computed here from the rule's
+text, not by the reference implementation; the test checks that a real directory agrees.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -278,6 +285,48 @@ def _invalid() -> list[dict]:
     return out
 
 
+# spec/dht.md §6.1: the fields of config.json that a plain checkpoint's swarm name hashes.
+FINGERPRINT_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_parameters", "attention_bias",
+    "mlp_bias", "hidden_act", "tie_word_embeddings", "sliding_window",
+)
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "head_dim": 16, "hidden_act": "silu",
+    "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 2048, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "tie_word_embeddings": False, "vocab_size": 256,
+}
+_MISTRAL = {
+    **_LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
+    "rms_norm_eps": 1e-05, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+}
+
+
+def _swarm_name(path: str, config: dict) -> tuple[str, str]:
+    """The rule of spec/dht.md §6.1, from its text: (canonical JSON hashed, swarm name)."""
+    parts = path.split("/")
+    hub = re.fullmatch(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)", parts[-3]) if len(parts) >= 3 and parts[-2] == "snapshots" else None
+    base = f"{hub['org']}/{hub['name']}" if hub else parts[-1]
+    name = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-")
+    fields = {key: config.get(key) for key in FINGERPRINT_FIELDS}
+    fields["architecture"] = config["architectures"][0]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return canonical, f"{name}.{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def _model_names() -> list[dict]:
+    out = []
+    for what, path, config in [
+        ("a checkpoint directory", "My Model", _LLAMA),
+        ("a hub cache snapshot", "models--Some-Org--Bio_Model-8B/snapshots/0123abcd", _MISTRAL),
+    ]:
+        canonical, swarm_name = _swarm_name(path, config)
+        out.append({"name": what, "path": path, "config": config, "fingerprint_json": canonical, "swarm_name": swarm_name})
+    return out
+
+
 def generate() -> dict:
     return {
         "spec": "spec/dht.md",
@@ -287,6 +336,7 @@ def generate() -> dict:
         "Keys: Ed25519 seeds 0x01*32 (peer A) and 0x02*32 (peer B).",
         "valid": _valid(),
         "invalid": _invalid(),
+        "model_names": _model_names(),
     }
 
 

@@ -36,20 +36,14 @@ import torch
 import zstandard
 
 from biopetals.protocol.envelope import PROTOCOL_VERSION
-from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.fields import (
-    ArrayOf,
-    Blob,
-    CodecName,
-    MultiaddrText,
-    Nested,
-    PaddingMask,
-    PeerIdText,
-    TensorKind,
-)
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
+from biopetals.protocol.fields import CodecName, PaddingMask, TensorKind
+from biopetals.protocol.table import ArrayOf, Blob, MultiaddrText, Nested, PeerIdText
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.messages import (
+    FIRST_MESSAGES,
     MESSAGE_TYPES,
+    SESSION_MESSAGES,
     Backward,
     BackwardResult,
     CloseSession,
@@ -948,6 +942,77 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
     return v
 
 
+# Where a message arrives (spec/messages.md §2.1) -> the types expected there.
+PLACES = {"first": FIRST_MESSAGES, "session": SESSION_MESSAGES}
+# Rules checked before the type (§2.5 steps 1-5): such a vector has its code anywhere.
+_BEFORE_TYPE = ("step 2", "step 3", "step 4", "step 5", "step 6", "§2.2", "§2.4")
+
+
+def unexpected_vectors(invalid: list[tuple[str, bytes, ErrorCode, str]]) -> list[dict]:
+    """Messages sent where their type is not expected: UNKNOWN_MESSAGE whatever the body (§2.1, §2.5 step 5).
+
+    Valid messages in the wrong place, then every ``invalid`` vector whose broken rule is in the
+    body, sent where its type is not expected (a Step, SetUpstream or CloseSession first, any other
+    type on a session stream)."""
+    cases = [
+        ("Step as the first message", encode_message(STEP), "first"),
+        ("StepResult (a reply) as the first message", encode_message(StepResult(session_id=SID, step_id=0, hidden=hidden())), "first"),
+        ("CloseSession as the first message", encode_message(CloseSession(session_id=SID)), "first"),
+        ("OpenSession on a session stream", encode_message(OPEN), "session"),
+        ("Push on a session stream", encode_message(Push(session_id=SID, step_id=0, position=0, hidden=hidden())), "session"),
+        ("NodeInfoRequest on a session stream", encode_message(NodeInfoRequest()), "session"),
+        ("SetUpstream as the first message (§5.10)", encode_message(SetUpstream(session_id=SID, upstream=PEER_A)),
+         "first"),
+    ]
+    session_types = {cls.TYPE for cls in SESSION_MESSAGES}
+    for name, data, _code, rule in invalid:
+        if not data or any(step in rule for step in _BEFORE_TYPE) or not _passes_structure_scan(data):
+            continue
+        where = "first" if data[_type_offset(data)] in session_types else "session"
+        cases.append((f"{name}, {'as the first message' if where == 'first' else 'on a session stream'}", data, where))
+    out = []
+    for name, data, where in cases:
+        try:
+            decode_message(data, PLACES[where])
+        except RemoteProtocolError as exc:
+            assert exc.code == ErrorCode.UNKNOWN_MESSAGE, (name, exc)
+        else:
+            raise AssertionError(f"{name} decoded where its type is not expected")
+        out.append({"name": name, "where": where, "hex": data.hex(), "error": "UNKNOWN_MESSAGE", "rule": "§2.1, §2.5 step 5"})
+    return out
+
+
+def _passes_structure_scan(data: bytes) -> bool:
+    """§2.5 step 2's bounds (1024 entries or str bytes, 4096 objects, depth 16), checked with msgpack-python."""
+    import msgpack
+
+    try:
+        obj = msgpack.unpackb(data, strict_map_key=False, raw=True, max_str_len=1024, max_array_len=1024, max_map_len=1024)
+    except (ValueError, msgpack.ExtraData):
+        return False
+
+    def count(o, depth: int) -> int:
+        if isinstance(o, (list, dict)) and depth > 16:
+            raise ValueError("too deep")
+        if isinstance(o, list):
+            return 1 + sum(count(x, depth + 1) for x in o)
+        if isinstance(o, dict):
+            return 1 + sum(count(k, depth + 1) + count(v, depth + 1) for k, v in o.items())
+        return 1
+
+    try:
+        return count(obj, 1) <= 4096
+    except ValueError:
+        return False
+
+
+def _type_offset(data: bytes) -> int:
+    """Offset of the type code in a canonical envelope ``83 00 <version> 01 <type>`` (types 1..127)."""
+    if data[:4] != bytes([0x83, 0x00, PROTOCOL_VERSION, 0x01]):
+        raise AssertionError(f"not a canonical envelope: {data[:8].hex()}")
+    return 4
+
+
 def build() -> dict:
     valid = []
     for name, message, codec in valid_messages():
@@ -961,7 +1026,8 @@ def build() -> dict:
     accepted = accepted_vectors()
     for vector in accepted:
         assert decode_message(bytes.fromhex(vector["hex"])) == fields_to_message(vector["fields"]), vector["name"]
-    invalid = [{"name": n, "hex": d.hex(), "error": e.name, "rule": r} for n, d, e, r in invalid_vectors()]
+    invalid_list = invalid_vectors()
+    invalid = [{"name": n, "hex": d.hex(), "error": e.name, "rule": r} for n, d, e, r in invalid_list]
     return {
         "spec": "spec/messages.md",
         "revision": 1,
@@ -975,6 +1041,7 @@ def build() -> dict:
         "valid": valid,
         "accepted": accepted,
         "invalid": invalid,
+        "unexpected": unexpected_vectors(invalid_list),
     }
 
 

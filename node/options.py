@@ -1,0 +1,49 @@
+"""``NodeOptions``: everything a node is started with (node/cli.py fills it from the command line).
+
+Its own module so that the modules ``run_node`` drives (node/placement.py, node/relocation.py)
+can name it without importing node/server.py, which imports them: no import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from biopetals.protocol.identity import Identity
+from biopetals.protocol.swarm_key import SwarmKey
+
+__all__ = ["NodeOptions"]
+
+
+@dataclass
+class NodeOptions:
+    model: str
+    start: int | None  # None with end None: choose the blocks (node/placement.py)
+    end: int | None
+    identity: Identity
+    swarm_key: SwarmKey | None
+    host: str = "0.0.0.0"
+    port: int = 31337
+    initial_peers: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    quant: str = "none"
+    device: str = "cpu"
+    num_threads: int = 0  # torch intra-op threads; 0: torch's default
+    max_cache_tokens: int = 16384
+    max_session_tokens: int = 8192
+    idle_timeout: float = 60.0
+    announce_interval: float = 60.0
+    announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
+    benchmark: bool = True
+    progress: bool = True
+    adapters: list[tuple[str, Path]] = field(default_factory=list)  # server-side LoRA adapters (name, peft dir)
+    num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)
+    join_settle: float = 1.0  # s, mean wait before re-checking a chosen span (node/placement.py)
+    balance_quality: float = 0.75  # move when bottleneck < quality x reachable (node/relocation.py); 0: never
+    balance_interval: float = 60.0  # s, mean period of the re-evaluation
+    drain_timeout: float | None = None  # s, old sessions may run this long after a move (None: idle_timeout)
+    weights_dir: str | None = None  # where weights fetched from peers go (--model MANIFEST or swarm name)
+    serve_weights: bool = True  # serve the chunks of held parts to peers (with a manifest)
+    weights_per_peer: int = 4  # chunk requests in flight per peer
+    weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
+    verify_weights: bool = True  # with a manifest: hash the served blocks before loading them

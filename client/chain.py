@@ -38,6 +38,9 @@ What it owns:
   ``Forward``/``Backward`` of more sequences than one message may carry is sent in
   groups of whole sequences, and a single sequence over the limits is refused before
   anything is sent (``RequestError``);
+- **chain binding** (§5.10): each session's upstream is the node before it (``OpenSpans.upstreams``),
+  none without push; after a replacement the session after it is rebound (``Rebind``) before
+  the step is resent, so the replacement's pushes count;
 - **deadlines**: a step's result is due ``deadline(server, start, end, batch, tokens)``
   seconds after it was sent (a pure estimate passed in); a pushed result that is
   late is first asked for directly (the node may have missed only the push), a
@@ -67,7 +70,7 @@ from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
 __all__ = [
     "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
-    "Finished", "OpenSpans", "Route", "SendStep", "SessionChain", "WaitResult",
+    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult",
 ]
 
 # (server, start, end, batch, tokens) -> seconds to wait for that span's result of that step
@@ -121,11 +124,30 @@ class ChainSpan:
 @dataclass(frozen=True)
 class OpenSpans:
     """Find a route over ``[start, end)`` (``force``: re-read the announcements) and open a session
-    on each of its spans; report ``opened(spans, failures, now)`` or ``no_route(exc, now)``."""
+    on each of its spans, each bound to the upstream ``upstreams(route)`` names (§5.10); report
+    ``opened(spans, failures, now)`` or ``no_route(exc, now)``."""
 
     start: int
     end: int
     force: bool
+    upstream: str | None = None  # the node before ``start`` in the chain (None: the chain starts here)
+    push: bool = True  # False: the client sends every step itself, no session names an upstream
+
+    def upstreams(self, peers: list[str]) -> list[str | None]:
+        """The upstream of each session of a route through ``peers`` (spec/messages.md §5.10): the node
+        just before it in the chain, which is the one that pushes into it."""
+        if not self.push:
+            return [None] * len(peers)
+        return [self.upstream, *peers[:-1]]
+
+
+@dataclass(frozen=True)
+class Rebind:
+    """Tell ``span``'s node that ``upstream`` pushes into its session from now on (``SetUpstream``,
+    §5.10; the node before it was replaced); report ``done(now)``, after ``span_failed`` if it failed."""
+
+    span: ChainSpan
+    upstream: str | None
 
 
 @dataclass(frozen=True)
@@ -211,7 +233,8 @@ class Finished:
     value: Any
 
 
-Action = OpenSpans | SendStep | WaitResult | Abandon | Avoid | Route | CallForward | CallBackward | Finished
+Action = (OpenSpans | SendStep | WaitResult | Abandon | Avoid | Rebind | Route | CallForward | CallBackward
+          | Finished)
 _Rules = Generator[Action, Any, Any]
 
 
@@ -295,8 +318,8 @@ class _Machine:
     # ------------------------------------------------------------------ reports
 
     def done(self, now: float) -> None:
-        """The current ``SendStep``, ``Abandon`` or ``Avoid`` is done."""
-        self._resume(now, self._expect(SendStep, Abandon, Avoid).send, None)
+        """The current ``SendStep``, ``Abandon``, ``Avoid`` or ``Rebind`` is done."""
+        self._resume(now, self._expect(SendStep, Abandon, Avoid, Rebind).send, None)
 
     def no_route(self, exc: MissingBlocksError, now: float) -> None:
         self._resume(now, self._expect(OpenSpans, Route).throw, exc)
@@ -492,11 +515,12 @@ class SessionChain(_Machine):
         budget = FailoverBudget(self.max_failovers, f"opening sessions for blocks 0:{self.n_blocks}")
         self.spans = yield from self._open_route(0, self.n_blocks, budget)
 
-    def _open_route(self, start: int, end: int, budget: FailoverBudget) -> _Rules:
-        """Sessions covering ``[start, end)``; re-routes around nodes that refuse or fail to open."""
+    def _open_route(self, start: int, end: int, budget: FailoverBudget, upstream: str | None = None) -> _Rules:
+        """Sessions covering ``[start, end)``, the first bound to ``upstream`` (§5.10); re-routes around
+        nodes that refuse or fail to open."""
         force = False
         while True:
-            opened, failures = yield from self._route(OpenSpans(start, end, force), budget)
+            opened, failures = yield from self._route(OpenSpans(start, end, force, upstream, self.use_push), budget)
             if not failures:
                 return opened
             yield from self._abandon(opened, close=True)
@@ -590,7 +614,7 @@ class SessionChain(_Machine):
         yield from self._abandon([old])
         self.failovers += 1
         while True:
-            new = yield from self._open_route(old.start, old.end, budget)
+            new = yield from self._open_route(old.start, old.end, budget, self.spans[i - 1].peer_id if i else None)
             try:
                 yield from self._replay(old, new)
             except PeerFailure as again:
@@ -599,6 +623,10 @@ class SessionChain(_Machine):
                 continue
             break
         self.spans[i:i + 1] = new
+        after = i + len(new)
+        if self.use_push and after < len(self.spans):
+            # the session after pushes from the replacement now (§5.10), before the step is resent
+            yield Rebind(self.spans[after], new[-1].peer_id)
 
     def _replay(self, old: ChainSpan, new: list[ChainSpan]) -> _Rules:
         """The replay plan (§5.9): every step ``old`` processed, in order, in its original chunk,

@@ -47,18 +47,24 @@ def describe_code(code: int) -> str:
 class PeerFailure(Exception):
     """A peer failed a call or a session step; the caller avoids it and re-routes.
 
-    ``local``: the failure is our own encoder refusing the message (it never left)."""
+    ``local``: the failure is our own encoder refusing the message (it never left). ``invalid``: the
+    node's bytes broke the protocol (undecodable, over a limit, a reset): its failure whatever the
+    code, never the request's (spec/messages.md §2.6)."""
 
-    def __init__(self, peer_id: str, reason: str, code: int | None = None, local: bool = False) -> None:
+    def __init__(self, peer_id: str, reason: str, code: int | None = None, local: bool = False,
+                 invalid: bool = False) -> None:
         self.peer_id = peer_id
         self.reason = reason
         self.code = code
         self.local = local
+        self.invalid = invalid
         super().__init__(f"peer {peer_id}: {reason}")
 
     @property
     def by_request(self) -> bool:
         """True when the request caused it, not the node (``REQUEST_CODES``, or refused before sending)."""
+        if self.invalid:
+            return False
         return self.local or (self.code is not None and int(self.code) in REQUEST_CODES)
 
 
@@ -121,8 +127,9 @@ def peer_failure_from(peer_id: str, exc: BaseException) -> PeerFailure:
     if isinstance(exc, PeerFailure):
         return exc
     if isinstance(exc, ProtocolError):
-        return PeerFailure(peer_id, f"{describe_code(exc.code)}: {exc.message}", int(exc.code),
-                           local=isinstance(exc, LocalProtocolError))
+        local = isinstance(exc, LocalProtocolError)
+        return PeerFailure(peer_id, f"{describe_code(exc.code)}: {exc.message}", int(exc.code), local=local,
+                           invalid=not local)
     if isinstance(exc, TimeoutError):
         return PeerFailure(peer_id, "deadline passed", int(ErrorCode.TIMEOUT))
     return PeerFailure(peer_id, f"{type(exc).__name__}: {exc}")

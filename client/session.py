@@ -8,6 +8,10 @@ the state's timer, abandon sessions, avoid a peer) and reports what happened, wi
 ``time.monotonic()`` as ``now``. Every span's reader (client/span_session.py) puts
 its events on one queue that the driver feeds to the state while it waits.
 
+Chain binding (spec/messages.md §5.10): the state's ``OpenSpans`` says which node each new
+session names as its upstream (the node before it), and ``Rebind`` makes the driver tell a
+session its new upstream (``SetUpstream``) after the node before it was replaced.
+
 Deadlines: each span's result of each step is due within ``RemoteSwarm.step_deadline``
 (``step_timeout_factor`` x the time the node's announced throughput and the RTT
 predict, within ``[step_timeout_floor, step_timeout]``), so a stalled node (alive, not
@@ -31,7 +35,7 @@ import torch
 
 from biopetals.protocol.messages import StepResult
 
-from .chain import Abandon, Avoid, ChainSpan, Finished, OpenSpans, SendStep, SessionChain, WaitResult
+from .chain import Abandon, Avoid, ChainSpan, Finished, OpenSpans, Rebind, SendStep, SessionChain, WaitResult
 from .errors import PeerFailure, SwarmError
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
@@ -122,6 +126,12 @@ class ChainSession:
                 elif isinstance(action, Avoid):
                     self.swarm.failed(action.failure)
                     state.done(time.monotonic())
+                elif isinstance(action, Rebind):
+                    try:
+                        await action.span.handle.set_upstream(action.upstream)
+                    except PeerFailure as failure:
+                        state.span_failed(action.span, failure, time.monotonic())
+                    state.done(time.monotonic())
                 else:
                     raise RuntimeError(f"unexpected action {action!r}")
         except BaseException:
@@ -137,7 +147,9 @@ class ChainSession:
             self.state.no_route(exc, time.monotonic())
             return
         log.info("route for blocks %d:%d: %s", action.start, action.end, format_route(route))
-        opened = await asyncio.gather(*(self._open_span(r) for r in route), return_exceptions=True)
+        upstreams = action.upstreams([r.peer_id for r in route])
+        opened = await asyncio.gather(*(self._open_span(r, up) for r, up in zip(route, upstreams)),
+                                      return_exceptions=True)
         for o in opened:
             if isinstance(o, BaseException) and not isinstance(o, PeerFailure):
                 await asyncio.gather(*(s.close() for s in opened if isinstance(s, SpanSession)))
@@ -146,11 +158,11 @@ class ChainSession:
         self._spans.update((s.handle, s) for s in spans)
         self.state.opened(spans, [o for o in opened if isinstance(o, PeerFailure)], time.monotonic())
 
-    async def _open_span(self, r: RouteSpan) -> SpanSession:
+    async def _open_span(self, r: RouteSpan, upstream: str | None) -> SpanSession:
         cfg = self.swarm.config
         return await SpanSession.open(self.swarm.host, r.server, r.start, r.end, model=self.swarm.model_name,
                                       max_length=self.max_length, batch_size=self.batch_size, codec=cfg.codec,
-                                      timeout=cfg.connect_timeout, adapter=cfg.adapter,
+                                      timeout=cfg.connect_timeout, adapter=cfg.adapter, upstream=upstream,
                                       on_event=lambda session, event: self._events.put_nowait((session, event)))
 
     async def _send(self, a: SendStep) -> None:

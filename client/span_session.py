@@ -27,6 +27,7 @@ from biopetals.protocol.messages import (
     OpenSession,
     SessionClosed,
     SessionOpened,
+    SetUpstream,
     Step,
     StepResult,
     decode_message,
@@ -78,15 +79,18 @@ class SpanSession:
     @classmethod
     async def open(cls, host: Host, server: ServerSpan, start: int, end: int, *, model: str, max_length: int,
                    batch_size: int, codec: str, timeout: float, on_event: EventHandler,
-                   adapter: str | None = None) -> "SpanSession":
-        """Open a session stream and the session (§5.1); raises ``PeerFailure`` on any failure."""
+                   adapter: str | None = None, upstream: str | None = None) -> "SpanSession":
+        """Open a session stream and the session (§5.1); raises ``PeerFailure`` on any failure.
+
+        ``upstream``: the peer id of the node that will push into it (§5.10), None: nobody."""
         session_id = secrets.token_bytes(16)
         stream = None
         try:
             async with asyncio.timeout(timeout):
                 stream = await host.open_stream(dial_target(server), PROTOCOL_NAME, timeout=timeout)
                 request = OpenSession(model=model, start=start, end=end, max_length=max_length,
-                                      batch_size=batch_size, codec=codec, session_id=session_id, adapter=adapter)
+                                      batch_size=batch_size, codec=codec, session_id=session_id, adapter=adapter,
+                                      upstream=upstream)
                 await stream.send(encode_message(request))
                 reply = decode_message(await stream.receive(), expected=(SessionOpened, Error))
         except BaseException as exc:
@@ -99,6 +103,10 @@ class SpanSession:
             stream.reset(ErrorCode.CONNECTION_CLOSED, "session refused")
             raise PeerFailure(server.peer_id, f"refused the session: {describe_code(reply.code)}: {reply.message}",
                               int(reply.code))
+        if reply.upstream != request.upstream:  # §5.10: the node must bind what we named
+            stream.reset(ErrorCode.CONNECTION_CLOSED, "session not bound to its upstream")
+            raise PeerFailure(server.peer_id, f"bound the session to upstream {reply.upstream}, not "
+                              f"{request.upstream} (spec/messages.md §5.10)", int(ErrorCode.INVALID_FIELD))
         return cls(server, start, end, stream, reply.session_id, reply.idle_timeout, codec, on_event)
 
     def hop(self) -> Hop:
@@ -116,6 +124,15 @@ class SpanSession:
             data = encode_message(message, self.codec)
             async with self._send_lock:
                 await self.stream.send(data)
+        except Exception as exc:
+            raise peer_failure_from(self.peer_id, exc) from exc
+
+    async def set_upstream(self, peer_id: str | None) -> None:
+        """Name the node that pushes into this session from now on (§5.10: ``SetUpstream``, no reply).
+        Raises ``PeerFailure``."""
+        try:
+            async with self._send_lock:
+                await self.stream.send(encode_message(SetUpstream(session_id=self.session_id, upstream=peer_id)))
         except Exception as exc:
             raise peer_failure_from(self.peer_id, exc) from exc
 

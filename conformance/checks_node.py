@@ -14,6 +14,7 @@ import msgpack
 import torch
 
 from biopetals.conformance.context import NODE_PROTOCOL
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.vectors import envelope_type, load_or_stub, slug as _slug, spec_of as _spec_of
 from biopetals.protocol.errors import ErrorCode
@@ -22,7 +23,8 @@ from biopetals.transport.errors import EndOfStream
 from biopetals.protocol.limits import MAX_BATCH, MAX_BLOCKS, MAX_SEQUENCE_LENGTH
 from biopetals.protocol.messages import (
     Backward, BackwardResult, CloseSession, Error, Forward, ForwardResult, Hop, NodeInfo, NodeInfoRequest,
-    OpenSession, Push, PushAck, SessionClosed, SessionOpened, Step, StepResult, decode_message, encode_message,
+    OpenSession, Push, PushAck, SessionClosed, SessionOpened, SetUpstream, Step, StepResult, decode_message,
+    encode_message,
 )
 
 M = "spec/messages.md "
@@ -72,11 +74,13 @@ class Session:
 
     @classmethod
     async def open(cls, ctx, host=None, **kw):
+        """Open a session; its upstream is the opening host itself (the checks push from it, §5.10)."""
         info = await ctx.node_info()
-        args = dict(model=info.model, start=info.start, end=info.end, max_length=16, batch_size=1, codec="f32")
+        host = host or await ctx.host()
+        args = dict(model=info.model, start=info.start, end=info.end, max_length=16, batch_size=1, codec="f32",
+                    upstream=host.peer_id)
         args.update(kw)
         data = encode_message(OpenSession(**args))
-        host = host or await ctx.host()
         stream = await host.open_stream(ctx.addr, NODE_PROTOCOL, timeout=10)
         ctx.last_sent = data
         await stream.send(data)
@@ -157,7 +161,7 @@ async def node_info(ctx):
 @check("node.envelope.unknown-keys", M + "§2.4, spec/README.md §3", "unknown keys in the envelope and body are ignored")
 async def unknown_keys(ctx):
     await ctx.node_info()
-    data = msgpack.packb({0: 1, 1: 1, 2: {77: "later"}, 9: [1, 2]})
+    data = msgpack.packb({0: PROTOCOL_VERSION, 1: 1, 2: {77: "later"}, 9: [1, 2]})
     reply, raw = await request(ctx, data)
     if not isinstance(reply, NodeInfo):
         raise Failed("expected NodeInfo", sent=data, received=reply)
@@ -166,7 +170,7 @@ async def unknown_keys(ctx):
 @check("node.envelope.non-canonical", M + "§2.3", "a non-canonical encoding (keys out of order, uint 16) is accepted")
 async def non_canonical(ctx):
     await ctx.node_info()
-    data = bytes.fromhex("83" "02" "80" "01" "cd0001" "00" "cd0001")
+    data = bytes.fromhex("83" "02" "80" "01" "cd0001" "00" "cd") + PROTOCOL_VERSION.to_bytes(2, "big")
     reply, raw = await request(ctx, data)
     if not isinstance(reply, NodeInfo):
         raise Failed("expected NodeInfo", sent=data, received=reply)
@@ -192,7 +196,7 @@ async def reply_to_node(ctx):
 
 
 REQUEST_TYPES = {1, 3, 9, 11, 13}  # first message of a stream (§2.1)
-SESSION_TYPES = {5, 7}  # on an open session stream
+SESSION_TYPES = {5, 7, 16}  # on an open session stream
 ENVELOPE_STEPS = ("step 2", "step 3", "step 4", "step 5", "step 6", "§2.2", "§2.4")
 
 
@@ -343,7 +347,7 @@ async def open_blocks(ctx):
 @check("node.open.unknown-codec", M + "§5.1, spec/README.md §3", "OpenSession naming an unknown codec: Error DTYPE_MISMATCH")
 async def open_codec(ctx):
     info = await ctx.node_info()
-    data = msgpack.packb({0: 1, 1: 3, 2: {0: info.model, 1: info.start, 2: info.end, 3: 8, 4: 1, 5: "f64"}})
+    data = msgpack.packb({0: PROTOCOL_VERSION, 1: 3, 2: {0: info.model, 1: info.start, 2: info.end, 3: 8, 4: 1, 5: "f64"}})
     reply, raw = await request(ctx, data)
     expect_error(reply, ErrorCode.DTYPE_MISMATCH, sent=data, raw=raw)
 
@@ -469,8 +473,8 @@ async def session_bad_input(ctx):
     s = await Session.opened_ok(ctx, max_length=8)
     try:
         await s.good_step(1)
-        for data, code in ((b"\xc1", ErrorCode.MALFORMED), (msgpack.packb({0: 2, 1: 5, 2: {}}), ErrorCode.UNSUPPORTED_VERSION),
-                           (msgpack.packb({0: 1, 1: 99, 2: {}}), ErrorCode.UNKNOWN_MESSAGE)):
+        for data, code in ((b"\xc1", ErrorCode.MALFORMED), (msgpack.packb({0: PROTOCOL_VERSION + 1, 1: 5, 2: {}}), ErrorCode.UNSUPPORTED_VERSION),
+                           (msgpack.packb({0: PROTOCOL_VERSION, 1: 99, 2: {}}), ErrorCode.UNKNOWN_MESSAGE)):
             reply, raw, sent = await s.exchange(data)
             expect_error(reply, code, sent=sent, raw=raw)
         await s.good_step(1, "a valid Step after invalid payloads")
@@ -592,6 +596,116 @@ async def push_ids_count(ctx):
         await s.good_step(1, "a Step with an id above the pushed one")
     finally:
         await s.close()
+
+
+# ----------------------------------------------------------------------------- chain binding (§5.10)
+
+
+@check("node.open.upstream-echo", M + "§5.2, §5.10", "SessionOpened names the upstream the OpenSession named, and none when none")
+async def open_upstream_echo(ctx):
+    other = Identity.generate().peer_id
+    named = await Session.opened_ok(ctx, upstream=other)
+    unnamed = await Session.opened_ok(ctx, upstream=None)
+    try:
+        if named.opened.upstream != other or unnamed.opened.upstream is not None:
+            raise Failed(f"SessionOpened upstream {named.opened.upstream} / {unnamed.opened.upstream}: expected "
+                         f"{other} / absent", received=(named.opened, unnamed.opened))
+    finally:
+        await named.close()
+        await unnamed.close()
+
+
+async def _forbidden_pushes(ctx, s: Session, host, pushes, what: str):
+    """Each push from ``host`` is answered FORBIDDEN with its step_id, nothing reaches the owner, and the
+    session still takes its next Step at the position it held (§5.10: a refused Push changes nothing)."""
+    for push in pushes:
+        data = encode_message(push)
+        raw = await host.call(ctx.addr, NODE_PROTOCOL, data, timeout=10)
+        expect_error(_decode(raw, data), ErrorCode.FORBIDDEN, sent=data, step_id=push.step_id, raw=raw)
+    got = await _quiet(s)
+    if got is not None:
+        raise Failed(f"a refused Push ({what}) sent something to the session's owner", received=got)
+    await s.good_step(1, f"the owner's Step after refused pushes ({what}): the session must be unchanged")
+
+
+@check("node.push.forbidden", M + "§5.10", "Pushes from a peer that is not the session's upstream (another key holder: "
+       "the owner's next position, a push naming itself as next hop, step_id 2^64-1, a wrong position): FORBIDDEN "
+       "each, nothing sent to the owner, the session unchanged", timeout=60)
+async def push_forbidden(ctx):
+    s = await Session.opened_ok(ctx, max_length=8)
+    insider = await ctx.new_host()
+    try:
+        await s.good_step(1)
+        info = s.info
+        hop = None
+        if info.end < MAX_BLOCKS:
+            hop = Hop(peer_id=insider.peer_id, session_id=os.urandom(16), start=info.end, end=info.end + 1)
+        h = _h(info)
+        pushes = [Push(session_id=s.sid, step_id=s.step_id, position=s.position, hidden=h),
+                  Push(session_id=s.sid, step_id=2**64 - 1, position=s.position, hidden=h),
+                  Push(session_id=s.sid, step_id=s.step_id + 1, position=s.position + 3, hidden=h)]
+        if hop is not None:
+            pushes.insert(1, Push(session_id=s.sid, step_id=s.step_id, position=s.position, hidden=h, next=(hop,)))
+        await _forbidden_pushes(ctx, s, insider, pushes, "from another key holder")
+    finally:
+        await s.close()
+        await ctx.close_host(insider)
+
+
+@check("node.session.other-stream", M + "§5.10, §5.3, §5.8", "Step, SetUpstream and CloseSession naming a session on "
+       "another session's stream (another client's): UNKNOWN_SESSION each; that session still serves its owner")
+async def session_other_stream(ctx):
+    victim = await Session.opened_ok(ctx, max_length=8)
+    insider = await ctx.new_host()
+    other = await Session.opened_ok(ctx, host=insider, max_length=8)
+    try:
+        await victim.good_step(1)
+        for msg in (other.step(session_id=victim.sid, step_id=2**64 - 1, position=victim.position),
+                    SetUpstream(session_id=victim.sid, upstream=insider.peer_id),
+                    CloseSession(session_id=victim.sid)):
+            reply, raw, sent = await other.exchange(msg)
+            expect_error(reply, ErrorCode.UNKNOWN_SESSION, sent=sent, raw=raw)
+        got = await _quiet(victim)
+        if got is not None:
+            raise Failed("another client's messages sent something to the session's owner", received=got)
+        await victim.good_step(1, "the owner's Step after another client named its session")
+    finally:
+        await victim.close()
+        await other.close()
+        await ctx.close_host(insider)
+
+
+@check("node.push.no-upstream", M + "§5.10", "a session opened without upstream accepts no Push, even from its owner's peer")
+async def push_no_upstream(ctx):
+    s = await Session.opened_ok(ctx, max_length=8, upstream=None)
+    try:
+        push = Push(session_id=s.sid, step_id=0, position=0, hidden=_h(s.info))
+        await _forbidden_pushes(ctx, s, await ctx.host(), [push], "into a session without upstream")
+    finally:
+        await s.close()
+
+
+@check("node.push.set-upstream", M + "§5.10", "SetUpstream moves the binding: the old upstream's Push is FORBIDDEN, "
+       "the new one's is acknowledged and runs; SetUpstream gets no reply", timeout=60)
+async def push_set_upstream(ctx):
+    s = await Session.opened_ok(ctx, max_length=8)
+    new = await ctx.new_host()
+    try:
+        await s.send(SetUpstream(session_id=s.sid, upstream=new.peer_id))
+        old_push = Push(session_id=s.sid, step_id=0, position=0, hidden=_h(s.info))
+        await _forbidden_pushes(ctx, s, await ctx.host(), [old_push], "from the upstream replaced by SetUpstream")
+        msg = Push(session_id=s.sid, step_id=s.step_id, position=s.position, hidden=_h(s.info))
+        data = encode_message(msg)
+        raw = await new.call(ctx.addr, NODE_PROTOCOL, data, timeout=10)
+        reply = _decode(raw, data)
+        if not isinstance(reply, PushAck) or reply.step_id != msg.step_id:
+            raise Failed("a Push from the upstream named by SetUpstream was not acknowledged", sent=data, received=reply)
+        result, raw = await s.receive()
+        if not isinstance(result, StepResult) or result.step_id != msg.step_id:
+            raise Failed("the new upstream's pushed step did not reach the owner", sent=data, received=result)
+    finally:
+        await s.close()
+        await ctx.close_host(new)
 
 
 @check("node.push.unknown-session", M + "§5.7, §5.9", "a Push for a session never opened: UNKNOWN_SESSION")

@@ -5,7 +5,7 @@ Modules (flat, one job each):
 * ``cli``: the command line (``biopetals-node --help``).
 * ``server``: ``run_node``, start-up order, announcing, clean shutdown.
 * ``handler``: ``NodeService``, the asyncio driver of every message of spec/messages.md on
-  ``/biopetals/node/1``.
+  ``/biopetals/node/2``.
 * ``session_machine``: ``SessionMachine``, every session rule and transition (open, steps,
   push, duplicates, idle timeout, close) as messages in, actions out, sans-IO.
 * ``sessions``: one session's state and the checks of one step against it, sans-IO.

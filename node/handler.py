@@ -1,9 +1,9 @@
-"""The node's side of the node protocol: the asyncio driver of ``/biopetals/node/1``.
+"""The node's side of the node protocol: the asyncio driver of ``/biopetals/node/2``.
 
 See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push), §6
 (forward/backward) and §7 (errors). The first message of a stream decides its kind:
 ``NodeInfoRequest``, ``Push``, ``Forward`` and ``Backward`` get one reply and the
-stream ends; ``OpenSession`` starts a session stream that carries ``Step`` and
+stream ends; ``OpenSession`` starts a session stream that carries ``Step``, ``SetUpstream`` and
 ``CloseSession`` until the session ends.
 
 Every rule of a session lives in the sans-IO ``SessionMachine`` (node/session_machine.py);
@@ -53,6 +53,7 @@ from biopetals.protocol.messages import (
     OpenSession,
     Push,
     PushAck,
+    SetUpstream,
     Step,
     decode_message,
     encode_message,
@@ -69,7 +70,7 @@ __all__ = ["NodeService", "ServiceConfig"]
 log = logging.getLogger("biopetals.node")
 
 _FIRST = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
-_ON_SESSION = (Step, CloseSession)
+_ON_SESSION = (Step, CloseSession, SetUpstream)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class _Sender:
 
 
 class NodeService:
-    """Serves ``/biopetals/node/1`` on a ``Host`` with a ``Backend``."""
+    """Serves ``/biopetals/node/2`` on a ``Host`` with a ``Backend``."""
 
     def __init__(
         self,

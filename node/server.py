@@ -10,7 +10,7 @@ Order of start-up (spec/announcement.md §2.1 for the states):
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
    measure throughput, both on the worker thread so the DHT keeps answering; blocks the
    directory lacks are fetched from peers first (weights/fetch.py), also on a move;
-4. install the ``/biopetals/node/1`` handler, announce ``ONLINE``, print
+4. install the ``/biopetals/node/2`` handler, announce ``ONLINE``, print
    ``READY <multiaddr>``; re-announce every ``announce_interval`` s; without ``--blocks``,
    re-evaluate the swarm's balance and move when it pays (node/relocation.py).
 
@@ -46,6 +46,7 @@ from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
 from biopetals.protocol.announcement import State
 from biopetals.protocol.errors import ErrorCode
+from biopetals.protocol.envelope import PROTOCOL_NAME
 from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
 from biopetals.transport.joining import NEW_SWARM_HINT, JoinError, require_join
@@ -310,7 +311,7 @@ async def run_node(
                     task.cancel()
                 if metrics_server is not None:
                     metrics_server.shutdown()
-                host.remove_handler("/biopetals/node/1")
+                host.remove_handler(PROTOCOL_NAME)
                 if weights is not None:
                     weights.server.close()
                 try:

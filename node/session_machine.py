@@ -2,11 +2,11 @@
 
 See spec/messages.md §5.1 (opening: model, span, adapter, ``max_length``, cache budget),
 §5.3 (a step's checks, in order), §5.6 (positions and masks), §5.7 (push and
-duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves) and
-§2.6 (a failed step answers ``Error`` and changes nothing). Sans-IO, as h11 and
-aioquic are: no asyncio, no sockets, no clock. Time is an argument (``now``, seconds
-on the caller's monotonic clock); the caller asks ``get_timer()`` and calls
-``handle_timer(now)``.
+duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves), §5.10
+(chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
+changes nothing). Sans-IO, as h11 and aioquic are: no asyncio, no sockets, no clock.
+Time is an argument (``now``, seconds on the caller's monotonic clock); the caller asks
+``get_timer()`` and calls ``handle_timer(now)``.
 
 ``SessionMachine`` owns every session's state (``node.sessions.Session``): its span,
 the positions and masks its cache holds, its cache reservation (``CacheBudget``), the
@@ -24,8 +24,12 @@ order the caller must perform them:
 
 Streams are named by the caller (any hashable value: the machine only hands them back
 in actions). node/handler.py is the asyncio driver that moves the messages and runs
-these actions. Who may drive a session is decided here too: every event names the
-authenticated peer it came from (``peer``), kept on the session it opens.
+these actions. Who may drive a session is decided here too (§5.10): every event names the
+authenticated peer it came from (``peer``). ``Step``, ``CloseSession`` and ``SetUpstream``
+count only on the session stream of the session they name, which is the owner's; a ``Push``
+counts only from the session's ``upstream`` (named by ``OpenSession``, replaced by the
+owner's ``SetUpstream``). Anything else is refused with a typed ``Error`` to its sender and
+changes nothing: no cache, step id or idle-time change, nothing sent to the owner.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from biopetals.protocol.messages import (
     PushAck,
     SessionClosed,
     SessionOpened,
+    SetUpstream,
     Step,
     StepResult,
     error_from_exception,
@@ -228,7 +233,7 @@ class SessionMachine:
         session = Session(
             session_id=session_id, start=request.start, end=request.end, batch_size=request.batch_size,
             max_length=request.max_length, codec=request.codec, adapter=request.adapter, owner=stream, peer=peer,
-            last_activity=now,
+            upstream=request.upstream, last_activity=now,
         )
         self._sessions[session_id] = session
         self._by_stream[stream] = session
@@ -240,7 +245,8 @@ class SessionMachine:
         if session is None or session.is_open:
             return []  # closed meanwhile (the node is stopping): the cache is dropped
         session.cache, session.is_open, session.last_activity = cache, True, now
-        return [Send(session.owner, SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout))]
+        opened = SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout, upstream=session.upstream)
+        return [Send(session.owner, opened)]
 
     def allocation_failed(self, session_id: bytes, error: Error) -> list[Action]:
         """The cache could not be allocated: free the reservation, answer ``error`` (``CACHE_BUDGET``)."""
@@ -252,19 +258,22 @@ class SessionMachine:
 
     # ------------------------------------------------------------------ session stream (§5.3, §5.8)
 
-    def receive(self, stream: Hashable, message: Step | CloseSession, now: float) -> list[Action]:
-        """A ``Step`` or ``CloseSession`` on the session stream ``stream``."""
+    def receive(self, stream: Hashable, message: Step | CloseSession | SetUpstream, now: float) -> list[Action]:
+        """A ``Step``, ``CloseSession`` or ``SetUpstream`` on the session stream ``stream`` (the owner's)."""
         session = self._by_stream.get(stream)
         if session is None or not session.is_open:
             return []  # the session ended: the driver stops reading this stream
         step_id = message.step_id if isinstance(message, Step) else None
-        if isinstance(message, Step):
-            session.last_activity = now
         if message.session_id != session.session_id:
             return [Send(stream, Error(
                 code=ErrorCode.UNKNOWN_SESSION, message=f"session {message.session_id.hex()} is not open on this stream",
                 step_id=step_id,
             ))]
+        if isinstance(message, SetUpstream):
+            session.upstream = message.upstream  # pushes from now on (§5.10); no reply
+            return []
+        if isinstance(message, Step):
+            session.last_activity = now
         busy = self._busy(session, step_id)
         if busy is not None:
             return [Send(stream, busy)]
@@ -285,6 +294,8 @@ class SessionMachine:
         session = self._open(push.session_id)
         if session is None:
             return [Send(stream, self._unknown(push.session_id, push.step_id))]
+        if session.upstream is None or peer != session.upstream:
+            return [Send(stream, self._forbidden(session, peer, push.step_id))]
         busy = self._busy(session, push.step_id)
         if busy is not None:
             return [Send(stream, busy)]
@@ -388,6 +399,16 @@ class SessionMachine:
         return Error(
             code=ErrorCode.UNKNOWN_SESSION, step_id=step_id,
             message=f"session {session_id.hex()} is not open on this node (never opened, closed or expired)",
+        )
+
+    @staticmethod
+    def _forbidden(session: Session, peer: Any, step_id: int) -> Error:
+        """§5.10: a ``Push`` from a peer that is not the session's upstream; the session is untouched."""
+        allowed = f"only {session.upstream}" if session.upstream is not None else "no peer"
+        return Error(
+            code=ErrorCode.FORBIDDEN, step_id=step_id,
+            message=f"peer {peer} may not push into session {session.session_id.hex()}: its owner allows {allowed} "
+                    "(spec/messages.md §5.10)",
         )
 
     def _remove(self, session: Session) -> None:

@@ -1,8 +1,8 @@
 """One inference session on a node: what it holds, and the checks of one step against it.
 
 See spec/messages.md §5.3 (the node's checks of a step, in order), §5.6 (positions and
-masks) and §5.7 (duplicates). Pure data and rules, no I/O and no clock (time is an
-argument). The node's session state machine (node/session_machine.py) owns every
+masks), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no
+I/O and no clock (time is an argument). The node's session state machine (node/session_machine.py) owns every
 ``Session`` and every transition between its phases; this module answers the
 questions it asks about one session: is this step a duplicate, is it valid here (and
 then: which ``models.step.SpanStep`` do the blocks run), what does the session hold
@@ -47,6 +47,7 @@ class Session:
     adapter: str | None  # the server-side adapter of every step (§6.3)
     owner: Hashable = field(repr=False)  # the session stream, as the driver names it
     peer: Any = field(repr=False)  # the authenticated peer that opened the session
+    upstream: Any = field(default=None, repr=False)  # the one peer whose Push counts (§5.10); None: nobody
     last_activity: float = 0.0
     is_open: bool = False  # False while its cache is being allocated
     cache: Any = field(default=None, repr=False)  # models.blocks.SpanCache once allocated

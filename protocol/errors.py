@@ -40,6 +40,7 @@ class ErrorCode(IntEnum):
     MODEL_MISMATCH = 26  # request names a model this node does not serve
     UNKNOWN_ADAPTER = 27  # request names an adapter this node has not loaded
     NOT_HELD = 28  # weights protocol: this peer does not hold that part (or its copy failed verification)
+    FORBIDDEN = 29  # a Push from a peer that is not the session's upstream (spec/messages.md §5.10)
 
     # --- DHT (spec/dht.md) ---
     RECORD_INVALID = 48  # record fails structure checks

@@ -22,7 +22,7 @@ from typing import ClassVar, Final
 
 import torch
 
-from biopetals.protocol.envelope import pack_envelope, unpack_envelope
+from biopetals.protocol.envelope import PROTOCOL_VERSION, pack_envelope, unpack_envelope
 from biopetals.protocol.errors import (
     ErrorCode,
     LocalProtocolError,
@@ -71,6 +71,7 @@ __all__ = [
     "NodeInfo",
     "OpenSession",
     "SessionOpened",
+    "SetUpstream",
     "Step",
     "StepResult",
     "CloseSession",
@@ -108,6 +109,7 @@ CODEC: Final = CodecName()
 #: A server-side adapter's name (spec/messages.md §4.2, §5.1, §6): a short label.
 ADAPTER: Final = LABEL
 ADAPTERS: Final = ArrayOf(LABEL, MAX_ADAPTERS)
+UPSTREAM: Final = PeerIdText(1, MAX_PEER_ID_BYTES)  # a session's upstream peer (§5.10)
 
 
 class Message(WireStruct):
@@ -166,7 +168,7 @@ def _mask_rule(message: "WireStruct", hidden: torch.Tensor) -> None:
 class Hop(WireStruct):
     """One node further down a push chain (spec/messages.md §5.4)."""
 
-    peer_id: PeerId = wire(0, PeerIdText(1, MAX_PEER_ID_BYTES))
+    peer_id: PeerId = wire(0, UPSTREAM)
     session_id: bytes = wire(2, SESSION_ID)
     start: int = wire(3, BLOCK_START)
     end: int = wire(4, BLOCK_END)
@@ -231,6 +233,8 @@ class OpenSession(Message):
     codec: Codec = wire(5, CODEC)
     session_id: bytes | None = wire(6, SESSION_ID, optional=True)
     adapter: str | None = wire(7, ADAPTER, optional=True)
+    #: The one peer whose ``Push`` this session accepts (§5.10); None: no node may push into it.
+    upstream: PeerId | None = wire(8, UPSTREAM, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -243,6 +247,8 @@ class SessionOpened(Message):
     TYPE: ClassVar[int] = 4
     session_id: bytes = wire(0, SESSION_ID)
     idle_timeout: float = wire(1, Float(0.0, exclusive=True))
+    #: The session's upstream as the node bound it (§5.10); absent from a node that does not bind.
+    upstream: PeerId | None = wire(2, UPSTREAM, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -324,6 +330,15 @@ class SessionClosed(Message):
 
     TYPE: ClassVar[int] = 8
     session_id: bytes = wire(0, SESSION_ID)
+
+
+@dataclass(frozen=True, eq=False)
+class SetUpstream(Message):
+    """The owner names its session's new upstream, after a failover (spec/messages.md §5.10)."""
+
+    TYPE: ClassVar[int] = 16
+    session_id: bytes = wire(0, SESSION_ID)
+    upstream: PeerId | None = wire(1, UPSTREAM, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -434,6 +449,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
         Backward,
         BackwardResult,
         Error,
+        SetUpstream,
     )
 }
 
@@ -441,7 +457,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
 #: with ``decode_message(data, FIRST_MESSAGES)``.
 FIRST_MESSAGES: Final = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
 #: What a client may send on an open session stream (§2.1).
-SESSION_MESSAGES: Final = (Step, CloseSession)
+SESSION_MESSAGES: Final = (Step, CloseSession, SetUpstream)
 #: Request type -> its reply type; any request may instead be answered by ``Error`` (§3).
 REPLY_TO: Final[dict[type[Message], type[Message]]] = {
     NodeInfoRequest: NodeInfo,
@@ -482,10 +498,11 @@ def decode_message(data: bytes | bytearray | memoryview, expected: Iterable[type
     return decode_from_table(data, MESSAGE_TYPES if expected is None else {cls.TYPE: cls for cls in expected})
 
 
-def decode_from_table(data: bytes | bytearray | memoryview, known: dict[int, type[Message]]) -> Message:
+def decode_from_table(data: bytes | bytearray | memoryview, known: dict[int, type[Message]],
+                      version: int = PROTOCOL_VERSION) -> Message:
     """Decode one frame payload whose type must be one of ``known`` (type code -> class); shared
-    with the protocols that reuse this envelope (spec/weights.md §3.1)."""
-    type_code, body = unpack_envelope(data, known)
+    with the protocols that reuse this envelope with their own ``version`` (spec/weights.md §3.1)."""
+    type_code, body = unpack_envelope(data, known, version)
     try:
         return known[type_code]._decode_body(body)
     except Violation as exc:

@@ -93,6 +93,9 @@ class ChunkData(Message):
     data: bytes = wire(2, Blob(1, MAX_CHUNK_SIZE))
 
 
+#: The envelope version of /biopetals/weights/1 (spec/weights.md §3.1); the node protocol's moved on to 2.
+WEIGHTS_VERSION: Final = 1
+
 WEIGHTS_MESSAGES: Final[dict[int, type[Message]]] = {
     cls.TYPE: cls for cls in (GetManifest, ManifestData, GetChunk, ChunkData, Error)
 }
@@ -104,13 +107,14 @@ def encode_weights_message(message: Message) -> bytes:
     """Canonical bytes of a weights-protocol message (one frame payload)."""
     if type(message) not in WEIGHTS_MESSAGES.values():
         raise LocalProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"not a weights message: {type(message).__name__}")
-    return pack_envelope(message.TYPE, message._encode_body(None))
+    return pack_envelope(message.TYPE, message._encode_body(None), WEIGHTS_VERSION)
 
 
 def decode_weights_message(data: bytes | bytearray | memoryview,
                            expected: Iterable[type[Message]] | None = None) -> Message:
     """Decode one frame payload; ``expected`` limits the acceptable types (``UNKNOWN_MESSAGE`` else)."""
-    return decode_from_table(data, WEIGHTS_MESSAGES if expected is None else {cls.TYPE: cls for cls in expected})
+    return decode_from_table(data, WEIGHTS_MESSAGES if expected is None else {cls.TYPE: cls for cls in expected},
+                             WEIGHTS_VERSION)
 
 
 # ----------------------------------------------------------------------------- provider record

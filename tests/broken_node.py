@@ -7,7 +7,12 @@
 - ``position-code``: answers a position error with INVALID_FIELD instead of BAD_POSITION (§5.6);
 - ``signatures``: its DHT stores records whose signature does not verify (spec/dht.md §4.5, §4.6);
 - ``corrupt-chunks``: serves weight chunks with one byte flipped (spec/weights.md §3: an honest node
-  hashes what it serves; fetchers MUST detect this), for tests/test_weights_swarm.py.
+  hashes what it serves; fetchers MUST detect this), for tests/test_weights_swarm.py;
+- ``wrong-shape``: returns every ``StepResult`` to its client one hidden unit short (the push to the next
+  node stays correct), for tests/test_bad_answers.py (spec/messages.md §5.5: the client's failure to handle);
+- ``extra-result``: after each ``StepResult`` also sends one for a step nobody asked for (§5.5);
+- ``non-finite``: sends each ``StepResult`` (f32) with a NaN in it (§7.3);
+- ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it.
 
 Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
 """
@@ -69,11 +74,72 @@ def break_chunks() -> None:
     local.LocalWeights.read_chunk = read_chunk
 
 
+def break_result_shape() -> None:
+    from biopetals.node import session_machine
+    from biopetals.protocol.messages import StepResult
+
+    original = session_machine.SessionMachine.step_done
+
+    def step_done(self, *args, **kwargs):
+        actions = original(self, *args, **kwargs)
+        for i, action in enumerate(actions):
+            if isinstance(action, session_machine.Send) and isinstance(action.message, StepResult):
+                m = action.message
+                short = StepResult(session_id=m.session_id, step_id=m.step_id, hidden=m.hidden[..., :-1].contiguous())
+                actions[i] = session_machine.Send(action.to, short, action.codec)
+        return actions
+
+    session_machine.SessionMachine.step_done = step_done
+
+
+def extra_results() -> None:
+    from biopetals.node import session_machine
+    from biopetals.protocol.messages import StepResult
+
+    original = session_machine.SessionMachine.step_done
+
+    def step_done(self, *args, **kwargs):
+        actions = original(self, *args, **kwargs)
+        for action in list(actions):
+            if isinstance(action, session_machine.Send) and isinstance(action.message, StepResult):
+                m = action.message
+                extra = StepResult(session_id=m.session_id, step_id=m.step_id + 1000, hidden=m.hidden)
+                actions.append(session_machine.Send(action.to, extra, action.codec))
+        return actions
+
+    session_machine.SessionMachine.step_done = step_done
+
+
+def non_finite_results() -> None:
+    from biopetals.node import handler
+    from biopetals.protocol.messages import StepResult
+
+    original = handler.encode_message
+
+    def encode_message(message, codec=None):
+        data = original(message, codec)
+        if isinstance(message, StepResult) and codec == "f32":
+            values = message.hidden.detach().to("cpu").float().contiguous().numpy().tobytes()
+            at = data.find(values)
+            if at >= 0:  # the first value becomes a NaN (f32, little-endian)
+                data = data[:at] + b"\x00\x00\xc0\x7f" + data[at + 4:]
+        return data
+
+    handler.encode_message = encode_message
+
+
+def lie_about_speed() -> None:
+    from biopetals.node import server
+
+    server.measure_throughput = lambda span: (1e9, 1e9)
+
+
 def main() -> int:
     broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
     for name in broken:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
-         "corrupt-chunks": break_chunks}[name]()
+         "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
+         "non-finite": non_finite_results, "fast-liar": lie_about_speed}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from biopetals.client.chain import (Abandon, Avoid, CallBackward, CallChain, CallForward, ChainSpan, Finished,
-                                    OpenSpans, Route, SendStep, SessionChain, WaitResult)
+                                    OpenSpans, Rebind, Route, SendStep, SessionChain, WaitResult)
 from biopetals.client.errors import PeerFailure, RequestError, SwarmError
 from biopetals.client.routing import MissingBlocksError, RouteSpan, ServerSpan, missing_ranges
 from biopetals.protocol.errors import ErrorCode
@@ -42,8 +42,10 @@ class FakeNode:
 class FakeSession:
     """A node's session: its columns (one entry per step: step id, position, tokens) and last step id."""
 
-    def __init__(self, sim: "Sim", node: FakeNode, span: ChainSpan) -> None:
+    def __init__(self, sim: "Sim", node: FakeNode, span: ChainSpan, upstream: str | None = None) -> None:
         self.sim, self.node, self.span = sim, node, span
+        self.upstream = upstream  # the one node whose pushes count (§5.10)
+        self.refused: list[str] = []  # pushers refused FORBIDDEN (nothing reaches the client)
         self.steps: list[tuple[int, int, int]] = []
         self.prompts: list[tuple[int, ...] | None] = []
 
@@ -52,9 +54,12 @@ class FakeSession:
         return sum(t for _, _, t in self.steps)
 
     def run(self, step_id: int, position: int, x: torch.Tensor, hops: tuple[ChainSpan, ...], prompts, at: float,
-            pushed: bool = False) -> None:
-        node = self.node
+            pushed_by: str | None = None) -> None:
+        node, pushed = self.node, pushed_by is not None
         if node.dead or node.stalled or self.span.abandoned:
+            return
+        if pushed and pushed_by != self.upstream:
+            self.refused.append(pushed_by)
             return
         if pushed and node.lose_pushes:
             node.lose_pushes -= 1
@@ -76,7 +81,7 @@ class FakeSession:
             self.sim.at(done, self.span, (step_id + 1000, out))
         if hops:
             rest = None if prompts is None else prompts[self.span.end - self.span.start:]
-            hops[0].handle.run(step_id, position, out, hops[1:], rest, done, pushed=True)
+            hops[0].handle.run(step_id, position, out, hops[1:], rest, done, pushed_by=node.server.peer_id)
 
 
 class Sim:
@@ -128,13 +133,13 @@ class Sim:
                     state.no_route(exc, self.now)
                     continue
                 spans, failures = [], []
-                for r in route:
+                for r, upstream in zip(route, a.upstreams([r.peer_id for r in route])):
                     node = self.node(r.peer_id)
                     if node.dead:
                         failures.append(PeerFailure(r.peer_id, "connection refused", int(ErrorCode.CONNECTION_CLOSED)))
                         continue
                     span = ChainSpan(r.server, r.start, r.end)
-                    span.handle = FakeSession(self, node, span)
+                    span.handle = FakeSession(self, node, span, upstream)
                     node.sessions.append(span.handle)
                     spans.append(span)
                 state.opened(spans, failures, self.now)
@@ -152,6 +157,9 @@ class Sim:
                 else:
                     self.now = a.deadline
                     state.handle_timer(self.now)
+            elif isinstance(a, Rebind):
+                a.span.handle.upstream = a.upstream
+                state.done(self.now)
             elif isinstance(a, (Abandon, Avoid)):
                 if isinstance(a, Avoid):
                     self.banned.add(a.failure.peer_id)
@@ -258,6 +266,30 @@ def test_a_killed_node_is_avoided_and_replaced_with_its_history_replayed():
     assert [a for a in sim.log if isinstance(a, Abandon)][0].spans[0].peer_id == "B"
     step(sim, state)
     assert state.position == 6
+
+
+def test_sessions_are_bound_to_their_chain_and_a_replacement_rebinds_the_next():
+    """spec/messages.md §5.10: each session names the node before it; after B is replaced by B2, C is told
+    that B2 pushes into it (before the step is resent), so no push is refused and C is never asked directly."""
+    sim, state = three_spans(FakeNode("B2", 3, 6)), chain()
+    step(sim, state)
+    assert [s.handle.upstream for s in state.spans] == [None, "A", "B"]
+    sim.kill("B")
+    step(sim, state)
+    step(sim, state)
+    rebinds = [a for a in sim.log if isinstance(a, Rebind)]
+    assert [(a.span.peer_id, a.upstream) for a in rebinds] == [("C", "B2")]
+    assert [s.handle.upstream for s in state.spans] == [None, "A", "B2"]
+    assert all(not s.refused for n in sim.nodes for s in n.sessions)
+    assert [a.step_id for a in sim.sends() if a.span.peer_id == "C"] == []  # every step reached C by push
+    assert columns(sim, "C") == [(1, 0, 1), (2, 1, 1), (3, 2, 1)]
+    # without push, no session names an upstream and nothing is rebound
+    sim, state = three_spans(FakeNode("B2", 3, 6)), chain(use_push=False)
+    step(sim, state)
+    sim.kill("B")
+    step(sim, state)
+    assert [s.handle.upstream for s in state.spans] == [None, None, None]
+    assert not [a for a in sim.log if isinstance(a, Rebind)]
 
 
 def test_a_stalled_node_is_asked_directly_once_then_replaced_at_its_deadline():
@@ -509,3 +541,8 @@ def test_which_failures_the_request_caused():
         # our request passed our own checks: the node's answer is about the node
         assert not PeerFailure("A", "x", None if code is None else int(code)).by_request
     assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.INVALID_TENSOR, "bad")).by_request
+    # a node's answer that breaks the protocol is the node's failure, whatever its code (§2.6): a
+    # StepResult over a limit does not decode with LIMIT_EXCEEDED, and must not end the request
+    theirs = peer_failure_from("A", RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, "StepResult.hidden over the limit"))
+    assert not theirs.by_request and theirs.invalid
+    assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.NON_FINITE, "NaN in a StepResult")).by_request

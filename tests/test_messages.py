@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import torch
 
-from biopetals.protocol.envelope import PROTOCOL_NAME, scan_msgpack
+from biopetals.protocol.envelope import PROTOCOL_NAME, PROTOCOL_VERSION, scan_msgpack
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.limits import MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_OBJECTS, MAX_SEQUENCE_LENGTH
@@ -30,6 +30,7 @@ from biopetals.protocol.messages import (
     Hop,
     NodeInfo,
     OpenSession,
+    SetUpstream,
     Step,
     StepResult,
     decode_message,
@@ -174,7 +175,7 @@ def test_error_from_exception_truncates_at_a_character_boundary() -> None:
 
 
 def test_protocol_name() -> None:
-    assert PROTOCOL_NAME == "/biopetals/node/1"
+    assert PROTOCOL_NAME == "/biopetals/node/2" and PROTOCOL_VERSION == 2  # §5.10: version 2
 
 
 def test_encoding_is_canonical_whatever_the_attribute_order() -> None:
@@ -235,7 +236,7 @@ def test_expected_types_restrict_what_decodes() -> None:
 
 def test_stream_roles_cover_every_message_once() -> None:
     requests = set(FIRST_MESSAGES) | set(SESSION_MESSAGES)
-    assert requests == set(REPLY_TO)
+    assert requests - {SetUpstream} == set(REPLY_TO)  # SetUpstream has no reply (§5.10)
     replies = set(REPLY_TO.values()) | {Error}
     assert requests | replies == set(MESSAGE_TYPES.values()) and not requests & replies
     step_data = encode_message(step())
@@ -260,9 +261,9 @@ def test_decoded_tensors_are_writable_and_do_not_alias_the_input() -> None:
 
 def test_unknown_keys_are_ignored_and_not_re_encoded() -> None:
     body = {0: SID, 1: 5, 42: {7: [1, 2]}}
-    data = msgpack.packb({0: 1, 1: 10, 2: body, 9: "future"}, use_bin_type=True)
+    data = msgpack.packb({0: PROTOCOL_VERSION, 1: 10, 2: body, 9: "future"}, use_bin_type=True)
     decoded = decode_message(data)
-    assert encode_message(decoded) == msgpack.packb({0: 1, 1: 10, 2: {0: SID, 1: 5}}, use_bin_type=True)
+    assert encode_message(decoded) == msgpack.packb({0: PROTOCOL_VERSION, 1: 10, 2: {0: SID, 1: 5}}, use_bin_type=True)
 
 
 def test_oversized_payload_is_refused_before_parsing() -> None:
@@ -287,7 +288,7 @@ def _peak_bytes(data: bytes) -> tuple[int, ErrorCode]:
 def test_many_small_objects_are_refused_before_msgpack_builds_them() -> None:
     """1 MB of empty arrays would be 10**6 Python lists (~60 MB); the scan stops at 4096 objects."""
     inner = b"\xdc\x03\xe8" + b"\x90" * 1000  # array of 1000 empty arrays
-    data = b"\x83\x00\x01\x01\x07\x02\x82\x00\xc4\x01s\x09\xdc\x03\xe8" + inner * 1000
+    data = b"\x83\x00\x02\x01\x07\x02\x82\x00\xc4\x01s\x09\xdc\x03\xe8" + inner * 1000
     assert len(data) > 10**6
     peak, code = _peak_bytes(data)
     assert code == ErrorCode.LIMIT_EXCEEDED
@@ -297,7 +298,7 @@ def test_many_small_objects_are_refused_before_msgpack_builds_them() -> None:
 def test_declared_sizes_are_checked_before_allocating() -> None:
     # A tensor declaring 2**24 elements (32 MiB of f16) with 2 bytes of data.
     data = msgpack.packb(
-        {0: 1, 1: 5, 2: {0: SID, 1: 0, 2: 0, 3: {0: "f16", 1: [1, 4096, 4096], 2: b"\x00\x00"}}}, use_bin_type=True
+        {0: PROTOCOL_VERSION, 1: 5, 2: {0: SID, 1: 0, 2: 0, 3: {0: "f16", 1: [1, 4096, 4096], 2: b"\x00\x00"}}}, use_bin_type=True
     )
     peak, code = _peak_bytes(data)
     assert code == ErrorCode.INVALID_TENSOR

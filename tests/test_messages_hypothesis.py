@@ -38,6 +38,7 @@ from biopetals.protocol.messages import (
     PushAck,
     SessionClosed,
     SessionOpened,
+    SetUpstream,
     Step,
     StepResult,
     decode_message,
@@ -163,9 +164,13 @@ def messages(draw, cls: type[Message], dtype: torch.dtype) -> Message:
         return cls(
             model=draw(text(1, 256)), start=start, end=end, max_length=draw(st.integers(1, MAX_SEQUENCE_LENGTH)),
             batch_size=draw(st.integers(1, 64)), codec=draw(CODECS), session_id=draw(st.none() | SESSION_IDS),
+            upstream=draw(st.none() | st.sampled_from(PEERS)),
         )
     if cls is SessionOpened:
-        return cls(session_id=draw(SESSION_IDS), idle_timeout=draw(RATES.filter(lambda x: x > 0)))
+        return cls(session_id=draw(SESSION_IDS), idle_timeout=draw(RATES.filter(lambda x: x > 0)),
+                   upstream=draw(st.none() | st.sampled_from(PEERS)))
+    if cls is SetUpstream:
+        return cls(session_id=draw(SESSION_IDS), upstream=draw(st.none() | st.sampled_from(PEERS)))
     if cls in (Step, Push):
         return draw(step_bodies(cls, dtype))
     if cls is StepResult:

@@ -26,6 +26,7 @@ from support_models import make_tiny_checkpoint
 from support_swarm import RawClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.local_swarm import LocalSwarm
 from biopetals.models.config import model_info
@@ -193,11 +194,11 @@ def backward(model, hidden, grad, prompts=None) -> bytes:
     body = {0: model, 1: 0, 2: 4, 3: "f32", 4: hidden, 5: grad}
     if prompts is not None:
         body[6] = prompts
-    return msgpack.packb({0: 1, 1: 13, 2: body}, use_bin_type=True)
+    return msgpack.packb({0: PROTOCOL_VERSION, 1: 13, 2: body}, use_bin_type=True)
 
 
 def forward(model, hidden, prompts) -> bytes:
-    return msgpack.packb({0: 1, 1: 11, 2: {0: model, 1: 0, 2: 4, 3: "f32", 4: hidden, 5: prompts}}, use_bin_type=True)
+    return msgpack.packb({0: PROTOCOL_VERSION, 1: 11, 2: {0: model, 1: 0, 2: 4, 3: "f32", 4: hidden, 5: prompts}}, use_bin_type=True)
 
 
 def test_bad_backward_and_prompts_are_typed_errors(checkpoint, swarm):

@@ -18,6 +18,7 @@ import torch
 from support_models import make_tiny_checkpoint
 from support_swarm import RawClient, Swarm
 
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.models.config import model_info
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.messages import (
@@ -64,7 +65,7 @@ def h(tokens=1, batch=1, hidden=HIDDEN, value=0.5):
 
 
 def raw(type_code: int, body: dict) -> bytes:
-    return msgpack.packb({0: 1, 1: type_code, 2: body}, use_bin_type=True)
+    return msgpack.packb({0: PROTOCOL_VERSION, 1: type_code, 2: body}, use_bin_type=True)
 
 
 async def still_serves(client, addr, model):
@@ -168,7 +169,7 @@ def test_open_and_request_errors(node):
             # garbage as the first message of a stream; an unknown message type
             expect(await client.request_bytes(n.addr, b"\x93\x01\x02"), ErrorCode.MALFORMED)
             expect(await client.request_bytes(n.addr, raw(99, {})), ErrorCode.UNKNOWN_MESSAGE)
-            expect(await client.request_bytes(n.addr, msgpack.packb({0: 2, 1: 1, 2: {}})), ErrorCode.UNSUPPORTED_VERSION)
+            expect(await client.request_bytes(n.addr, msgpack.packb({0: PROTOCOL_VERSION + 1, 1: 1, 2: {}})), ErrorCode.UNSUPPORTED_VERSION)
             await still_serves(client, n.addr, model)
 
     run(go())

@@ -208,7 +208,8 @@ def test_push_between_two_nodes(two_nodes, reference, checkpoint):
     async def go():
         async with RawClient(swarm.swarm_key) as client:
             sa, oa = await client.open_session(a.addr, OpenSession(model=model, start=0, end=4, max_length=PROMPT + DECODE, batch_size=1, codec="f32"))
-            sb, ob = await client.open_session(b.addr, OpenSession(model=model, start=4, end=8, max_length=PROMPT + DECODE, batch_size=1, codec="f32"))
+            sb, ob = await client.open_session(b.addr, OpenSession(model=model, start=4, end=8, max_length=PROMPT + DECODE, batch_size=1, codec="f32",
+                                                                   upstream=a.peer_id))  # A pushes into B's session (§5.10)
             hop = Hop(peer_id=b.peer_id, session_id=ob.session_id, start=4, end=8, addrs=(b.addr.rsplit("/p2p/", 1)[0],))
             outs_a, outs_b = [], []
             chunks = [(0, PROMPT)] + [(p, p + 1) for p in range(PROMPT, PROMPT + 4)]

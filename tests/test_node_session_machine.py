@@ -35,6 +35,7 @@ H = 8
 IDLE = 10.0
 SID = b"session-1"
 NEXT_PEER = Identity.generate().peer_id
+UP = Identity.generate().peer_id  # the upstream node every session here names (§5.10)
 
 
 def machine(**rules) -> SessionMachine:
@@ -47,7 +48,7 @@ def machine(**rules) -> SessionMachine:
 
 
 def opening(**kw) -> OpenSession:
-    args = dict(model="m", start=0, end=4, max_length=10, batch_size=1, codec="f32", session_id=SID)
+    args = dict(model="m", start=0, end=4, max_length=10, batch_size=1, codec="f32", session_id=SID, upstream=UP)
     args.update(kw)
     return OpenSession(**args)
 
@@ -145,7 +146,7 @@ def test_duplicates_are_never_run_twice():
     done(m, first)  # ...then dropped when its turn comes: no reply at all (§5.7)
     assert m.receive("client", step(4, 1), 0.0) == []  # an older id: a duplicate too
     # a duplicate Push is acknowledged and not run
-    assert sends(m.push("upstream", "peer", Push(session_id=SID, step_id=5, position=1, hidden=h()), 0.0)) == [
+    assert sends(m.push("upstream", UP, Push(session_id=SID, step_id=5, position=1, hidden=h()), 0.0)) == [
         ("upstream", PushAck(session_id=SID, step_id=5))
     ]
     assert run(m.receive("client", step(6, 1), 0.0)).step.position == 1
@@ -154,7 +155,7 @@ def test_duplicates_are_never_run_twice():
 def test_push_is_acknowledged_at_once_and_runs_as_a_step_of_the_session():
     m = machine()
     opened(m)
-    actions = m.push("upstream", "peer", Push(session_id=SID, step_id=0, position=0, hidden=h(2)), 0.0)
+    actions = m.push("upstream", UP, Push(session_id=SID, step_id=0, position=0, hidden=h(2)), 0.0)
     assert sends(actions) == [("upstream", PushAck(session_id=SID, step_id=0))]
     ran = run(actions)
     # the client's own Step for the same id, sent because the push was slow, waits and is dropped
@@ -162,7 +163,7 @@ def test_push_is_acknowledged_at_once_and_runs_as_a_step_of_the_session():
     (result,) = sends(done(m, ran))
     assert result[0] == "client" and result[1].step_id == 0  # results go to the session's stream
     # unknown session: Error to the pusher, nothing else
-    error(m.push("x", "peer", Push(session_id=b"nope", step_id=1, position=0, hidden=h()), 0.0),
+    error(m.push("x", UP, Push(session_id=b"nope", step_id=1, position=0, hidden=h()), 0.0),
           ErrorCode.UNKNOWN_SESSION, 1, to="x")
 
 
@@ -195,13 +196,13 @@ def test_idle_timeout_with_a_fake_clock():
     assert m.handle_timer(200.0) == []
     done(m, ran, now=201.0)
     assert m.get_timer() == 201.0 + IDLE
-    m.push("up", "peer", Push(session_id=SID, step_id=0, position=1, hidden=h()), 205.0)  # a duplicate push: alive
+    m.push("up", UP, Push(session_id=SID, step_id=0, position=1, hidden=h()), 205.0)  # a duplicate push: alive
     assert m.get_timer() == 205.0 + IDLE
     actions = m.handle_timer(215.0)
     assert isinstance(actions[-1], EndStream) and actions[-1].to == "client"
     error(actions[:1], ErrorCode.TIMEOUT)
     assert len(m) == 0 and m.budget.tokens_left == 100 and m.get_timer() is None
-    error(m.push("up", "peer", Push(session_id=SID, step_id=1, position=1, hidden=h()), 216.0), ErrorCode.UNKNOWN_SESSION, 1, to="up")
+    error(m.push("up", UP, Push(session_id=SID, step_id=1, position=1, hidden=h()), 216.0), ErrorCode.UNKNOWN_SESSION, 1, to="up")
 
 
 def test_closing_after_running_steps_and_when_the_client_leaves():
@@ -231,7 +232,7 @@ def test_errors_are_actions_and_a_flood_is_busy():
     for i in range(1, 4):  # max_queued_steps = 3 wait behind the running step
         assert m.receive("client", step(i, i), 0.0) == []
     error(m.receive("client", step(4, 4), 0.0), ErrorCode.BUSY, 4)
-    error(m.push("up", "peer", Push(session_id=SID, step_id=5, position=5, hidden=h()), 0.0), ErrorCode.BUSY, 5, to="up")
+    error(m.push("up", UP, Push(session_id=SID, step_id=5, position=5, hidden=h()), 0.0), ErrorCode.BUSY, 5, to="up")
     # the running step fails: its Error goes to the client, then the next one starts (at the same position)
     failed = m.step_failed(SID, 0, Error(code=ErrorCode.INTERNAL, message="bug", step_id=0))
     error([a for a in failed if isinstance(a, Send)][:1], ErrorCode.INTERNAL, 0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.models.step import positions_from_mask, span_step
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
@@ -30,7 +31,7 @@ def test_mask_over_the_limit_is_refused_before_its_length_is_compared():
     forward = Forward(model="m", start=0, end=1, codec="f32", hidden=torch.zeros(1, 1, 1))
     body = msgpack.unpackb(encode_message(forward), strict_map_key=False)[2]
     body[6] = b"\x01" * (MAX_BATCH * MAX_SEQUENCE_LENGTH + 1)
-    data = msgpack.packb({0: 1, 1: Forward.TYPE, 2: body})
+    data = msgpack.packb({0: PROTOCOL_VERSION, 1: Forward.TYPE, 2: body})
     with pytest.raises(RemoteProtocolError) as info:
         decode_message(data)
     assert info.value.code == ErrorCode.LIMIT_EXCEEDED

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import zstandard
 
+from biopetals.protocol.envelope import PROTOCOL_VERSION
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.fields import CodecName, PaddingMask, TensorKind
 from biopetals.protocol.table import ArrayOf, Blob, MultiaddrText, Nested, PeerIdText
@@ -58,6 +59,7 @@ from biopetals.protocol.messages import (
     PushAck,
     SessionClosed,
     SessionOpened,
+    SetUpstream,
     Step,
     StepResult,
     decode_message,
@@ -217,7 +219,7 @@ def _header(length: int, fix: int | None, fix_max: int, markers: tuple) -> bytes
     raise ValueError(length)
 
 
-def envelope(type_code: Any, body: Any, version: Any = 1) -> dict:
+def envelope(type_code: Any, body: Any, version: Any = PROTOCOL_VERSION) -> dict:
     return {0: version, 1: type_code, 2: body}
 
 
@@ -336,6 +338,14 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             None,
         ),
         ("SessionOpened", SessionOpened(session_id=SID, idle_timeout=300.0), None),
+        ("OpenSession naming its upstream (§5.10, key 8)", dataclasses.replace(OPEN, upstream=PEER_A), None),
+        (
+            "SessionOpened echoing the upstream (§5.10, key 2)",
+            SessionOpened(session_id=SID, idle_timeout=300.0, upstream=PEER_A),
+            None,
+        ),
+        ("SetUpstream naming a new upstream (§5.10)", SetUpstream(session_id=SID, upstream=PEER_B), None),
+        ("SetUpstream without upstream: no node may push (§5.10)", SetUpstream(session_id=SID), None),
         ("Step [1, 2, 4] f16 at position 0", STEP, "f16"),
         ("Step [1, 2, 4] f32", Step(session_id=SID, step_id=1, position=5, hidden=hidden("f32")), "f32"),
         ("Step [1, 2, 4] bf16", Step(session_id=SID, step_id=2, position=5, hidden=hidden("bf16")), "bf16"),
@@ -428,6 +438,11 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
         ("Error with step id", ERROR, None),
         ("Error, empty text, no step id", Error(code=ErrorCode.BUSY, message=""), None),
         ("Error UNKNOWN_ADAPTER", Error(code=ErrorCode.UNKNOWN_ADAPTER, message="adapter 'x' is not loaded here"), None),
+        (
+            "Error FORBIDDEN for a Push from a peer that is not the upstream (§5.10)",
+            Error(code=ErrorCode.FORBIDDEN, message="peer may not push into this session", step_id=9),
+            None,
+        ),
         ("Error with a code from a newer peer", Error(code=999, message="new"), None),
     ]
 
@@ -439,7 +454,7 @@ def accepted_vectors() -> list[dict]:
     def add(name: str, rule: str, data: bytes, message: Message, codec: str | None = None) -> None:
         out.append({"name": name, "rule": rule, "fields": message_to_fields(message, codec), "hex": data.hex()})
 
-    add("unknown envelope key 3 ignored", "§2.4", _pack({0: 1, 1: 7, 2: {0: SID}, 3: "later"}), CloseSession(session_id=SID))
+    add("unknown envelope key 3 ignored", "§2.4", _pack({0: PROTOCOL_VERSION, 1: 7, 2: {0: SID}, 3: "later"}), CloseSession(session_id=SID))
     add(
         "unknown body keys ignored, any value",
         "§2.4",
@@ -470,7 +485,7 @@ def accepted_vectors() -> list[dict]:
     add(
         "envelope keys in descending order",
         "§2.3",
-        _pack(Pairs([(2, {0: SID}), (1, 7), (0, 1)])),
+        _pack(Pairs([(2, {0: SID}), (1, 7), (0, PROTOCOL_VERSION)])),
         CloseSession(session_id=SID),
     )
     add(
@@ -480,7 +495,7 @@ def accepted_vectors() -> list[dict]:
             envelope(
                 Raw(b"\xcd\x00\x0a"),
                 {0: SID2, 1: Raw(b"\xcf" + (5).to_bytes(8, "big"))},
-                version=Raw(b"\xd0\x01"),
+                version=Raw(b"\xd0" + bytes([PROTOCOL_VERSION])),
             )
         ),
         PushAck(session_id=SID2, step_id=5),
@@ -617,7 +632,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("top level is an integer", b"\x07", E.MALFORMED, "§2.5 step 3: not a map"),
         (
             "str key in the envelope",
-            _pack(Pairs([(0, 1), (1, 7), (2, {0: SID}), ("x", 1)])),
+            _pack(Pairs([(0, PROTOCOL_VERSION), (1, 7), (2, {0: SID}), ("x", 1)])),
             E.MALFORMED,
             "§2.5 step 3: non-uint key",
         ),
@@ -641,7 +656,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ),
         (
             "duplicate key in the envelope",
-            _pack(Pairs([(0, 1), (1, 7), (2, {0: SID}), (1, 8)])),
+            _pack(Pairs([(0, PROTOCOL_VERSION), (1, 7), (2, {0: SID}), (1, 8)])),
             E.MALFORMED,
             "§2.5 step 3: duplicate key",
         ),
@@ -661,20 +676,21 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("version absent", _pack({1: 7, 2: {0: SID}}), E.MALFORMED, "§2.5 step 4"),
         ("version is a str", _pack(envelope(7, {0: SID}, version="1")), E.MALFORMED, "§2.5 step 4"),
         ("version is a float", _pack(envelope(7, {0: SID}, version=1.0)), E.MALFORMED, "§2.5 step 4"),
-        ("version 2", _pack(envelope(7, {0: SID}, version=2)), E.UNSUPPORTED_VERSION, "§2.4, §2.5 step 4"),
+        ("version 1", _pack(envelope(7, {0: SID}, version=1)), E.UNSUPPORTED_VERSION, "§2.4, §2.5 step 4, §5.10"),
+        ("version 3", _pack(envelope(7, {0: SID}, version=3)), E.UNSUPPORTED_VERSION, "§2.4, §2.5 step 4"),
         ("version 0", _pack(envelope(7, {0: SID}, version=0)), E.UNSUPPORTED_VERSION, "§2.5 step 4"),
         (
-            "version 2 with an envelope of another shape",
-            _pack({0: 2, 5: "anything"}),
+            "version 3 with an envelope of another shape",
+            _pack({0: 3, 5: "anything"}),
             E.UNSUPPORTED_VERSION,
             "§2.4: nothing after the version is interpreted",
         ),
-        ("type absent", _pack({0: 1, 2: {0: SID}}), E.MALFORMED, "§2.5 step 5"),
+        ("type absent", _pack({0: PROTOCOL_VERSION, 2: {0: SID}}), E.MALFORMED, "§2.5 step 5"),
         ("type negative", _pack(envelope(-1, {0: SID})), E.MALFORMED, "§2.5 step 5"),
         ("type 0", _pack(envelope(0, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
-        ("type 16", _pack(envelope(16, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
+        ("type 17", _pack(envelope(17, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
         ("type 300", _pack(envelope(300, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
-        ("body absent", _pack({0: 1, 1: 1}), E.MALFORMED, "§2.5 step 6"),
+        ("body absent", _pack({0: PROTOCOL_VERSION, 1: 1}), E.MALFORMED, "§2.5 step 6"),
         ("body is an array", _pack(envelope(1, [])), E.MALFORMED, "§2.5 step 6"),
         ("body is nil", _pack(envelope(1, None)), E.MALFORMED, "§2.5 step 6"),
         # --- §2.5 step 7a-b: presence and type of fields
@@ -719,6 +735,16 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("Forward adapter name of 65 bytes", packed(FORWARD, "f32", k7="a" * 65), E.LIMIT_EXCEEDED, "§6.1 adapter high"),
         ("Backward adapter name given bin", packed(BACKWARD, "f32", k8=b"bio"), E.INVALID_FIELD, "§6.2 adapter type"),
         ("OpenSession adapter given an int", packed(OPEN, k7=1), E.INVALID_FIELD, "§5.1 adapter type"),
+        ("OpenSession upstream not a peer id", packed(OPEN, k8="12D3KooW0OIl"), E.INVALID_FIELD, "§5.1 upstream, §5.10"),
+        ("OpenSession upstream given bin", packed(OPEN, k8=PEER_A.encode()), E.INVALID_FIELD, "§5.1 upstream type"),
+        ("OpenSession upstream empty", packed(OPEN, k8=""), E.INVALID_FIELD, "§5.1 upstream low"),
+        ("OpenSession upstream of 129 bytes", packed(OPEN, k8="1" * 129), E.LIMIT_EXCEEDED, "§5.1 upstream high"),
+        ("SetUpstream without session_id", packed(SetUpstream(session_id=SID, upstream=PEER_A), k0=DROP),
+         E.INVALID_FIELD, "§5.10 session_id"),
+        ("SetUpstream upstream not a peer id", packed(SetUpstream(session_id=SID), k1="not-a-peer"), E.INVALID_FIELD,
+         "§5.10 upstream"),
+        ("SessionOpened upstream not a peer id", packed(SessionOpened(session_id=SID, idle_timeout=1.0), k2="x"),
+         E.INVALID_FIELD, "§5.2 upstream"),
         ("NodeInfo with 9 adapters", packed(NODE_INFO, k14=[f"a{i}" for i in range(9)]), E.LIMIT_EXCEEDED, "§4.2 adapters high"),
         ("negative throughput", packed(NODE_INFO, k8=-1.0), E.INVALID_FIELD, "§4.2 inference_tps"),
         ("NaN throughput", packed(NODE_INFO, k9=nan), E.INVALID_FIELD, "§4.2 forward_tps finite"),
@@ -927,8 +953,8 @@ def unexpected_vectors(invalid: list[tuple[str, bytes, ErrorCode, str]]) -> list
     """Messages sent where their type is not expected: UNKNOWN_MESSAGE whatever the body (§2.1, §2.5 step 5).
 
     Valid messages in the wrong place, then every ``invalid`` vector whose broken rule is in the
-    body, sent where its type is not expected (a Step or CloseSession first, any other type on a
-    session stream)."""
+    body, sent where its type is not expected (a Step, SetUpstream or CloseSession first, any other
+    type on a session stream)."""
     cases = [
         ("Step as the first message", encode_message(STEP), "first"),
         ("StepResult (a reply) as the first message", encode_message(StepResult(session_id=SID, step_id=0, hidden=hidden())), "first"),
@@ -936,6 +962,8 @@ def unexpected_vectors(invalid: list[tuple[str, bytes, ErrorCode, str]]) -> list
         ("OpenSession on a session stream", encode_message(OPEN), "session"),
         ("Push on a session stream", encode_message(Push(session_id=SID, step_id=0, position=0, hidden=hidden())), "session"),
         ("NodeInfoRequest on a session stream", encode_message(NodeInfoRequest()), "session"),
+        ("SetUpstream as the first message (§5.10)", encode_message(SetUpstream(session_id=SID, upstream=PEER_A)),
+         "first"),
     ]
     session_types = {cls.TYPE for cls in SESSION_MESSAGES}
     for name, data, _code, rule in invalid:
@@ -980,8 +1008,8 @@ def _passes_structure_scan(data: bytes) -> bool:
 
 
 def _type_offset(data: bytes) -> int:
-    """Offset of the type code in a canonical envelope ``83 00 01 01 <type>`` (vectors write types 1..127)."""
-    if data[:4] != b"\x83\x00\x01\x01":
+    """Offset of the type code in a canonical envelope ``83 00 <version> 01 <type>`` (types 1..127)."""
+    if data[:4] != bytes([0x83, 0x00, PROTOCOL_VERSION, 0x01]):
         raise AssertionError(f"not a canonical envelope: {data[:8].hex()}")
     return 4
 
@@ -1005,7 +1033,7 @@ def build() -> dict:
         "spec": "spec/messages.md",
         "revision": 1,
         "description": (
-            "Node protocol messages (/biopetals/node/1). valid: encode(fields) == hex and "
+            "Node protocol messages (/biopetals/node/2). valid: encode(fields) == hex and "
             "decode(hex) == fields. accepted: non-canonical encodings a receiver MUST decode "
             "to fields. invalid: decode(hex) fails with exactly error. Tensors are "
             "{codec, shape, values}; bytes are hex; all tensors of one vector share one codec."

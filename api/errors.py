@@ -44,8 +44,10 @@ def swarm_error(exc: BaseException, after_tokens: int = 0) -> APIError:
 
 
 def _swarm_error(exc: BaseException) -> APIError:
-    from biopetals.client.errors import MissingBlocksError, SwarmError
+    from biopetals.client.errors import MissingBlocksError, RequestError, SwarmError
 
+    if isinstance(exc, RequestError):  # the request itself (a limit, a shape): no node failed, retrying won't help
+        return APIError(400, f"the request cannot be served: {exc}", "invalid_request_error", "invalid_value")
     if isinstance(exc, MissingBlocksError):
         if not exc.found:
             return APIError(503, "the swarm is unreachable: no node serving this model was found (are the nodes "

@@ -106,3 +106,15 @@ def test_bind_rule_and_key_check():
         with pytest.raises(APIError) as info:
             check_key(bad, keys)
         assert info.value.status == 401 and info.value.body()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_request_error_is_the_caller_s_400_and_a_swarm_failure_a_503():
+    """A request no node can serve (a limit, a shape) is the caller's to fix: 400, not a 500 or 503."""
+    from biopetals.api.errors import swarm_error
+    from biopetals.client.errors import PeerFailure, RequestError, SwarmError
+
+    refused = swarm_error(RequestError.before_sending("batch 300 > MAX_BATCH 256"))
+    assert (refused.status, refused.code) == (400, "invalid_value")
+    assert "MAX_BATCH" in refused.message
+    failed = swarm_error(SwarmError("blocks 3:8 have no live node.", [PeerFailure("12D3KooWx", "reset")]))
+    assert (failed.status, failed.code) == (503, "swarm_failed")

@@ -73,6 +73,8 @@ class BatchStats:
     batched_calls: int = 0
     largest_batch: int = 0
     fallbacks: int = 0  # batched calls that failed and were rerun one by one
+    #: tokens (rows x columns) computed by finished steps, Forwards and Backwards (the metrics' tokens_total)
+    tokens: int = 0
 
     def line(self) -> str:
         return (
@@ -207,7 +209,9 @@ class Backend:
         try:
             with self.adapters.use(adapter):
                 out = view.run_step(step, cache)
-            return _finite_on_wire(out, codec, "the step's outputs")
+            out = _finite_on_wire(out, codec, "the step's outputs")
+            self.stats.tokens += step.batch * step.tokens
+            return out
         except BaseException:
             _rollback(cache, before, padding)
             raise
@@ -250,6 +254,7 @@ class Backend:
             return batch
         self.stats.decode_steps += len(batch)
         self.stats.batched_steps += len(batch)
+        self.stats.tokens += sum(b.step.batch * b.step.tokens for b in batch)
         self.stats.batched_calls += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for b, out, (length, padding) in zip(batch, outs, saved):
@@ -272,7 +277,9 @@ class Backend:
         # Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1).
         with torch.no_grad(), self.adapters.use(adapter):
             out = view.forward(hidden, attention_mask=mask, prompts=prompts)
-        return _finite_on_wire(out, codec, "the forward outputs")
+        out = _finite_on_wire(out, codec, "the forward outputs")
+        self.stats.tokens += hidden.shape[0] * hidden.shape[1]
+        return out
 
     def backward(
         self,
@@ -289,6 +296,7 @@ class Backend:
         grad_inputs = _finite_on_wire(grad_inputs, codec, "the input gradients")
         if grad_prompts is not None:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
+        self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         return grad_inputs, grad_prompts
 
 

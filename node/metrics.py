@@ -6,7 +6,7 @@ replies of node/handler.py), from whichever service serves now (a node that move
 blocks gets a new one). Served on its own HTTP port by prometheus_client's own server, on
 the address given (``--metrics-host``, default 127.0.0.1: metrics are not for the internet).
 
-Metrics (all prefixed ``biopetals_node_``): ``decode_steps_total``, ``batched_steps_total``,
+Metrics (all prefixed ``biopetals_node_``): ``decode_steps_total``, ``batched_steps_total``, ``tokens_total``,
 ``sessions_open``, ``cache_tokens_left``, ``cache_tokens_total``, ``queue_depth``,
 ``error_replies_total{code=...}``, ``uptime_seconds``, ``inference_tokens_per_second``,
 ``info{model,blocks,dtype,quant,version,public_name}``.
@@ -42,6 +42,8 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(PREFIX + "decode_steps", "decode steps run", value=info.decode_steps or 0)
         yield CounterMetricFamily(PREFIX + "batched_steps", "decode steps run in a batch of 2 or more sessions",
                                   value=info.batched_steps or 0)
+        yield CounterMetricFamily(PREFIX + "tokens", "tokens (rows x positions) computed by steps, Forwards and "
+                                  "Backwards", value=service.backend.stats.tokens)
         yield GaugeMetricFamily(PREFIX + "sessions_open", "inference sessions open", value=info.sessions_open or 0)
         stats = service.budget.statistics()
         yield GaugeMetricFamily(PREFIX + "cache_tokens_left", "KV-cache tokens free for new sessions "

@@ -2,7 +2,7 @@
 
 A real node process; a real scrape over HTTP on 127.0.0.1; a request the node refuses
 (a model it does not serve) must show in ``error_replies_total``, an open session in
-``sessions_open``.
+``sessions_open``, a Forward's rows x positions in ``tokens_total``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from support_models import make_tiny_checkpoint
 from support_swarm import RawClient, Swarm
 
-from biopetals.protocol.messages import Error, NodeInfo, NodeInfoRequest, OpenSession, SessionOpened
+from biopetals.protocol.messages import (
+    Error, Forward, ForwardResult, NodeInfo, NodeInfoRequest, OpenSession, SessionOpened,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,6 +53,9 @@ def test_metrics_count_sessions_and_error_replies(tmp_path):
             async with RawClient(swarm.swarm_key) as client:
                 info = await client.request(node.addr, NodeInfoRequest())
                 assert isinstance(info, NodeInfo)
+                out = await client.request(node.addr, Forward(model=info.model, start=0, end=2, codec="f32",
+                                                              hidden=torch.randn(2, 3, info.hidden_size)))
+                assert isinstance(out, ForwardResult)
                 wrong = await client.request(node.addr, OpenSession(model="nope.00000000", start=0, end=2,
                                                                      max_length=8, batch_size=1, codec="f32"))
                 assert isinstance(wrong, Error)
@@ -61,4 +67,6 @@ def test_metrics_count_sessions_and_error_replies(tmp_path):
 
         during = asyncio.run(talk())
     assert during["biopetals_node_sessions_open"] == 1
+    assert before["biopetals_node_tokens_total"] == 0
+    assert during["biopetals_node_tokens_total"] == 2 * 3  # the Forward's rows x positions
     assert during['biopetals_node_error_replies_total{code="MODEL_MISMATCH"}'] == 1

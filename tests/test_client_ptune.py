@@ -276,8 +276,9 @@ def test_a_stalled_then_a_killed_node_are_replaced_and_decoding_goes_on(checkpoi
     assert [(start, end) for _, start, end in route] == [(0, 3), (3, 8)], route
     assert {stalled[0].peer_id, killed[0].peer_id}.isdisjoint(p for p, _, _ in route)
     # the stall: two missed deadlines (pushed, then asked directly) and a replay; the kill: a replay.
-    # Both far below the 60 s step_timeout ceiling.
-    assert took["stall"] < 2 * floor + 10 and took["kill"] < 10, took
+    # Both far below the 60 s step_timeout ceiling (the bounds leave room for a loaded 2-core machine:
+    # a kill once took 10.06 s to replace there; what is checked is that nobody waits for the ceiling).
+    assert took["stall"] < 2 * floor + 20 and took["kill"] < 30, took
 
 
 def lora():

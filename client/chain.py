@@ -47,7 +47,12 @@ What it owns:
   step sent directly that is late replaces the node (§5.7, §5.9);
 - for ``Forward``/``Backward`` (§6.1, §6.2), stateless calls along the route: a
   failed forward re-routes from its first block, a failed backward re-routes its
-  span and first runs forward through the new sub-spans to get their inputs.
+  span and first runs forward through the new sub-spans to get their inputs;
+- **measured step times**: after each step ``SessionChain.timings`` holds every span's own time
+  (from when its input was available, the send or the previous span's result, to its result),
+  which the driver feeds to client/measurements.py; ``SessionChain.move`` replaces a span the
+  measurements call too slow, make-before-break: the new sessions are opened and replayed first,
+  and if that fails the slow span is kept (a slow node beats none).
 
 The rules are written as generators that yield actions and receive outcomes: the
 sequential algorithm reads top-down, the I/O is the driver's.
@@ -66,6 +71,7 @@ from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 from .chunking import Chunking, pieces
 from .errors import PeerFailure, RequestError, SwarmError
+from .measurements import SpanTiming
 from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
 __all__ = [
@@ -107,6 +113,8 @@ class ChainSpan:
     expected: dict[int, float] = field(default_factory=dict)  # step id -> when it was sent (asked for)
     arrived: dict[int, torch.Tensor] = field(default_factory=dict)  # results not yet used
     step_seconds: list[float] = field(default_factory=list)  # measured send -> result, the last few
+    timed: dict[int, tuple[float, float]] = field(default_factory=dict)  # step id -> (sent, result arrived)
+    decode_steps: int = 0  # one-token steps measured since the session opened (client/measurements.py)
     failure: PeerFailure | None = None
     abandoned: bool = False
 
@@ -418,6 +426,8 @@ class SessionChain(_Machine):
         self.spans: list[ChainSpan] = []
         self.position = 0  # columns every span holds (padding included, §5.6)
         self.failovers = 0  # replacements done, over the session's life
+        self.moves = 0  # voluntary replacements of slow spans (``move``), over the session's life
+        self.timings: list[SpanTiming] = []  # each span's own time of the last step (client/measurements.py)
         self.closed = False
 
     # ------------------------------------------------------------------ operations
@@ -467,7 +477,17 @@ class SessionChain(_Machine):
             raise RequestError.before_sending(
                 f"one token of {batch} sequences at hidden size {hidden.shape[2]} is over one message's limits "
                 "(spec/tensors.md §2): use a smaller batch")
+        self.timings = []
         self._start(self._chunked(hidden, mask, prompts, size), now)
+
+    def move(self, index: int, reason: str, now: float) -> None:
+        """Replace ``spans[index]``, measured too slow (client/measurements.py ``slow_span``), between
+        steps; ``Finished(True)`` if it moved, ``Finished(False)`` if it stayed (no other route opened)."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if not 0 <= index < len(self.spans):
+            raise ValueError(f"no span {index} in a chain of {len(self.spans)}")
+        self._start(self._move(index, reason), now)
 
     def close(self) -> list[ChainSpan]:
         """End the session; returns the spans for the driver to close."""
@@ -494,6 +514,7 @@ class SessionChain(_Machine):
                                                "asked for", int(ErrorCode.INVALID_FIELD)), now)
             return
         span.step_seconds[:] = [*span.step_seconds[-(MEASURED_STEPS - 1):], now - sent]
+        span.timed[step_id] = (sent, now)
         action = self.action
         if isinstance(action, WaitResult) and action.span is span and action.step_id == step_id:
             self._resume(now, self._rules.send, hidden)  # type: ignore[union-attr]
@@ -574,6 +595,7 @@ class SessionChain(_Machine):
         x = hidden
         i = 0
         send_from = 0  # index to (re)send the step to, with push to the rest; -1: already sent
+        ready = -float("inf")  # when the current span's input was available (the previous result)
         asked_directly: set[int] = set()  # spans that got this step from us, not by push
         while i < len(self.spans):
             span = self.spans[i]
@@ -601,6 +623,10 @@ class SessionChain(_Machine):
                 asked_directly.discard(i)
                 continue
             span.history.append(Fed(step_id, position, x, mask, _blocks(prompts, span.start, span.end)))
+            sent, at = span.timed.pop(step_id, (self.now, self.now))
+            self.timings.append(SpanTiming(span.peer_id, span.end - span.start, tokens, at - max(sent, ready)))
+            span.decode_steps += tokens == 1
+            ready = at
             x = out
             i += 1
         self.position = position + tokens
@@ -628,6 +654,32 @@ class SessionChain(_Machine):
             # the session after pushes from the replacement now (§5.10), before the step is resent
             yield Rebind(self.spans[after], new[-1].peer_id)
 
+    def _move(self, i: int, reason: str) -> _Rules:
+        """Make before break: open and replay sessions over ``spans[i]``'s blocks elsewhere, then close it.
+        Any failure on the way keeps the slow span (the failed new nodes are avoided as usual)."""
+        old = self.spans[i]
+        budget = FailoverBudget(self.max_failovers, f"moving blocks {old.start}:{old.end} off a slow node ({reason})")
+        new: list[ChainSpan] = []
+        try:
+            new = yield from self._open_route(old.start, old.end, budget, self.spans[i - 1].peer_id if i else None)
+            if any(s.peer_id == old.peer_id for s in new):
+                raise SwarmError("the route chose the same node again")
+            yield from self._replay(old, new)
+        except PeerFailure as failure:
+            yield Avoid(failure)
+            yield from self._abandon(new)
+            return False
+        except (SwarmError, MissingBlocksError):
+            yield from self._abandon(new, close=True)
+            return False
+        yield from self._abandon([old], close=True)
+        self.spans[i:i + 1] = new
+        self.moves += 1
+        after = i + len(new)
+        if self.use_push and after < len(self.spans):
+            yield Rebind(self.spans[after], new[-1].peer_id)  # §5.10, as after a failover
+        return True
+
     def _replay(self, old: ChainSpan, new: list[ChainSpan]) -> _Rules:
         """The replay plan (§5.9): every step ``old`` processed, in order, in its original chunk,
         position and step id, through the sub-spans of ``new`` in turn (no push); each sub-span gets
@@ -645,6 +697,7 @@ class SessionChain(_Machine):
                 except _DeadlinePassed:
                     raise _timeout(s.peer_id, fed.step_id, seconds) from None
                 _check_shape(s.peer_id, "a StepResult", out, tuple(x.shape))
+                s.timed.pop(fed.step_id, None)
                 s.history.append(Fed(fed.step_id, fed.position, x, fed.mask, part))
                 x = out
 

@@ -11,7 +11,9 @@ The cost model (per decode step of one token, in seconds). A chain of spans
 
 where ``block_time`` is ``1 / (inference_tps * blocks served)`` (the announced
 throughput covers the node's whole span) and ``rtt`` the measured round trip
-(``default_rtt`` for a peer never measured). With server-to-server push a step
+(``default_rtt`` for a peer never measured). Where the client measured a node's decode steps
+(``measured``, client/measurements.py) the slower of announced and measured ``block_time`` counts:
+an announcement is believed only as far as measurement supports it (spec/announcement.md §5). With server-to-server push a step
 really costs one hop per span plus the return of the last one, so ``rtt`` per span
 is the right order of magnitude. The cheapest chain is a shortest path over block
 boundaries (Dijkstra on a DAG, boundaries = every announced start and end).
@@ -185,9 +187,13 @@ def missing_ranges(servers: Iterable[ServerSpan], start: int, end: int) -> list[
     return out
 
 
-def _block_time(server: ServerSpan, params: RoutingParams) -> float:
+def _block_time(server: ServerSpan, params: RoutingParams, measured: Mapping[str, float] | None = None) -> float:
+    """Seconds per block of a decode step: announced (with load), or measured where that is slower
+    (an announcement is believed only as far as measurement supports it; client/measurements.py)."""
     tps = server.inference_tps if server.inference_tps > 0 and math.isfinite(server.inference_tps) else params.default_tps
-    return (1.0 + params.load_weight * max(0, server.sessions)) / (tps * max(1, server.n_blocks))
+    announced = (1.0 + params.load_weight * max(0, server.sessions)) / (tps * max(1, server.n_blocks))
+    seen = (measured or {}).get(server.peer_id)
+    return max(announced, seen) if seen is not None and math.isfinite(seen) else announced
 
 
 def _rtt(server: ServerSpan, rtts: Mapping[str, float], params: RoutingParams) -> float:
@@ -197,9 +203,11 @@ def _rtt(server: ServerSpan, rtts: Mapping[str, float], params: RoutingParams) -
     return max(rtt, params.min_rtt)
 
 
-def route_cost(route: Iterable[RouteSpan], rtts: Mapping[str, float], params: RoutingParams = RoutingParams()) -> float:
+def route_cost(route: Iterable[RouteSpan], rtts: Mapping[str, float], params: RoutingParams = RoutingParams(),
+               measured: Mapping[str, float] | None = None) -> float:
     """Expected seconds per decode token of ``route`` under the cost model (no jitter)."""
-    return sum(_rtt(r.server, rtts, params) + (r.end - r.start) * _block_time(r.server, params) for r in route)
+    return sum(_rtt(r.server, rtts, params) + (r.end - r.start) * _block_time(r.server, params, measured)
+               for r in route)
 
 
 @dataclass(frozen=True)
@@ -251,8 +259,11 @@ def find_route(
     needed_cache_tokens: int = 0,
     params: RoutingParams = RoutingParams(),
     model: str = "",
+    measured: Mapping[str, float] | None = None,
 ) -> list[RouteSpan]:
-    """The chain of least expected latency covering blocks ``[start, end)``.
+    """The chain of least expected latency covering blocks ``[start, end)``. ``measured``: peer ->
+    measured seconds per block of a decode step (client/measurements.py); a node costs the slower of
+    its announcement and its measurement.
 
     Raises ``MissingBlocksError`` when some block has no usable server.
     """
@@ -302,7 +313,7 @@ def find_route(
             if not s.start <= i < s.end:
                 continue
             base = _rtt(s, rtts, params) * jitter[id(s)]
-            per_block = _block_time(s, params) * jitter[id(s)]
+            per_block = _block_time(s, params, measured) * jitter[id(s)]
             if id(s) in last_resort:
                 per_block += params.last_resort_penalty
             for j in bounds:

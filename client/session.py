@@ -37,6 +37,7 @@ from biopetals.protocol.messages import StepResult
 
 from .chain import Abandon, Avoid, ChainSpan, Finished, OpenSpans, Rebind, SendStep, SessionChain, WaitResult
 from .errors import PeerFailure, SwarmError
+from .measurements import slow_span
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
 
@@ -75,6 +76,10 @@ class ChainSession:
         return self.state.failovers
 
     @property
+    def moves(self) -> int:
+        return self.state.moves
+
+    @property
     def closed(self) -> bool:
         return self.state.closed
 
@@ -95,7 +100,26 @@ class ChainSession:
         out = await self._drive()
         for s in self.state.spans:
             self.swarm.health.record_success(s.peer_id)
+        await self._reconsider()
         return out
+
+    async def _reconsider(self) -> None:
+        """Record the step's measured span times and move off a span measured much slower than another
+        route would be (client/measurements.py; spec/messages.md §5.5)."""
+        swarm, now = self.swarm, time.monotonic()
+        rtts = swarm.rtts()
+        for timing in self.state.timings:
+            swarm.speeds.record(timing, now, rtts.get(timing.peer_id, 0.0))
+        spans = [(s.peer_id, s.start, s.end, s.decode_steps) for s in self.state.spans]
+        slow = slow_span(spans, swarm.servers, swarm.speeds, now=now, rtts=rtts, health=swarm.health,
+                         routing=swarm.config.routing)
+        if slow is None:
+            return
+        log.info("moving blocks %d:%d off %s: %s", self.state.spans[slow.index].start,
+                 self.state.spans[slow.index].end, slow.peer_id, slow.reason)
+        self.state.move(slow.index, slow.reason, now)
+        if not await self._drive():
+            log.info("no other route opened; staying on %s", slow.peer_id)
 
     async def close(self) -> None:
         spans = self.state.close()
@@ -232,6 +256,11 @@ class InferenceSession:
     @property
     def failovers(self) -> int:
         return sum(c.failovers for c in self.chains)
+
+    @property
+    def moves(self) -> int:
+        """Spans moved off a node measured too slow (client/measurements.py)."""
+        return sum(c.moves for c in self.chains)
 
     def _ensure_open(self, batch: int) -> None:
         if self.chains:

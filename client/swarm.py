@@ -51,6 +51,7 @@ from .announcements import read_announcements
 from .chunking import Chunking
 from .errors import PeerFailure, describe_code, peer_failure_from
 from .loop import LoopThread
+from .measurements import MeasureParams, SpeedBook
 from .routing import (
     DeadlineParams,
     PeerHealth,
@@ -102,6 +103,9 @@ class ClientConfig:
     ban_base: float = 2.0  # s, first back-off of a failing peer (doubles per failure)
     ban_cap: float = 300.0
     routing: RoutingParams = field(default_factory=RoutingParams)
+    # Measured step times (client/measurements.py): a node costs the slower of its announcement and its
+    # measurement, and a session moves off a span measured ``move_factor`` x slower than another route.
+    measuring: MeasureParams = field(default_factory=MeasureParams)
     seed: int | None = None  # routing tie-break randomness (None: from the OS)
     # A server-side adapter (spec/messages.md §6.3) for every session and forward/backward:
     # routes use only nodes that announce it (an older node would ignore the field).
@@ -144,6 +148,7 @@ class RemoteSwarm:
         self.max_positions = max_positions
         self.config = config
         self.health = PeerHealth(base=config.ban_base, cap=config.ban_cap)
+        self.speeds = SpeedBook(config.measuring)  # measured decode step times, per peer, for every session
         self.rng = random.Random(config.seed)
         self.loop = LoopThread()
         self.host: Host | None = None
@@ -211,6 +216,11 @@ class RemoteSwarm:
         }
         self._servers = sorted(offers.values(), key=lambda s: (s.start, s.end, s.peer_id))
         self._fetched_at = now
+        return self._servers
+
+    @property
+    def servers(self) -> list[ServerSpan]:
+        """The announcements fetched last (``fetch_servers``), without a DHT lookup."""
         return self._servers
 
     def rtts(self) -> dict[str, float]:
@@ -291,9 +301,11 @@ class RemoteSwarm:
         if forward:  # stateless calls: rank by batched-forward throughput, ignore cache room
             servers = [dataclasses.replace(s, inference_tps=s.forward_tps or s.inference_tps) for s in servers]
             needed_cache_tokens = 0
-        return find_route(servers, start, end, now=time.monotonic(), rng=self.rng, rtts=self.rtts(),
+        now = time.monotonic()
+        measured = {} if forward else self.speeds.believed_block_times(now)  # decode steps say nothing of Forward
+        return find_route(servers, start, end, now=now, rng=self.rng, rtts=self.rtts(),
                           health=self.health, needed_cache_tokens=needed_cache_tokens,
-                          params=self.config.routing, model=self.model_name)
+                          params=self.config.routing, model=self.model_name, measured=measured)
 
     def step_deadline(self, server: ServerSpan, start: int, end: int, batch: int, tokens: int) -> float:
         """Seconds to wait for ``server``'s result of one step over ``[start, end)`` (``ClientConfig``)."""

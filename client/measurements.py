@@ -14,8 +14,8 @@ measurement supports it (issue 20 item 4).
   per block, i.e. its throughput at ``min(announced, measured-derived)``.
 - ``slow_span``: after a step, the one span (if any) to move away from: a span with at least
   ``min_samples`` samples since it was opened whose measured time over its blocks exceeds
-  ``move_factor`` x what the best other route over the same blocks would cost (that route's
-  nodes costed by what is believed of them). The caller replaces it through the chain's
+  ``move_factor`` x, and ``min_gain`` seconds more than, what the best other route over the same
+  blocks would cost (that route's nodes costed by what is believed of them). The caller replaces it through the chain's
   failover-with-replay machinery (``SessionChain.move``). Hysteresis: a new span must gather
   ``min_samples`` samples before it can be judged, and the factor means a move back needs the
   new node to be ``move_factor`` x slower than the old one was measured, so routes do not flap.
@@ -40,6 +40,7 @@ class MeasureParams:
     alpha: float = 0.5  # EWMA weight of the newest sample
     min_samples: int = 3  # decode steps measured before a node's estimate counts, and before a span is judged
     move_factor: float = 3.0  # move when a span costs more than this x the best alternative
+    min_gain: float = 0.05  # s per step: a smaller saving is not worth a replay (and is scheduling noise)
     forget_after: float = 300.0  # s, an estimate not refreshed this long is dropped
 
 
@@ -146,7 +147,7 @@ def slow_span(
         except MissingBlocksError:
             continue  # nobody else serves these blocks: a slow node beats none
         alternative = route_cost(route, rtts, routing, measured=measured)
-        if seconds > params.move_factor * alternative and (
+        if seconds > params.move_factor * alternative and seconds - alternative > params.min_gain and (
                 worst is None or seconds / alternative > worst.seconds / worst.alternative):
             worst = SlowSpan(i, peer, seconds, alternative)
     return worst

@@ -12,7 +12,9 @@
   node stays correct), for tests/test_bad_answers.py (spec/messages.md §5.5: the client's failure to handle);
 - ``extra-result``: after each ``StepResult`` also sends one for a step nobody asked for (§5.5);
 - ``non-finite``: sends each ``StepResult`` (f32) with a NaN in it (§7.3);
-- ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it.
+- ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
+- ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
+  tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
 
 Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
 """
@@ -134,12 +136,28 @@ def lie_about_speed() -> None:
     server.measure_throughput = lambda span: (1e9, 1e9)
 
 
+def slow_steps() -> None:
+    import asyncio
+
+    from biopetals.node import handler
+
+    delay = float(os.environ.get("BIOPETALS_SLOW_STEP", "1.0"))
+    original = handler.NodeService._run_step
+
+    async def _run_step(self, run):
+        await asyncio.sleep(delay)
+        return await original(self, run)
+
+    handler.NodeService._run_step = _run_step
+
+
 def main() -> int:
     broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
     for name in broken:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
          "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
-         "non-finite": non_finite_results, "fast-liar": lie_about_speed}[name]()
+         "non-finite": non_finite_results, "fast-liar": lie_about_speed,
+         "slow": slow_steps}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

@@ -104,6 +104,15 @@ def test_a_node_somewhat_slower_than_its_alternative_keeps_the_session():
     assert sim.moves == [] and [s.peer_id for s in state.spans] == ["A", "LIAR", "C"]
 
 
+def test_a_saving_below_min_gain_is_not_worth_a_replay():
+    sim, state = liar_swarm(liar_delay=0.04, honest_delay=0.001), chain()  # 8x slower, but 0.04 s < 0.05 s
+    sim.node("B").server = replace(sim.node("B").server, inference_tps=1e4)
+    step(sim, state)
+    for _ in range(5):
+        sim.measured_step(state)
+    assert sim.moves == []
+
+
 def test_a_slow_node_with_no_alternative_is_kept():
     sim = MeasuredSim(node("A", 0, 3, 50.0, 0.01), node("LIAR", 3, 6, 1e9, 0.5), node("C", 6, 8, 50.0, 0.01))
     state = chain()

@@ -17,6 +17,11 @@ Deadlines: each span's result of each step is due within ``RemoteSwarm.step_dead
 predict, within ``[step_timeout_floor, step_timeout]``), so a stalled node (alive, not
 answering) is found in seconds; opening has ``connect_timeout``.
 
+Measured speed (client/measurements.py; spec/announcement.md §5): after each step the driver
+records every span's own time in the swarm's ``SpeedBook`` (routes then cost a node at the slower
+of its announcement and its measurement) and, if ``slow_span`` names a span measured much slower
+than another route, moves it (``SessionChain.move``: make before break, with replay).
+
 ``InferenceSession`` is the synchronous user object (``model.inference_session``):
 one ``ChainSession`` for the whole batch; a prompt longer than one message may carry
 goes as several steps (client/chunking.py). A padded batch is one session too: each

@@ -13,8 +13,8 @@ where ``block_time`` is ``1 / (inference_tps * blocks served)`` (the announced
 throughput covers the node's whole span) and ``rtt`` the measured round trip
 (``default_rtt`` for a peer never measured). Where the client measured a node's decode steps
 (``measured``, client/measurements.py) the slower of announced and measured ``block_time`` counts:
-an announcement is believed only as far as measurement supports it (spec/announcement.md §5). With server-to-server push a step
-really costs one hop per span plus the return of the last one, so ``rtt`` per span
+an announcement is believed only as far as measurement supports it (spec/announcement.md §5).
+With server-to-server push a step really costs one hop per span plus the return of the last one, so ``rtt`` per span
 is the right order of magnitude. The cheapest chain is a shortest path over block
 boundaries (Dijkstra on a DAG, boundaries = every announced start and end).
 

@@ -53,6 +53,7 @@ from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.models.step import positions_from_mask
 from biopetals.weights.source import fetch_client_parts
 
+from .errors import RequestError
 from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
                                   generate_total_length, output_cache_field, pop_cache)
 from .remote_forward import remote_blocks
@@ -222,15 +223,17 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
     def check_context(self, total_tokens: int, *, prompt_tokens: int | None = None) -> None:
-        """ValueError, before any route is tried, when ``total_tokens`` (prompt plus new tokens)
+        """``RequestError`` (a ValueError), before any route is tried, when ``total_tokens`` (prompt plus new tokens)
         exceeds the model's context: no node could hold them, and asking would only mark healthy
         nodes as failing."""
         if total_tokens <= self.context_length:
             return
         what = (f"the prompt has {prompt_tokens} tokens and {total_tokens - prompt_tokens} new tokens were asked for"
                 if prompt_tokens is not None else f"a session of max_length={total_tokens} tokens was asked for")
-        raise ValueError(f"this model's context is {self.context_length} tokens (max_position_embeddings): {what}; "
-                         "shorten the prompt or ask for fewer new tokens")
+        # the same refusal as the chain state's length check (client/chain.py), made before any route is tried
+        raise RequestError.before_sending(
+            f"this model's context is {self.context_length} tokens (the model has {self.context_length} positions, "
+            f"its max_position_embeddings): {what}; shorten the prompt or ask for fewer new tokens")
 
     @property
     def active_session(self) -> InferenceSession | None:

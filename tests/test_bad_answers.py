@@ -28,7 +28,10 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
 HONEST = ("--no-benchmark",)
 
 
-@pytest.mark.parametrize("answer", ["wrong-shape", "non-finite", "extra-result"])
+# One mode runs by default; the others take the same driver path (their rules are fake-clock tests in
+# tests/test_client_chain.py) and run with -m slow, to keep the default suite's time.
+@pytest.mark.parametrize("answer", ["wrong-shape", pytest.param("non-finite", marks=pytest.mark.slow),
+                                    pytest.param("extra-result", marks=pytest.mark.slow)])
 def test_a_node_answering_wrongly_is_avoided_and_the_output_still_equals_transformers(tmp_path, monkeypatch, answer):
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny-llama")
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

@@ -16,6 +16,12 @@ A part's bytes are its tensors' raw little-endian bytes (exactly as safetensors 
 them), concatenated in the listed order; chunk ``j`` is bytes
 ``[j * chunk_size, min((j + 1) * chunk_size, size))``.
 
+The document's structure (its objects, fields, types, ranges, patterns and limits) is
+declared as tables (``MANIFEST_TABLE``, ``PART_TABLE``, ``TENSOR_TABLE``, ``FILE_TABLE``)
+read by the one generic routine of protocol/json_table.py, rows in the check order of
+spec/weights.md §2.5; rules that tie fields together are named ``Rule`` rows. JSON itself
+is decoded by ``json`` with strictness hooks (no NaN, no overflow, no repeated key).
+
 Sans-IO: bytes in, values out. ``parse_manifest`` raises only ``RemoteProtocolError``.
 """
 
@@ -55,6 +61,10 @@ __all__ = [
     "swarm_name",
     "is_swarm_name",
     "chunk_count",
+    "MANIFEST_TABLE",
+    "PART_TABLE",
+    "TENSOR_TABLE",
+    "FILE_TABLE",
 ]
 
 #: ``format`` of this revision (spec/weights.md §2.1).

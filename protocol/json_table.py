@@ -62,11 +62,14 @@ class PowerOfTwo(JsonUInt):
 @dataclass(frozen=True)
 class JsonText(Kind):
     """A JSON string of ``lo..hi`` characters, valid Unicode (no lone surrogate), matching
-    ``pattern`` whole when given."""
+    ``pattern`` whole when given, none of the ``reserved`` names and ending with none of the
+    ``reserved_endings``."""
 
     lo: int = 0
     hi: int | float = math.inf
     pattern: re.Pattern | None = None
+    reserved: frozenset[str] = frozenset()
+    reserved_endings: tuple[str, ...] = ()
 
     def decode(self, raw: object) -> str:
         if type(raw) is not str:
@@ -79,6 +82,8 @@ class JsonText(Kind):
             raise Violation(_BAD, f"{raw[:80]!r}: not {self.lo} to {self.hi} characters")
         if self.pattern is not None and not self.pattern.fullmatch(raw):
             raise Violation(_BAD, f"{raw[:80]!r}: does not match {self.pattern.pattern}")
+        if raw in self.reserved or raw.endswith(self.reserved_endings):
+            raise Violation(_BAD, f"{raw[:80]!r}: a reserved name")
         return raw
 
 

@@ -94,6 +94,8 @@ _SWARM_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}\.[0-9a-f]{%d}$" % NAME_HA
 #: A file of the ``files`` part is written into the checkpoint directory under this name.
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _RESERVED_FILES: Final = frozenset({MANIFEST_FILE, "config.json", "model.safetensors.index.json"})
+#: A fetcher's own files end so (spec/weights.md §2.2): no file of the ``files`` part may.
+_FETCHER_FILES: Final = (".safetensors", ".partial", ".tmp")
 _MAX_TENSOR_NAME: Final = 256
 _MAX_DIMS: Final = 8
 
@@ -293,16 +295,6 @@ def _unique_name(entry: dict[str, Any], reading: _Reading) -> None:
     reading.names.add(entry["name"])
 
 
-def _not_metadata(entry: dict[str, Any], _: _Reading) -> None:
-    if entry["name"] == "__metadata__":
-        _fail("__metadata__ is reserved by safetensors")
-
-
-def _allowed_file(entry: dict[str, Any], _: _Reading) -> None:
-    if entry["name"] in _RESERVED_FILES or entry["name"].endswith((".safetensors", ".partial", ".tmp")):
-        _fail(f"name {entry['name'][:80]!r}: not an allowed file name")
-
-
 def _positional_name(part: dict[str, Any], reading: _Reading) -> None:
     expected = reading.part_name(part[POSITION])
     if part["name"] != expected:
@@ -334,16 +326,14 @@ def _chunks_needed(part: dict[str, Any], reading: _Reading) -> int:
 _ENTRIES: Final = MAX_MANIFEST_BYTES
 
 TENSOR_TABLE: Final = (
-    Key("name", JsonText(1, _MAX_TENSOR_NAME)),
+    Key("name", JsonText(1, _MAX_TENSOR_NAME, reserved=frozenset({"__metadata__"}))),  # safetensors' own key
     Rule("name unique across the manifest", _unique_name),
-    Rule("name not reserved", _not_metadata),
     Key("dtype", OneOf(frozenset(DTYPE_SIZES))),
     Key("shape", ArrayOf(JsonUInt(), _MAX_DIMS, high=ErrorCode.INVALID_FIELD)),
 )
 
 FILE_TABLE: Final = (
-    Key("name", JsonText(pattern=_FILE_NAME)),
-    Rule("file name allowed", _allowed_file),
+    Key("name", JsonText(pattern=_FILE_NAME, reserved=_RESERVED_FILES, reserved_endings=_FETCHER_FILES)),
     Rule("name unique across the manifest", _unique_name),
     Key("size", JsonUInt()),
 )

@@ -44,6 +44,9 @@ def test_json_integers_and_strings() -> None:
     assert read_object({"t": "\u00e9\u00e9\u00e9"}, text, None, "doc") == {"t": "\u00e9\u00e9\u00e9"}  # characters
     for bad in ("", "abcd", "\ud800", 7):
         assert _fails({"t": bad}, text).code == ErrorCode.INVALID_FIELD
+    named = (Key("t", JsonText(reserved=frozenset({"config.json"}), reserved_endings=(".tmp",))),)
+    for reserved in ("config.json", "a.tmp"):
+        assert _fails({"t": reserved}, named).code == ErrorCode.INVALID_FIELD
     assert _fails({"d": ["F32"]}, (Key("d", OneOf(frozenset({"F32"}))),)).code == ErrorCode.INVALID_FIELD
 
 

@@ -16,6 +16,12 @@ A part's bytes are its tensors' raw little-endian bytes (exactly as safetensors 
 them), concatenated in the listed order; chunk ``j`` is bytes
 ``[j * chunk_size, min((j + 1) * chunk_size, size))``.
 
+The document's structure (its objects, fields, types, ranges, patterns and limits) is
+declared as tables (``MANIFEST_TABLE``, ``PART_TABLE``, ``TENSOR_TABLE``, ``FILE_TABLE``)
+read by the one generic routine of protocol/json_table.py, rows in the check order of
+spec/weights.md §2.5; rules that tie fields together are named ``Rule`` rows. JSON itself
+is decoded by ``json`` with strictness hooks (no NaN, no overflow, no repeated key).
+
 Sans-IO: bytes in, values out. ``parse_manifest`` raises only ``RemoteProtocolError``.
 """
 
@@ -26,11 +32,15 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Iterator
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from biopetals.protocol.json_table import (
+    POSITION, AnyObject, HexDigest, JsonObject, JsonText, JsonUInt, Key, OneOf, PowerOfTwo, Rule, read_object,
+)
 from biopetals.protocol.limits import MAX_BLOCKS, MiB
+from biopetals.protocol.table import ArrayOf, Violation
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -51,6 +61,10 @@ __all__ = [
     "swarm_name",
     "is_swarm_name",
     "chunk_count",
+    "MANIFEST_TABLE",
+    "PART_TABLE",
+    "TENSOR_TABLE",
+    "FILE_TABLE",
 ]
 
 #: ``format`` of this revision (spec/weights.md §2.1).
@@ -80,7 +94,8 @@ _SWARM_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}\.[0-9a-f]{%d}$" % NAME_HA
 #: A file of the ``files`` part is written into the checkpoint directory under this name.
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _RESERVED_FILES: Final = frozenset({MANIFEST_FILE, "config.json", "model.safetensors.index.json"})
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: A fetcher's own files end so (spec/weights.md §2.2): no file of the ``files`` part may.
+_FETCHER_FILES: Final = (".safetensors", ".partial", ".tmp")
 _MAX_TENSOR_NAME: Final = 256
 _MAX_DIMS: Final = 8
 
@@ -199,26 +214,6 @@ def encode_manifest(document: dict[str, Any]) -> bytes:
 # ----------------------------------------------------------------------------- decoding
 
 
-class _Bad(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _field(obj: dict, key: str, kind: type, where: str) -> Any:
-    if key not in obj:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}: {key!r} absent")
-    value = obj[key]
-    if kind is int:
-        ok = type(value) is int and value >= 0
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def parse_manifest(raw: bytes | bytearray | memoryview) -> Manifest:
     """Parse and check a manifest (spec/weights.md §2.5). Raises only ``RemoteProtocolError``."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -231,10 +226,14 @@ def parse_manifest(raw: bytes | bytearray | memoryview) -> Manifest:
                          object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"manifest is not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "manifest: top level must be an object")
+    reading = _Reading()
     try:
-        return _parse_document(raw, doc)
-    except _Bad as exc:
-        raise RemoteProtocolError(exc.code, f"manifest: {exc.message}") from None
+        read_object(doc, MANIFEST_TABLE, reading, "manifest", values=reading.doc)
+    except Violation as exc:
+        raise RemoteProtocolError(exc.code, exc.message) from None
+    return _build(raw, reading.doc)
 
 
 def _no_constant(name: str) -> None:
@@ -258,113 +257,127 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _text(value: str, pattern: re.Pattern | None, where: str) -> str:
-    """A string that is valid Unicode (no lone surrogates) and, if given, matches ``pattern`` whole."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}: not valid Unicode (a lone surrogate)") from None
-    if pattern is not None and not pattern.fullmatch(value):
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where} {value[:80]!r}: does not match {pattern.pattern}")
-    return value
+# The document's tables (spec/weights.md §2.2), rows in the check order of §2.5. Rules that
+# tie one field to another, or to the rest of the document, are named rows of the table.
 
 
-def _parse_document(raw: bytes, doc: object) -> Manifest:
-    if not isinstance(doc, dict):
-        raise _Bad(ErrorCode.MALFORMED, "top level must be an object")
-    fmt = _field(doc, "format", int, "manifest")
-    if fmt != MANIFEST_FORMAT:
-        raise _Bad(ErrorCode.UNSUPPORTED_VERSION, f"format {fmt}; this side reads {MANIFEST_FORMAT}")
-    name = _text(_field(doc, "name", str, "manifest"), _NAME, "name")
-    architecture = _text(_field(doc, "architecture", str, "manifest"), None, "architecture")
-    if not 1 <= len(architecture) <= 128:
-        raise _Bad(ErrorCode.INVALID_FIELD, "architecture: 1 to 128 characters")
-    num_blocks = _field(doc, "num_blocks", int, "manifest")
-    if not 1 <= num_blocks <= MAX_BLOCKS:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"num_blocks {num_blocks} not in 1..{MAX_BLOCKS}")
-    chunk_size = _field(doc, "chunk_size", int, "manifest")
-    if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size & (chunk_size - 1) == 0):
-        raise _Bad(ErrorCode.INVALID_FIELD, f"chunk_size {chunk_size}: need a power of two in [1 MiB, 16 MiB]")
-    config = _field(doc, "config", dict, "manifest")
-    layers = config.get("num_hidden_layers")
-    if type(layers) is not int or layers != num_blocks:
-        raise _Bad(ErrorCode.INVALID_FIELD, "config.num_hidden_layers differs from num_blocks")
-    archs = config.get("architectures")
-    if not isinstance(archs, list) or architecture not in archs:
-        raise _Bad(ErrorCode.INVALID_FIELD, "config.architectures does not list the manifest's architecture")
-    parts_raw = _field(doc, "parts", list, "manifest")
-    if len(parts_raw) != num_blocks + 2:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{len(parts_raw)} parts; need num_blocks + 2 = {num_blocks + 2}")
-    expected = [f"block.{i}" for i in range(num_blocks)] + ["client", "files"]
-    tensor_names: set[str] = set()
-    parts = tuple(
-        _parse_part(i, expected[i], part, chunk_size, tensor_names) for i, part in enumerate(parts_raw)
-    )
-    for i in range(num_blocks + 1):
-        if not parts[i].tensors:
-            raise _Bad(ErrorCode.INVALID_FIELD, f"part {expected[i]} has no tensors")
-    return Manifest(raw, name, architecture, num_blocks, chunk_size, config, parts)
+@dataclass
+class _Reading:
+    """What the rules of a manifest being read share: the top-level values, the names seen."""
+
+    doc: dict[str, Any] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)  # tensor and file names share one namespace
+
+    def part_name(self, position: int) -> str:
+        blocks = self.doc["num_blocks"]
+        return f"block.{position}" if position < blocks else ("client", "files")[position - blocks]
 
 
-def _parse_part(index: int, expected_name: str, obj: object, chunk_size: int, seen: set[str]) -> Part:
-    where = f"parts[{index}]"
-    if not isinstance(obj, dict):
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}: expected an object")
-    name = _field(obj, "name", str, where)
-    if name != expected_name:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.name {name[:40]!r}: expected {expected_name!r}")
-    is_files = name == "files"
-    offset = 0
-    tensors: list[TensorEntry] = []
-    files: list[FileEntry] = []
-    if is_files:
-        for j, entry in enumerate(_field(obj, "files", list, where)):
-            at = f"{where}.files[{j}]"
-            if not isinstance(entry, dict):
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}: expected an object")
-            file_name = _text(_field(entry, "name", str, at), _FILE_NAME, f"{at}.name")
-            if file_name in _RESERVED_FILES or file_name.endswith((".safetensors", ".partial", ".tmp")):
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {file_name[:80]!r}: not an allowed file name")
-            if file_name in seen:
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {file_name!r} repeated")
-            seen.add(file_name)
-            size = _field(entry, "size", int, at)
-            files.append(FileEntry(file_name, offset, size))
-            offset += size
-    else:
-        for j, entry in enumerate(_field(obj, "tensors", list, where)):
-            at = f"{where}.tensors[{j}]"
-            if not isinstance(entry, dict):
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}: expected an object")
-            tensor_name = _text(_field(entry, "name", str, at), None, f"{at}.name")
-            if not 1 <= len(tensor_name) <= _MAX_TENSOR_NAME or tensor_name in seen:
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name {tensor_name[:80]!r}: empty, too long or repeated")
-            if tensor_name == "__metadata__":
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.name: __metadata__ is reserved by safetensors")
-            seen.add(tensor_name)
-            dtype = _field(entry, "dtype", str, at)
-            if dtype not in DTYPE_SIZES:
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.dtype {dtype[:20]!r}: not a safetensors dtype")
-            shape = _field(entry, "shape", list, at)
-            if len(shape) > _MAX_DIMS or any(type(d) is not int or d < 0 for d in shape):
-                raise _Bad(ErrorCode.INVALID_FIELD, f"{at}.shape: at most {_MAX_DIMS} non-negative integers")
-            tensor = TensorEntry(tensor_name, dtype, tuple(shape), offset)
-            tensors.append(tensor)
-            offset += tensor.size
-    size = _field(obj, "size", int, where)
-    if size != offset:
-        raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.size {size}: its entries add up to {offset}")
-    chunks_raw = _field(obj, "chunks", list, where)
-    if len(chunks_raw) > MAX_CHUNKS_PER_PART:
-        raise _Bad(ErrorCode.LIMIT_EXCEEDED, f"{where}: {len(chunks_raw)} chunks > {MAX_CHUNKS_PER_PART} "
-                                             f"(GetChunk.index is below it): use larger chunks")
-    if len(chunks_raw) != chunk_count(size, chunk_size):
-        raise _Bad(ErrorCode.INVALID_FIELD,
-                   f"{where}: {len(chunks_raw)} chunk hashes; size {size} at chunk_size {chunk_size} needs "
-                   f"{chunk_count(size, chunk_size)}")
-    chunks = []
-    for j, digest in enumerate(chunks_raw):
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise _Bad(ErrorCode.INVALID_FIELD, f"{where}.chunks[{j}]: expected 64 lower-case hex digits")
-        chunks.append(bytes.fromhex(digest))
-    return Part(index, name, tuple(tensors), tuple(files), size, tuple(chunks))
+def _fail(message: str) -> None:
+    raise Violation(ErrorCode.INVALID_FIELD, message)
+
+
+def _config_layers(doc: dict[str, Any], _: _Reading) -> None:
+    layers = doc["config"].get("num_hidden_layers")
+    if type(layers) is not int or layers != doc["num_blocks"]:
+        _fail("config.num_hidden_layers differs from num_blocks")
+
+
+def _config_architectures(doc: dict[str, Any], _: _Reading) -> None:
+    archs = doc["config"].get("architectures")
+    if not isinstance(archs, list) or doc["architecture"] not in archs:
+        _fail("config.architectures does not list the manifest's architecture")
+
+
+def _unique_name(entry: dict[str, Any], reading: _Reading) -> None:
+    if entry["name"] in reading.names:
+        _fail(f"name {entry['name'][:80]!r} repeated")
+    reading.names.add(entry["name"])
+
+
+def _positional_name(part: dict[str, Any], reading: _Reading) -> None:
+    expected = reading.part_name(part[POSITION])
+    if part["name"] != expected:
+        _fail(f"name {part['name'][:40]!r}: expected {expected!r}")
+
+
+def _entries_size(part: dict[str, Any]) -> int:
+    if part["name"] == "files":
+        return sum(entry["size"] for entry in part["files"])
+    return sum(math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]] for entry in part["tensors"])
+
+
+def _size_adds_up(part: dict[str, Any], _: _Reading) -> None:
+    if part["size"] != (total := _entries_size(part)):
+        _fail(f"size {part['size']}: its entries add up to {total}")
+
+
+def _blocks_have_tensors(doc: dict[str, Any], _: _Reading) -> None:
+    for part in doc["parts"][:-1]:
+        if not part["tensors"]:
+            _fail(f"part {part['name']} has no tensors")
+
+
+def _chunks_needed(part: dict[str, Any], reading: _Reading) -> int:
+    return chunk_count(part["size"], reading.doc["chunk_size"])
+
+
+#: The manifest can hold no more entries than it has bytes: the only bound on an entry list.
+_ENTRIES: Final = MAX_MANIFEST_BYTES
+
+TENSOR_TABLE: Final = (
+    Key("name", JsonText(1, _MAX_TENSOR_NAME, reserved=frozenset({"__metadata__"}))),  # safetensors' own key
+    Rule("name unique across the manifest", _unique_name),
+    Key("dtype", OneOf(frozenset(DTYPE_SIZES))),
+    Key("shape", ArrayOf(JsonUInt(), _MAX_DIMS, high=ErrorCode.INVALID_FIELD)),
+)
+
+FILE_TABLE: Final = (
+    Key("name", JsonText(pattern=_FILE_NAME, reserved=_RESERVED_FILES, reserved_endings=_FETCHER_FILES)),
+    Rule("name unique across the manifest", _unique_name),
+    Key("size", JsonUInt()),
+)
+
+PART_TABLE: Final = (
+    Key("name", JsonText()),
+    Rule("name required by the part's position", _positional_name),
+    Key("files", ArrayOf(JsonObject(FILE_TABLE), _ENTRIES), when=lambda part, _: part["name"] == "files"),
+    Key("tensors", ArrayOf(JsonObject(TENSOR_TABLE), _ENTRIES), when=lambda part, _: part["name"] != "files"),
+    Key("size", JsonUInt()),
+    Rule("size is the sum of the entries' sizes", _size_adds_up),
+    Key("chunks", ArrayOf(HexDigest(), MAX_CHUNKS_PER_PART, high=ErrorCode.LIMIT_EXCEEDED),
+        count=_chunks_needed, items="chunk hashes"),
+)
+
+MANIFEST_TABLE: Final = (
+    Key("format", JsonUInt(MANIFEST_FORMAT, MANIFEST_FORMAT, low=ErrorCode.UNSUPPORTED_VERSION,
+                           high=ErrorCode.UNSUPPORTED_VERSION)),
+    Key("name", JsonText(pattern=_NAME)),
+    Key("architecture", JsonText(1, 128)),
+    Key("num_blocks", JsonUInt(1, MAX_BLOCKS)),
+    Key("chunk_size", PowerOfTwo(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)),
+    Key("config", AnyObject()),
+    Rule("config.num_hidden_layers is num_blocks", _config_layers),
+    Rule("config.architectures lists architecture", _config_architectures),
+    Key("parts", ArrayOf(JsonObject(PART_TABLE), MAX_BLOCKS + 2, high=ErrorCode.INVALID_FIELD),
+        count=lambda doc, _: doc["num_blocks"] + 2, items="parts"),
+    Rule("block and client parts have tensors", _blocks_have_tensors),
+)
+
+
+def _build(raw: bytes, doc: dict[str, Any]) -> Manifest:
+    """The ``Manifest`` of a document its tables accepted: entries get their offsets."""
+    parts = []
+    for index, part in enumerate(doc["parts"]):
+        tensors: list[TensorEntry] = []
+        files: list[FileEntry] = []
+        offset = 0
+        for entry in part.get("tensors", ()):
+            tensors.append(TensorEntry(entry["name"], entry["dtype"], entry["shape"], offset))
+            offset += tensors[-1].size
+        for entry in part.get("files", ()):
+            files.append(FileEntry(entry["name"], offset, entry["size"]))
+            offset += entry["size"]
+        parts.append(Part(index, part["name"], tuple(tensors), tuple(files), part["size"], part["chunks"]))
+    return Manifest(raw, doc["name"], doc["architecture"], doc["num_blocks"], doc["chunk_size"], doc["config"],
+                    tuple(parts))

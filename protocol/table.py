@@ -6,6 +6,8 @@ with ``wire(key, kind)``; ``_decode_body`` checks a map built by the bounded rea
 (protocol/reader.py) against that table in ascending key order, each field completely before
 the next (spec/messages.md §2.5 step 7), then the struct's cross-field rules; ``_encode_body``
 writes the canonical map (§2.3). No wire map has hand-written decoding code.
+The JSON manifest's objects are tables of the same kinds, keyed by strings
+(protocol/json_table.py).
 
 The scalar kinds live here and load nothing heavy (the DHT and the handshake use them); the
 tensor kinds are in protocol/fields.py. A kind signals a broken rule with ``Violation`` (an

@@ -845,6 +845,9 @@ class CallChain(_Machine):
                                           int(ErrorCode.INVALID_TENSOR))
                     _check_shape(r.peer_id, "BackwardResult grad_prompts", gp, tuple(ps.shape))
                     grad_prompts.append(gp)
+                elif gp is not None:
+                    raise PeerFailure(r.peer_id, "a BackwardResult with grad_prompts for a call without prompts",
+                                      int(ErrorCode.INVALID_TENSOR))
                 grads.append(gi.to(x.dtype))
             g = grads[0] if len(grads) == 1 else torch.cat(grads)
             gp = None if not grad_prompts else grad_prompts[0] if len(grad_prompts) == 1 else torch.cat(grad_prompts, 1)

@@ -546,3 +546,20 @@ def test_which_failures_the_request_caused():
     theirs = peer_failure_from("A", RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, "StepResult.hidden over the limit"))
     assert not theirs.by_request and theirs.invalid
     assert not peer_failure_from("A", RemoteProtocolError(ErrorCode.NON_FINITE, "NaN in a StepResult")).by_request
+
+
+def test_backward_answers_of_the_wrong_shape_are_node_failures():
+    """The chain state checks every Forward/Backward answer (client/swarm.py only carries them): grad_inputs of
+    the wrong shape, or grad_prompts for a call that sent no prompts, make the node avoided."""
+    x = torch.ones(1, 2, 2)
+    for bad in ((torch.ones(1, 1, 2), None), (torch.ones(1, 2, 2), torch.zeros(8, 1, 1, 2))):
+        c = CallChain(8, timeout=5.0)
+        c.forward(x, None, None, 0.0)
+        c.routed([RouteSpan(ServerSpan("A", 0, 8), 0, 8)], 0.0)
+        c.returned(x, 0.1)
+        assert isinstance(c.action, Finished)
+        _, trace = c.action.value
+        c.backward(trace, torch.ones(1, 2, 2), None, None, 1.0)
+        assert isinstance(c.action, CallBackward)
+        c.returned(bad, 1.1)
+        assert isinstance(c.action, Avoid) and c.action.failure.code == ErrorCode.INVALID_TENSOR, c.action

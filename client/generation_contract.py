@@ -33,6 +33,7 @@ __all__ = [
     "UnsupportedTransformersError",
     "cache_keyword",
     "check_forward_kwargs",
+    "check_generate_options",
     "check_positions",
     "generate_total_length",
     "output_cache_field",
@@ -103,6 +104,27 @@ def check_positions(name: str, given: torch.Tensor | None, expected: torch.Tenso
     if bool(differs.any()):
         raise ValueError(f"{name} {given.tolist()} differ from the positions the nodes use {want.tolist()} "
                          "(spec/messages.md §5.6); custom positions are not supported over the swarm")
+
+
+# generate() options this client refuses (a value other than None/False): each would run the model in
+# a way the swarm does not (speculative decoding itself, ``assistant_model`` and
+# ``prompt_lookup_num_tokens``, is supported: spec/messages.md §5.6.1).
+_REFUSED_GENERATE = {
+    "assistant_early_exit": "early-exit self-speculation runs the first layers of this model as the draft, and "
+                            "those layers live on the nodes",
+    "use_mtp": "multi-token prediction heads are not part of a swarm model",
+    "assistant_tokenizer": "an assistant with another tokenizer (universal assisted decoding) is not supported; "
+                           "use an assistant_model with the same tokenizer, or prompt_lookup_num_tokens",
+}
+
+
+def check_generate_options(model_config: GenerationConfig, generation_config: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse the ``generate()`` options this client does not support, instead of running them wrongly."""
+    config = generation_config if generation_config is not None else model_config
+    for name, why in _REFUSED_GENERATE.items():
+        value = kwargs.get(name, getattr(config, name, None))
+        if value is not None and value is not False:
+            raise NotImplementedError(f"generate({name}=...) is not supported over the swarm: {why}")
 
 
 def generate_total_length(model_config: GenerationConfig, prompt_length: int, generation_config: Any,

@@ -54,8 +54,9 @@ from biopetals.models.step import positions_from_mask
 from biopetals.weights.source import fetch_client_parts
 
 from .errors import RequestError
-from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
-                                  generate_total_length, output_cache_field, pop_cache)
+from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs,
+                                  check_generate_options, check_positions, generate_total_length, output_cache_field,
+                                  pop_cache)
 from .remote_forward import remote_blocks
 from .session import InferenceSession
 from .swarm import ClientConfig, RemoteSwarm
@@ -86,13 +87,24 @@ class RemoteCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        """Speculative decoding asks this once its first forward ran: every node of the route must
+        roll back (spec/messages.md §5.6.1), else ``RequestError`` names those that do not."""
+        self.session.check_rollback()
+        return True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported over the swarm (the caches live on the nodes)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a remote session cannot be cropped")
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), as
+        speculative decoding does with rejected candidates: the session's position and replay history are
+        cut now, and the nodes cut their caches with the next step (spec/messages.md §5.6.1)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as "
+                             "transformers' caches take it")
+        if -tokens_to_remove > self.get_seq_length():
+            raise ValueError(f"crop({tokens_to_remove}): this call has only {self.get_seq_length()} tokens")
+        self.session.crop(self.session.position + tokens_to_remove)
 
     def __repr__(self) -> str:
         return f"RemoteCache(position={self.session.position}, base={self.base})"
@@ -251,6 +263,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if int(beams or 1) > 1:
             raise ValueError("beam search (num_beams > 1) is not supported over the swarm; use greedy or sampling")
+        check_generate_options(self.generation_config, generation_config, kwargs)
         cache = pop_cache(kwargs)
         if cache is not None and not isinstance(cache, RemoteCache):
             raise TypeError(f"the cache of a distributed model must be a RemoteCache, not {type(cache).__name__}: "

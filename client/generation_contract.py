@@ -37,6 +37,7 @@ __all__ = [
     "check_positions",
     "generate_total_length",
     "output_cache_field",
+    "speculation_margin",
     "pop_cache",
 ]
 
@@ -141,6 +142,18 @@ def generate_total_length(model_config: GenerationConfig, prompt_length: int, ge
     if config.max_new_tokens is not None:
         return prompt_length + int(config.max_new_tokens)
     return max(int(config.max_length), prompt_length + 1)
+
+
+def speculation_margin(model_config: GenerationConfig, generation_config: Any, kwargs: dict[str, Any]) -> int:
+    """Columns a session needs past ``generate_total_length`` for speculative decoding.
+
+    transformers' prompt lookup (``PromptLookupCandidateGenerator``) bounds its candidates by the
+    prompt's length and ``max_length``, not by the room left: a verification step may carry up to
+    ``prompt_lookup_num_tokens`` columns past ``max_length`` before the rejected ones are cropped. An
+    assistant model's candidates stay below ``max_length`` (0 here)."""
+    config = generation_config if generation_config is not None else model_config
+    k = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    return int(k) if k else 0
 
 
 def output_cache_field() -> str:

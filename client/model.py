@@ -56,7 +56,7 @@ from biopetals.weights.source import fetch_client_parts
 from .errors import RequestError
 from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs,
                                   check_generate_options, check_positions, generate_total_length, output_cache_field,
-                                  pop_cache)
+                                  pop_cache, speculation_margin)
 from .remote_forward import remote_blocks
 from .session import InferenceSession
 from .swarm import ClientConfig, RemoteSwarm
@@ -280,6 +280,9 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
                 length = generate_total_length(self.generation_config, int(prompt.shape[1]), generation_config,
                                                kwargs)
                 self.check_context(length, prompt_tokens=int(prompt.shape[1]))
+                # room for the candidates of a last verification step (speculative decoding)
+                margin = speculation_margin(self.generation_config, generation_config, kwargs)
+                length = max(length, min(length + margin, self.context_length))
                 owned = InferenceSession(self.swarm, max_length=length)
                 cache = RemoteCache(owned, owned=True)
         if cache is not None:

@@ -245,6 +245,8 @@ class InferenceSession:
         self.batch_size = batch_size
         self.chains: list[ChainSession] = []
         self.position = 0  # columns stepped so far (padding included)
+        self.rollbacks = 0  # crops that cut columns (speculative decoding's rejected candidates, §5.6.1)
+        self.columns_cut = 0  # columns those crops cut in all
         self.closed = False
 
     # context manager
@@ -314,6 +316,9 @@ class InferenceSession:
             raise ValueError(f"cannot roll back to {position}: the session holds {self.position} columns")
         for chain in self.chains:
             chain.state.crop(position)
+        if position < self.position:
+            self.rollbacks += 1
+            self.columns_cut += self.position - position
         self.position = position
 
     def close(self) -> None:

@@ -16,19 +16,15 @@ import torch
 from support_models import make_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-from biopetals.client import AutoDistributedModelForCausalLM
+from test_client_generate import checkpoint, model, reference  # noqa: F401 - fixtures
+
 from biopetals.client.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
 
-NEW = 40
+NEW = 24
 # a prompt that repeats itself, so that prompt lookup finds candidates
 TEXT = "the cell the cell divides and the cell the cell divides and the cell"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("spec") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +35,11 @@ def draft(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def swarm(checkpoint):
-    # blocks 4:8 twice: the failover test kills the one on the route
+    """Blocks 4:8 twice: the failover test kills the one on the route. (``checkpoint``, ``reference``
+    and ``model`` are tests/test_client_generate.py's fixtures, over this swarm.)"""
     with LocalSwarm(checkpoint, [(0, 4), (4, 8), (4, 8)]) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint, swarm):
-    m = AutoDistributedModelForCausalLM.from_pretrained(
-        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", step_timeout=30.0
-    )
-    yield m
-    m.close()
 
 
 @pytest.fixture(scope="module")

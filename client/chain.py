@@ -72,7 +72,7 @@ from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 from .chunking import Chunking, pieces
-from .errors import PeerFailure, RequestError, SwarmError
+from .errors import PeerFailure, RequestError, RollbackUnsupportedError, SwarmError
 from .measurements import SpanTiming
 from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
@@ -527,13 +527,13 @@ class SessionChain(_Machine):
 
     def check_rollback(self) -> None:
         """``RequestError`` naming the nodes of the chain that do not accept ``truncate`` (their
-        ``SessionOpened`` lacked ``rollback``, spec/messages.md §5.6.1): no rollback is possible."""
+        ``SessionOpened`` lacked ``rollback``, spec/messages.md §5.6.1): no rollback is possible
+        (``RollbackUnsupportedError``, a ``RequestError``)."""
         old = [s.peer_id for s in self.spans if not s.rollback]
         if old:
-            raise RequestError.before_sending(
+            raise RollbackUnsupportedError.before_sending(
                 f"node(s) {', '.join(old)} on the route do not accept cache rollback (spec/messages.md §5.6.1, "
-                "revision 4): speculative decoding needs nodes of that revision; generate without "
-                "assistant_model or prompt_lookup_num_tokens")
+                "revision 4), which speculative decoding needs", ErrorCode.BAD_POSITION)
 
     def move(self, index: int, reason: str, now: float) -> None:
         """Replace ``spans[index]``, measured too slow (client/measurements.py ``slow_span``), between

@@ -133,6 +133,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self._session: InferenceSession | None = None
         self._generating: RemoteCache | None = None  # the cache of the generate() call running now
         self.last_route: list[list[tuple[str, int, int]]] = []
+        self.last_rollbacks = 0  # rollbacks (rejected candidates) of the last generate() call's own session
 
     # ------------------------------------------------------------------ construction
 
@@ -294,6 +295,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             self._generating = None
             if owned is not None:
                 self.last_route = owned.route
+                self.last_rollbacks = owned.rollbacks
                 owned.close()
             if self._session is not None:
                 self.last_route = self._session.route

@@ -155,6 +155,33 @@ def test_stop_sequences_and_max_tokens(client, reference, tok):
     assert streamed == cut
 
 
+@pytest.mark.exactness
+def test_prompt_lookup_leaves_answers_unchanged(client, reference, tok):
+    """The server's default prompt lookup (greedy requests, ``--prompt-lookup 4``) and a request's own
+    ``prompt_lookup`` give exactly the answer without it (0), transformers' greedy one, stop and
+    usage included, on a prompt whose answer the lookup drafts from (README "Speculative decoding")."""
+    prompt = "the cell the cell divides and the cell the cell divides and the cell"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    new, text = greedy(reference, tok, ids, 32)
+
+    def ask(**extra):
+        r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=32, extra_body=extra)
+        used = r.model_extra["biopetals"]
+        return (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason), used
+
+    plain, used = ask(prompt_lookup=0)
+    assert plain[:2] == (text, len(new)) and used["prompt_lookup"] == used["rollbacks"] == 0
+    for extra, k in (({}, 4), ({"prompt_lookup": 8}, 8)):
+        answer, used = ask(**extra)
+        # candidates went through the swarm, rejected ones were rolled back, and nothing changed
+        assert answer == plain and used["prompt_lookup"] == k and used["rollbacks"] > 0
+    stop = text.strip()[len(text.strip()) // 2:][:3]
+    stopped = [client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=32, stop=[stop],
+                                         extra_body={"prompt_lookup": k}) for k in (0, 8)]
+    assert stopped[0].choices[0].text == stopped[1].choices[0].text == text[:text.find(stop)]
+    assert stopped[0].usage.completion_tokens == stopped[1].usage.completion_tokens
+
+
 def test_seed_reproduces_a_sampled_answer(client):
     def ask(seed, temperature=1.0, top_p=0.9):
         return client.completions.create(model=MODEL, prompt="DNA is", temperature=temperature, top_p=top_p,

@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["f16", "f32", "bf16"], default="f16",
                    help="activation codec on the wire (default f16; f32 is lossless)")
     p.add_argument("--step-timeout", type=float, default=60.0, help="longest wait for one step of a node (s)")
-    p.add_argument("--prompt-lookup", type=int, default=4, metavar="K",
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                    help="speculative decoding by prompt lookup: up to K candidate tokens drafted from the prompt go "
-                        "through the swarm with each step, for greedy requests (temperature 0) whose output it never "
-                        "changes; a request's 'prompt_lookup' field overrides it (0: off; default 4, 0..32)")
+                        "through the swarm with each step of greedy requests (temperature 0), whose output it never "
+                        "changes; pays on slow links, costs compute on busy nodes (README 'Speculative decoding'); "
+                        "a request's 'prompt_lookup' field overrides it (0..32; default 0: off)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
 

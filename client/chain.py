@@ -77,8 +77,8 @@ from .measurements import SpanTiming
 from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
 __all__ = [
-    "cut_history", "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
-    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult",
+    "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
+    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult", "cut_history",
 ]
 
 # (server, start, end, batch, tokens) -> seconds to wait for that span's result of that step

@@ -21,6 +21,12 @@ A padded batch runs as one session: each step carries the padding mask of its ne
 tokens (spec/messages.md §8.1) and the nodes derive positions from it exactly as
 generate() does, ``cumsum(attention_mask) - 1`` (§5.6).
 
+Speculative decoding is transformers' own too (``prompt_lookup_num_tokens=K``,
+``assistant_model=draft``): the candidates go through the session as one step, and
+``RemoteCache.crop`` rolls the session back to the accepted tokens; the next step tells the
+nodes to cut their caches (``Step.truncate``, spec/messages.md §5.6.1). ``is_croppable``
+refuses a route with a node that cannot (``RollbackUnsupportedError``).
+
 Inside ``with model.inference_session(max_length=...) as s:``, ``generate()``
 continues that session: pass only the *new* tokens; the output is those tokens
 followed by the generated ones.

@@ -69,8 +69,9 @@ def swarm(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, swarm, workdir):
     keys = write_api_keys(workdir / "api.keys", KEY, "second-key-abcdefghijklmnop")
+    # --prompt-lookup 4: every greedy answer below goes through speculative decoding, and must not change
     with APIServer(checkpoint, swarm, "--codec", "f32", "--max-sessions", "2", "--api-keys", str(keys),
-                   log_dir=workdir) as s:
+                   "--prompt-lookup", "4", log_dir=workdir) as s:
         yield s
 
 
@@ -157,7 +158,7 @@ def test_stop_sequences_and_max_tokens(client, reference, tok):
 
 @pytest.mark.exactness
 def test_prompt_lookup_leaves_answers_unchanged(client, reference, tok):
-    """The server's default prompt lookup (greedy requests, ``--prompt-lookup 4``) and a request's own
+    """The server's prompt lookup (greedy requests, ``--prompt-lookup 4`` here) and a request's own
     ``prompt_lookup`` give exactly the answer without it (0), transformers' greedy one, stop and
     usage included, on a prompt whose answer the lookup drafts from (README "Speculative decoding")."""
     prompt = "the cell the cell divides and the cell the cell divides and the cell"

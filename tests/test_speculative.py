@@ -12,12 +12,16 @@ The rules themselves are tested sans-IO: tests/test_node_rollback.py, tests/test
 from __future__ import annotations
 
 import pytest
+import support_swarm
 import torch
 from support_models import make_tiny_checkpoint
+from support_swarm import Swarm
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from test_client_generate import checkpoint, model, reference  # noqa: F401 - fixtures
+from test_conformance import BROKEN_NODE
 
+from biopetals.client import AutoDistributedModelForCausalLM, RollbackUnsupportedError
 from biopetals.client.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
@@ -111,3 +115,22 @@ def test_a_node_killed_during_speculative_generation_is_replaced_exactly(model, 
     assert killed and session.failovers == 1 and streamer.rolled_back_before > 0
     assert killed[0].peer_id not in [p for p, _, _ in session.route[0]]
     assert torch.equal(out, greedy(reference, ids))
+
+
+@pytest.mark.slow
+def test_a_route_with_a_revision_3_node_is_refused_clearly(tmp_path, monkeypatch, checkpoint, reference, ids):
+    """A node that does not roll back (tests/broken_node.py ``revision-3``): speculative generate() raises
+    ``RollbackUnsupportedError`` naming it, before any rollback is sent; plain generate() still works."""
+    with Swarm(tmp_path) as swarm:
+        swarm.start_node(checkpoint, "0:4", "--no-benchmark")
+        monkeypatch.setattr(support_swarm, "NODE_COMMAND", BROKEN_NODE)
+        old = swarm.start_node(checkpoint, "4:8", "--no-benchmark", env={"BIOPETALS_BROKEN": "revision-3"})
+        m = AutoDistributedModelForCausalLM.from_pretrained(
+            checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", step_timeout=30.0)
+        try:
+            with pytest.raises(RollbackUnsupportedError, match=f"{old.peer_id} on the route do not accept"):
+                m.generate(ids, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4)
+            plain = m.generate(ids, max_new_tokens=8, do_sample=False)
+        finally:
+            m.close()
+    assert torch.equal(plain, reference.generate(ids, max_new_tokens=8, do_sample=False))

@@ -28,20 +28,28 @@ import torch
 from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route
 from .errors import PeerFailure
 from .routing import MissingBlocksError, RouteSpan
+from .verifying import check_forward
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
 
 __all__ = ["remote_blocks", "forward_all", "backward_all"]
 
+MAX_REVERIFIED = 3  # forward passes rerun after finding liars, before the last result is taken as it is
+
 
 async def forward_all(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Tensor | None = None,
                       prompts: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[tuple[RouteSpan, torch.Tensor]]]:
     """Outputs of the last block, and ``(span, input)`` for every span used."""
-    chain = _chain(swarm)
-    chain.forward(hidden, mask, prompts, time.monotonic())
-    return await _drive(swarm, chain)
+    for _ in range(MAX_REVERIFIED):
+        chain = _chain(swarm)
+        chain.forward(hidden, mask, prompts, time.monotonic())
+        out, trace = await _drive(swarm, chain)
+        # verified computation (client/verifying.py): a node proven to lie is never routed again; rerun
+        if not swarm.verifier.enabled or not await check_forward(swarm, trace, out, mask, prompts):
+            break
+    return out, trace
 
 
 async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.Tensor]],

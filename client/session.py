@@ -45,6 +45,7 @@ from .errors import PeerFailure, SwarmError
 from .measurements import slow_span
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
+from .verifying import check_step
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
@@ -103,10 +104,25 @@ class ChainSession:
         ``SessionChain.step`` for ``mask`` and ``prompts``."""
         self.state.step(hidden, mask, prompts, time.monotonic())
         out = await self._drive()
+        if self.swarm.verifier.enabled:
+            out = await self._verified(out)
         for s in self.state.spans:
             self.swarm.health.record_success(s.peer_id)
         await self._reconsider()
         return out
+
+    async def _verified(self, out: torch.Tensor) -> torch.Tensor:
+        """Check the step's sampled spans on replicas (client/verifying.py); if a node there lied, rebuild
+        the chain from its span on (``SessionChain.rebuild``, liars are never routed again) and return
+        the rebuilt outputs of the step instead."""
+        liars = await check_step(self.swarm, self.state.records)
+        index = next((i for i, s in enumerate(self.state.spans) if s.peer_id in liars), None)
+        if index is None:
+            return out
+        first = self.state.position - int(out.shape[1])
+        self.state.rebuild(index, time.monotonic())
+        replayed = await self._drive()
+        return torch.cat([o for fed, o in replayed if fed.position >= first], dim=1)
 
     async def _reconsider(self) -> None:
         """Record the step's measured span times and move off a span measured much slower than another

@@ -12,6 +12,10 @@
   node stays correct), for tests/test_bad_answers.py (spec/messages.md §5.5: the client's failure to handle);
 - ``extra-result``: after each ``StepResult`` also sends one for a step nobody asked for (§5.5);
 - ``non-finite``: sends each ``StepResult`` (f32) with a NaN in it (§7.3);
+- ``corrupt``: adds noise as large as the output itself to the output of a fraction
+  ``BIOPETALS_CORRUPT_RATE`` (default 1) of its inference steps, drawn with ``BIOPETALS_CORRUPT_SEED``
+  (default 4: at rate 0.1 the 5th step it computes is the first corrupted one); the corrupted
+  output is what it answers and pushes, for tests/test_verification_swarm.py (client/verification.py);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
 - ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
   tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
@@ -130,6 +134,26 @@ def non_finite_results() -> None:
     handler.encode_message = encode_message
 
 
+def corrupt_steps() -> None:
+    import random
+
+    import torch
+
+    from biopetals.node import session_machine
+
+    rate = float(os.environ.get("BIOPETALS_CORRUPT_RATE", "1.0"))
+    draws = random.Random(int(os.environ.get("BIOPETALS_CORRUPT_SEED", "4")))
+    original = session_machine.SessionMachine.step_done
+
+    def step_done(self, session_id, step_id, out, now):
+        if draws.random() < rate:
+            noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(step_id), dtype=torch.float32)
+            out = out + (noise * out.float().std()).to(out.dtype)
+        return original(self, session_id, step_id, out, now)
+
+    session_machine.SessionMachine.step_done = step_done
+
+
 def lie_about_speed() -> None:
     from biopetals.node import server
 
@@ -156,7 +180,7 @@ def main() -> int:
     for name in broken:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
          "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
-         "non-finite": non_finite_results, "fast-liar": lie_about_speed,
+         "non-finite": non_finite_results, "fast-liar": lie_about_speed, "corrupt": corrupt_steps,
          "slow": slow_steps}[name]()
     from biopetals.node.cli import main as node_main
 

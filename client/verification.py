@@ -239,6 +239,7 @@ class Verifier:
         self.unverified: set[tuple[int, int]] = set()  # spans already reported as without a replica
         self.checks = 0  # outputs compared with a replica
         self.disagreements = 0
+        self.worst_agreement = 0.0  # largest relative error two agreeing nodes showed (against the tolerance)
 
     @property
     def enabled(self) -> bool:
@@ -261,6 +262,8 @@ class Verifier:
         """Record a finished check; returns the liar to avoid from now on, if it proved one."""
         if check.replica is not None:
             self.checks += 1
+        if check.verdict == "ok":
+            self.worst_agreement = max(self.worst_agreement, check.errors["replica"])
         if check.verdict not in ("ok", "unverified"):
             self.disagreements += 1
         liar = check.liar

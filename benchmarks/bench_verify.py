@@ -13,6 +13,9 @@ each node serving all of them; tests/support_swarm.py):
    each rate 0.05 and 1.0, ``--runs`` fresh clients generate ``--tokens`` tokens each: the fraction of
    runs in which the liar was found (arbitrated by the other honest node and avoided), the median
    number of steps until it was (the prefill is step 1), and whether the tokens equal transformers'.
+3. **tolerance constants** (spec/tensors.md §10), without nodes: transformers' own Llama blocks, a
+   one-token step from the KV cache against the whole sequence at once, per compute dtype and width:
+   the worst relative L2 error and ``err / (u sqrt(L))``, the constant ``COMPUTE_FACTOR`` must exceed.
 
     .venv/bin/python benchmarks/bench_verify.py                 # default: 24 tokens, 3 repeats, 5 runs
     .venv/bin/python benchmarks/bench_verify.py --tokens 12 --runs 3 --hidden 64
@@ -99,6 +102,36 @@ def detection(checkpoint: Path, swarm: Swarm, liar, ids, tokens: int, runs: int,
     return rows
 
 
+def constants() -> list[str]:
+    from support_models import make_config
+    from transformers import LlamaForCausalLM
+
+    from biopetals.client.verification import COMPUTE_FACTOR, unit_roundoff
+
+    rows = []
+    for hidden in (64, 256):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(make_config(hidden_size=hidden, intermediate_size=4 * hidden, vocab_size=512)).eval()
+        layers = base.config.num_hidden_layers - 1  # hidden_states[-2]: after all but the last block (no norm)
+        for dtype in ("float32", "float16", "bfloat16"):
+            model = base.to(getattr(torch, dtype)).model
+            worst = 0.0
+            for seed in range(3):
+                x = torch.randn(1, 40, hidden, generator=torch.Generator().manual_seed(seed)).to(model.dtype)
+                with torch.no_grad():
+                    full = model(inputs_embeds=x, output_hidden_states=True).hidden_states[-2]
+                    cache = model(inputs_embeds=x[:, :16], use_cache=True).past_key_values
+                    for t in range(16, 40):
+                        step = model(inputs_embeds=x[:, t:t + 1], past_key_values=cache, use_cache=True,
+                                     output_hidden_states=True)
+                        cache = step.past_key_values
+                        a, b = step.hidden_states[-2][0, -1].double(), full[0, t].double()
+                        worst = max(worst, float((a - b).norm() / b.norm()))
+            constant = worst / (unit_roundoff(dtype) * layers ** 0.5)
+            rows.append(f"| {hidden} | {dtype} | {layers} | {worst:.2e} | {constant:.2f} | {COMPUTE_FACTOR[dtype]:g} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=24, help="new tokens per generate (default 24)")
@@ -108,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="f32", choices=["f32", "f16"], help="activations on the wire (default f32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    constant_rows = constants()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_tiny_checkpoint(Path(tmp) / "llama", hidden_size=args.hidden,
                                           intermediate_size=4 * args.hidden, vocab_size=2048)
@@ -137,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| liar corrupts | verify | runs it was found | median steps to detection | steps | tokens = transformers' |")
     print("|---|---|---|---|---|---|")
     print("\n".join(detect_rows))
+    print("\nTolerance constants: a cached one-token step against the whole 40-token sequence, positions 16-39, "
+          "3 random inputs, transformers' Llama blocks.\n")
+    print("| hidden | dtype | blocks | worst relative error | err / (u sqrt(L)) | COMPUTE_FACTOR |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(constant_rows))
     return 0
 
 

@@ -116,7 +116,7 @@ class ClientConfig:
     # element limit than the spec's; ``max_call_tokens`` is batch x tokens a node takes in one call.
     max_message_elements: int = MAX_TENSOR_ELEMENTS
     max_call_tokens: int = 8192
-    # Verified computation (client/verification.py; spec/tensors.md §8.1): the fraction of steps whose
+    # Verified computation (client/verification.py; spec/tensors.md §10): the fraction of steps whose
     # output each span's node gives that are recomputed on a replica (1.0: every step, paranoid; 0: off).
     # A node found lying is avoided for the client's life and the evidence goes to the log and, if set,
     # to ``verify_evidence_dir`` (evidence.jsonl + tensors). ``verify_tolerance``: override the relative

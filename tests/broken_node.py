@@ -15,7 +15,8 @@
 - ``corrupt``: adds noise as large as the output itself to the output of a fraction
   ``BIOPETALS_CORRUPT_RATE`` (default 1) of its inference steps, drawn with ``BIOPETALS_CORRUPT_SEED``
   (default 4: at rate 0.1 the 5th step it computes is the first corrupted one); the corrupted
-  output is what it answers and pushes, for tests/test_verification_swarm.py (client/verification.py);
+  output is what it answers and pushes; its ``Forward`` answers are corrupted the same way (same
+  draws), for tests/test_verification_swarm.py (client/verification.py);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
 - ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
   tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
@@ -139,19 +140,28 @@ def corrupt_steps() -> None:
 
     import torch
 
-    from biopetals.node import session_machine
+    from biopetals.node import handler, session_machine
+    from biopetals.protocol.messages import ForwardResult
 
     rate = float(os.environ.get("BIOPETALS_CORRUPT_RATE", "1.0"))
     draws = random.Random(int(os.environ.get("BIOPETALS_CORRUPT_SEED", "4")))
-    original = session_machine.SessionMachine.step_done
 
-    def step_done(self, session_id, step_id, out, now):
-        if draws.random() < rate:
-            noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(step_id), dtype=torch.float32)
-            out = out + (noise * out.float().std()).to(out.dtype)
-        return original(self, session_id, step_id, out, now)
+    def corrupt(out, seed):
+        if draws.random() >= rate:
+            return out
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        return out + (noise * out.float().std()).to(out.dtype)
 
-    session_machine.SessionMachine.step_done = step_done
+    step_done = session_machine.SessionMachine.step_done
+    session_machine.SessionMachine.step_done = lambda self, session_id, step_id, out, now: step_done(
+        self, session_id, step_id, corrupt(out, step_id), now)
+    forward = handler.NodeService._forward
+
+    async def _forward(self, request):
+        reply = await forward(self, request)
+        return ForwardResult(hidden=corrupt(reply.hidden, 0))
+
+    handler.NodeService._forward = _forward
 
 
 def lie_about_speed() -> None:

@@ -1,6 +1,6 @@
 """The rules of verified computation (client/verification.py) and the chain's rebuild, without I/O.
 
-Sampling, the tolerance of spec/tensors.md §8.1, the comparison, the choice of a replica, the
+Sampling, the tolerance of spec/tensors.md §10, the comparison, the choice of a replica, the
 arbitration plan of one check, the client's memory of liars, and ``SessionChain.rebuild`` (the
 chain rebuilt around a liar with the replay plan) on the fake swarm of tests/test_client_chain.py.
 tests/test_verification_swarm.py runs the same rules on real node processes.
@@ -21,7 +21,6 @@ from biopetals.client.chain import Abandon, SendStep
 from biopetals.client.routing import ServerSpan
 from biopetals.client.swarm import ClientConfig
 from biopetals.client.verification import (
-    TOLERANCE_FLOOR,
     Check,
     Verifier,
     VerifyParams,
@@ -70,14 +69,15 @@ def test_the_tolerance_follows_the_codec_and_the_coarsest_dtype():
     assert unit_roundoff("f16") == unit_roundoff("f16+zstd") == unit_roundoff("float16") == 2.0 ** -11
     assert unit_roundoff("bf16") == unit_roundoff("bfloat16") == unit_roundoff("int3") == 2.0 ** -8
     f32 = tolerance("f32", ["float32", "float32"], 8)
-    assert f32 == pytest.approx(4 * 2.0 ** -24 + 64 * math.sqrt(8) * 2.0 ** -24)
-    assert TOLERANCE_FLOOR < f32 < 2e-5
-    assert tolerance("f32", ["float32"], 1) == TOLERANCE_FLOOR  # the floor
+    assert f32 == pytest.approx(4 * 2.0 ** -24 + 256 * math.sqrt(8) * 2.0 ** -24)
+    assert 4e-5 < f32 < 5e-5
     f16_wire = tolerance("f16", ["float32"], 8)
-    assert f16_wire == pytest.approx(4 * 2.0 ** -11 + 64 * math.sqrt(8) * 2.0 ** -24)
+    assert f16_wire == pytest.approx(4 * 2.0 ** -11 + 256 * math.sqrt(8) * 2.0 ** -24)
+    assert tolerance("f16", ["bfloat16"], 8) == pytest.approx(4 * 2.0 ** -11 + 16 * math.sqrt(8) * 2.0 ** -8)
     # the coarsest compute dtype of the two nodes decides, and more blocks allow more
     assert tolerance("f16", ["float32", "bfloat16"], 8) == tolerance("f16", ["bfloat16"], 8) > f16_wire
     assert tolerance("f16", ["float16"], 32) > tolerance("f16", ["float16"], 8)
+    assert tolerance("f16", [], 8) == tolerance("f16", ["int3"], 8) == tolerance("f16", ["bfloat16"], 8)
     assert Verifier(VerifyParams(rate=1.0, tolerance=0.25)).tolerance("f16", ["float16"], 8) == 0.25
 
 

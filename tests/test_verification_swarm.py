@@ -6,7 +6,7 @@ beside two honest nodes. A client with ``verify=1.0`` (paranoid) recomputes ever
 replica; the disagreement is arbitrated by the third node, the liar is avoided for good, the
 chain is rebuilt on honest nodes, the evidence is written to the chosen directory, and the greedy
 tokens equal transformers' on the same checkpoint. A liar corrupting 10 % of steps is found as
-well. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations.
+well, and so is a stateless forward pass through the liar. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations.
 The rules (sampling, tolerance, arbitration, avoidance) are tested without processes in
 tests/test_verification.py.
 """
@@ -61,6 +61,14 @@ def test_a_corrupting_node_is_found_avoided_and_the_output_equals_transformers(t
             assert not any(model.swarm.verifier.is_liar(h.peer_id) for h in honest)
         finally:
             model.close()
+        if rate == "1.0":  # a stateless forward pass through the liar (a fresh client) is checked and rerun
+            model = _model(checkpoint, swarm, codec="f32", verify=1.0)
+            try:
+                logits = model(ids).logits
+                assert model.swarm.verifier.is_liar(liar.peer_id)
+            finally:
+                model.close()
+            torch.testing.assert_close(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(ours, reference.generate(ids, max_new_tokens=TOKENS, do_sample=False))
     assert rebuilds >= 1 and liar.peer_id not in route
     assert any(liar.peer_id in r.message and "avoiding it" in r.message for r in caplog.records)

@@ -45,6 +45,7 @@ from .errors import PeerFailure, SwarmError
 from .measurements import slow_span
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
+from .verification import rebuilt_records
 from .verifying import check_step
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["ChainSession", "InferenceSession"]
 
 log = logging.getLogger("biopetals.client")
+
+MAX_REBUILDS = 3  # chains rebuilt around liars within one step before its output is returned unverified
 
 
 class ChainSession:
@@ -113,16 +116,21 @@ class ChainSession:
 
     async def _verified(self, out: torch.Tensor) -> torch.Tensor:
         """Check the step's sampled spans on replicas (client/verifying.py); if a node there lied, rebuild
-        the chain from its span on (``SessionChain.rebuild``, liars are never routed again) and return
-        the rebuilt outputs of the step instead."""
-        liars = await check_step(self.swarm, self.state.records)
-        index = next((i for i, s in enumerate(self.state.spans) if s.peer_id in liars), None)
-        if index is None:
-            return out
-        first = self.state.position - int(out.shape[1])
-        self.state.rebuild(index, time.monotonic())
-        replayed = await self._drive()
-        return torch.cat([o for fed, o in replayed if fed.position >= first], dim=1)
+        the chain from its span on (``SessionChain.rebuild``, liars are never routed again), check the
+        rebuilt spans' outputs in turn, and return the rebuilt outputs of the step instead."""
+        records, first = self.state.records, self.state.position - int(out.shape[1])
+        for _ in range(MAX_REBUILDS):
+            liars = await check_step(self.swarm, records)
+            index = next((i for i, s in enumerate(self.state.spans) if s.peer_id in liars), None)
+            if index is None:
+                return out
+            self.state.rebuild(index, time.monotonic())
+            replayed = await self._drive()
+            out = torch.cat([o for fed, o in replayed if fed.position >= first], dim=1)
+            records = rebuilt_records(self.state.spans, index, first, replayed)
+        log.warning("verification: still finding liars after %d rebuilds; this step's output is unverified",
+                    MAX_REBUILDS)
+        return out
 
     async def _reconsider(self) -> None:
         """Record the step's measured span times and move off a span measured much slower than another

@@ -35,7 +35,8 @@ import torch
 from .routing import ServerSpan
 
 __all__ = [
-    "Check", "Evidence", "Verifier", "VerifyParams", "compare", "input_digest", "pick_replica", "should_check",
+    "Check", "Evidence", "Verifier", "VerifyParams", "compare", "input_digest", "pick_replica", "rebuilt_records",
+    "should_check",
     "tolerance", "unit_roundoff",
 ]
 
@@ -114,6 +115,26 @@ def pick_replica(servers: Iterable[ServerSpan], start: int, end: int, *, quant: 
     if not eligible:
         return None
     return eligible[min(len(eligible) - 1, int(draw * len(eligible)))]
+
+
+def rebuilt_records(spans: list, index: int, first: int, replayed: list) -> list:
+    """After ``SessionChain.rebuild(index)``: ``(span, fed, output)`` of the rebuilt spans ``spans[index:]``
+    for the step's columns (positions from ``first`` on), as ``SessionChain.records`` has them after a step,
+    so that they are checked in turn. ``replayed``: the rebuild's ``(fed, output of the last block)``."""
+    final = {fed.step_id: out for fed, out in replayed}
+    records = []
+    for j in range(index, len(spans)):
+        after = spans[j + 1] if j + 1 < len(spans) else None
+        for fed in spans[j].history:
+            if fed.position < first:
+                continue
+            if after is None:
+                out = final.get(fed.step_id)
+            else:
+                out = next((f.hidden for f in after.history if f.step_id == fed.step_id), None)
+            if out is not None:
+                records.append((spans[j], fed, out))
+    return records
 
 
 # ---------------------------------------------------------------------------------------- one check

@@ -27,6 +27,7 @@ from biopetals.client.verification import (
     compare,
     input_digest,
     pick_replica,
+    rebuilt_records,
     should_check,
     tolerance,
     unit_roundoff,
@@ -212,6 +213,10 @@ def test_a_rebuild_replaces_the_liars_span_and_all_after_it_and_returns_the_repl
     # the replay: each step in its chunk, no push, B2 then C; A is untouched
     assert [(a.span.peer_id, a.step_id, a.position, a.hops) for a in sim.sends()[sent:]] == [
         ("B2", 1, 0, ()), ("C", 1, 0, ()), ("B2", 4, 3, ()), ("C", 4, 3, ())]
+    # what the rebuilt spans answered for the step, to be checked in turn: B2's output is C's input
+    records = rebuilt_records(state.spans, 1, 3, replayed)
+    assert [(s.peer_id, f.position) for s, f, _ in records] == [("B2", 3), ("C", 3)]
+    assert torch.equal(records[0][2], state.spans[2].history[-1].hidden) and torch.equal(records[1][2], out)
     step(sim, state)  # and the chain goes on, with push through the new spans
     assert [h.peer_id for h in sim.sends()[-1].hops] == ["B2", "C"]
     assert isinstance(sim.sends()[-1], SendStep) and sim.sends()[-1].span.peer_id == "A"

@@ -754,6 +754,9 @@ class CallChain(_Machine):
         self.chunking = chunking
         self.hidden_size = hidden_size  # the model's, when known
         self.rows = 0  # sequences per call (client/chunking.py), set by forward()/backward()
+        # (span, input, grad_outputs, grad_inputs) of each single-span part of the last backward, for
+        # verification (client/verifying.py)
+        self.backward_records: list[tuple[RouteSpan, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                 now: float) -> None:
@@ -841,6 +844,7 @@ class CallChain(_Machine):
     def _backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor,
                   mask: torch.Tensor | None, prompts: torch.Tensor | None, rows: int) -> _Rules:
         self.rows = rows
+        self.backward_records = []
         budget = FailoverBudget(self.max_failovers, "the backward pass")
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for r, x in reversed(trace):
@@ -848,6 +852,8 @@ class CallChain(_Machine):
             while True:
                 try:
                     g, parts = yield from self._backward_route(route, x, grad, mask, prompts)
+                    if len(route) == 1:
+                        self.backward_records.append((route[0], x, grad, g))
                     break
                 except PeerFailure as failure:
                     yield from self._fail(failure, budget, r.start, r.end)

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from biopetals.protocol.errors import ErrorCode
+
 from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route
 from .errors import PeerFailure
 from .routing import MissingBlocksError, RouteSpan
-from .verifying import check_forward
+from .verifying import check_backward, check_forward
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
@@ -56,9 +58,14 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
                        grad: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients w.r.t. the first span's input and the prompts, given d loss / d outputs of the last block."""
-    chain = _chain(swarm)
-    chain.backward(trace, grad, mask, prompts, time.monotonic())
-    return await _drive(swarm, chain)
+    for _ in range(MAX_REVERIFIED):
+        chain = _chain(swarm)
+        chain.backward(trace, grad, mask, prompts, time.monotonic())
+        result = await _drive(swarm, chain)
+        # verified computation: a liar found is never called again (``_drive``), the pass is rerun
+        if not swarm.verifier.enabled or not await check_backward(swarm, chain.backward_records, mask, prompts):
+            break
+    return result
 
 
 def _chain(swarm: "RemoteSwarm") -> CallChain:
@@ -82,6 +89,10 @@ async def _drive(swarm: "RemoteSwarm", chain: CallChain):
                 chain.no_route(exc, time.monotonic())
             else:
                 chain.routed(route, time.monotonic())
+        elif isinstance(action, (CallForward, CallBackward)) and swarm.verifier.is_liar(action.span.peer_id):
+            # a node proven to compute wrongly (client/verification.py), e.g. in a forward pass's trace
+            chain.failed(PeerFailure(action.span.peer_id, "proven to compute wrongly (verified computation)",
+                                     int(ErrorCode.INVALID_TENSOR)), time.monotonic())
         elif isinstance(action, (CallForward, CallBackward)):
             try:
                 async with asyncio.timeout(action.deadline - time.monotonic()):

@@ -5,7 +5,7 @@ driver (client/verifying.py) passes ``now`` and uniform draws in, asks the repli
 their answers. The rules:
 
 - **sampling** (``should_check``): each span of each inference step (and each span of a stateless
-  ``Forward``) is checked with probability ``rate`` (``ClientConfig.verify``); 1.0 is the paranoid
+  ``Forward`` or ``Backward``) is checked with probability ``rate`` (``ClientConfig.verify``); 1.0 is the paranoid
   mode, every step of every span; 0 checks nothing.
 - **replicas** (``pick_replica``): an independent replica of a span ``[start, end)`` is another node
   that serves all of those blocks, with the same weight quantisation (a quantised replica computes
@@ -47,6 +47,7 @@ _CODEC_DTYPE = {"f32": "float32", "f16": "float16", "f16+zstd": "float16", "bf16
 
 DEFAULT_VERIFY = 0.0  # ClientConfig.verify's default; README "Verified computation" argues it
 WIRE_TERMS = 4.0  # each output rounded to the wire codec once per node (2), on inputs already on the grid (x2 slack)
+ROW_FLOOR = 1e-3  # compare(): a row's norm counts as at least this fraction of the largest row's
 # x sqrt(blocks) x u of the compute dtype: two evaluation orders (a cached step vs one Forward). Measured
 # constants (benchmarks/bench_verify.py, err / (u sqrt(L))): float32 1.0-11 (grows with the width and the
 # context: the accumulation order of long dot products), float16 0.4-1.3 and bfloat16 0.4-1.2 (each op's
@@ -79,14 +80,18 @@ def tolerance(codec: str, dtypes: Iterable[str], blocks: int) -> float:
 
 def compare(output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """The worst relative L2 error ``|output - reference| / |reference|`` over the rows (``[batch, tokens,
-    hidden]`` -> one row per token), padding columns (``mask`` 0) left out. A shape mismatch or a
+    hidden]`` -> one row per token), padding columns (``mask`` 0) left out; a row's norm counts as at least
+    ``ROW_FLOOR`` x the largest row's (a gradient's row may be all but zero). A shape mismatch or a
     non-finite value is an infinite error."""
     if tuple(output.shape) != tuple(reference.shape):
         return math.inf
     a, b = output.detach().double(), reference.detach().double()
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         return math.inf
-    err = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
+    if b.numel() == 0:
+        return 0.0
+    norms = b.norm(dim=-1)
+    err = (a - b).norm(dim=-1) / norms.clamp_min(max(1e-30, ROW_FLOOR * float(norms.max())))
     if mask is not None:
         err = err[mask.to(torch.bool)]
     return float(err.max()) if err.numel() else 0.0

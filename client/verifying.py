@@ -2,8 +2,9 @@
 
 ``check_step`` checks the sampled spans of an inference step just computed (``SessionChain.records``):
 each span's output of the step is compared with a replica's stateless ``Forward`` (spec/messages.md
-§6.1) of that span's whole input history, at the step's columns; ``check_forward`` does the same for
-the spans of a stateless forward pass (the same ``Forward`` on a replica). On a disagreement a third
+§6.1) of that span's whole input history, at the step's columns; ``check_forward`` and
+``check_backward`` do the same for the spans of a stateless forward or backward pass (the same
+``Forward`` or ``Backward``, §6.2, on a replica; a backward compares the input gradients). On a disagreement a third
 node arbitrates (``Check``). Both return the peers proven to lie; the callers (client/session.py,
 client/remote_forward.py) rebuild what those touched. ``report`` logs a WARNING and, when
 ``ClientConfig.verify_evidence_dir`` is set, appends the evidence to ``evidence.jsonl`` there and
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +32,7 @@ from .verification import Check, Evidence, pick_replica, should_check
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
 
-__all__ = ["check_forward", "check_step", "report"]
+__all__ = ["check_backward", "check_forward", "check_step", "report"]
 
 log = logging.getLogger("biopetals.client.verify")
 
@@ -53,9 +55,14 @@ async def check_step(swarm: "RemoteSwarm", records: list[tuple[ChainSpan, Fed, t
         mask = None if all(m is None for m in masks) else torch.cat(
             [torch.ones(f.hidden.shape[:2], dtype=torch.bool) if m is None else m for f, m in zip(history, masks)], 1)
         a = fed.position - history[0].position
-        columns = (a, a + int(fed.hidden.shape[1]))
-        todo.append(_check(swarm, "step", span.server, span.start, span.end, inputs, mask, output, columns,
-                           (fed.position, fed.position + columns[1] - columns[0])))
+        b = a + int(fed.hidden.shape[1])
+
+        async def forward(replica: RouteSpan, inputs=inputs, mask=mask, a=a, b=b) -> torch.Tensor:
+            full = await swarm.forward(replica, inputs, swarm.config.codec, mask)
+            return full[:, a:b] if tuple(full.shape) == tuple(inputs.shape) else full
+
+        todo.append(_check(swarm, "step", span.server, span.start, span.end, inputs, output,
+                           None if mask is None else mask[:, a:b], (fed.position, fed.position + b - a), forward))
     return {liar for liar in await asyncio.gather(*todo) if liar is not None}
 
 
@@ -71,8 +78,30 @@ async def check_forward(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch
         if prompts is not None:
             _unverified(swarm, r.start, r.end, "forward passes with deep prompts are not verified")
             continue
-        width = int(x.shape[1])
-        todo.append(_check(swarm, "forward", r.server, r.start, r.end, x, mask, y, (0, width), (0, width)))
+        async def forward(replica: RouteSpan, x=x) -> torch.Tensor:
+            return await swarm.forward(replica, x, swarm.config.codec, mask)
+
+        todo.append(_check(swarm, "forward", r.server, r.start, r.end, x, y, mask, (0, int(x.shape[1])), forward))
+    return {liar for liar in await asyncio.gather(*todo) if liar is not None}
+
+
+async def check_backward(swarm: "RemoteSwarm", records: list[tuple[RouteSpan, torch.Tensor, torch.Tensor, torch.Tensor]],
+                         mask: torch.Tensor | None, prompts: torch.Tensor | None) -> set[str]:
+    """Check the sampled spans of a backward pass (``CallChain.backward_records``: ``(span, input,
+    grad_outputs, grad_inputs)``) with the same ``Backward`` on a replica; returns the liars found."""
+    todo = []
+    for r, x, grad_out, grad_in in records:
+        if not should_check(swarm.verifier.params.rate, swarm.verify_rng.random()):
+            continue
+        if prompts is not None:
+            _unverified(swarm, r.start, r.end, "backward passes with deep prompts are not verified")
+            continue
+
+        async def backward(replica: RouteSpan, x=x, grad_out=grad_out) -> torch.Tensor:
+            return (await swarm.backward(replica, x, grad_out, swarm.config.codec, mask))[0]
+
+        todo.append(_check(swarm, "backward", r.server, r.start, r.end, x, grad_in, mask, (0, int(x.shape[1])),
+                           backward))
     return {liar for liar in await asyncio.gather(*todo) if liar is not None}
 
 
@@ -84,14 +113,13 @@ def _history_until(span: ChainSpan, fed: Fed) -> list[Fed]:
 
 
 async def _check(swarm: "RemoteSwarm", kind: str, server: ServerSpan, start: int, end: int, inputs: torch.Tensor,
-                 mask: torch.Tensor | None, output: torch.Tensor, columns: tuple[int, int],
-                 positions: tuple[int, int]) -> str | None:
-    """One output checked against replicas (and an arbiter); returns the liar, if proven."""
+                 output: torch.Tensor, mask: torch.Tensor | None, positions: tuple[int, int],
+                 recompute: Callable[[RouteSpan], Awaitable[torch.Tensor]]) -> str | None:
+    """``output`` (of ``server`` over ``[start, end)``) checked against replicas' ``recompute`` (and an
+    arbiter's); ``mask``: padding of the compared columns. Returns the liar, if proven."""
     verifier, cfg = swarm.verifier, swarm.config
-    a, b = columns
-    step_mask = None if mask is None else mask[:, a:b]
     replicas_dtype = [server.dtype]
-    check = Check(server.peer_id, output, 0.0, step_mask)
+    check = Check(server.peer_id, output, 0.0, mask)
     asked: set[str] = set()
     servers = await swarm.fetch_servers()
     while (exclude := check.wanted()) is not None:
@@ -105,13 +133,12 @@ async def _check(swarm: "RemoteSwarm", kind: str, server: ServerSpan, start: int
         asked.add(replica.peer_id)
         try:
             async with asyncio.timeout(cfg.forward_timeout):
-                full = await swarm.forward(RouteSpan(replica, start, end), inputs, cfg.codec, mask)
+                recomputed = await recompute(RouteSpan(replica, start, end))
         except (PeerFailure, TimeoutError) as exc:
             log.info("replica %s did not recompute blocks %d:%d: %s", replica.peer_id, start, end, exc)
             continue
         replicas_dtype.append(replica.dtype)
         check.tol = verifier.tolerance(cfg.codec, replicas_dtype, end - start)
-        recomputed = full[:, a:b] if tuple(full.shape) == tuple(inputs.shape) else full
         check.answer(replica.peer_id, recomputed.to(output.dtype))
     if check.verdict == "unverified":
         _unverified(swarm, start, end, "no other node serves these blocks with the same weights")

@@ -15,8 +15,8 @@
 - ``corrupt``: adds noise as large as the output itself to the output of a fraction
   ``BIOPETALS_CORRUPT_RATE`` (default 1) of its inference steps, drawn with ``BIOPETALS_CORRUPT_SEED``
   (default 4: at rate 0.1 the 5th step it computes is the first corrupted one); the corrupted
-  output is what it answers and pushes; its ``Forward`` answers are corrupted the same way (same
-  draws), for tests/test_verification_swarm.py (client/verification.py);
+  output is what it answers and pushes; its ``Forward`` answers and ``Backward`` input gradients are
+  corrupted the same way (same draws), for tests/test_verification_swarm.py (client/verification.py);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
 - ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
   tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
@@ -141,7 +141,7 @@ def corrupt_steps() -> None:
     import torch
 
     from biopetals.node import handler, session_machine
-    from biopetals.protocol.messages import ForwardResult
+    from biopetals.protocol.messages import BackwardResult, ForwardResult
 
     rate = float(os.environ.get("BIOPETALS_CORRUPT_RATE", "1.0"))
     draws = random.Random(int(os.environ.get("BIOPETALS_CORRUPT_SEED", "4")))
@@ -162,6 +162,13 @@ def corrupt_steps() -> None:
         return ForwardResult(hidden=corrupt(reply.hidden, 0))
 
     handler.NodeService._forward = _forward
+    backward = handler.NodeService._backward
+
+    async def _backward(self, request):
+        reply = await backward(self, request)
+        return BackwardResult(grad_inputs=corrupt(reply.grad_inputs, 1), grad_prompts=reply.grad_prompts)
+
+    handler.NodeService._backward = _backward
 
 
 def lie_about_speed() -> None:

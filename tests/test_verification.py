@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_client_chain import FakeNode, Sim, chain, step, three_spans
+from test_client_chain import CallSim, FakeNode, Sim, chain, step, three_spans
 from test_sans_io import violations
 
-from biopetals.client.chain import Abandon, SendStep
+from biopetals.client.chain import Abandon, CallChain, SendStep
 from biopetals.client.routing import ServerSpan
 from biopetals.client.swarm import ClientConfig
 from biopetals.client.verification import (
+    ROW_FLOOR,
     Check,
     Verifier,
     VerifyParams,
@@ -230,3 +231,31 @@ def test_a_rebuild_is_refused_out_of_range_or_once_closed():
     state.close()
     with pytest.raises(Exception, match="closed"):
         state.rebuild(0, sim.now)
+
+
+def test_a_backward_records_each_single_span_part_for_checking():
+    sim = CallSim(("A", 0, 3), ("B", 3, 8), ("B1", 3, 5), ("B2", 5, 8))
+    c = CallChain(8, timeout=5.0)
+    x = torch.ones(1, 2, 2)
+    c.forward(x, None, None, 0.0)
+    _, trace = sim.drive(c)
+    g = torch.ones(1, 2, 2)
+    c.backward(trace, g, None, None, 1.0)
+    sim.drive(c)
+    # (span, input, grad_outputs, grad_inputs), last span first; a node doubles the gradient per block
+    assert [(r.peer_id, float(gi.max() / go.max())) for r, _, go, gi in c.backward_records] == [("B", 32.0), ("A", 8.0)]
+    assert torch.equal(c.backward_records[0][1], x * 8) and torch.equal(c.backward_records[1][1], x)
+    # a span whose node failed and was split over two is not recorded (no single node to compare)
+    sim.servers = [s for s in sim.servers if s.peer_id != "B"]
+    sim.failing = {"B"}
+    c.backward(trace, g, None, None, 2.0)
+    sim.drive(c)
+    assert [r.peer_id for r, *_ in c.backward_records] == ["A"]
+
+
+def test_compare_counts_a_near_zero_gradient_row_against_the_largest_row():
+    ref = torch.tensor([[[1000.0, 0.0], [1e-9, 0.0]]])
+    off = ref.clone()
+    off[0, 1, 0] = 2e-9  # 100 % of a negligible row: 1e-9 of the largest, not an alarm
+    assert compare(off, ref) == pytest.approx(1e-9 / (ROW_FLOOR * 1000.0))
+    assert compare(torch.zeros(1, 0, 2), torch.zeros(1, 0, 2)) == 0.0

@@ -6,7 +6,7 @@ beside two honest nodes. A client with ``verify=1.0`` (paranoid) recomputes ever
 replica; the disagreement is arbitrated by the third node, the liar is avoided for good, the
 chain is rebuilt on honest nodes, the evidence is written to the chosen directory, and the greedy
 tokens equal transformers' on the same checkpoint. A liar corrupting 10 % of steps is found as
-well, and so is a stateless forward pass through the liar. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations.
+well, and so are a stateless forward pass and a backward pass through the liar. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations.
 The rules (sampling, tolerance, arbitration, avoidance) are tested without processes in
 tests/test_verification.py.
 """
@@ -26,6 +26,8 @@ from test_conformance import BROKEN_NODE
 from transformers import AutoModelForCausalLM
 
 from biopetals.client import AutoDistributedModelForCausalLM
+from biopetals.client.remote_forward import backward_all
+from biopetals.client.routing import RouteSpan
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
 
@@ -61,14 +63,8 @@ def test_a_corrupting_node_is_found_avoided_and_the_output_equals_transformers(t
             assert not any(model.swarm.verifier.is_liar(h.peer_id) for h in honest)
         finally:
             model.close()
-        if rate == "1.0":  # a stateless forward pass through the liar (a fresh client) is checked and rerun
-            model = _model(checkpoint, swarm, codec="f32", verify=1.0)
-            try:
-                logits = model(ids).logits
-                assert model.swarm.verifier.is_liar(liar.peer_id)
-            finally:
-                model.close()
-            torch.testing.assert_close(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+        if rate == "1.0":
+            stateless_calls_through_the_liar_are_checked(checkpoint, swarm, reference, ids, liar, honest[0])
     assert torch.equal(ours, reference.generate(ids, max_new_tokens=TOKENS, do_sample=False))
     assert rebuilds >= 1 and liar.peer_id not in route
     assert any(liar.peer_id in r.message and "avoiding it" in r.message for r in caplog.records)
@@ -77,6 +73,29 @@ def test_a_corrupting_node_is_found_avoided_and_the_output_equals_transformers(t
     assert {lines[0]["replica"], lines[0]["arbiter"]} == {h.peer_id for h in honest}
     assert lines[0]["errors"]["replica"] > lines[0]["tolerance"] >= lines[0]["errors"]["arbiter_vs_replica"]
     assert (evidence / lines[0]["tensors"]).is_file()
+
+
+def stateless_calls_through_the_liar_are_checked(checkpoint, swarm, reference, ids, liar, honest):
+    """Fresh clients (who do not know the liar yet): a forward pass through it is checked and rerun, and
+    so is a ``Backward`` of a trace that names it (as a forward made before it was found would)."""
+    model = _model(checkpoint, swarm, codec="f32", verify=1.0)
+    try:
+        logits = model(ids).logits
+        assert model.swarm.verifier.is_liar(liar.peer_id)
+    finally:
+        model.close()
+    torch.testing.assert_close(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    model = _model(checkpoint, swarm, codec="f32", verify=1.0)
+    try:
+        remote = model.swarm
+        servers = {s.peer_id: s for s in remote.loop.run(remote.fetch_servers())}
+        x, g = torch.randn(2, 1, 5, reference.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        grad, _ = remote.loop.run(backward_all(remote, [(RouteSpan(servers[liar.peer_id], 0, 8), x)], g))
+        assert remote.verifier.is_liar(liar.peer_id)
+        honest_grad, _ = remote.loop.run(remote.backward(RouteSpan(servers[honest.peer_id], 0, 8), x, g, "f32"))
+    finally:
+        model.close()
+    torch.testing.assert_close(grad, honest_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_an_honest_swarm_raises_no_false_alarm_at_every_step(tmp_path, caplog):

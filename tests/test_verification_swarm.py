@@ -6,7 +6,8 @@ beside two honest nodes. A client with ``verify=1.0`` (paranoid) recomputes ever
 replica; the disagreement is arbitrated by the third node, the liar is avoided for good, the
 chain is rebuilt on honest nodes, the evidence is written to the chosen directory, and the greedy
 tokens equal transformers' on the same checkpoint. A liar corrupting 10 % of steps is found as
-well, and so are a stateless forward pass and a backward pass through the liar. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations.
+well, and so are a stateless forward pass and a backward pass through the liar. An honest swarm at ``verify=1.0`` raises no false alarm with f32 nor with f16 activations, and without a replica the client says so
+once and carries on unverified.
 The rules (sampling, tolerance, arbitration, avoidance) are tested without processes in
 tests/test_verification.py.
 """
@@ -105,7 +106,7 @@ def test_an_honest_swarm_raises_no_false_alarm_at_every_step(tmp_path, caplog):
     expected = reference.generate(ids, max_new_tokens=TOKENS, do_sample=False)
     with Swarm(tmp_path) as swarm:
         swarm.start_node(checkpoint, "0:8", *HONEST)
-        swarm.start_node(checkpoint, "0:8", *HONEST)
+        second = swarm.start_node(checkpoint, "0:8", *HONEST)
         for codec in ("f32", "f16"):
             model = _model(checkpoint, swarm, codec=codec, verify=1.0)
             try:
@@ -120,4 +121,17 @@ def test_an_honest_swarm_raises_no_false_alarm_at_every_step(tmp_path, caplog):
                 model.close()
             if codec == "f32":
                 assert torch.equal(ours, expected)
-    assert not [r for r in caplog.records if "verification" in r.message], [r.message for r in caplog.records]
+        assert not [r for r in caplog.records if "verification" in r.message], [r.message for r in caplog.records]
+        # without a replica the client says so once and carries on unverified
+        second.stop()
+        model = _model(checkpoint, swarm, codec="f32", verify=1.0)
+        try:
+            with caplog.at_level(logging.WARNING, logger="biopetals.client.verify"):
+                ours = model.generate(ids, max_new_tokens=3, do_sample=False)
+            assert model.swarm.verifier.checks == 0
+        finally:
+            model.close()
+    assert torch.equal(ours, expected[:, :ids.shape[1] + 3])
+    said = [r.message for r in caplog.records if "unverified" in r.message]
+    assert said == ["verification: blocks 0:8 run unverified: no other node serves these blocks with the same "
+                    "weights"], said

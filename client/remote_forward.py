@@ -20,6 +20,7 @@ chain state's (client/chain.py, ``CallChain``); this module is its asyncio drive
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["remote_blocks", "forward_all", "backward_all"]
 
-MAX_REVERIFIED = 3  # forward passes rerun after finding liars, before the last result is taken as it is
+log = logging.getLogger("biopetals.client.verify")
+
+MAX_REVERIFIED = 3  # passes run while liars are found on their route; the last one's result is taken as it is
 
 
 async def forward_all(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Tensor | None = None,
@@ -48,9 +51,14 @@ async def forward_all(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Te
         chain = _chain(swarm)
         chain.forward(hidden, mask, prompts, time.monotonic())
         out, trace = await _drive(swarm, chain)
-        # verified computation (client/verifying.py): a node proven to lie is never routed again; rerun
-        if not swarm.verifier.enabled or not await check_forward(swarm, trace, out, mask, prompts):
+        # verified computation (client/verifying.py): a node of the route proven to lie is never routed
+        # again; rerun the pass
+        if not swarm.verifier.enabled or not (await check_forward(swarm, trace, out, mask, prompts)
+                                              & {r.peer_id for r, _ in trace}):
             break
+    else:
+        log.warning("verification: still finding liars after %d forward passes; the last is unverified",
+                    MAX_REVERIFIED)
     return out, trace
 
 
@@ -62,9 +70,14 @@ async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.
         chain = _chain(swarm)
         chain.backward(trace, grad, mask, prompts, time.monotonic())
         result = await _drive(swarm, chain)
-        # verified computation: a liar found is never called again (``_drive``), the pass is rerun
-        if not swarm.verifier.enabled or not await check_backward(swarm, chain.backward_records, mask, prompts):
+        # verified computation: a liar of the route is never called again (``_drive``), the pass is rerun
+        records = chain.backward_records
+        if not swarm.verifier.enabled or not (await check_backward(swarm, records, mask, prompts)
+                                              & {r.peer_id for r, *_ in records}):
             break
+    else:
+        log.warning("verification: still finding liars after %d backward passes; the last is unverified",
+                    MAX_REVERIFIED)
     return result
 
 

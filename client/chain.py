@@ -453,6 +453,9 @@ class SessionChain(_Machine):
         self.failovers = 0  # replacements done, over the session's life
         self.moves = 0  # voluntary replacements of slow spans (``move``), over the session's life
         self.timings: list[SpanTiming] = []  # each span's own time of the last step (client/measurements.py)
+        # what each span was fed and answered in the last step, for verification (client/verifying.py)
+        self.records: list[tuple[ChainSpan, Fed, torch.Tensor]] = []
+        self.rebuilds = 0  # chains rebuilt around a node found lying (``rebuild``), over the session's life
         self.closed = False
 
     # ------------------------------------------------------------------ operations
@@ -502,7 +505,7 @@ class SessionChain(_Machine):
             raise RequestError.before_sending(
                 f"one token of {batch} sequences at hidden size {hidden.shape[2]} is over one message's limits "
                 "(spec/tensors.md §2): use a smaller batch")
-        self.timings = []
+        self.timings, self.records = [], []
         self._start(self._chunked(hidden, mask, prompts, size), now)
 
     def crop(self, position: int) -> None:
@@ -543,6 +546,16 @@ class SessionChain(_Machine):
         if not 0 <= index < len(self.spans):
             raise ValueError(f"no span {index} in a chain of {len(self.spans)}")
         self._start(self._move(index, reason), now)
+
+    def rebuild(self, index: int, now: float) -> None:
+        """Replace ``spans[index:]`` (a node there was found lying: client/verification.py) by a new route,
+        rebuilt from ``spans[index]``'s inputs with the replay plan (§5.9); ``Finished(replayed)``, the
+        ``(Fed, output of the last block)`` of every step replayed, the last step's included."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if not 0 <= index < len(self.spans):
+            raise ValueError(f"no span {index} in a chain of {len(self.spans)}")
+        self._start(self._rebuild(index), now)
 
     def close(self) -> list[ChainSpan]:
         """End the session; returns the spans for the driver to close."""
@@ -682,6 +695,7 @@ class SessionChain(_Machine):
                 asked_directly.discard(i)
                 continue
             span.history.append(Fed(step_id, position, x, mask, _blocks(prompts, span.start, span.end)))
+            self.records.append((span, span.history[-1], out))
             sent, at = span.timed.pop(step_id, (self.now, self.now))
             self.timings.append(SpanTiming(span.peer_id, span.end - span.start, tokens, at - max(sent, ready)))
             span.decode_steps += tokens == 1
@@ -699,15 +713,7 @@ class SessionChain(_Machine):
         yield from self._fail(failure, budget, old.start, old.end)
         yield from self._abandon([old])
         self.failovers += 1
-        while True:
-            new = yield from self._open_route(old.start, old.end, budget, self.spans[i - 1].peer_id if i else None)
-            try:
-                yield from self._replay(old, new)
-            except PeerFailure as again:
-                yield from self._abandon(new)
-                yield from self._fail(again, budget, old.start, old.end)
-                continue
-            break
+        new, _ = yield from self._reopen(old, budget, self.spans[i - 1].peer_id if i else None)
         self.spans[i:i + 1] = new
         after = i + len(new)
         if self.use_push and after < len(self.spans):
@@ -740,10 +746,35 @@ class SessionChain(_Machine):
             yield Rebind(self.spans[after], new[-1].peer_id)  # §5.10, as after a failover
         return True
 
+    def _rebuild(self, i: int) -> _Rules:
+        """Sessions over ``[spans[i].start, n_blocks)`` on a new route, replayed with ``spans[i]``'s inputs;
+        the old ones are closed (a liar's output went into every span after it)."""
+        first = self.spans[i]
+        old = ChainSpan(first.server, first.start, self.n_blocks, history=list(first.history))
+        budget = FailoverBudget(self.max_failovers, f"rebuilding blocks {old.start}:{old.end}")
+        yield from self._abandon(self.spans[i:], close=True)
+        new, replayed = yield from self._reopen(old, budget, self.spans[i - 1].peer_id if i else None)
+        self.spans[i:] = new
+        self.rebuilds += 1
+        return replayed
+
+    def _reopen(self, old: ChainSpan, budget: FailoverBudget, upstream: str | None) -> _Rules:
+        """New sessions over ``old``'s blocks, replayed with its history; re-routes around nodes that fail
+        on the way (each charged to ``budget``). Returns ``(new spans, replayed)``."""
+        while True:
+            new = yield from self._open_route(old.start, old.end, budget, upstream)
+            try:
+                return new, (yield from self._replay(old, new))
+            except PeerFailure as again:
+                yield from self._abandon(new)
+                yield from self._fail(again, budget, old.start, old.end)
+
     def _replay(self, old: ChainSpan, new: list[ChainSpan]) -> _Rules:
         """The replay plan (§5.9): every step ``old`` processed, in order, in its original chunk,
         position and step id, through the sub-spans of ``new`` in turn (no push); each sub-span gets
-        its own blocks' prompts. Rebuilds the KV caches exactly as they were."""
+        its own blocks' prompts. Rebuilds the KV caches exactly as they were. Returns ``(Fed, output)``
+        of every step replayed."""
+        replayed = []
         for fed in old.history:
             x = fed.hidden
             batch, tokens = int(x.shape[0]), int(x.shape[1])
@@ -760,6 +791,8 @@ class SessionChain(_Machine):
                 s.timed.pop(fed.step_id, None)
                 s.history.append(Fed(fed.step_id, fed.position, x, fed.mask, part))
                 x = out
+            replayed.append((fed, x))
+        return replayed
 
 
 # ---------------------------------------------------------------------------------------- forward / backward
@@ -781,6 +814,9 @@ class CallChain(_Machine):
         self.chunking = chunking
         self.hidden_size = hidden_size  # the model's, when known
         self.rows = 0  # sequences per call (client/chunking.py), set by forward()/backward()
+        # (span, input, grad_outputs, grad_inputs) of each single-span part of the last backward, for
+        # verification (client/verifying.py)
+        self.backward_records: list[tuple[RouteSpan, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                 now: float) -> None:
@@ -868,6 +904,7 @@ class CallChain(_Machine):
     def _backward(self, trace: list[tuple[RouteSpan, torch.Tensor]], grad: torch.Tensor,
                   mask: torch.Tensor | None, prompts: torch.Tensor | None, rows: int) -> _Rules:
         self.rows = rows
+        self.backward_records = []
         budget = FailoverBudget(self.max_failovers, "the backward pass")
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for r, x in reversed(trace):
@@ -875,6 +912,8 @@ class CallChain(_Machine):
             while True:
                 try:
                     g, parts = yield from self._backward_route(route, x, grad, mask, prompts)
+                    if len(route) == 1:
+                        self.backward_records.append((route[0], x, grad, g))
                     break
                 except PeerFailure as failure:
                     yield from self._fail(failure, budget, r.start, r.end)

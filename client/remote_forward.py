@@ -20,37 +20,65 @@ chain state's (client/chain.py, ``CallChain``); this module is its asyncio drive
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
+from biopetals.protocol.errors import ErrorCode
+
 from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route
 from .errors import PeerFailure
 from .routing import MissingBlocksError, RouteSpan
+from .verifying import check_backward, check_forward
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
 
 __all__ = ["remote_blocks", "forward_all", "backward_all"]
 
+log = logging.getLogger("biopetals.client.verify")
+
+MAX_REVERIFIED = 3  # passes run while liars are found on their route; the last one's result is taken as it is
+
 
 async def forward_all(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Tensor | None = None,
                       prompts: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[tuple[RouteSpan, torch.Tensor]]]:
     """Outputs of the last block, and ``(span, input)`` for every span used."""
-    chain = _chain(swarm)
-    chain.forward(hidden, mask, prompts, time.monotonic())
-    return await _drive(swarm, chain)
+    for _ in range(MAX_REVERIFIED):
+        chain = _chain(swarm)
+        chain.forward(hidden, mask, prompts, time.monotonic())
+        out, trace = await _drive(swarm, chain)
+        # verified computation (client/verifying.py): a node of the route proven to lie is never routed
+        # again; rerun the pass
+        if not swarm.verifier.enabled or not (await check_forward(swarm, trace, out, mask, prompts)
+                                              & {r.peer_id for r, _ in trace}):
+            break
+    else:
+        log.warning("verification: still finding liars after %d forward passes; the last is unverified",
+                    MAX_REVERIFIED)
+    return out, trace
 
 
 async def backward_all(swarm: "RemoteSwarm", trace: list[tuple[RouteSpan, torch.Tensor]],
                        grad: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients w.r.t. the first span's input and the prompts, given d loss / d outputs of the last block."""
-    chain = _chain(swarm)
-    chain.backward(trace, grad, mask, prompts, time.monotonic())
-    return await _drive(swarm, chain)
+    for _ in range(MAX_REVERIFIED):
+        chain = _chain(swarm)
+        chain.backward(trace, grad, mask, prompts, time.monotonic())
+        result = await _drive(swarm, chain)
+        # verified computation: a liar of the route is never called again (``_drive``), the pass is rerun
+        records = chain.backward_records
+        if not swarm.verifier.enabled or not (await check_backward(swarm, records, mask, prompts)
+                                              & {r.peer_id for r, *_ in records}):
+            break
+    else:
+        log.warning("verification: still finding liars after %d backward passes; the last is unverified",
+                    MAX_REVERIFIED)
+    return result
 
 
 def _chain(swarm: "RemoteSwarm") -> CallChain:
@@ -74,6 +102,10 @@ async def _drive(swarm: "RemoteSwarm", chain: CallChain):
                 chain.no_route(exc, time.monotonic())
             else:
                 chain.routed(route, time.monotonic())
+        elif isinstance(action, (CallForward, CallBackward)) and swarm.verifier.is_liar(action.span.peer_id):
+            # a node proven to compute wrongly (client/verification.py), e.g. in a forward pass's trace
+            chain.failed(PeerFailure(action.span.peer_id, "proven to compute wrongly (verified computation)",
+                                     int(ErrorCode.INVALID_TENSOR)), time.monotonic())
         elif isinstance(action, (CallForward, CallBackward)):
             try:
                 async with asyncio.timeout(action.deadline - time.monotonic()):

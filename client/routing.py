@@ -76,6 +76,8 @@ class ServerSpan:
     online: bool = True
     adapters: tuple[str, ...] = ()  # server-side adapters it holds (spec/messages.md §6.3)
     sessions: int = 0  # inference sessions open on the node now (NodeInfo, not announced); 0 = unknown or none
+    dtype: str = "float32"  # compute dtype it announces (client/verification.py tolerances)
+    quant: str = "none"  # weight quantisation it announces (a replica must match it to verify it)
 
     @property
     def n_blocks(self) -> int:

@@ -45,6 +45,8 @@ from .errors import PeerFailure, SwarmError
 from .measurements import slow_span
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
+from .verification import rebuilt_records
+from .verifying import check_step
 
 if TYPE_CHECKING:
     from .swarm import RemoteSwarm
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["ChainSession", "InferenceSession"]
 
 log = logging.getLogger("biopetals.client")
+
+MAX_REBUILDS = 3  # chains rebuilt around liars within one step before its output is returned unverified
 
 
 class ChainSession:
@@ -103,9 +107,29 @@ class ChainSession:
         ``SessionChain.step`` for ``mask`` and ``prompts``."""
         self.state.step(hidden, mask, prompts, time.monotonic())
         out = await self._drive()
+        if self.swarm.verifier.enabled:
+            out = await self._verified(out)
         for s in self.state.spans:
             self.swarm.health.record_success(s.peer_id)
         await self._reconsider()
+        return out
+
+    async def _verified(self, out: torch.Tensor) -> torch.Tensor:
+        """Check the step's sampled spans on replicas (client/verifying.py); if a node there lied, rebuild
+        the chain from its span on (``SessionChain.rebuild``, liars are never routed again), check the
+        rebuilt spans' outputs in turn, and return the rebuilt outputs of the step instead."""
+        records, first = self.state.records, self.state.position - int(out.shape[1])
+        for _ in range(MAX_REBUILDS):
+            liars = await check_step(self.swarm, records)
+            index = next((i for i, s in enumerate(self.state.spans) if s.peer_id in liars), None)
+            if index is None:
+                return out
+            self.state.rebuild(index, time.monotonic())
+            replayed = await self._drive()
+            out = torch.cat([o for fed, o in replayed if fed.position >= first], dim=1)
+            records = rebuilt_records(self.state.spans, index, first, replayed)
+        log.warning("verification: still finding liars after %d rebuilds; this step's output is unverified",
+                    MAX_REBUILDS)
         return out
 
     async def _reconsider(self) -> None:

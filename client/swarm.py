@@ -63,6 +63,7 @@ from .routing import (
     step_deadline,
 )
 from .span_session import dial_target
+from .verification import DEFAULT_VERIFY, Verifier, VerifyParams
 
 __all__ = ["ClientConfig", "RemoteSwarm"]
 
@@ -115,6 +116,17 @@ class ClientConfig:
     # element limit than the spec's; ``max_call_tokens`` is batch x tokens a node takes in one call.
     max_message_elements: int = MAX_TENSOR_ELEMENTS
     max_call_tokens: int = 8192
+    # Verified computation (client/verification.py; spec/tensors.md §10): the fraction of steps whose
+    # output each span's node gives that are recomputed on a replica (1.0: every step, paranoid; 0: off).
+    # A node found lying is avoided for the client's life and the evidence goes to the log and, if set,
+    # to ``verify_evidence_dir`` (evidence.jsonl + tensors). ``verify_tolerance``: override the relative
+    # error derived from the codec and the nodes' dtypes.
+    verify: float = DEFAULT_VERIFY
+    verify_tolerance: float | None = None
+    verify_evidence_dir: str | None = None
+
+    def verify_params(self) -> VerifyParams:
+        return VerifyParams(rate=self.verify, tolerance=self.verify_tolerance, evidence_dir=self.verify_evidence_dir)
 
     def chunking(self) -> Chunking:
         """The rule that splits requests into messages, at this config's codec and limits."""
@@ -150,6 +162,8 @@ class RemoteSwarm:
         self.health = PeerHealth(base=config.ban_base, cap=config.ban_cap)
         self.speeds = SpeedBook(config.measuring)  # measured decode step times, per peer, for every session
         self.rng = random.Random(config.seed)
+        self.verifier = Verifier(config.verify_params())  # raises ValueError on a bad rate, before connecting
+        self.verify_rng = random.Random(None if config.seed is None else config.seed + 1)
         self.loop = LoopThread()
         self.host: Host | None = None
         self.dht: DHT | None = None
@@ -210,7 +224,7 @@ class RemoteSwarm:
                 peer_id=peer, start=ann.start, end=ann.end, addrs=tuple(ann.addrs),
                 inference_tps=ann.inference_tps, forward_tps=ann.forward_tps,
                 cache_tokens_left=ann.cache_tokens_left, online=ann.state == State.ONLINE,
-                adapters=tuple(ann.adapters),
+                adapters=tuple(ann.adapters), dtype=ann.dtype, quant=ann.quant,
             )
             for peer, ann in (await read_announcements(self.dht, self.model_name, self.n_blocks)).items()
         }
@@ -293,6 +307,7 @@ class RemoteSwarm:
         servers = await self.fetch_servers(force=force)
         if self.config.adapter is not None:  # never send an adapter to a node that does not list it (§6.3)
             servers = [s for s in servers if self.config.adapter in s.adapters]
+        servers = [s for s in servers if not self.verifier.is_liar(s.peer_id)]  # proven liars, for good
         candidates = [s for s in servers if s.start < end and s.end > start]
         await self.probe_rtts(candidates)
         if not forward:

@@ -12,6 +12,11 @@
   node stays correct), for tests/test_bad_answers.py (spec/messages.md §5.5: the client's failure to handle);
 - ``extra-result``: after each ``StepResult`` also sends one for a step nobody asked for (§5.5);
 - ``non-finite``: sends each ``StepResult`` (f32) with a NaN in it (§7.3);
+- ``corrupt``: adds noise as large as the output itself to the output of a fraction
+  ``BIOPETALS_CORRUPT_RATE`` (default 1) of its inference steps, drawn with ``BIOPETALS_CORRUPT_SEED``
+  (default 4: at rate 0.1 the 5th step it computes is the first corrupted one); the corrupted
+  output is what it answers and pushes; its ``Forward`` answers and ``Backward`` input gradients are
+  corrupted the same way (same draws), for tests/test_verification_swarm.py (client/verification.py);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
 - ``revision-3``: a node of spec/messages.md revision 3: no ``rollback`` in ``SessionOpened`` or ``NodeInfo``,
   ``Step.truncate`` ignored (a step below the cache is then ``BAD_POSITION``), for tests/test_speculative.py;
@@ -132,6 +137,42 @@ def non_finite_results() -> None:
     handler.encode_message = encode_message
 
 
+def corrupt_steps() -> None:
+    import random
+
+    import torch
+
+    from biopetals.node import handler, session_machine
+    from biopetals.protocol.messages import BackwardResult, ForwardResult
+
+    rate = float(os.environ.get("BIOPETALS_CORRUPT_RATE", "1.0"))
+    draws = random.Random(int(os.environ.get("BIOPETALS_CORRUPT_SEED", "4")))
+
+    def corrupt(out, seed):
+        if draws.random() >= rate:
+            return out
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        return out + (noise * out.float().std()).to(out.dtype)
+
+    step_done = session_machine.SessionMachine.step_done
+    session_machine.SessionMachine.step_done = lambda self, session_id, step_id, out, now: step_done(
+        self, session_id, step_id, corrupt(out, step_id), now)
+    forward = handler.NodeService._forward
+
+    async def _forward(self, request):
+        reply = await forward(self, request)
+        return ForwardResult(hidden=corrupt(reply.hidden, 0))
+
+    handler.NodeService._forward = _forward
+    backward = handler.NodeService._backward
+
+    async def _backward(self, request):
+        reply = await backward(self, request)
+        return BackwardResult(grad_inputs=corrupt(reply.grad_inputs, 1), grad_prompts=reply.grad_prompts)
+
+    handler.NodeService._backward = _backward
+
+
 def lie_about_speed() -> None:
     from biopetals.node import server
 
@@ -176,7 +217,7 @@ def main() -> int:
     for name in broken:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
          "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
-         "non-finite": non_finite_results, "fast-liar": lie_about_speed,
+         "non-finite": non_finite_results, "fast-liar": lie_about_speed, "corrupt": corrupt_steps,
          "slow": slow_steps, "revision-3": revision_3}[name]()
     from biopetals.node.cli import main as node_main
 

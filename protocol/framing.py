@@ -72,11 +72,6 @@ def whole_frame(data: Chunk, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes | 
     return None
 
 
-def _check_limit(max_frame_bytes: int) -> None:
-    if not 0 < max_frame_bytes <= MAX_FRAME_BYTES:
-        raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_frame_bytes must be in [1, {MAX_FRAME_BYTES}]")
-
-
 class FrameAssembler:
     """Assembles one frame at a time from chunks its caller offers (spec/tensors.md §6.3).
 
@@ -91,7 +86,8 @@ class FrameAssembler:
     __slots__ = ("_max", "_auto", "_prefix", "declared_length", "_admitted", "_pieces", "body_received", "_error")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, auto_admit: bool = False) -> None:
-        _check_limit(max_frame_bytes)
+        if not 0 < max_frame_bytes <= MAX_FRAME_BYTES:  # one per stream: no helper call
+            raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_frame_bytes must be in [1, {MAX_FRAME_BYTES}]")
         self._max = max_frame_bytes
         self._auto = auto_admit
         self._prefix = b""  # prefix bytes while fewer than four are in

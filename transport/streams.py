@@ -81,7 +81,8 @@ class Stream:
 
     # One Stream per call: slots make creating it and every attribute access on the hot path cheaper.
     __slots__ = (
-        "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_frames", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
+        "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_frames", "_ready",
+        "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
         "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_unary", "_messages_sent", "_messages_received",
         "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "_stall", "__weakref__",
     )

@@ -36,6 +36,12 @@ __all__ = [
     "frame_prefix",
     "whole_frame",
     "FrameAssembler",
+    "BOUNDARY",
+    "PREFIX",
+    "AWAITING_ADMISSION",
+    "BODY",
+    "COMPLETE",
+    "FAILED",
     "FrameDecoder",
     "FrameDecoderStatistics",
 ]
@@ -72,28 +78,43 @@ def whole_frame(data: Chunk, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes | 
     return None
 
 
+# FrameAssembler states (``FrameAssembler.state``), in the order a frame goes through them.
+#: Between frames: nothing held. The stream may end here (§6.3).
+BOUNDARY: Final = 0
+#: Some of the four prefix bytes are in.
+PREFIX: Final = 1
+#: The prefix is in and checked (``declared_length``); the body waits for ``admit()``.
+AWAITING_ADMISSION: Final = 2
+#: Admitted: the body is being taken.
+BODY: Final = 3
+#: The whole payload is in; ``pop_frame()`` returns it.
+COMPLETE: Final = 4
+#: A bad prefix was seen; frame boundaries are lost for good (§6.3).
+FAILED: Final = 5
+
+
 class FrameAssembler:
     """Assembles one frame at a time from chunks its caller offers (spec/tensors.md §6.3).
 
-    States, in order: reading the prefix (``at_boundary`` when none of it is in yet);
-    ``awaiting_admission`` (``declared_length`` known, nothing of the body taken;
-    ``take`` takes nothing until ``admit()``); reading the body; ``complete`` (``take``
-    takes nothing until ``pop_frame()``). With ``auto_admit`` the second state is
-    skipped. After a ``RemoteProtocolError`` the assembler is failed for good: frame
-    boundaries are lost (§6.3), every later ``take`` raises it again.
+    ``state`` goes BOUNDARY -> PREFIX -> AWAITING_ADMISSION (``declared_length`` known,
+    nothing of the body taken; ``take`` takes nothing until ``admit()``) -> BODY ->
+    COMPLETE (``take`` takes nothing until ``pop_frame()``) -> BOUNDARY. With
+    ``auto_admit`` AWAITING_ADMISSION is skipped. A bad prefix raises
+    ``RemoteProtocolError`` and leaves it FAILED: every later ``take`` raises it again.
+    ``state`` is a plain attribute (a stream reads it per chunk); the properties say the same in words.
     """
 
-    __slots__ = ("_max", "_auto", "_prefix", "declared_length", "_admitted", "_pieces", "body_received", "_error")
+    __slots__ = ("_max", "_auto", "state", "_prefix", "declared_length", "_pieces", "body_received", "_error")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, auto_admit: bool = False) -> None:
         if not 0 < max_frame_bytes <= MAX_FRAME_BYTES:  # one per stream: no helper call
             raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_frame_bytes must be in [1, {MAX_FRAME_BYTES}]")
         self._max = max_frame_bytes
         self._auto = auto_admit
+        self.state = BOUNDARY
         self._prefix = b""  # prefix bytes while fewer than four are in
         #: The payload size the current frame's prefix declares (checked), or None before it is complete.
         self.declared_length: int | None = None
-        self._admitted = False
         self._pieces: list[Chunk] = []  # the body as it arrived
         #: Body bytes of the current frame taken so far.
         self.body_received = 0
@@ -102,17 +123,17 @@ class FrameAssembler:
     @property
     def at_boundary(self) -> bool:
         """No byte of a frame is held or pending: the stream may end cleanly here (§6.3)."""
-        return self.declared_length is None and not self._prefix
+        return self.state == BOUNDARY
 
     @property
     def awaiting_admission(self) -> bool:
         """The prefix is in and checked; the body waits for ``admit()``."""
-        return self.declared_length is not None and not self._admitted
+        return self.state == AWAITING_ADMISSION
 
     @property
     def complete(self) -> bool:
         """The whole payload is in; ``pop_frame()`` returns it."""
-        return self._admitted and self.body_received == self.declared_length
+        return self.state == COMPLETE
 
     @property
     def buffered_bytes(self) -> int:
@@ -121,9 +142,9 @@ class FrameAssembler:
 
     def admit(self) -> None:
         """The caller made room for ``declared_length`` bytes: the body may now be taken."""
-        if not self.awaiting_admission:
+        if self.state != AWAITING_ADMISSION:
             raise LocalProtocolError(ErrorCode.STREAM_STATE, "admit() without a frame awaiting admission")
-        self._admitted = True
+        self.state = BODY
 
     def take(self, chunk: Chunk) -> int:
         """Take what may be taken of ``chunk`` now (see the class docstring); return how many bytes.
@@ -132,32 +153,36 @@ class FrameAssembler:
         ``RemoteProtocolError`` once a complete prefix declares 0 (MALFORMED) or more
         than the limit (LIMIT_EXCEEDED), before taking any of the body.
         """
-        if self._error is not None:
-            self.raise_if_failed()
+        state = self.state
         taken = 0
-        size = self.declared_length
-        if size is None:
+        if state <= PREFIX:
             have = len(self._prefix)
             taken = min(LENGTH_PREFIX_BYTES - have, len(chunk))
-            if have == 0 and taken == LENGTH_PREFIX_BYTES:
+            if taken == LENGTH_PREFIX_BYTES:
                 (size,) = _PREFIX.unpack_from(chunk)
             else:
+                if not taken:
+                    return 0  # an empty chunk
                 self._prefix += bytes(chunk[:taken])
                 if len(self._prefix) < LENGTH_PREFIX_BYTES:
+                    self.state = PREFIX
                     return taken
                 (size,) = _PREFIX.unpack(self._prefix)
-            self._prefix = b""
+                self._prefix = b""
             if size == 0:
                 self._fail(ErrorCode.MALFORMED, "zero-length frame (spec/tensors.md §6.2)")
             if size > self._max:
                 self._fail(ErrorCode.LIMIT_EXCEEDED, f"frame declares {size} bytes > limit {self._max} (spec/tensors.md §6.2)")
             self.declared_length = size
-            self._admitted = self._auto
-        if not self._admitted:
-            return taken
-        want = size - self.body_received
-        if not want:
-            return taken
+            if not self._auto:
+                self.state = AWAITING_ADMISSION
+                return taken
+            state = self.state = BODY
+        if state != BODY:
+            if state == FAILED:
+                self.raise_if_failed()
+            return 0  # awaiting admission, or complete
+        want = self.declared_length - self.body_received  # type: ignore[operator]
         left = len(chunk) - taken
         if left <= 0:
             return taken
@@ -168,11 +193,13 @@ class FrameAssembler:
             n = min(left, want)
             self._pieces.append(memoryview(chunk)[taken : taken + n])
         self.body_received += n
+        if n == want:
+            self.state = COMPLETE
         return taken + n
 
     def pop_frame(self) -> bytes:
         """Return the complete payload (joined once) and start on the next frame."""
-        if not self.complete:
+        if self.state != COMPLETE:
             raise LocalProtocolError(ErrorCode.STREAM_STATE, "pop_frame() before the frame is complete")
         pieces = self._pieces
         one = pieces[0]
@@ -180,7 +207,7 @@ class FrameAssembler:
         self._pieces = []
         self.body_received = 0
         self.declared_length = None
-        self._admitted = False
+        self.state = BOUNDARY
         return payload
 
     def raise_if_failed(self) -> None:
@@ -191,19 +218,21 @@ class FrameAssembler:
     def end_of_stream(self) -> None:
         """The stream ended: fine at a boundary, else MALFORMED (a truncated frame, §6.3)."""
         self.raise_if_failed()
-        if not self.at_boundary:
+        if self.state != BOUNDARY:
             self._fail(ErrorCode.MALFORMED, "stream ended inside a frame (spec/tensors.md §6.3)")
 
     def discard(self) -> None:
-        """Drop the frame being assembled (the stream is closed or failed); back to a boundary."""
+        """Drop the frame being assembled (the stream is closed or failed); back to a boundary unless FAILED."""
         self._prefix = b""
         self._pieces = []
         self.body_received = 0
         self.declared_length = None
-        self._admitted = False
+        if self.state != FAILED:
+            self.state = BOUNDARY
 
     def _fail(self, code: ErrorCode, message: str) -> None:
         self.discard()
+        self.state = FAILED
         self._error = RemoteProtocolError(code, message)
         raise RemoteProtocolError(code, message)
 

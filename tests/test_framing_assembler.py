@@ -11,7 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from biopetals.protocol.framing import LENGTH_PREFIX_BYTES, FrameAssembler, encode_frame, frame_prefix, whole_frame
+from biopetals.protocol.framing import (
+    AWAITING_ADMISSION,
+    BODY,
+    BOUNDARY,
+    COMPLETE,
+    FAILED,
+    LENGTH_PREFIX_BYTES,
+    PREFIX,
+    FrameAssembler,
+    encode_frame,
+    frame_prefix,
+    whole_frame,
+)
 from biopetals.protocol.limits import MAX_FRAME_BYTES
 
 
@@ -52,6 +64,24 @@ def test_declared_length_comes_with_the_fourth_prefix_byte_and_no_body_is_taken_
     assert assembler.take(frame[4:]) == 5
     assert assembler.complete and assembler.pop_frame() == b"hello"
     assert assembler.at_boundary and assembler.declared_length is None
+
+
+def test_states_go_in_order_and_an_empty_chunk_changes_nothing():
+    assembler = FrameAssembler()
+    seen = []
+    for chunk in (b"", b"\x00", b"", b"\x00\x00\x02", b"", b"a", b"", b"b"):
+        assert assembler.take(chunk) == len(chunk)
+        seen.append(assembler.state)
+        if assembler.state == AWAITING_ADMISSION:
+            assembler.admit()
+            seen.append(assembler.state)
+    assert seen == [BOUNDARY, PREFIX, PREFIX, AWAITING_ADMISSION, BODY, BODY, BODY, BODY, COMPLETE]
+    assert assembler.pop_frame() == b"ab" and assembler.state == BOUNDARY
+    with pytest.raises(RemoteProtocolError):
+        assembler.take(bytes(4))
+    assert assembler.state == FAILED
+    assembler.discard()  # dropping the partial frame does not make a failed stream usable again
+    assert assembler.state == FAILED
 
 
 @pytest.mark.parametrize(

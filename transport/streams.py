@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator, NoReturn, Protocol
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from biopetals.protocol.framing import LENGTH_PREFIX_BYTES, FrameAssembler, frame_prefix, whole_frame
+from biopetals.protocol.framing import (
+    AWAITING_ADMISSION,
+    BOUNDARY,
+    COMPLETE,
+    LENGTH_PREFIX_BYTES,
+    FrameAssembler,
+    frame_prefix,
+    whole_frame,
+)
 from biopetals.protocol.identity import PeerId
 from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
@@ -279,7 +287,7 @@ class Stream:
         """
         message = await self._next_message()
         if message is not None:
-            if self._eof and self._error is None and not self._pending and self._ready is None and self._frames.at_boundary:
+            if self._eof and self._error is None and not self._pending and self._ready is None and self._frames.state == BOUNDARY:
                 return message  # the end of the stream is already here (a small call): no second pass
             if await self._next_message() is None:
                 return message
@@ -305,7 +313,7 @@ class Stream:
                 continue
             conn._flush()
             if self._eof and not self._budget_wait:
-                if not self._frames.at_boundary:
+                if self._frames.state != BOUNDARY:
                     why = f"{self!r}: peer ended the stream inside a message"
                     self.reset(ErrorCode.MALFORMED, "FIN inside a message (spec/transport.md §3.10)")
                     raise RemoteProtocolError(ErrorCode.MALFORMED, why)
@@ -338,7 +346,7 @@ class Stream:
         if self._ready is not None:
             return True  # one message at a time: the next waits until this one is taken
         pending, frames = self._pending, self._frames
-        if len(pending) == 1 and frames.at_boundary:
+        if len(pending) == 1 and frames.state == BOUNDARY:
             chunk = pending[0]  # fast path: exactly one whole message is buffered (small RPCs)
             message = whole_frame(chunk)
             if message is not None:
@@ -352,9 +360,21 @@ class Stream:
         consumed = 0
         complete = False
         while True:
-            if frames.awaiting_admission and not self._reserve(frames.declared_length):
-                break  # refused for now: the body stays unconsumed
-            if frames.complete:
+            state = frames.state
+            if state == AWAITING_ADMISSION:
+                # No byte of the body is taken (no credit granted) before its whole size is reserved (§3.16).
+                size = frames.declared_length
+                refusal = self._conn._budget.reserve(size)  # type: ignore[arg-type]
+                if refusal is not None:
+                    if refusal.fatal:
+                        self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
+                    self._budget_wait = True  # keep the prefix; retried when budget is released
+                    self._conn._budget.node.wait(self)
+                    break
+                self._budget_wait = False
+                self._reserved = size  # type: ignore[assignment]
+                frames.admit()
+            elif state == COMPLETE:
                 message = self._ready = frames.pop_frame()
                 self._release()
                 self._bytes_received += LENGTH_PREFIX_BYTES + len(message)
@@ -376,20 +396,6 @@ class Stream:
             self._pending_bytes -= consumed
             self._mux.consumed(self.stream_id, consumed)
         return complete
-
-    def _reserve(self, size: int) -> bool:
-        """Reserve receive budget for a message of ``size`` bytes whose prefix is in (§3.16); False: it waits."""
-        refusal = self._conn._budget.reserve(size)
-        if refusal is not None:
-            if refusal.fatal:
-                self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
-            self._budget_wait = True  # keep the prefix; retried when budget is released
-            self._conn._budget.node.wait(self)
-            return False
-        self._budget_wait = False
-        self._reserved = size
-        self._frames.admit()
-        return True
 
     def _refuse(self, code: ErrorCode, message: str) -> NoReturn:
         """The peer's next message cannot be taken: reset the stream with ``code`` and raise."""
@@ -474,7 +480,7 @@ class Stream:
         if self._discard:
             self._mux.consumed(self.stream_id, len(data))
             return
-        if self._unary is not None and self._ready is None and not self._pending and self._frames.at_boundary:
+        if self._unary is not None and self._ready is None and not self._pending and self._frames.state == BOUNDARY:
             # Unary fast path: this chunk is exactly one whole message (a small call's request or
             # response, one DATA frame): what _absorb's own fast path does, without the queue.
             message = whole_frame(data)
@@ -517,7 +523,7 @@ class Stream:
         if self._error is not None or self._budget_wait:
             return  # already reported by _fail, or the message waits for budget (_on_budget ends it)
         message = self._ready
-        if message is None or self._pending or not self._frames.at_boundary:
+        if message is None or self._pending or self._frames.state != BOUNDARY:
             self._unary_malformed("no message" if message is None else "more than one message")
             return
         self._ready = None

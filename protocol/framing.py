@@ -13,7 +13,8 @@ of it; nothing here does I/O.
   caller reserves room for it or refuses it (spec/transport.md §3.16), then calls
   ``admit()``. The body is kept as the pieces that arrived (no buffer of the declared
   size is allocated ahead, §6.3) and joined once; a body that arrived as one
-  ``bytes`` chunk is returned as is, without a copy.
+  ``bytes`` chunk is returned as is, without a copy. Where it stands is one plain
+  attribute, ``state`` (``BOUNDARY`` ... ``COMPLETE``, ``FAILED``), cheap to read per chunk.
 * ``FrameDecoder`` is the h11-style parser over it for a caller that hands over every
   byte: ``receive_data`` (``b""`` means the stream ended) and ``next_frame``.
 * ``whole_frame(data)`` is the shortcut for the common case of a chunk that is

@@ -364,7 +364,7 @@ class Stream:
             if state == AWAITING_ADMISSION:
                 # No byte of the body is taken (no credit granted) before its whole size is reserved (§3.16).
                 size = frames.declared_length
-                refusal = self._conn._budget.reserve(size)  # type: ignore[arg-type]
+                refusal = self._conn._budget.reserve(size)
                 if refusal is not None:
                     if refusal.fatal:
                         self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
@@ -372,7 +372,7 @@ class Stream:
                     self._conn._budget.node.wait(self)
                     break
                 self._budget_wait = False
-                self._reserved = size  # type: ignore[assignment]
+                self._reserved = size
                 frames.admit()
             elif state == COMPLETE:
                 message = self._ready = frames.pop_frame()

@@ -78,7 +78,8 @@ from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
 __all__ = [
     "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
-    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult", "cut_history",
+    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult", "checked_extras",
+    "cut_history",
 ]
 
 # (server, start, end, batch, tokens) -> seconds to wait for that span's result of that step
@@ -394,6 +395,32 @@ def _timeout(peer_id: str, step_id: int, seconds: float) -> PeerFailure:
     return PeerFailure(peer_id, f"no result for step {step_id} within {seconds:.1f} s", int(ErrorCode.TIMEOUT))
 
 
+def checked_extras(n_blocks: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   prompts: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The padding ``mask`` and deep ``prompts`` of a session step or a Forward/Backward, checked once
+    against ``hidden`` ``[batch, tokens, hidden]`` (``ValueError``, before anything is sent) and
+    normalised: the mask ``[batch, tokens]`` as bool on the CPU, None when it pads nothing
+    (spec/messages.md §8.1); the prompts ``[n_blocks, batch, 0 < P <= tokens, hidden]`` (§8)
+    detached, in ``hidden``'s dtype."""
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+    batch, tokens, width = (int(d) for d in hidden.shape)
+    if mask is not None:
+        if tuple(mask.shape) != (batch, tokens):
+            raise ValueError(f"the padding mask must be [{batch}, {tokens}], got {list(mask.shape)}")
+        mask = mask.detach().to(device="cpu", dtype=torch.bool)
+        if bool(mask.all()):
+            mask = None  # no padding: the same as no mask (§8.1)
+    if prompts is not None:
+        shape = f"prompts must be [{n_blocks}, {batch}, P <= {tokens}, {width}]"
+        if prompts.ndim != 4 or tuple(prompts.shape[:2]) != (n_blocks, batch) or prompts.shape[3] != width:
+            raise ValueError(f"{shape}, got {list(prompts.shape)}")
+        if not 0 < prompts.shape[2] <= tokens:
+            raise ValueError(f"{shape}: {prompts.shape[2]} prompt positions for {tokens} tokens")
+        prompts = prompts.detach().to(hidden.dtype)
+    return mask, prompts
+
+
 def _check_inputs(hidden_size: int | None, hidden: torch.Tensor, *others: torch.Tensor | None) -> None:
     """What any node would refuse about our own inputs is refused here, before anything is sent
     (spec/messages.md §7.2: ``HIDDEN_SIZE_MISMATCH``, ``NON_FINITE``), so that no node is blamed for it."""
@@ -474,8 +501,7 @@ class SessionChain(_Machine):
         for all blocks (§5.3). Invalid input raises ``ValueError`` here, before anything is sent."""
         if self.closed:
             raise SwarmError("the inference session is closed")
-        if hidden.ndim != 3:
-            raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+        mask, prompts = checked_extras(self.n_blocks, hidden, mask, prompts)
         batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
         if batch != self.batch_size:
             raise ValueError(f"this session holds {self.batch_size} sequence(s), the step has {batch}")
@@ -486,19 +512,6 @@ class SessionChain(_Machine):
                 f"the session's max_length is {self.max_length}: {self.position} tokens so far plus {tokens} new do "
                 "not fit; open a session with a larger max_length"
             )
-        if mask is not None:
-            if tuple(mask.shape) != (batch, tokens):
-                raise ValueError(f"the step's mask must be [{batch}, {tokens}], got {list(mask.shape)}")
-            mask = mask.detach().to(device="cpu", dtype=torch.bool)
-            if bool(mask.all()):
-                mask = None  # no padding: the same as no mask (§8.1)
-        if prompts is not None:
-            n = self.n_blocks
-            if prompts.ndim != 4 or tuple(prompts.shape[:2]) != (n, batch) or prompts.shape[3] != hidden.shape[2] \
-                    or not 0 < prompts.shape[2] <= tokens:
-                raise ValueError(f"prompts must be [{n}, {batch}, P <= {tokens}, {hidden.shape[2]}], "
-                                 f"got {list(prompts.shape)}")
-            prompts = prompts.detach().to(hidden.dtype)
         _check_inputs(self.hidden_size, hidden, prompts)
         size = self.chunking.step_tokens(batch, int(hidden.shape[2]), self.n_blocks if prompts is not None else 0)
         if size < 1:

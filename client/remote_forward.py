@@ -28,7 +28,7 @@ import torch
 
 from biopetals.protocol.errors import ErrorCode
 
-from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route
+from .chain import Avoid, CallBackward, CallChain, CallForward, Finished, Route, checked_extras
 from .errors import PeerFailure
 from .routing import MissingBlocksError, RouteSpan
 from .verifying import check_backward, check_forward
@@ -153,14 +153,5 @@ def remote_blocks(swarm: "RemoteSwarm", hidden: torch.Tensor, mask: torch.Tensor
     ``mask``: padding (1 = token). ``prompts``: deep prompts ``[N, batch, prefix, hidden]``
     (spec/messages.md §8), ``prefix <= tokens``.
     """
-    if mask is not None:
-        mask = mask.detach().to(device="cpu", dtype=torch.bool)
-        if bool(mask.all()):
-            mask = None  # no padding: the same as no mask (spec/messages.md §8.1)
-    if prompts is not None:
-        n, batch, tokens = swarm.n_blocks, hidden.shape[0], hidden.shape[1]
-        if prompts.ndim != 4 or prompts.shape[0] != n or prompts.shape[1] != batch or prompts.shape[3] != hidden.shape[2]:
-            raise ValueError(f"prompts must be [{n}, {batch}, P, {hidden.shape[2]}], got {list(prompts.shape)}")
-        if not 0 < prompts.shape[2] <= tokens:
-            raise ValueError(f"{prompts.shape[2]} prompt positions for {tokens} tokens")
+    mask, _ = checked_extras(swarm.n_blocks, hidden, mask, prompts)  # the prompts as given: autograd tracks them
     return _RemoteBlocks.apply(hidden, prompts, swarm, mask)

@@ -26,6 +26,7 @@ import torch
 from biopetals.conformance.context import DHT_PROTOCOL, NODE_PROTOCOL
 from biopetals.conformance.registry import Failed, NotApplicable, check
 from biopetals.conformance.wire import ACK, DATA, FIN, PING, RESET, WINDOW_UPDATE, RawPeer
+from biopetals.protocol.framing import FrameDecoder
 from biopetals.protocol.messages import Forward, ForwardResult, decode_message, encode_message
 from biopetals.protocol.mux import INITIAL_WINDOW, MAX_DATA_PAYLOAD
 
@@ -112,34 +113,37 @@ async def window_respected(ctx):
     try:
         sid = peer.open_stream(NODE_PROTOCOL)
         await send_windowed(peer, sid, encode_message(request))
-        received = bytearray()
+        reply_frames = FrameDecoder()  # the reply's framing (spec/tensors.md §6)
+        received = 0
         # Phase 1, no credit: the window, then silence for STALL_WAIT s (no more DATA, no RESET).
-        while len(received) < INITIAL_WINDOW:
-            received += await _stream_data(peer, sid, 20.0, len(received))
-        if len(received) > INITIAL_WINDOW:
-            raise Failed(f"the peer sent {len(received)} bytes on the stream, {INITIAL_WINDOW} were granted (§3.4 rule 1)")
-        if _complete(received):
-            raise Failed(f"the reply ({len(received)} bytes) is not above the window: the check proves nothing")
+        while received < INITIAL_WINDOW:
+            data = await _stream_data(peer, sid, 20.0, received)
+            received += len(data)
+            reply_frames.receive_data(data)
+        if received > INITIAL_WINDOW:
+            raise Failed(f"the peer sent {received} bytes on the stream, {INITIAL_WINDOW} were granted (§3.4 rule 1)")
+        payload = reply_frames.next_frame()
+        if payload is not None:
+            raise Failed(f"the reply ({received} bytes) is not above the window: the check proves nothing")
         try:
-            extra = await _stream_data(peer, sid, STALL_WAIT, len(received))
+            extra = await _stream_data(peer, sid, STALL_WAIT, received)
         except TimeoutError:
             extra = b""
         if extra:
             raise Failed(f"the peer sent {len(extra)} bytes beyond the {INITIAL_WINDOW} granted (§3.4 rule 1)")
         # Phase 2: credit; the rest of the reply arrives.
         peer.send_frame(WINDOW_UPDATE, sid, (4 << 20).to_bytes(4, "big"))
-        while not _complete(received):
-            received += await _stream_data(peer, sid, 20.0, len(received))
-        reply = decode_message(bytes(received[4:]))
+        while payload is None:
+            data = await _stream_data(peer, sid, 20.0, received)
+            received += len(data)
+            reply_frames.receive_data(data)
+            payload = reply_frames.next_frame()
+        reply = decode_message(payload)
         if not isinstance(reply, ForwardResult) or tuple(reply.hidden.shape) != tuple(request.hidden.shape):
             raise Failed("the reply is not the Forward's ForwardResult", received=reply)
-        return f"stopped at {INITIAL_WINDOW} bytes for {STALL_WAIT} s, then sent the {len(received)}-byte reply"
+        return f"stopped at {INITIAL_WINDOW} bytes for {STALL_WAIT} s, then sent the {received}-byte reply"
     finally:
         peer.close()
-
-
-def _complete(buf: bytearray) -> bool:
-    return len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big")
 
 
 async def _stream_data(peer: RawPeer, sid: int, timeout: float, have: int) -> bytes:

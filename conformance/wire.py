@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from biopetals.protocol.errors import ProtocolError
+from biopetals.protocol.framing import FrameDecoder
 from biopetals.protocol.handshake import Handshake, HandshakeResult, Role
 from biopetals.protocol.identity import Identity, PeerId
 from biopetals.protocol.multiaddr import Multiaddr
@@ -173,17 +174,18 @@ class RawPeer:
 
     async def read_message(self, sid: int, timeout: float) -> bytes | None:
         """One length-prefixed message of stream ``sid`` (None if reset or closed first); grants no credit."""
-        buf = bytearray()
+        frames = FrameDecoder()  # spec/tensors.md §6: a bad length raises RemoteProtocolError (the check fails)
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
-            if len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-                return bytes(buf[4:4 + int.from_bytes(buf[:4], "big")])
+            message = frames.next_frame()
+            if message is not None:
+                return message
             f = await self.next_frame(max(0.01, end - loop.time()))
             if f is None:
                 return None
             if f.stream_id == sid and f.type == DATA:
-                buf += f.payload
+                frames.receive_data(f.payload)
             elif f.stream_id == sid and f.type == RESET:
                 return None
             elif f.type == PING and not f.flags & ACK:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from biopetals.client.chain import (Abandon, Avoid, CallBackward, CallChain, CallForward, ChainSpan, Finished,
-                                    OpenSpans, Rebind, Route, SendStep, SessionChain, WaitResult)
+                                    OpenSpans, Rebind, Route, SendStep, SessionChain, WaitResult, checked_extras)
 from biopetals.client.errors import PeerFailure, RequestError, SwarmError
 from biopetals.client.routing import MissingBlocksError, RouteSpan, ServerSpan, missing_ranges
 from biopetals.protocol.errors import ErrorCode
@@ -248,6 +248,27 @@ def test_an_all_ones_mask_is_no_mask_and_a_padding_mask_travels_with_the_step():
     first, second = sim.sends()
     assert first.mask is None
     assert second.mask.dtype == torch.bool and second.mask.tolist() == [[False, True], [True, True]]
+
+
+def test_mask_and_prompts_are_checked_by_one_rule_for_steps_and_forward_calls():
+    """checked_extras serves SessionChain.step and remote_blocks (Forward/Backward) alike (spec/messages.md §8)."""
+    hidden = torch.zeros(2, 3, 4, dtype=torch.float16)
+    mask, prompts = checked_extras(8, hidden, torch.ones(2, 3, dtype=torch.int64), torch.ones(8, 2, 3, 4).requires_grad_())
+    assert mask is None  # no padding is no mask (§8.1)
+    assert prompts.dtype == torch.float16 and not prompts.requires_grad
+    mask, prompts = checked_extras(8, hidden, torch.tensor([[0, 1, 1], [1, 1, 1]]), None)
+    assert mask.dtype == torch.bool and mask.tolist() == [[False, True, True], [True] * 3] and prompts is None
+    for bad_mask, bad_prompts, message in [
+        (None, None, "hidden states must be"),
+        (torch.ones(2, 2), None, "padding mask must be \\[2, 3\\]"),
+        (torch.ones(1, 3), None, "padding mask must be"),
+        (None, torch.zeros(7, 2, 1, 4), "prompts must be \\[8, 2, P <= 3, 4\\]"),
+        (None, torch.zeros(8, 2, 1, 5), "prompts must be"),
+        (None, torch.zeros(8, 2, 4, 4), "4 prompt positions for 3 tokens"),
+        (None, torch.zeros(8, 2, 0, 4), "0 prompt positions"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            checked_extras(8, hidden if message != "hidden states must be" else hidden[0], bad_mask, bad_prompts)
 
 
 # ---------------------------------------------------------------------------------------- failover

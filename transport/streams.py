@@ -28,13 +28,20 @@ Streams are made by ``Host.open_stream`` / handed to stream handlers; never dire
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, NoReturn, Protocol
 
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
+from biopetals.protocol.framing import (
+    AWAITING_ADMISSION,
+    BOUNDARY,
+    COMPLETE,
+    LENGTH_PREFIX_BYTES,
+    FrameAssembler,
+    frame_prefix,
+    whole_frame,
+)
 from biopetals.protocol.identity import PeerId
 from biopetals.protocol.limits import MAX_FRAME_BYTES
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
@@ -48,11 +55,6 @@ __all__ = ["Stream", "StreamStatistics", "SEND_BATCH", "retry_budget_waiters"]
 #: big enough for few Python-level steps per message, small enough that concurrent
 #: streams interleave.
 SEND_BATCH = 1024 * 1024
-
-# The message length prefix (spec/tensors.md §6) read straight from a buffer: int.from_bytes
-# of a memoryview slice would first copy the slice into a bytes object.
-_PREFIX = struct.Struct(">I")
-assert _PREFIX.size == LENGTH_PREFIX_BYTES
 
 
 class UnaryReceiver(Protocol):
@@ -87,8 +89,8 @@ class Stream:
 
     # One Stream per call: slots make creating it and every attribute access on the hot path cheaper.
     __slots__ = (
-        "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_parts", "_assembled",
-        "_need", "_prefix", "_ready", "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
+        "_conn", "_mux", "stream_id", "protocol", "local", "_pending", "_pending_bytes", "_frames", "_ready",
+        "_receiving", "_receive_waiter", "_eof", "_discard", "_sending",
         "_send_closed", "_window_waiter", "_error", "_task_to_cancel", "_unary", "_messages_sent", "_messages_received",
         "_bytes_sent", "_bytes_received", "_reserved", "_budget_wait", "_first_sweep", "_stall", "__weakref__",
     )
@@ -102,10 +104,7 @@ class Stream:
         # receive side
         self._pending: deque[bytes | memoryview] = deque()  # received, not consumed
         self._pending_bytes = 0
-        self._parts: list[bytes | memoryview] = []  # consumed parts of the message being assembled
-        self._assembled = 0
-        self._need: int | None = None  # size of the message being assembled, once its prefix is read
-        self._prefix = b""  # bytes of a length prefix split across chunks (immutable: no allocation per stream)
+        self._frames = FrameAssembler()  # the message being assembled (spec/tensors.md §6): what was consumed of it
         self._ready: bytes | None = None  # a complete message not yet returned
         self._reserved = 0  # bytes of the connection's receive budget held for the message being assembled (§3.16)
         self._budget_wait = False  # the next message's prefix is in; its body waits for budget (§3.16)
@@ -158,7 +157,7 @@ class Stream:
             )
         self._sending = True
         try:
-            prefix = size.to_bytes(LENGTH_PREFIX_BYTES, "big")
+            prefix = frame_prefix(size)
             mux, sid, conn = self._mux, self.stream_id, self._conn
             if size <= MAX_DATA_PAYLOAD and mux.send_window(sid) >= size + LENGTH_PREFIX_BYTES:
                 # Small message, window open: one frame, one write (the common RPC case).
@@ -213,7 +212,7 @@ class Stream:
             return False
         size = len(message) if type(message) is bytes else memoryview(message).nbytes
         mux, sid = self._mux, self.stream_id
-        prefix = _PREFIX.pack(size)
+        prefix = frame_prefix(size)
         if size <= MAX_DATA_PAYLOAD - LENGTH_PREFIX_BYTES:
             # One frame (every small message): header, prefix and message joined once.
             queued = mux.send_last_message(sid, prefix, message, size + LENGTH_PREFIX_BYTES)
@@ -288,7 +287,7 @@ class Stream:
         """
         message = await self._next_message()
         if message is not None:
-            if self._eof and self._error is None and not self._pending and self._ready is None and self._need is None and not self._prefix:
+            if self._eof and self._error is None and not self._pending and self._ready is None and self._frames.state == BOUNDARY:
                 return message  # the end of the stream is already here (a small call): no second pass
             if await self._next_message() is None:
                 return message
@@ -314,7 +313,7 @@ class Stream:
                 continue
             conn._flush()
             if self._eof and not self._budget_wait:
-                if self._need is not None or self._prefix:
+                if self._frames.state != BOUNDARY:
                     why = f"{self!r}: peer ended the stream inside a message"
                     self.reset(ErrorCode.MALFORMED, "FIN inside a message (spec/transport.md §3.10)")
                     raise RemoteProtocolError(ErrorCode.MALFORMED, why)
@@ -338,86 +337,67 @@ class Stream:
                 return
 
     def _absorb(self) -> bool:
-        """Consume pending bytes into the message being assembled; True once it is complete."""
+        """Consume pending bytes into the message being assembled; True once it is complete.
+
+        The framing is ``FrameAssembler``'s (spec/tensors.md §6); what is ours is when bytes
+        are consumed (flow control) and that no byte of a body is taken - no credit granted
+        for it - before its whole declared size is reserved (§3.16).
+        """
         if self._ready is not None:
             return True  # one message at a time: the next waits until this one is taken
-        pending = self._pending
-        if self._need is None and not self._prefix and len(pending) == 1:
+        pending, frames = self._pending, self._frames
+        if len(pending) == 1 and frames.state == BOUNDARY:
             chunk = pending[0]  # fast path: exactly one whole message is buffered (small RPCs)
-            size = len(chunk)
-            if size > LENGTH_PREFIX_BYTES and _PREFIX.unpack_from(chunk)[0] == size - LENGTH_PREFIX_BYTES:
+            message = whole_frame(chunk)
+            if message is not None:
+                size = len(chunk)
                 pending.clear()
-                self._ready = bytes(chunk[LENGTH_PREFIX_BYTES:])
+                self._ready = message
                 self._bytes_received += size
                 self._pending_bytes -= size
                 self._mux.consumed(self.stream_id, size)
                 return True
         consumed = 0
         complete = False
-        while pending:
-            chunk = pending[0]
-            if self._need is None:
-                take = min(LENGTH_PREFIX_BYTES - len(self._prefix), len(chunk))
-                self._prefix += chunk[:take]
-                consumed += take
-                if take == len(chunk):
-                    pending.popleft()
-                else:
-                    pending[0] = memoryview(chunk)[take:]
-                if len(self._prefix) == LENGTH_PREFIX_BYTES:
-                    size = int.from_bytes(self._prefix, "big")
-                    if not 1 <= size <= MAX_FRAME_BYTES:
-                        self._prefix = b""
-                        self._pending_bytes -= consumed
-                        self._protocol_violation(size)
-                    # No byte of the body is taken (no credit granted) before its whole size is reserved (§3.16).
-                    refusal = self._conn._budget.reserve(size)
-                    if refusal is not None:
-                        if refusal.fatal:
-                            self._prefix = b""
-                            self._pending_bytes -= consumed
-                            self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
-                        self._budget_wait = True  # keep the prefix; retried when budget is released
-                        self._conn._budget.node.wait(self)
-                        break
-                    self._budget_wait = False
-                    self._prefix = b""
-                    self._reserved = size
-                    self._need = size
-                continue
-            want = self._need - self._assembled
-            if len(chunk) <= want:
-                pending.popleft()
-                self._parts.append(chunk)
-                self._assembled += len(chunk)
-                consumed += len(chunk)
-            else:
-                view = memoryview(chunk)
-                self._parts.append(view[:want])
-                pending[0] = view[want:]
-                self._assembled += want
-                consumed += want
-            if self._assembled == self._need:
-                parts = self._parts
-                one = parts[0]
-                self._ready = one if len(parts) == 1 and type(one) is bytes else b"".join(parts)
-                self._parts = []
-                self._assembled = 0
-                self._need = None
+        while True:
+            state = frames.state
+            if state == AWAITING_ADMISSION:
+                # No byte of the body is taken (no credit granted) before its whole size is reserved (§3.16).
+                size = frames.declared_length
+                refusal = self._conn._budget.reserve(size)
+                if refusal is not None:
+                    if refusal.fatal:
+                        self._refuse(refusal.code, f"{refusal.reason} (spec/transport.md §3.16)")
+                    self._budget_wait = True  # keep the prefix; retried when budget is released
+                    self._conn._budget.node.wait(self)
+                    break
+                self._budget_wait = False
+                self._reserved = size
+                frames.admit()
+            elif state == COMPLETE:
+                message = self._ready = frames.pop_frame()
                 self._release()
-                self._bytes_received += LENGTH_PREFIX_BYTES + len(self._ready)
+                self._bytes_received += LENGTH_PREFIX_BYTES + len(message)
                 complete = True
                 break
+            if not pending:
+                break
+            chunk = pending[0]
+            try:
+                taken = frames.take(chunk)
+            except RemoteProtocolError as error:  # a length of 0 or over MAX_FRAME_BYTES (§6.3)
+                self._refuse(error.code, error.message)
+            if taken == len(chunk):
+                pending.popleft()
+            else:
+                pending[0] = memoryview(chunk)[taken:]
+            consumed += taken
         if consumed:
             self._pending_bytes -= consumed
             self._mux.consumed(self.stream_id, consumed)
         return complete
 
-    def _protocol_violation(self, size: int) -> None:
-        code = ErrorCode.MALFORMED if size == 0 else ErrorCode.LIMIT_EXCEEDED
-        self._refuse(code, f"peer sent a message of {size} bytes; must be 1 to {MAX_FRAME_BYTES} (spec/tensors.md §6)")
-
-    def _refuse(self, code: ErrorCode, message: str) -> None:
+    def _refuse(self, code: ErrorCode, message: str) -> NoReturn:
         """The peer's next message cannot be taken: reset the stream with ``code`` and raise."""
         self._mux.reset_stream(self.stream_id, code, message)
         self._conn._flush()
@@ -446,7 +426,7 @@ class Stream:
             self._mux.consumed(self.stream_id, self._pending_bytes)
         self._pending.clear()
         self._pending_bytes = 0
-        self._parts = []
+        self._frames.discard()
         self._release()
         await self.send_eof()
         self._conn._flush()
@@ -472,7 +452,7 @@ class Stream:
         if self.awaiting_first_message:
             return "first"
         if self._reserved and self._error is None:
-            return self._assembled
+            return self._frames.body_received
         return None
 
     @property
@@ -500,12 +480,13 @@ class Stream:
         if self._discard:
             self._mux.consumed(self.stream_id, len(data))
             return
-        if self._unary is not None and self._ready is None and not self._pending and self._need is None and not self._prefix:
+        if self._unary is not None and self._ready is None and not self._pending and self._frames.state == BOUNDARY:
             # Unary fast path: this chunk is exactly one whole message (a small call's request or
             # response, one DATA frame): what _absorb's own fast path does, without the queue.
-            size = len(data)
-            if size > LENGTH_PREFIX_BYTES and _PREFIX.unpack_from(data)[0] == size - LENGTH_PREFIX_BYTES:
-                self._ready = bytes(data[LENGTH_PREFIX_BYTES:])
+            message = whole_frame(data)
+            if message is not None:
+                size = len(data)
+                self._ready = message
                 self._bytes_received += size
                 self._mux.consumed(self.stream_id, size)
                 return
@@ -542,7 +523,7 @@ class Stream:
         if self._error is not None or self._budget_wait:
             return  # already reported by _fail, or the message waits for budget (_on_budget ends it)
         message = self._ready
-        if message is None or self._pending or self._need is not None or self._prefix:
+        if message is None or self._pending or self._frames.state != BOUNDARY:
             self._unary_malformed("no message" if message is None else "more than one message")
             return
         self._ready = None
@@ -576,7 +557,7 @@ class Stream:
             self._error = error
         self._pending.clear()
         self._pending_bytes = 0
-        self._parts = []
+        self._frames.discard()
         self._release()
         self._wake(self._receive_waiter)
         self._wake(self._window_waiter)

@@ -24,11 +24,10 @@ interface. The wire is the same either way.
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import Any, Callable
 
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
-from biopetals.protocol.framing import LENGTH_PREFIX_BYTES
+from biopetals.protocol.framing import LENGTH_PREFIX_BYTES, frame_prefix, whole_frame
 from biopetals.protocol.identity import PeerId
 from biopetals.protocol.mux import MAX_DATA_PAYLOAD
 
@@ -38,17 +37,8 @@ from .streams import Stream
 
 __all__ = ["UnaryCall", "UnaryRequest", "UnaryServer", "ONE_FRAME"]
 
-_PREFIX = struct.Struct(">I")
 #: Largest message that travels with its length prefix in one DATA frame.
 ONE_FRAME = MAX_DATA_PAYLOAD - LENGTH_PREFIX_BYTES
-
-
-def _whole_message(data: bytes | memoryview) -> bytes | None:
-    """``data`` is exactly one length-prefixed message (spec/tensors.md §6): its body, else None."""
-    size = len(data)
-    if size > LENGTH_PREFIX_BYTES and _PREFIX.unpack_from(data)[0] == size - LENGTH_PREFIX_BYTES:
-        return bytes(data[LENGTH_PREFIX_BYTES:])
-    return None
 
 
 class UnaryServer:
@@ -78,7 +68,7 @@ class _StandIn:
 
     def _keep(self, data: bytes | memoryview) -> bool:
         """Keep ``data`` as the message if it is exactly one (and consume it); False if not."""
-        message = _whole_message(data)
+        message = whole_frame(data)  # exactly one message (spec/tensors.md §6), else None
         if message is None:
             return False
         self._message = message
@@ -131,7 +121,7 @@ class UnaryCall(_StandIn):
         """The response and its FIN at once (the usual case): the stream is already closed both ways."""
         self.received = True
         if self._message is None and self._stream is None:
-            message = _whole_message(data)
+            message = whole_frame(data)  # exactly one message (spec/tensors.md §6), else None
             if message is not None:
                 if not self.future.done():
                     self.future.set_result(message)
@@ -257,7 +247,7 @@ class UnaryRequest(_StandIn):
     def _on_only_data(self, data: bytes | memoryview) -> None:
         """The stream's only DATA, with FIN, arrived with its OPEN (``Connection.unary_opened``):
         anything but exactly one message is MALFORMED."""
-        message = _whole_message(data)
+        message = whole_frame(data)  # exactly one message (spec/tensors.md §6), else None
         if message is None:
             self.reset(ErrorCode.MALFORMED, "expected exactly one message (§3.11)")
             return
@@ -314,7 +304,7 @@ class UnaryRequest(_StandIn):
         if size > ONE_FRAME:
             return False
         conn = self._conn
-        queued = conn._mux.send_last_message(self.stream_id, _PREFIX.pack(size), message, size + LENGTH_PREFIX_BYTES)
+        queued = conn._mux.send_last_message(self.stream_id, frame_prefix(size), message, size + LENGTH_PREFIX_BYTES)
         if not queued:
             return False
         self._closed = True

@@ -254,10 +254,13 @@ async def run_node(
 
             def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
                 # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
-                backend = Backend(span, num_threads=options.num_threads, adapters=load_adapters(options, span))
+                backend = Backend(
+                    span, num_threads=options.num_threads, adapters=load_adapters(options, span),
+                    max_queue_per_peer=options.max_queue_per_peer, slice_tokens=options.compute_slice_tokens,
+                )
                 budget = CacheBudget(
                     span.cache_bytes_per_token(), options.max_cache_tokens,
-                    min(options.max_session_tokens, options.max_cache_tokens)
+                    min(options.max_session_tokens, options.max_cache_tokens), peer_share=options.max_peer_cache_share,
                 )
                 return NodeService(
                     host,

@@ -39,6 +39,7 @@ from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER
 from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
 from biopetals.node.slices import SLICE_TOKENS
+from biopetals.weights.limits import ServeLimits
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.limits import MAX_LABEL_BYTES
@@ -192,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a manifest: skip hashing the served blocks' weights before loading them (by default a "
                         "node refuses to start with weights that differ from its manifest; ~0.5 s per GB)")
     p.add_argument("--weights-rate", type=_rate, default=None, metavar="MB_PER_S",
-                   help="serve weight chunks to each peer at most this fast, in MB/s (default: unlimited)")
+                   help="serve weight chunks to each peer, and to each source address, at most this fast, in MB/s (default: unlimited)")
     p.add_argument("--weights-per-peer", type=_positive, default=4, metavar="N",
                    help="weight chunk requests served at once per peer; more are answered BUSY (default 4)")
+    p.add_argument("--weights-per-address", type=_positive, default=ServeLimits.per_address, metavar="N",
+                   help="weight chunk requests served at once per source IP address, whatever peer ids it uses; more "
+                        f"are answered BUSY (default {ServeLimits.per_address})")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
@@ -255,6 +259,7 @@ async def _main(args: argparse.Namespace) -> None:
         weights_dir=args.weights_dir,
         serve_weights=not args.no_serve_weights,
         weights_per_peer=args.weights_per_peer,
+        weights_per_address=args.weights_per_address,
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
         revision=args.revision,

@@ -51,6 +51,7 @@ class NodeOptions:
     weights_dir: str | None = None  # where weights fetched from peers go (--model MANIFEST or swarm name)
     serve_weights: bool = True  # serve the chunks of held parts to peers (with a manifest)
     weights_per_peer: int = 4  # chunk requests in flight per peer
+    weights_per_address: int = 16  # chunk requests in flight per source address, whatever its peer ids
     weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
     verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
     revision: str | None = None  # --model a hub name: the branch, tag or commit to download

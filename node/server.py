@@ -110,7 +110,7 @@ def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: D
     if source.manifest is None or not options.serve_weights:
         return None
     local = LocalWeights(source.manifest, source.directory)
-    server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer,
+    server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer, per_address=options.weights_per_address,
                                                    rate=options.weights_rate * 1e6 if options.weights_rate else None))
     server.install()
     return WeightsService(server, ProviderAnnouncer(dht, local, tuple(addrs), interval=options.announce_interval))

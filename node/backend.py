@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -33,6 +34,7 @@ import torch
 from biopetals.models.blocks import BlockSpan, SpanCache, batched_decode_step, kv_cache_bytes
 from biopetals.models.step import SpanStep
 from biopetals.node.adapters import AdapterSet
+from biopetals.node.budget import CacheBudget
 from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER, FairQueue, current_peer
 from biopetals.node.slices import SLICE_TOKENS, plan_slices
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
@@ -152,20 +154,41 @@ class Backend:
 
     async def run_forward(
         self, view: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec,
-        mask: torch.Tensor | None = None, adapter: str | None = None,
+        mask: torch.Tensor | None = None, adapter: str | None = None, budget: CacheBudget | None = None,
     ) -> torch.Tensor:
-        """A ``Forward``'s computation in slices of whole rows (node/slices.py), each queued fairly
-        on its own, so that other peers' jobs run between two slices."""
-        batch = hidden.shape[0]
-        slices = plan_slices(batch, hidden.shape[1], self.slice_tokens, by_columns=False)
+        """A ``Forward``'s computation in slices (node/slices.py), each queued fairly on its own, so that
+        other peers' jobs run between two slices. With ``budget``, a row longer than a slice runs in
+        column chunks over a KV cache of that row, reserved in ``budget`` for the peer like a session's
+        cache (``BUSY`` when it does not fit); without, it runs whole."""
+        batch, tokens = hidden.shape[:2]
+        first = prompts.shape[2] if prompts is not None else 0
+        slices = plan_slices(batch, tokens, self.slice_tokens, by_columns=budget is not None, first_columns=first)
         if len(slices) == 1:
             return await self.run(self.forward, view, hidden, prompts, codec, mask, adapter)
         out = torch.empty(hidden.shape, dtype=WIRE_DTYPE[Codec(codec)])
-        for s in slices:
-            rows = slice(s.row0, s.row1)
-            out[rows] = await self.run(
-                self.forward, view, hidden[rows], _rows(prompts, rows, batch), codec, _rows(mask, rows, batch), adapter
-            )
+        owner = os.urandom(16) if slices[0].col1 < tokens else None  # long rows: one row's cache at a time
+        if owner is not None and budget is not None:
+            try:
+                budget.reserve(owner, self.cache_bytes(view.start, view.end, 1, tokens), current_peer.get(),
+                               per_session=False)
+            except RemoteProtocolError as exc:
+                raise RemoteProtocolError(
+                    ErrorCode.BUSY, f"a row of {tokens} tokens runs in chunks over a KV cache: {exc.message}; retry later"
+                ) from None
+        try:
+            cache = None
+            for s in slices:
+                rows, cols = slice(s.row0, s.row1), slice(s.col0, s.col1)
+                row_mask = _rows(mask, rows, batch)
+                if s.col0 == 0 and s.col1 < tokens:
+                    cache = await self.run(view.allocate_cache, s.row1 - s.row0, tokens)
+                out[rows, cols] = await self.run(
+                    self.forward, view, hidden[rows, cols], _rows(prompts, rows, batch) if s.col0 == 0 else None, codec,
+                    row_mask[:, : s.col1] if row_mask is not None else None, adapter, cache if s.col1 - s.col0 < tokens else None,
+                )
+        finally:
+            if owner is not None and budget is not None:
+                budget.release(owner)
         return out
 
     async def run_backward(
@@ -321,10 +344,13 @@ class Backend:
         codec: Codec,
         mask: torch.Tensor | None = None,
         adapter: str | None = None,
+        cache: SpanCache | None = None,
     ) -> torch.Tensor:
-        # Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1).
+        """Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1). With
+        ``cache`` (a long row's chunk, node/slices.py): the columns after those in ``cache``, appended to it;
+        ``mask`` then covers the row up to this chunk's end."""
         with torch.no_grad(), self.adapters.use(adapter):
-            out = view.forward(hidden, attention_mask=mask, prompts=prompts)
+            out = view.forward(hidden, attention_mask=mask, prompts=prompts, cache=cache)
         out = _finite_on_wire(out, codec, "the forward outputs")
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         return out

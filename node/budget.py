@@ -65,12 +65,13 @@ class CacheBudget:
         """Node tokens still free for new sessions (``cache_tokens_left``, spec/messages.md §4.2)."""
         return max(0, self.total_bytes - self.reserved_bytes) // self.bytes_per_token
 
-    def reserve(self, owner: bytes, nbytes: int, peer: Hashable = None) -> None:
+    def reserve(self, owner: bytes, nbytes: int, peer: Hashable = None, *, per_session: bool = True) -> None:
         """Reserve ``nbytes`` for ``owner`` (a session of ``peer``) or raise ``CACHE_BUDGET`` saying which
-        limit it breaks: the per-session one, the peer's share, then the total."""
+        limit it breaks: the per-session one (unless not ``per_session``: the cache of a long ``Forward``
+        row, node/slices.py), the peer's share, then the total."""
         if owner in self._reserved:
             raise ValueError(f"{owner.hex()} already holds a reservation")
-        if nbytes > self.session_bytes:
+        if per_session and nbytes > self.session_bytes:
             raise RemoteProtocolError(
                 ErrorCode.CACHE_BUDGET,
                 f"the session needs {nbytes} bytes of KV cache; this node allows {self.session_bytes} per session",

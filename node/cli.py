@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"are answered BUSY (default {MAX_QUEUE_PER_PEER})")
     p.add_argument("--compute-slice-tokens", type=_positive, default=SLICE_TOKENS, metavar="N",
                    help="a Forward/Backward of more tokens is computed in slices of whole rows of at most N tokens, "
-                        f"each queued fairly, so other peers' steps run in between (default {SLICE_TOKENS})")
+                        "each queued fairly, so other peers' steps run in between; a Forward row longer than N runs in "
+                        "chunks of N columns over a KV cache of the row, reserved like a session's (BUSY if it does "
+                        f"not fit) (default {SLICE_TOKENS})")
     p.add_argument("--adapters", nargs="+", default=[], type=_adapter, metavar="NAME=PATH",
                    help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
                         "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "

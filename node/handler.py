@@ -224,7 +224,7 @@ class NodeService:
         self.rules.check_stateless(request)
         view = self.backend.view(request.start, request.end)
         out = await self.backend.run_forward(
-            view, request.hidden, request.prompts, request.codec, request.mask, request.adapter
+            view, request.hidden, request.prompts, request.codec, request.mask, request.adapter, self.budget
         )
         return ForwardResult(hidden=out)
 

@@ -4,8 +4,9 @@ Issue 21 (item 6): one maximum-size ``Forward`` (8192 tokens) held the node's si
 its whole duration, so a fair queue (node/fair_queue.py) could not help an honest decode step
 that arrived just after it. The node therefore runs a large request as consecutive *slices*,
 each queued on its own through the fair queue: between two slices of one peer, the other
-peers' waiting jobs get their turns. See spec/messages.md §6.1 (a node may compute a request
-in slices; the result is the unsplit computation's).
+peers' waiting jobs get their turns. See spec/messages.md §7.2 (``BUSY``: fair turns, slices,
+the unsplit computation's result) and §5.1 (the cache a long row's chunks need is reserved like
+a session's, for the peer).
 
 Two cuts keep the result exact (the same computation, up to floating-point summation order):
 

@@ -19,8 +19,10 @@ from support_models import tiny_llama_checkpoint  # noqa: F401 (a fixture)
 
 from biopetals.models.blocks import BlockSpan
 from biopetals.node.backend import Backend
+from biopetals.node.budget import CacheBudget
 from biopetals.node.fair_queue import current_peer
 from biopetals.node.slices import Slice, plan_slices
+from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 
 TOL = 1e-5
 SPAN = (0, 3)
@@ -109,3 +111,43 @@ def test_sliced_backward_with_deep_prompts_matches_the_unsplit_one(setup, prompt
     assert (out - expected).abs().max().item() <= TOL
     assert (grad_x - grads[0]).abs().max().item() <= TOL
     assert grad_p.shape == prompts.shape and (grad_p - grads[1]).abs().max().item() <= TOL
+
+
+def test_long_rows_run_in_column_chunks_over_a_reserved_cache_as_transformers(setup) -> None:
+    """Rows of 40 tokens, slices of 16: three chunks a row over a KV cache of the row, reserved in the
+    budget for the peer and released after; a left padding (25) longer than a chunk; as transformers."""
+    span, model = setup
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 40, 64, generator=gen)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :25] = 0
+    ref = model(inputs_embeds=x, attention_mask=mask, output_hidden_states=True).hidden_states[SPAN[1]].detach()
+    real = mask.bool().unsqueeze(-1)
+    backend = Backend(span, slice_tokens=16)
+    budget = CacheBudget(span.cache_bytes_per_token(), total_tokens=100, session_tokens=10)  # per-session: not applied
+    try:
+        assert len(plan_slices(2, 40, backend.slice_tokens)) == 6
+        out = _run(backend.run_forward(span, x, None, "f32", mask, budget=budget))
+        assert budget.reserved_bytes == 0 and backend.stats.tokens == 80
+        assert ((out - ref).abs() * real).max().item() <= TOL
+        with pytest.raises(RemoteProtocolError) as info:  # the row's cache does not fit: BUSY, nothing held
+            _run(backend.run_forward(span, x, None, "f32", mask, budget=CacheBudget(span.cache_bytes_per_token(), 60)))
+        assert info.value.code == ErrorCode.BUSY and "one peer may hold" in info.value.message
+    finally:
+        backend.shutdown()
+
+
+def test_chunked_forward_with_deep_prompts_matches_the_unsplit_one(setup) -> None:
+    """Prompts of 20 positions: the first chunk of each row is 20 columns, not 16."""
+    span, _ = setup
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 40, 64, generator=gen)
+    prompts = torch.randn(span.n_blocks, 2, 20, 64, generator=gen) * 0.1
+    whole, sliced = Backend(span), Backend(span, slice_tokens=16)
+    try:
+        expected = _run(whole.run_forward(span, x, prompts, "f32"))
+        out = _run(sliced.run_forward(span, x, prompts, "f32", budget=CacheBudget(span.cache_bytes_per_token(), 1000)))
+    finally:
+        whole.shutdown()
+        sliced.shutdown()
+    assert (out - expected).abs().max().item() <= TOL

@@ -15,9 +15,12 @@ once instead of once per session. Nothing ever waits for company: a lone session
 runs exactly as before. If the batched call fails, the caches are rolled back and
 the steps run one by one, so one bad step fails only its own session. Measured on
 2 CPU cores (SmolLM2-135M, 30 blocks, fp32): 8 sessions take 92 ms batched instead
-of 434 ms one by one. Prefill, forward and backward of one request are single calls
-already; only steps with the same server-side adapter (spec/messages.md §6.3) share a
-batched call, run under that adapter (``AdapterSet.use``). See spec/messages.md §5 and §6.
+of 434 ms one by one. Only steps with the same server-side adapter (spec/messages.md §6.3)
+share a batched call, run under that adapter (``AdapterSet.use``). A session's step (a
+prefill too) is one call; a large Forward or Backward runs as slices of at most
+``slice_tokens`` tokens (node/slices.py: whole rows, or column chunks of a long Forward row
+over a KV cache reserved for the peer), each queued fairly on its own, so other peers' steps
+run between them (issue 21). See spec/messages.md §5 and §6.
 """
 
 from __future__ import annotations
@@ -182,9 +185,9 @@ class Backend:
                 row_mask = _rows(mask, rows, batch)
                 if s.col0 == 0 and s.col1 < tokens:
                     cache = await self.run(view.allocate_cache, s.row1 - s.row0, tokens)
-                out[rows, cols] = await self.run(
+                out[rows, cols] = await self.run(  # a whole-rows slice has no cache (None)
                     self.forward, view, hidden[rows, cols], _rows(prompts, rows, batch) if s.col0 == 0 else None, codec,
-                    row_mask[:, : s.col1] if row_mask is not None else None, adapter, cache if s.col1 - s.col0 < tokens else None,
+                    row_mask[:, : s.col1] if row_mask is not None else None, adapter, cache,
                 )
         finally:
             if owner is not None and budget is not None:

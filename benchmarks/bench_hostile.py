@@ -15,15 +15,18 @@ Attacks (tests/support_hostile.py has the attacker's side; loopback only):
    (3: the node's log growth is reported for this one);
 4. 40 Steps whose next hop is an unknown peer at an address we listen on;
 5. 1000 streams (4 insiders) that never send a first message;
-6. one insider's 6 concurrent maximum-size Forwards (32 x 256 tokens each; compute share only,
-   the cache share is not bounded yet);
+6. one insider's 6 concurrent maximum-size Forwards (32 x 256 tokens each; the node computes
+   them in slices of --compute-slice-tokens, node/slices.py, so the honest Forward runs between
+   two slices; ``--unsliced`` starts the node with slices of 8192 tokens, as before slicing, to
+   measure the baseline in the same conditions);
 7. 64 and then 1000 identities from this host storing announcements under one block key.
 
-    .venv/bin/python benchmarks/bench_hostile.py
+    .venv/bin/python benchmarks/bench_hostile.py [--unsliced]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -205,6 +208,11 @@ async def run_all(bench: Bench) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--unsliced", action="store_true",
+                        help="start the node with --compute-slice-tokens 8192: a Forward runs whole, as before slicing")
+    args = parser.parse_args()
+    node_args = ("--compute-slice-tokens", "8192") if args.unsliced else ()
     if shutil.which("prlimit") is None:
         print("needs prlimit (util-linux)", file=sys.stderr)
         return 2
@@ -214,11 +222,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(Path(tmp) / "tiny", with_tokenizer=False)
         with Swarm(Path(tmp)) as swarm:
-            node = swarm.start_node(ckpt, "0:4", prefix=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"))
+            node = swarm.start_node(ckpt, "0:4", *node_args, prefix=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"))
             bench = Bench(swarm, node, model_info(ckpt).dht_prefix)
             asyncio.run(run_all(bench))
             alive = node.alive()
-    print(f"Node on 127.0.0.1 with a {FD_LIMIT}-descriptor limit, tiny Llama blocks 0:4; honest client: stateless Forward of 16 tokens (fp32).")
+    print(f"Node on 127.0.0.1 with a {FD_LIMIT}-descriptor limit, tiny Llama blocks 0:4; honest client: stateless Forward of 16 tokens (fp32)"
+          f"{'; unsliced (--compute-slice-tokens 8192)' if args.unsliced else ''}.")
     print(f"Node alive after every attack: {alive}\n")
     print("| attack | node RSS MiB (quiet -> peak) | descriptors (quiet -> peak) | honest latency ms, median (quiet -> attack) | honest exact | log bytes | outcome |")
     print("|---|---|---|---|---|---|---|")

@@ -15,15 +15,19 @@ once instead of once per session. Nothing ever waits for company: a lone session
 runs exactly as before. If the batched call fails, the caches are rolled back and
 the steps run one by one, so one bad step fails only its own session. Measured on
 2 CPU cores (SmolLM2-135M, 30 blocks, fp32): 8 sessions take 92 ms batched instead
-of 434 ms one by one. Prefill, forward and backward of one request are single calls
-already; only steps with the same server-side adapter (spec/messages.md §6.3) share a
-batched call, run under that adapter (``AdapterSet.use``). See spec/messages.md §5 and §6.
+of 434 ms one by one. Only steps with the same server-side adapter (spec/messages.md §6.3)
+share a batched call, run under that adapter (``AdapterSet.use``). A session's step (a
+prefill too) is one call; a large Forward or Backward runs as slices of at most
+``slice_tokens`` tokens (node/slices.py: whole rows, or column chunks of a long Forward row
+over a KV cache reserved for the peer), each queued fairly on its own, so other peers' steps
+run between them (issue 21). See spec/messages.md §5 and §6.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -33,7 +37,9 @@ import torch
 from biopetals.models.blocks import BlockSpan, SpanCache, batched_decode_step, kv_cache_bytes
 from biopetals.models.step import SpanStep
 from biopetals.node.adapters import AdapterSet
-from biopetals.node.fair_queue import FairQueue, current_peer
+from biopetals.node.budget import CacheBudget
+from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER, FairQueue, current_peer
+from biopetals.node.slices import SLICE_TOKENS, plan_slices
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
@@ -101,12 +107,14 @@ class Backend:
 
     def __init__(
         self, span: BlockSpan, *, max_queue: int = 1024, num_threads: int = 0, max_batch: int = 64,
-        adapters: AdapterSet | None = None,
+        adapters: AdapterSet | None = None, max_queue_per_peer: int = MAX_QUEUE_PER_PEER,
+        slice_tokens: int = SLICE_TOKENS,
     ) -> None:
         self.span = span
         self.adapters = adapters if adapters is not None else AdapterSet()
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.slice_tokens = slice_tokens
         self.stats = BatchStats()
         self._waiting: list[_Decode] = []  # batchable steps not yet taken, FIFO
         self._lock = threading.Lock()
@@ -116,7 +124,9 @@ class Backend:
         self._queued = 0
         self._views: dict[tuple[int, int], BlockSpan] = {}
         # Jobs wait here, by peer, and the worker takes them in fair order (node/fair_queue.py).
-        self._fair: FairQueue[tuple[concurrent.futures.Future[Any], Callable[[], None]]] = FairQueue()
+        self._fair: FairQueue[tuple[concurrent.futures.Future[Any], Callable[[], None]]] = FairQueue(
+            max_per_peer=max_queue_per_peer
+        )
 
     @property
     def queued(self) -> int:
@@ -144,6 +154,70 @@ class Backend:
             return await asyncio.wrap_future(future)
         finally:
             self._queued -= 1
+
+    async def run_forward(
+        self, view: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None, codec: Codec,
+        mask: torch.Tensor | None = None, adapter: str | None = None, budget: CacheBudget | None = None,
+    ) -> torch.Tensor:
+        """A ``Forward``'s computation in slices (node/slices.py), each queued fairly on its own, so that
+        other peers' jobs run between two slices. With ``budget``, a row longer than a slice runs in
+        column chunks over a KV cache of that row, reserved in ``budget`` for the peer like a session's
+        cache (``BUSY`` when it does not fit); without, it runs whole."""
+        batch, tokens = hidden.shape[:2]
+        first = prompts.shape[2] if prompts is not None else 0
+        slices = plan_slices(batch, tokens, self.slice_tokens, by_columns=budget is not None, first_columns=first)
+        if len(slices) == 1:
+            return await self.run(self.forward, view, hidden, prompts, codec, mask, adapter)
+        out = torch.empty(hidden.shape, dtype=WIRE_DTYPE[Codec(codec)])
+        owner = os.urandom(16) if slices[0].col1 < tokens else None  # long rows: one row's cache at a time
+        if owner is not None and budget is not None:
+            try:
+                budget.reserve(owner, self.cache_bytes(view.start, view.end, 1, tokens), current_peer.get(),
+                               per_session=False)
+            except RemoteProtocolError as exc:
+                raise RemoteProtocolError(
+                    ErrorCode.BUSY, f"a row of {tokens} tokens runs in chunks over a KV cache: {exc.message}; retry later"
+                ) from None
+        try:
+            cache = None
+            for s in slices:
+                rows, cols = slice(s.row0, s.row1), slice(s.col0, s.col1)
+                row_mask = _rows(mask, rows, batch)
+                if s.col0 == 0 and s.col1 < tokens:
+                    cache = await self.run(view.allocate_cache, s.row1 - s.row0, tokens)
+                out[rows, cols] = await self.run(  # a whole-rows slice has no cache (None)
+                    self.forward, view, hidden[rows, cols], _rows(prompts, rows, batch) if s.col0 == 0 else None, codec,
+                    row_mask[:, : s.col1] if row_mask is not None else None, adapter, cache,
+                )
+        finally:
+            if owner is not None and budget is not None:
+                budget.release(owner)
+        return out
+
+    async def run_backward(
+        self, view: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, prompts: torch.Tensor | None,
+        codec: Codec, mask: torch.Tensor | None = None, adapter: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A ``Backward`` in slices of whole rows, like ``run_forward``; ``grad_prompts`` shared by
+        every row (``prompts`` with one row) is the sum over the slices."""
+        batch = hidden.shape[0]
+        slices = plan_slices(batch, hidden.shape[1], self.slice_tokens, by_columns=False)
+        if len(slices) == 1:
+            return await self.run(self.backward, view, hidden, grad_outputs, prompts, codec, mask, adapter)
+        grad_inputs = torch.empty(hidden.shape, dtype=WIRE_DTYPE[Codec(codec)])
+        parts = []
+        for s in slices:
+            rows = slice(s.row0, s.row1)
+            grad_inputs[rows], grad_prompts = await self.run(
+                self.backward, view, hidden[rows], grad_outputs[rows], _rows(prompts, rows, batch), codec,
+                _rows(mask, rows, batch), adapter, False,
+            )
+            parts.append(grad_prompts)
+        if prompts is None:
+            return grad_inputs, None
+        shared = prompts.shape[1] == 1
+        grad_prompts = torch.stack(parts).sum(0) if shared else torch.cat(parts, dim=1)
+        return grad_inputs, _finite_on_wire(grad_prompts, codec, "the prompt gradients")
 
     def _submit(self, future: concurrent.futures.Future[Any], job: Callable[[], None], cost: int) -> None:
         """Queue ``job`` (which resolves ``future``) for the current peer; the worker runs queued jobs
@@ -281,10 +355,13 @@ class Backend:
         codec: Codec,
         mask: torch.Tensor | None = None,
         adapter: str | None = None,
+        cache: SpanCache | None = None,
     ) -> torch.Tensor:
-        # Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1).
+        """Stateless: positions 0 .. tokens - 1 in every row, padded or not (spec/messages.md §6.1). With
+        ``cache`` (a long row's chunk, node/slices.py): the columns after those in ``cache``, appended to it;
+        ``mask`` then covers the row up to this chunk's end."""
         with torch.no_grad(), self.adapters.use(adapter):
-            out = view.forward(hidden, attention_mask=mask, prompts=prompts)
+            out = view.forward(hidden, attention_mask=mask, prompts=prompts, cache=cache)
         out = _finite_on_wire(out, codec, "the forward outputs")
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         return out
@@ -298,11 +375,13 @@ class Backend:
         codec: Codec,
         mask: torch.Tensor | None = None,
         adapter: str | None = None,
+        wire_prompts: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients on the wire (``wire_prompts`` False: the prompts' gradient as computed, to be summed)."""
         with self.adapters.use(adapter):
             grad_inputs, grad_prompts = view.backward(hidden, grad_outputs, attention_mask=mask, prompts=prompts)
         grad_inputs = _finite_on_wire(grad_inputs, codec, "the input gradients")
-        if grad_prompts is not None:
+        if grad_prompts is not None and wire_prompts:
             grad_prompts = _finite_on_wire(grad_prompts, codec, "the prompt gradients")
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         return grad_inputs, grad_prompts
@@ -314,6 +393,16 @@ def _run_into(future: concurrent.futures.Future[Any], fn: Callable[..., Any], ar
             future.set_result(fn(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiter
             future.set_exception(exc)
+
+
+def _rows(tensor: torch.Tensor | None, rows: slice, batch: int) -> torch.Tensor | None:
+    """``rows`` of a per-row tensor (dim 0: a mask; dim 1: prompts ``[n_blocks, batch or 1, P, H]``);
+    prompts with one row are every row's and stay whole."""
+    if tensor is None:
+        return None
+    if tensor.ndim == 4:
+        return tensor if tensor.shape[1] == 1 and batch != 1 else tensor[:, rows]
+    return tensor[rows]
 
 
 def _cost(args: tuple[Any, ...]) -> int:

@@ -34,8 +34,12 @@ from biopetals.models.blocks import DTYPES
 from biopetals.models.config import ModelConfigError
 from biopetals.models.devices import Accelerators, DeviceError, choose_device, choose_dtype, describe
 from biopetals.node.adapters import AdapterError, parse_adapter_arg
+from biopetals.node.budget import PEER_SHARE
+from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER
 from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
+from biopetals.node.slices import SLICE_TOKENS
+from biopetals.weights.limits import ServeLimits
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.limits import MAX_LABEL_BYTES
@@ -85,6 +89,7 @@ _positive = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
 _seconds = _bounded(float, "a number of seconds", lambda v: 0 < v < float("inf"), "a finite number > 0")
 _rate = _bounded(float, "a number of MB/s", lambda v: 0 < v < float("inf"), "a finite number > 0")
 _quality = _bounded(float, "a number, e.g. 0.75", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_share = _bounded(float, "a fraction, e.g. 0.5", lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _public_name(text: str) -> str:
@@ -143,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total KV-cache budget, in tokens over all served blocks, summed over sessions and batch (default 16384)")
     p.add_argument("--max-session-tokens", type=int, default=8192, metavar="N",
                    help="KV-cache budget of one session, batch_size x max_length tokens (default 8192)")
+    p.add_argument("--max-peer-cache-share", type=_share, default=PEER_SHARE, metavar="S",
+                   help="the most of --max-cache-tokens that the sessions of one peer may hold, 0 < S <= 1; a peer "
+                        f"past it is refused with CACHE_BUDGET so that others still find room (default {PEER_SHARE})")
+    p.add_argument("--max-queue-per-peer", type=_positive, default=MAX_QUEUE_PER_PEER, metavar="N",
+                   help="compute jobs (steps, Forward/Backward slices) one peer may have waiting on this node; more "
+                        f"are answered BUSY (default {MAX_QUEUE_PER_PEER})")
+    p.add_argument("--compute-slice-tokens", type=_positive, default=SLICE_TOKENS, metavar="N",
+                   help="a Forward/Backward of more tokens is computed in slices of whole rows of at most N tokens, "
+                        "each queued fairly, so other peers' steps run in between; a Forward row longer than N runs in "
+                        "chunks of N columns over a KV cache of the row, reserved like a session's (BUSY if it does "
+                        f"not fit) (default {SLICE_TOKENS})")
     p.add_argument("--adapters", nargs="+", default=[], type=_adapter, metavar="NAME=PATH",
                    help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
                         "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "
@@ -179,9 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a manifest: skip hashing the served blocks' weights before loading them (by default a "
                         "node refuses to start with weights that differ from its manifest; ~0.5 s per GB)")
     p.add_argument("--weights-rate", type=_rate, default=None, metavar="MB_PER_S",
-                   help="serve weight chunks to each peer at most this fast, in MB/s (default: unlimited)")
+                   help="serve weight chunks to each peer, and to each source address, at most this fast, in MB/s (default: unlimited)")
     p.add_argument("--weights-per-peer", type=_positive, default=4, metavar="N",
                    help="weight chunk requests served at once per peer; more are answered BUSY (default 4)")
+    p.add_argument("--weights-per-address", type=_positive, default=ServeLimits.per_address, metavar="N",
+                   help="weight chunk requests served at once per source IP address, whatever peer ids it uses; more "
+                        f"are answered BUSY (default {ServeLimits.per_address})")
     p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
@@ -230,6 +249,9 @@ async def _main(args: argparse.Namespace) -> None:
         num_threads=args.num_threads,
         max_cache_tokens=args.max_cache_tokens,
         max_session_tokens=args.max_session_tokens,
+        max_peer_cache_share=args.max_peer_cache_share,
+        max_queue_per_peer=args.max_queue_per_peer,
+        compute_slice_tokens=args.compute_slice_tokens,
         idle_timeout=args.idle_timeout,
         announce_interval=args.announce_interval,
         announce=list(args.announce),
@@ -239,6 +261,7 @@ async def _main(args: argparse.Namespace) -> None:
         weights_dir=args.weights_dir,
         serve_weights=not args.no_serve_weights,
         weights_per_peer=args.weights_per_peer,
+        weights_per_address=args.weights_per_address,
         weights_rate=args.weights_rate,
         verify_weights=not args.no_verify_weights,
         revision=args.revision,

@@ -224,17 +224,16 @@ class NodeService:
     async def _forward(self, request: Forward) -> ForwardResult:
         self.rules.check_stateless(request)
         view = self.backend.view(request.start, request.end)
-        out = await self.backend.run(
-            self.backend.forward, view, request.hidden, request.prompts, request.codec, request.mask, request.adapter
+        out = await self.backend.run_forward(
+            view, request.hidden, request.prompts, request.codec, request.mask, request.adapter, self.budget
         )
         return ForwardResult(hidden=out)
 
     async def _backward(self, request: Backward) -> BackwardResult:
         self.rules.check_stateless(request)
         view = self.backend.view(request.start, request.end)
-        grad_inputs, grad_prompts = await self.backend.run(
-            self.backend.backward, view, request.hidden, request.grad_outputs, request.prompts, request.codec,
-            request.mask, request.adapter,
+        grad_inputs, grad_prompts = await self.backend.run_backward(
+            view, request.hidden, request.grad_outputs, request.prompts, request.codec, request.mask, request.adapter
         )
         return BackwardResult(grad_inputs=grad_inputs, grad_prompts=grad_prompts)
 

@@ -48,8 +48,8 @@ class NodeCollector(Collector):
         stats = service.budget.statistics()
         yield GaugeMetricFamily(PREFIX + "cache_tokens_left", "KV-cache tokens free for new sessions "
                                 "(cache_tokens_left, spec/messages.md §4.2)", value=info.cache_tokens_left)
-        yield GaugeMetricFamily(PREFIX + "cache_reserved_bytes", "KV-cache bytes reserved by open sessions",
-                                value=stats.reserved_bytes)
+        yield GaugeMetricFamily(PREFIX + "cache_reserved_bytes", "KV-cache bytes reserved by open sessions "
+                                "(and by long Forward rows computed in chunks)", value=stats.reserved_bytes)
         yield GaugeMetricFamily(PREFIX + "queue_depth", "jobs queued on the compute thread",
                                 value=service.backend.queued)
         yield GaugeMetricFamily(PREFIX + "uptime_seconds", "seconds since the service started", value=info.uptime or 0)

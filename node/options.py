@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from biopetals.node.budget import PEER_SHARE
+from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER
+from biopetals.node.slices import SLICE_TOKENS
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
 
@@ -32,6 +35,9 @@ class NodeOptions:
     max_cache_tokens: int = 16384
     max_session_tokens: int = 8192
     idle_timeout: float = 60.0
+    max_queue_per_peer: int = MAX_QUEUE_PER_PEER  # compute jobs one peer may have waiting; more: BUSY (node/fair_queue.py)
+    compute_slice_tokens: int = SLICE_TOKENS  # tokens of one slice of a large Forward/Backward (node/slices.py)
+    max_peer_cache_share: float = PEER_SHARE  # of the KV-cache budget one peer may hold (node/budget.py)
     announce_interval: float = 60.0
     announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
     benchmark: bool = True
@@ -45,6 +51,7 @@ class NodeOptions:
     weights_dir: str | None = None  # where weights fetched from peers go (--model MANIFEST or swarm name)
     serve_weights: bool = True  # serve the chunks of held parts to peers (with a manifest)
     weights_per_peer: int = 4  # chunk requests in flight per peer
+    weights_per_address: int = 16  # chunk requests in flight per source address, whatever its peer ids
     weights_rate: float | None = None  # MB/s of chunks per peer; None: unlimited
     verify_weights: bool = True  # with a manifest: hash the served blocks before loading them
     revision: str | None = None  # --model a hub name: the branch, tag or commit to download

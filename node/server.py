@@ -110,7 +110,7 @@ def _serve_weights(options: NodeOptions, source: ModelSource, host: Host, dht: D
     if source.manifest is None or not options.serve_weights:
         return None
     local = LocalWeights(source.manifest, source.directory)
-    server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer,
+    server = WeightsServer(host, local, ServeLimits(per_peer=options.weights_per_peer, per_address=options.weights_per_address,
                                                    rate=options.weights_rate * 1e6 if options.weights_rate else None))
     server.install()
     return WeightsService(server, ProviderAnnouncer(dht, local, tuple(addrs), interval=options.announce_interval))
@@ -254,10 +254,13 @@ async def run_node(
 
             def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
                 # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
-                backend = Backend(span, num_threads=options.num_threads, adapters=load_adapters(options, span))
+                backend = Backend(
+                    span, num_threads=options.num_threads, adapters=load_adapters(options, span),
+                    max_queue_per_peer=options.max_queue_per_peer, slice_tokens=options.compute_slice_tokens,
+                )
                 budget = CacheBudget(
                     span.cache_bytes_per_token(), options.max_cache_tokens,
-                    min(options.max_session_tokens, options.max_cache_tokens)
+                    min(options.max_session_tokens, options.max_cache_tokens), peer_share=options.max_peer_cache_share,
                 )
                 return NodeService(
                     host,

@@ -228,7 +228,7 @@ class SessionMachine:
                     f"max_length {request.max_length} > the model's {self.rules.max_positions} positions",
                 )
             nbytes = self.cache_bytes(request.start, request.end, request.batch_size, request.max_length)
-            self.budget.reserve(session_id, nbytes)
+            self.budget.reserve(session_id, nbytes, peer)
         except ProtocolError as exc:
             return [Send(stream, error_from_exception(exc)), EndStream(stream)]
         session = Session(

@@ -39,6 +39,7 @@ def checkpoint(tiny_llama_checkpoint):
 
 #: The node runs with the common 1024-descriptor limit (soft and hard), as in issue 21's attack 2.
 FD_LIMIT = 1024
+SLICE = 100
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,9 @@ def node(tmp_path_factory, checkpoint):
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux) to start a node with a 1024-descriptor limit")
     with Swarm(tmp_path_factory.mktemp("swarm")) as swarm:
-        yield swarm, swarm.start_node(checkpoint, "0:4", prefix=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"))
+        # slices of 100 tokens: the tiny model's rows (256 positions) can be longer than a slice
+        yield swarm, swarm.start_node(checkpoint, "0:4", "--compute-slice-tokens", str(SLICE),
+                                      prefix=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"))
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +293,34 @@ def test_one_peers_forwards_are_bounded_and_an_honest_client_is_served(node, che
     print(f"\nattack 6: 240 concurrent Forwards from one peer: {done} served, {busy} BUSY")
     assert busy >= 1 and done >= MAX_QUEUE_PER_PEER and done + busy == 240
     assert n.alive()
+
+
+def test_a_long_row_forward_runs_in_chunks_and_stays_exact(node, checkpoint):
+    """A Forward of one 250-token row (over --compute-slice-tokens 100) runs as 3 column chunks over a KV cache
+    reserved for the peer (node/slices.py) while an insider's wide Forwards run in row slices; both answers exact
+    against transformers (fp32), and the reservation is released (the node's cache_tokens_left is back)."""
+    from biopetals.protocol.messages import NodeInfo, NodeInfoRequest
+
+    swarm, n = node
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(5)
+    long_x, wide_x = torch.randn(1, 250, 64, generator=gen), torch.randn(8, 32, 64, generator=gen)
+    with torch.no_grad():
+        expected = [model(inputs_embeds=x, output_hidden_states=True).hidden_states[4] for x in (long_x, wide_x)]
+    name = model_info(checkpoint).dht_prefix
+
+    async def go():
+        async with RawClient(swarm.swarm_key, timeout=60) as a, RawClient(swarm.swarm_key, timeout=60) as b:
+            before = await a.request(n.addr, NodeInfoRequest())
+            replies = await asyncio.gather(
+                a.request(n.addr, Forward(model=name, start=0, end=4, codec="f32", hidden=long_x), "f32"),
+                b.request(n.addr, Forward(model=name, start=0, end=4, codec="f32", hidden=wide_x), "f32"),
+            )
+            after = await a.request(n.addr, NodeInfoRequest())
+            return before, replies, after
+
+    before, replies, after = asyncio.run(go())
+    for reply, want in zip(replies, expected):
+        assert isinstance(reply, ForwardResult), reply
+        assert (reply.hidden - want).abs().max().item() <= 1e-4
+    assert isinstance(after, NodeInfo) and after.cache_tokens_left == before.cache_tokens_left

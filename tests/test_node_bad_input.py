@@ -240,23 +240,28 @@ def test_idle_session_times_out(node):
     run(go())
 
 
-def test_total_cache_budget(node):
-    """Per-session budget 512 tokens, total 2048: four sessions of 512 fit, the fifth is refused."""
+def test_total_cache_budget_and_one_peers_share(node):
+    """Per-session budget 512 tokens, total 2048, one peer's share 0.5 (--max-peer-cache-share, node/budget.py):
+    a peer's third session of 512 is refused while another peer still opens two; the fifth is refused by the total."""
     swarm, n, model = node
 
     async def go():
-        async with RawClient(swarm.swarm_key) as client:
+        async with RawClient(swarm.swarm_key) as a, RawClient(swarm.swarm_key) as b, RawClient(swarm.swarm_key) as c:
             held = []
-            for _ in range(4):
+            for client in (a, a, b, b):
+                if client is b and len(held) == 2:
+                    _, refused = await a.open_session(n.addr, opening(model, max_length=256, batch_size=2))
+                    expect(refused, ErrorCode.CACHE_BUDGET)
+                    assert "one peer may hold" in refused.message, refused.message
                 stream, opened = await client.open_session(n.addr, opening(model, max_length=256, batch_size=2))
                 assert isinstance(opened, SessionOpened), opened
-                held.append((stream, opened))
-            assert await _tokens_left(client, n.addr) == 0
-            _, refused = await client.open_session(n.addr, opening(model, max_length=8))
+                held.append((client, stream, opened))
+            assert await _tokens_left(c, n.addr) == 0
+            _, refused = await c.open_session(n.addr, opening(model, max_length=8))
             expect(refused, ErrorCode.CACHE_BUDGET)
-            for stream, opened in held:
+            for client, stream, opened in held:
                 assert isinstance(await client.exchange(stream, CloseSession(session_id=opened.session_id)), SessionClosed)
-            assert await _tokens_left(client, n.addr) == 2048
-            await still_serves(client, n.addr, model)
+            assert await _tokens_left(c, n.addr) == 2048
+            await still_serves(a, n.addr, model)
 
     run(go())

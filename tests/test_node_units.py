@@ -22,16 +22,16 @@ def test_budget_per_session_and_total():
     budget = CacheBudget(bytes_per_token=100, total_tokens=1000, session_tokens=400)
     assert budget.tokens_left == 1000
     with pytest.raises(RemoteProtocolError) as info:
-        budget.reserve(b"big", 401 * 100)
+        budget.reserve(b"big", 401 * 100, "p")
     assert info.value.code == ErrorCode.CACHE_BUDGET and "per session" in info.value.message
-    budget.reserve(b"a", 400 * 100)
-    budget.reserve(b"b", 400 * 100)
+    budget.reserve(b"a", 400 * 100, "p")
+    budget.reserve(b"b", 400 * 100, "q")
     assert budget.tokens_left == 200
     with pytest.raises(RemoteProtocolError) as info:
-        budget.reserve(b"c", 300 * 100)
+        budget.reserve(b"c", 300 * 100, "r")
     assert info.value.code == ErrorCode.CACHE_BUDGET and "free" in info.value.message
     assert budget.release(b"a") == 40000 and budget.release(b"a") == 0
-    budget.reserve(b"c", 300 * 100)
+    budget.reserve(b"c", 300 * 100, "r")
     assert budget.tokens_left == 300 and budget.statistics().sessions == 2
 
 

@@ -39,8 +39,8 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-async def _with_server(directory, limits, body):
-    key = SwarmKey.generate()
+async def _with_server(directory, limits, body, key=None):
+    key = key or SwarmKey.generate()
     manifest = parse_manifest((directory / MANIFEST_FILE).read_bytes())
     async with Host(Identity.generate(), swarm_key=key) as server_host, Host(Identity.generate(), swarm_key=key) as client:
         await server_host.listen("127.0.0.1", 0)
@@ -127,6 +127,30 @@ def test_busy_beyond_per_peer_limit(checkpoint):
         assert server.state.refused == 2 and server.state.total == 0
 
     asyncio.run(_with_server(checkpoint, ServeLimits(per_peer=2, rate=1e6), body))
+
+
+def test_many_identities_from_one_address_share_its_limit(checkpoint):
+    """Issue 21 (item 7): identities are free, so the per-peer limit alone is bypassed by making more;
+    ``per_address`` bounds the calls in flight from one source address (here 127.0.0.1), whoever signs them."""
+
+    key = SwarmKey.generate()
+
+    async def body(ask, manifest, server):
+        async with Host(Identity.generate(), swarm_key=key) as b, Host(Identity.generate(), swarm_key=key) as c:
+            chunk = GetChunk(manifest_hash=manifest.hash, part=0, index=0)
+
+            async def ask_as(host):
+                raw = await host.call(str(server.host.addrs[0]), WEIGHTS_PROTOCOL, encode_weights_message(chunk), timeout=30)
+                return decode_weights_message(raw)
+
+            # connected, and the address's 1 MB/s spent: every chunk served next waits ~1 s, holding its slot
+            assert all(isinstance(r, ChunkData) for r in [await ask(chunk), await ask_as(b), await ask_as(c)])
+            replies = await asyncio.gather(ask(chunk), ask(chunk), ask_as(b), ask_as(b), ask_as(c), ask_as(c))
+        chunks = sum(isinstance(r, ChunkData) for r in replies)
+        busy = sum(isinstance(r, Error) and r.code == ErrorCode.BUSY for r in replies)
+        assert (chunks, busy) == (3, 3) and server.state.by_address == {} and server.state.total == 0
+
+    asyncio.run(_with_server(checkpoint, ServeLimits(per_peer=2, per_address=3, rate=1e6), body, key))
 
 
 def test_fetch_gives_up_with_a_clear_error_when_nobody_serves_a_part(checkpoint, tmp_path):

@@ -1,7 +1,7 @@
 """Serving weights: the ``/biopetals/weights/1`` handler and the provider records (spec/weights.md §3-§4).
 
 ``WeightsServer.install()`` answers ``GetManifest`` and ``GetChunk`` from a ``LocalWeights``,
-within ``ServeLimits``; chunk reads (file I/O and the first hash) run on a small thread pool
+within ``ServeLimits`` (per peer, per source address and in total); chunk reads (file I/O and the first hash) run on a small thread pool
 of their own, so they never wait behind a model step. A malformed request gets an ``Error``
 reply and the peer is served again on its next request. ``ProviderAnnouncer`` stores the
 node's ``ProviderRecord`` under ``"<swarm name>.weights"`` and refreshes it.
@@ -88,7 +88,9 @@ class WeightsServer:
         if not self.local.holds(message.part):
             return _error(ErrorCode.NOT_HELD, f"this peer does not hold part {manifest.parts[message.part].name}")
         peer = bytes(peer_id.multihash)
-        if not self.state.acquire(peer):
+        conn = self.host.connection(peer_id)
+        address = conn.remote_address[0] if conn is not None and conn.remote_address else None
+        if not self.state.acquire(peer, address):
             return _error(ErrorCode.BUSY, "too many chunk requests in flight; ask another peer or retry later")
         try:
             loop = asyncio.get_running_loop()
@@ -99,7 +101,7 @@ class WeightsServer:
             except Exception:  # a bug of ours: an answer, not a reset stream
                 log.exception("serving chunk %d of part %d failed", message.index, message.part)
                 return _error(ErrorCode.INTERNAL, "internal error reading the chunk; ask another peer")
-            wait = self.state.delay(peer, len(data), self.clock())
+            wait = self.state.delay(peer, len(data), self.clock(), address)
             if wait > 0:
                 await asyncio.sleep(wait)
             self.chunks_served += 1
@@ -108,7 +110,7 @@ class WeightsServer:
         except ProtocolError as exc:
             return encode_weights_message(error_from_exception(exc))
         finally:
-            self.state.release(peer)
+            self.state.release(peer, address)
 
 
 class ProviderAnnouncer:

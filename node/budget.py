@@ -49,7 +49,8 @@ class CacheBudget:
         self.total_bytes = bytes_per_token * total_tokens
         self.session_bytes = bytes_per_token * (total_tokens if session_tokens is None else session_tokens)
         self.peer_share = peer_share
-        self.peer_bytes = int(self.total_bytes * peer_share)
+        # one session of the per-session limit always fits a peer's share, however small the share
+        self.peer_bytes = max(int(self.total_bytes * peer_share), min(self.session_bytes, self.total_bytes))
         self._reserved: dict[bytes, tuple[Hashable, int]] = {}  # owner -> (peer, bytes)
 
     @property

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache budget of one session, batch_size x max_length tokens (default 8192)")
     p.add_argument("--max-peer-cache-share", type=_share, default=PEER_SHARE, metavar="S",
                    help="the most of --max-cache-tokens that the sessions of one peer may hold, 0 < S <= 1; a peer "
-                        f"past it is refused with CACHE_BUDGET so that others still find room (default {PEER_SHARE})")
+                        f"past it is refused with CACHE_BUDGET so that others still find room; a peer may always hold one "
+                        f"session of --max-session-tokens (default {PEER_SHARE})")
     p.add_argument("--max-queue-per-peer", type=_positive, default=MAX_QUEUE_PER_PEER, metavar="N",
                    help="compute jobs (steps, Forward/Backward slices) one peer may have waiting on this node; more "
                         f"are answered BUSY (default {MAX_QUEUE_PER_PEER})")

@@ -39,6 +39,17 @@ def test_a_peer_holds_at_most_its_share_and_the_rest_stays_for_others() -> None:
     assert budget.statistics().sessions == 4
 
 
+def test_a_peer_may_always_hold_one_session_of_the_per_session_limit() -> None:
+    # --max-session-tokens over half the cache: a lone client's long session must still open
+    # (tests/test_client_long_context.py), and only one such session per peer
+    budget = CacheBudget(bytes_per_token=10, total_tokens=100, session_tokens=80)
+    assert budget.peer_bytes == 800
+    budget.reserve(b"long", 800, "lab")
+    assert "one peer may hold 800" in refused(budget, b"more", 10, "lab")
+    assert "free" in refused(budget, b"other", 300, "other lab")  # the total still bounds everyone
+    assert CacheBudget(bytes_per_token=10, total_tokens=100, session_tokens=300).peer_bytes == 1000  # never over the total
+
+
 def test_a_share_of_one_is_the_total_only_and_bad_shares_are_refused() -> None:
     budget = CacheBudget(bytes_per_token=1, total_tokens=100, session_tokens=50, peer_share=1.0)
     budget.reserve(b"a", 50, "p")

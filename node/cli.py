@@ -36,6 +36,7 @@ from biopetals.models.devices import Accelerators, DeviceError, choose_device, c
 from biopetals.node.adapters import AdapterError, parse_adapter_arg
 from biopetals.node.quant import QUANT_MODES, QuantError
 from biopetals.node.server import NodeOptions, run_node
+from biopetals.node.startup_trace import mark
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.limits import MAX_LABEL_BYTES
@@ -275,11 +276,13 @@ _EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError,
 
 
 def main(argv: list[str] | None = None) -> int:
+    imported = time.time(), time.process_time()  # interpreter start and imports end here
     parser = build_parser()
     args = parser.parse_args(argv)
     check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    mark("imports", *imported)
     try:
         output_line(resolve_device(args))
         asyncio.run(_main(args))

@@ -44,6 +44,7 @@ from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
 from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
+from biopetals.node.startup_trace import mark
 from biopetals.protocol.announcement import State
 from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.envelope import PROTOCOL_NAME
@@ -213,6 +214,7 @@ async def run_node(
     facts = None if source.needs_network else _model_facts(options, source.directory)  # fail before listening
     async with Host(options.identity, swarm_key=options.swarm_key) as host:
         await host.listen(options.host, options.port)
+        mark("listening")
         addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
         await require_join(host, options.initial_peers, timeout=10.0, alone_hint=NEW_SWARM_HINT)
         async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
@@ -221,6 +223,7 @@ async def run_node(
                                 "cannot join the swarm: the initial peers accept our key but answer no DHT request "
                                 f"({', '.join(options.initial_peers)}); give the address of a biopetals-node or "
                                 "biopetals-dht of the swarm, or --new-swarm to start a new swarm alone", ())
+            mark("dht-joined")
             if facts is None:  # only a swarm name: the manifest comes from a provider
                 await source.complete(host, dht, lambda manifest: [], progress=options.progress)
                 facts = _model_facts(options, source.directory)
@@ -244,13 +247,16 @@ async def run_node(
                     random.Random())
             else:
                 await announcer.announce(State.JOINING, (0.0, 0.0), 0)
+            mark("joining-announced")
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             span = await loop.run_in_executor(None, load, options)
             loaded = time.perf_counter() - started
+            mark("weights-loaded")
             throughput = (0.0, 0.0)
             if options.benchmark:
                 throughput = await loop.run_in_executor(None, measure_throughput, span)
+            mark("throughput-measured")
 
             def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
                 # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
@@ -276,6 +282,7 @@ async def run_node(
             service = build(span, throughput)
             service.install()
             await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
+            mark("online-announced")
             out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
                 f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
             if options.adapters:

@@ -4,7 +4,8 @@
 
 - ``GET /v1/models``; ``POST /v1/chat/completions`` and ``POST /v1/completions``, streaming
   (server-sent events, OpenAI's chunk format, ``data: [DONE]`` last) or not. The answer's
-  last chunk (or the response) also carries ``biopetals``: the route taken and tokens/s.
+  last chunk (or the response) also carries ``biopetals``: the route taken, tokens/s and what
+  speculative decoding did (``prompt_lookup``, ``rollbacks``).
 - ``GET /api/swarm``: the swarm view (``swarm_view``); ``GET /``: the page (``static/``).
 
 A streaming request waits for its first token (or its error) before it answers, so an
@@ -157,7 +158,8 @@ async def _serve(engine: Engine, request: Request, body: SamplingFields, inputs:
     params = GenerationParams(max_new_tokens=engine.new_tokens(prompt_tokens, body.new_tokens),
                               min_new_tokens=body.min_tokens,
                               temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stops=tuple(body.stop or ()))
+                              stops=tuple(body.stop or ()),
+                              prompt_lookup=engine.prompt_lookup_for(body.prompt_lookup, body.temperature))
     generation = engine.start(inputs, params)
     shape = _Shape(engine.served_name, chat)
     events = generation.events()
@@ -283,4 +285,7 @@ def _usage(done: Event) -> dict[str, int]:
 
 def _extra(done: Event) -> dict[str, Any]:
     return {"route": done.route, "time_to_first_token": done.time_to_first_token,
-            "tokens_per_second": done.tokens_per_second}
+            "tokens_per_second": done.tokens_per_second,
+            # speculative decoding (README "Speculative decoding"): candidates per step, and how many
+            # steps had candidates rejected (rolled back on the nodes)
+            "prompt_lookup": done.prompt_lookup, "rollbacks": done.rollbacks}

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["f16", "f32", "bf16"], default="f16",
                    help="activation codec on the wire (default f16; f32 is lossless)")
     p.add_argument("--step-timeout", type=float, default=60.0, help="longest wait for one step of a node (s)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup: up to K candidate tokens drafted from the prompt go "
+                        "through the swarm with each step of greedy requests (temperature 0), whose output it never "
+                        "changes; pays on slow links, costs compute on busy nodes (README 'Speculative decoding'); "
+                        "a request's 'prompt_lookup' field overrides it (0..32; default 0: off)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
 
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.max_sessions < 1:
         print("biopetals-api: --max-sessions must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.prompt_lookup <= 32:
+        print("biopetals-api: --prompt-lookup must be in 0..32", file=sys.stderr)
         return 2
     from biopetals.transport.keyfiles import KeyFileError
 
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(args.model, initial_peers=args.initial_peers, swarm_key=swarm_key,
                         max_sessions=args.max_sessions, served_name=args.served_model_name,
                         max_tokens_default=args.max_tokens_default, codec=args.codec, model_name=args.model_name,
-                        step_timeout=args.step_timeout)
+                        step_timeout=args.step_timeout, prompt_lookup=args.prompt_lookup)
     except (ModelConfigError, OSError) as exc:
         print(f"biopetals-api: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,12 @@ decoded, then ``done`` (finish reason, usage, route, timings) or ``error``. ``ca
 (the HTTP client went away) makes the next step's stopping criterion stop generate(),
 which closes the session on the nodes; the model returns to the pool when the thread ends.
 Greedy decoding (temperature 0) is transformers' own, so its tokens equal a local run.
+
+Prompt lookup (speculative decoding, spec/messages.md §5.6.1): ``GenerationParams.prompt_lookup``
+candidate tokens per step, drafted from the prompt, go through the chain with the step and the
+nodes keep the accepted ones. ``Engine.prompt_lookup_for`` decides it per request: the request's
+``prompt_lookup`` field, else the server's default for greedy requests only, whose output it
+never changes. A route with a node that cannot roll back gets plain decoding instead.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from biopetals.client import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM
+from biopetals.client import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM, RollbackUnsupportedError
 from biopetals.models.client_parts import ClientParts
 
 from .errors import APIError, swarm_error
@@ -50,6 +56,7 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stops: tuple[str, ...] = ()
+    prompt_lookup: int = 0  # candidate tokens per step from prompt lookup; 0: plain decoding
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Event:
     route: list[dict[str, Any]] = field(default_factory=list)
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
+    prompt_lookup: int = 0  # candidates per step the answer used (0: plain decoding)
+    rollbacks: int = 0  # steps whose rejected candidates the nodes rolled back
     error: APIError | None = None
 
 
@@ -76,10 +85,15 @@ class _Watcher(StoppingCriteria):
         ids = input_ids[0, g.prompt_tokens:].tolist()
         if g.first_token_at is None:
             g.first_token_at = time.monotonic()
-        g.generated = ids
-        piece = g.text.add(ids)
-        if piece:
-            g.emit(Event("text", text=piece))
+        # token by token: a speculative step may bring several, and a stop sequence ends the
+        # answer at the token that completes it, exactly as without speculation
+        for n in range(len(g.generated) + 1, len(ids) + 1):
+            if g.text.stopped:
+                break
+            g.generated = ids[:n]
+            piece = g.text.add(g.generated)
+            if piece:
+                g.emit(Event("text", text=piece))
         stop = g.text.stopped or g.cancelled.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
 
@@ -145,8 +159,22 @@ class Generation:
         )
         if p.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(p.temperature, p.top_p, p.seed)])
+        lookup = p.prompt_lookup
         with torch.inference_mode():
-            self.model.generate(**self.inputs, **kwargs)
+            if lookup > 0:
+                try:
+                    self.model.generate(**self.inputs, **kwargs, prompt_lookup_num_tokens=p.prompt_lookup)
+                except RollbackUnsupportedError as exc:
+                    if self.generated:
+                        raise
+                    log.info("prompt lookup off for this request: %s", exc)
+                    lookup = 0
+                    if p.temperature > 0:  # a fresh sampler: the same draws as a request without lookup
+                        kwargs["logits_processor"] = LogitsProcessorList(
+                            [SeededSampler(p.temperature, p.top_p, p.seed)])
+                    self.model.generate(**self.inputs, **kwargs)
+            else:
+                self.model.generate(**self.inputs, **kwargs)
         ended = time.monotonic()
         piece = self.text.add(self.generated, final=True)
         if piece:
@@ -163,7 +191,8 @@ class Generation:
         route = [{"peer_id": peer, "start": start, "end": end} for chain in self.model.last_route
                  for peer, start, end in chain]
         self.emit(Event("done", finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=n,
-                        route=route, time_to_first_token=first - self.started_at, tokens_per_second=tps))
+                        route=route, time_to_first_token=first - self.started_at, tokens_per_second=tps,
+                        prompt_lookup=lookup, rollbacks=self.model.last_rollbacks))
 
 
 class Engine:
@@ -171,13 +200,14 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, *, initial_peers: list[str], swarm_key: str | os.PathLike | None,
                  max_sessions: int = 8, served_name: str | None = None, max_tokens_default: int = 256,
-                 **client_options: Any) -> None:
+                 prompt_lookup: int = 0, **client_options: Any) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self.path = str(path)
         self.served_name = served_name or Path(self.path).name
         self.max_sessions = max_sessions
         self.max_tokens_default = max_tokens_default
+        self.prompt_lookup = prompt_lookup  # default candidates per step for greedy requests (0: off)
         # require_join=False: the server starts before (or without) the swarm and answers 503 meanwhile
         first = AutoDistributedModelForCausalLM.from_pretrained(self.path, initial_peers=initial_peers,
                                                                 swarm_key=swarm_key, require_join=False,
@@ -246,6 +276,14 @@ class Engine:
                                 f"{prompt_tokens} and {requested or 1} new tokens were asked for",
                            code="context_length_exceeded", param="max_tokens")
         return requested if requested is not None else min(self.max_tokens_default, room)
+
+    def prompt_lookup_for(self, requested: int | None, temperature: float) -> int:
+        """Candidate tokens per step for a request: what it asked for (0: off), else the server's default
+        for greedy requests only (temperature 0: speculation never changes their output; a sampled answer
+        would be another draw of the seed's sampler, so sampling uses it only when the request asks)."""
+        if requested is not None:
+            return requested
+        return self.prompt_lookup if temperature == 0 else 0
 
     def start(self, inputs: dict[str, torch.Tensor], params: GenerationParams) -> Generation:
         model = self.acquire()

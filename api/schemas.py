@@ -35,6 +35,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported beyond 0")
     # vLLM's extension, for benchmarks and tests: generate at least this many tokens (EOS ignored until then)
     min_tokens: int = Field(default=0, ge=0)
+    # BioPetals' extension: candidate tokens per step drafted from the prompt (speculative decoding,
+    # README "Speculative decoding"); 0: off; absent: the server's default (greedy requests only)
+    prompt_lookup: int | None = Field(default=None, ge=0, le=32)
 
     @field_validator("stop")
     @classmethod

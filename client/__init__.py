@@ -29,6 +29,7 @@ _EXPORTS = {
     "ClientConfig": "swarm",
     "MissingBlocksError": "errors",
     "SwarmError": "errors",
+    "RollbackUnsupportedError": "errors",
     "UnsupportedTransformersError": "generation_contract",
     "ServerSpan": "routing",
     "find_route": "routing",

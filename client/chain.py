@@ -19,6 +19,8 @@ What it owns:
 - **which answers were asked for**: every span knows the step ids it was sent or
   had pushed on its behalf; a result for any other step is that node's protocol
   violation, and a result of the wrong shape is its failure, never an abort;
+- **rollback** (§5.6.1): ``crop`` cuts the position and every span's history (``cut_history``),
+  and the next step, under a fresh step id above every id sent, carries ``truncate``;
 - **the history used for replay**: what each span was fed (``Fed``), and the replay
   plan that rebuilds a failed span's KV cache on its replacement, split over
   several nodes if need be, in the original chunks and positions, without push,
@@ -70,13 +72,13 @@ from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 from .chunking import Chunking, pieces
-from .errors import PeerFailure, RequestError, SwarmError
+from .errors import PeerFailure, RequestError, RollbackUnsupportedError, SwarmError
 from .measurements import SpanTiming
 from .routing import MissingBlocksError, RouteSpan, ServerSpan
 
 __all__ = [
     "Abandon", "Avoid", "CallBackward", "CallChain", "CallForward", "ChainSpan", "FailoverBudget", "Fed",
-    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult",
+    "Finished", "OpenSpans", "Rebind", "Route", "SendStep", "SessionChain", "WaitResult", "cut_history",
 ]
 
 # (server, start, end, batch, tokens) -> seconds to wait for that span's result of that step
@@ -99,6 +101,25 @@ class Fed:
     prompts: torch.Tensor | None = None  # deep prompts of this span's blocks only (§5.3)
 
 
+def cut_history(history: list[Fed], position: int) -> list[Fed]:
+    """What ``history`` fed below column ``position``: the replay plan after a rollback (§5.6.1, §5.9).
+
+    Steps at or after ``position`` go; a step across it keeps its first columns (its hidden states,
+    mask and deep prompts), which is exact because every block is causal. Step ids stay."""
+    kept = []
+    for fed in history:
+        if fed.position >= position:
+            break
+        keep = position - fed.position
+        if keep < int(fed.hidden.shape[1]):
+            mask = None if fed.mask is None or bool(fed.mask[:, :keep].all()) else fed.mask[:, :keep]
+            prompts = fed.prompts[:, :, :keep] if fed.prompts is not None else None
+            fed = Fed(fed.step_id, fed.position, fed.hidden[:, :keep].contiguous(),
+                      None if mask is None else mask.contiguous(), None if prompts is None else prompts.contiguous())
+        kept.append(fed)
+    return kept
+
+
 @dataclass(eq=False)
 class ChainSpan:
     """One inference session of the chain: blocks ``[start, end)`` on ``server``.
@@ -113,6 +134,7 @@ class ChainSpan:
     expected: dict[int, float] = field(default_factory=dict)  # step id -> when it was sent (asked for)
     arrived: dict[int, torch.Tensor] = field(default_factory=dict)  # results not yet used
     step_seconds: list[float] = field(default_factory=list)  # measured send -> result, the last few
+    rollback: bool = False  # its SessionOpened said it accepts ``truncate`` (§5.6.1)
     timed: dict[int, tuple[float, float]] = field(default_factory=dict)  # step id -> (sent, result arrived)
     decode_steps: int = 0  # one-token steps measured since the session opened (client/measurements.py)
     failure: PeerFailure | None = None
@@ -171,6 +193,7 @@ class SendStep:
     mask: torch.Tensor | None
     prompts: torch.Tensor | None
     deadline: float
+    truncate: bool = False  # cut the caches to ``position`` first (a rollback, §5.6.1)
 
 
 @dataclass(frozen=True)
@@ -425,6 +448,8 @@ class SessionChain(_Machine):
         self.use_push = use_push
         self.spans: list[ChainSpan] = []
         self.position = 0  # columns every span holds (padding included, §5.6)
+        self.last_step_id = 0  # the greatest step id sent on the chain: ids only grow, rollbacks included (§5.7)
+        self.rolled_back = False  # ``crop`` cut the position: the next step carries ``truncate`` (§5.6.1)
         self.failovers = 0  # replacements done, over the session's life
         self.moves = 0  # voluntary replacements of slow spans (``move``), over the session's life
         self.timings: list[SpanTiming] = []  # each span's own time of the last step (client/measurements.py)
@@ -479,6 +504,36 @@ class SessionChain(_Machine):
                 "(spec/tensors.md §2): use a smaller batch")
         self.timings = []
         self._start(self._chunked(hidden, mask, prompts, size), now)
+
+    def crop(self, position: int) -> None:
+        """Roll the session back to ``position`` columns (speculative decoding, spec/messages.md §5.6.1):
+        every span's history is cut to what it holds below ``position`` (so a replay after a failover
+        rebuilds exactly the kept columns), and the next step carries ``truncate`` so that every node
+        cuts its cache too. Nothing is sent now. ``RequestError`` when a node of the chain does not
+        accept ``truncate`` (its ``SessionOpened`` said nothing of ``rollback``)."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if self.busy:
+            raise RuntimeError(f"an operation is under way ({self.action})")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self.position} columns")
+        if position == self.position:
+            return
+        self.check_rollback()
+        for s in self.spans:
+            s.history = cut_history(s.history, position)
+        self.position = position
+        self.rolled_back = True
+
+    def check_rollback(self) -> None:
+        """``RequestError`` naming the nodes of the chain that do not accept ``truncate`` (their
+        ``SessionOpened`` lacked ``rollback``, spec/messages.md §5.6.1): no rollback is possible
+        (``RollbackUnsupportedError``, a ``RequestError``)."""
+        old = [s.peer_id for s in self.spans if not s.rollback]
+        if old:
+            raise RollbackUnsupportedError.before_sending(
+                f"node(s) {', '.join(old)} on the route do not accept cache rollback (spec/messages.md §5.6.1, "
+                "revision 4), which speculative decoding needs", ErrorCode.BAD_POSITION)
 
     def move(self, index: int, reason: str, now: float) -> None:
         """Replace ``spans[index]``, measured too slow (client/measurements.py ``slow_span``), between
@@ -556,13 +611,14 @@ class SessionChain(_Machine):
             yield Abandon(tuple(spans), close)
 
     def _send(self, span: ChainSpan, step_id: int, position: int, x: torch.Tensor, hops: list[ChainSpan],
-              mask: torch.Tensor | None, prompts: torch.Tensor | None, deadline: float) -> _Rules:
+              mask: torch.Tensor | None, prompts: torch.Tensor | None, deadline: float,
+              truncate: bool = False) -> _Rules:
         """Send one step to ``span`` (with push to ``hops``): from now on their results are asked for."""
         if span.failure is not None:
             raise span.failure
         for s in (span, *hops):
             s.expected[step_id] = self.now
-        yield SendStep(span, step_id, position, x, tuple(hops), mask, prompts, deadline)
+        yield SendStep(span, step_id, position, x, tuple(hops), mask, prompts, deadline, truncate)
 
     def _result(self, span: ChainSpan, step_id: int, deadline: float) -> _Rules:
         """``span``'s result of ``step_id``: arrived already, or waited for until ``deadline``."""
@@ -590,7 +646,10 @@ class SessionChain(_Machine):
             yield from self._open_all()
         batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
         position = self.position
-        step_id = position + 1
+        # ``position + 1`` while the session only grows; after a rollback, above every id sent (§5.6.1)
+        step_id = max(position + 1, self.last_step_id + 1)
+        self.last_step_id = step_id
+        truncate = self.rolled_back
         budget = FailoverBudget(self.max_failovers, f"the step at position {position}")
         x = hidden
         i = 0
@@ -608,7 +667,7 @@ class SessionChain(_Machine):
                         last = hops[-1].end if hops else span.end
                         asked_directly.add(i)
                         yield from self._send(span, step_id, position, x, hops, mask,
-                                              _blocks(prompts, span.start, last), deadline)
+                                              _blocks(prompts, span.start, last), deadline, truncate)
                         send_from = -1 if self.use_push else i + 1
                     out = yield from self._result(span, step_id, deadline)
                 except _DeadlinePassed:
@@ -630,6 +689,7 @@ class SessionChain(_Machine):
             x = out
             i += 1
         self.position = position + tokens
+        self.rolled_back = False
         return x
 
     def _replace(self, i: int, failure: PeerFailure, budget: FailoverBudget) -> _Rules:

@@ -17,7 +17,7 @@ from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolErr
 
 from .routing import MissingBlocksError
 
-__all__ = ["MissingBlocksError", "PeerFailure", "RequestError", "SwarmError", "describe_code"]
+__all__ = ["MissingBlocksError", "PeerFailure", "RequestError", "RollbackUnsupportedError", "SwarmError", "describe_code"]
 
 _HINTS = {
     ErrorCode.CACHE_BUDGET: "the node has no KV-cache room for this session: use a smaller max_length or wait",
@@ -76,6 +76,8 @@ _REQUEST_HINTS = {
                           "or 'f32' (spec/tensors.md §4.3)",
     ErrorCode.HIDDEN_SIZE_MISMATCH: "the hidden states must be [batch, tokens, the model's hidden size]",
     ErrorCode.INVALID_TENSOR: "the inputs' shapes do not fit the request (spec/messages.md §8)",
+    ErrorCode.BAD_POSITION: "decode without speculation (no assistant_model, no prompt_lookup_num_tokens), or "
+                            "upgrade those nodes",
 }
 
 
@@ -96,6 +98,11 @@ class RequestError(ValueError):
         default = _REQUEST_HINTS[ErrorCode.LIMIT_EXCEEDED]
         hint = _REQUEST_HINTS.get(failure.code, default)  # type: ignore[call-overload]
         super().__init__(f"{where}: {failure.reason}; {hint}")
+
+
+class RollbackUnsupportedError(RequestError):
+    """A node of the route does not accept cache rollback (spec/messages.md §5.6.1, revision 4), which
+    speculative decoding needs; raised before any rollback is sent. Plain decoding still works."""
 
 
 class SwarmError(RuntimeError):

@@ -33,9 +33,11 @@ __all__ = [
     "UnsupportedTransformersError",
     "cache_keyword",
     "check_forward_kwargs",
+    "check_generate_options",
     "check_positions",
     "generate_total_length",
     "output_cache_field",
+    "speculation_margin",
     "pop_cache",
 ]
 
@@ -105,6 +107,27 @@ def check_positions(name: str, given: torch.Tensor | None, expected: torch.Tenso
                          "(spec/messages.md §5.6); custom positions are not supported over the swarm")
 
 
+# generate() options this client refuses (a value other than None/False): each would run the model in
+# a way the swarm does not (speculative decoding itself, ``assistant_model`` and
+# ``prompt_lookup_num_tokens``, is supported: spec/messages.md §5.6.1).
+_REFUSED_GENERATE = {
+    "assistant_early_exit": "early-exit self-speculation runs the first layers of this model as the draft, and "
+                            "those layers live on the nodes",
+    "use_mtp": "multi-token prediction heads are not part of a swarm model",
+    "assistant_tokenizer": "an assistant with another tokenizer (universal assisted decoding) is not supported; "
+                           "use an assistant_model with the same tokenizer, or prompt_lookup_num_tokens",
+}
+
+
+def check_generate_options(model_config: GenerationConfig, generation_config: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse the ``generate()`` options this client does not support, instead of running them wrongly."""
+    config = generation_config if generation_config is not None else model_config
+    for name, why in _REFUSED_GENERATE.items():
+        value = kwargs.get(name, getattr(config, name, None))
+        if value is not None and value is not False:
+            raise NotImplementedError(f"generate({name}=...) is not supported over the swarm: {why}")
+
+
 def generate_total_length(model_config: GenerationConfig, prompt_length: int, generation_config: Any,
                           kwargs: dict[str, Any]) -> int:
     """The most tokens one ``generate()`` call can put in the cache: prompt plus new tokens.
@@ -119,6 +142,18 @@ def generate_total_length(model_config: GenerationConfig, prompt_length: int, ge
     if config.max_new_tokens is not None:
         return prompt_length + int(config.max_new_tokens)
     return max(int(config.max_length), prompt_length + 1)
+
+
+def speculation_margin(model_config: GenerationConfig, generation_config: Any, kwargs: dict[str, Any]) -> int:
+    """Columns a session needs past ``generate_total_length`` for speculative decoding.
+
+    transformers' prompt lookup (``PromptLookupCandidateGenerator``) bounds its candidates by the
+    prompt's length and ``max_length``, not by the room left: a verification step may carry up to
+    ``prompt_lookup_num_tokens`` columns past ``max_length`` before the rejected ones are cropped. An
+    assistant model's candidates stay below ``max_length`` (0 here)."""
+    config = generation_config if generation_config is not None else model_config
+    k = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    return int(k) if k else 0
 
 
 def output_cache_field() -> str:

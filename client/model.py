@@ -21,6 +21,12 @@ A padded batch runs as one session: each step carries the padding mask of its ne
 tokens (spec/messages.md §8.1) and the nodes derive positions from it exactly as
 generate() does, ``cumsum(attention_mask) - 1`` (§5.6).
 
+Speculative decoding is transformers' own too (``prompt_lookup_num_tokens=K``,
+``assistant_model=draft``): the candidates go through the session as one step, and
+``RemoteCache.crop`` rolls the session back to the accepted tokens; the next step tells the
+nodes to cut their caches (``Step.truncate``, spec/messages.md §5.6.1). ``is_croppable``
+refuses a route with a node that cannot (``RollbackUnsupportedError``).
+
 Inside ``with model.inference_session(max_length=...) as s:``, ``generate()``
 continues that session: pass only the *new* tokens; the output is those tokens
 followed by the generated ones.
@@ -54,8 +60,9 @@ from biopetals.models.step import positions_from_mask
 from biopetals.weights.source import fetch_client_parts
 
 from .errors import RequestError
-from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs, check_positions,
-                                  generate_total_length, output_cache_field, pop_cache)
+from .generation_contract import (UnsupportedTransformersError, cache_keyword, check_forward_kwargs,
+                                  check_generate_options, check_positions, generate_total_length, output_cache_field,
+                                  pop_cache, speculation_margin)
 from .remote_forward import remote_blocks
 from .session import InferenceSession
 from .swarm import ClientConfig, RemoteSwarm
@@ -86,13 +93,24 @@ class RemoteCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        """Speculative decoding asks this once its first forward ran: every node of the route must
+        roll back (spec/messages.md §5.6.1), else ``RequestError`` names those that do not."""
+        self.session.check_rollback()
+        return True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported over the swarm (the caches live on the nodes)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a remote session cannot be cropped")
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), as
+        speculative decoding does with rejected candidates: the session's position and replay history are
+        cut now, and the nodes cut their caches with the next step (spec/messages.md §5.6.1)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as "
+                             "transformers' caches take it")
+        if -tokens_to_remove > self.get_seq_length():
+            raise ValueError(f"crop({tokens_to_remove}): this call has only {self.get_seq_length()} tokens")
+        self.session.crop(self.session.position + tokens_to_remove)
 
     def __repr__(self) -> str:
         return f"RemoteCache(position={self.session.position}, base={self.base})"
@@ -121,6 +139,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self._session: InferenceSession | None = None
         self._generating: RemoteCache | None = None  # the cache of the generate() call running now
         self.last_route: list[list[tuple[str, int, int]]] = []
+        self.last_rollbacks = 0  # rollbacks (rejected candidates) of the last generate() call's own session
 
     # ------------------------------------------------------------------ construction
 
@@ -251,6 +270,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if int(beams or 1) > 1:
             raise ValueError("beam search (num_beams > 1) is not supported over the swarm; use greedy or sampling")
+        check_generate_options(self.generation_config, generation_config, kwargs)
         cache = pop_cache(kwargs)
         if cache is not None and not isinstance(cache, RemoteCache):
             raise TypeError(f"the cache of a distributed model must be a RemoteCache, not {type(cache).__name__}: "
@@ -267,6 +287,9 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
                 length = generate_total_length(self.generation_config, int(prompt.shape[1]), generation_config,
                                                kwargs)
                 self.check_context(length, prompt_tokens=int(prompt.shape[1]))
+                # room for the candidates of a last verification step (speculative decoding)
+                margin = speculation_margin(self.generation_config, generation_config, kwargs)
+                length = max(length, min(length + margin, self.context_length))
                 owned = InferenceSession(self.swarm, max_length=length)
                 cache = RemoteCache(owned, owned=True)
         if cache is not None:
@@ -278,6 +301,7 @@ class DistributedLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             self._generating = None
             if owned is not None:
                 self.last_route = owned.route
+                self.last_rollbacks = owned.rollbacks
                 owned.close()
             if self._session is not None:
                 self.last_route = self._session.route

@@ -183,7 +183,8 @@ class ChainSession:
             if isinstance(o, BaseException) and not isinstance(o, PeerFailure):
                 await asyncio.gather(*(s.close() for s in opened if isinstance(s, SpanSession)))
                 raise o
-        spans = [ChainSpan(o.server, o.start, o.end, handle=o) for o in opened if isinstance(o, SpanSession)]
+        spans = [ChainSpan(o.server, o.start, o.end, handle=o, rollback=o.rollback) for o in opened
+                 if isinstance(o, SpanSession)]
         self._spans.update((s.handle, s) for s in spans)
         self.state.opened(spans, [o for o in opened if isinstance(o, PeerFailure)], time.monotonic())
 
@@ -198,7 +199,7 @@ class ChainSession:
         try:
             async with asyncio.timeout(a.deadline - time.monotonic()):  # a stalled node stops reading
                 await a.span.handle.send_step(a.step_id, a.position, a.hidden, tuple(h.handle.hop() for h in a.hops),
-                                              mask=a.mask, prompts=a.prompts)
+                                              mask=a.mask, prompts=a.prompts, truncate=a.truncate)
         except TimeoutError:
             self.state.handle_timer(max(time.monotonic(), a.deadline))
         except PeerFailure as failure:
@@ -244,6 +245,8 @@ class InferenceSession:
         self.batch_size = batch_size
         self.chains: list[ChainSession] = []
         self.position = 0  # columns stepped so far (padding included)
+        self.rollbacks = 0  # crops that cut columns (speculative decoding's rejected candidates, §5.6.1)
+        self.columns_cut = 0  # columns those crops cut in all
         self.closed = False
 
     # context manager
@@ -297,6 +300,26 @@ class InferenceSession:
         out = self.swarm.loop.run(self.chains[0].step(hidden.detach(), mask, prompts))
         self.position += tokens
         return out
+
+    def check_rollback(self) -> None:
+        """``RequestError`` when a node of the route does not accept rollback (spec/messages.md §5.6.1)."""
+        for chain in self.chains:
+            chain.state.check_rollback()
+
+    def crop(self, position: int) -> None:
+        """Roll the session back to ``position`` columns (speculative decoding, spec/messages.md §5.6.1):
+        the next step starts there and every node cuts its cache first. Raises ``RequestError`` when a
+        node of the route does not accept rollback."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self.position} columns")
+        for chain in self.chains:
+            chain.state.crop(position)
+        if position < self.position:
+            self.rollbacks += 1
+            self.columns_cut += self.position - position
+        self.position = position
 
     def close(self) -> None:
         if self.closed:

@@ -64,6 +64,7 @@ class SpanSession:
         self.session_id = session_id
         self.idle_timeout = idle_timeout
         self.codec = codec
+        self.rollback = False  # the node accepts ``Step.truncate`` (its SessionOpened said so, §5.6.1)
         self._on_event = on_event
         self._ended = False
         self._send_lock = asyncio.Lock()
@@ -107,7 +108,9 @@ class SpanSession:
             stream.reset(ErrorCode.CONNECTION_CLOSED, "session not bound to its upstream")
             raise PeerFailure(server.peer_id, f"bound the session to upstream {reply.upstream}, not "
                               f"{request.upstream} (spec/messages.md §5.10)", int(ErrorCode.INVALID_FIELD))
-        return cls(server, start, end, stream, reply.session_id, reply.idle_timeout, codec, on_event)
+        session = cls(server, start, end, stream, reply.session_id, reply.idle_timeout, codec, on_event)
+        session.rollback = reply.rollback == 1
+        return session
 
     def hop(self) -> Hop:
         """This session as a hop of a push chain (§5.4)."""
@@ -115,11 +118,13 @@ class SpanSession:
                    addrs=tuple(self.server.addrs[:16]))
 
     async def send_step(self, step_id: int, position: int, hidden: torch.Tensor, hops: tuple[Hop, ...] = (),
-                        mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> None:
+                        mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                        truncate: bool = False) -> None:
         """Send one ``Step`` (§5.3); ``prompts``: deep prompts for this span's blocks followed by the hops'.
+        ``truncate``: the node first cuts its cache to ``position`` (§5.6.1).
         Raises ``PeerFailure`` (``local`` when our own encoder refuses the message)."""
         message = Step(session_id=self.session_id, step_id=step_id, position=position, hidden=hidden, next=hops,
-                       mask=mask, prompts=prompts)
+                       mask=mask, prompts=prompts, truncate=1 if truncate else None)
         try:
             data = encode_message(message, self.codec)
             async with self._send_lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from biopetals.conformance import checks_transport  # noqa: F401, I001 (registers)
 from biopetals.conformance import checks_flow  # noqa: F401 (registers)
 from biopetals.conformance import checks_node  # noqa: F401 (registers)
+from biopetals.conformance import checks_rollback  # noqa: F401 (registers)
 from biopetals.conformance import checks_dht  # noqa: F401 (registers)
 from biopetals.conformance import checks_weights  # noqa: F401 (registers)
 from biopetals.conformance.registry import REGISTRY, Check

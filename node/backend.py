@@ -167,7 +167,7 @@ class Backend:
         self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
     ) -> torch.Tensor:
         """``step`` on the worker; decode steps may share one batched call with other sessions'."""
-        if not step.batchable:
+        if not step.batchable or cache.length != step.position:  # a rollback (§5.6) runs alone
             return await self.run(self.step, view, cache, step, codec, adapter)
         self._check_room()
         item = _Decode(view, cache, step, codec, adapter)
@@ -204,8 +204,14 @@ class Backend:
         self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
     ) -> torch.Tensor:
         """One inference step, checked already (node/session_machine.py); on any failure the
-        cache is left as it was (spec/messages.md §2.6)."""
+        cache is left as it was (spec/messages.md §2.6). A step below the cache's length (a
+        ``truncate`` step, §5.6) first cuts the cache to its position; if it then fails, the
+        columns it overwrote are put back too."""
         before, padding = cache.length, cache.padding_mask
+        overwritten = None
+        if step.position < before:
+            overwritten = _columns(cache, step.position, min(before, step.position + step.tokens))
+            _rollback(cache, step.position, None if padding is None else padding[:, : step.position])
         try:
             with self.adapters.use(adapter):
                 out = view.run_step(step, cache)
@@ -213,6 +219,8 @@ class Backend:
             self.stats.tokens += step.batch * step.tokens
             return out
         except BaseException:
+            if overwritten is not None:
+                _put_columns(cache, step.position, overwritten)
             _rollback(cache, before, padding)
             raise
 
@@ -325,3 +333,15 @@ def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> No
         layer.cumulative_length.fill_(length)
     cache.length = length
     cache.padding_mask = padding
+
+
+def _columns(cache: SpanCache, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of the keys and values of columns ``[a, b)`` in every block (what a rollback step overwrites)."""
+    return [(layer.keys[:, :, a:b].clone(), layer.values[:, :, a:b].clone()) for layer in cache.cache.layers]
+
+
+def _put_columns(cache: SpanCache, a: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write back what ``_columns`` copied from column ``a`` on."""
+    for layer, (keys, values) in zip(cache.cache.layers, saved):
+        layer.keys[:, :, a:a + keys.shape[2]].copy_(keys)
+        layer.values[:, :, a:a + values.shape[2]].copy_(values)

@@ -177,6 +177,7 @@ class NodeService:
             batched_steps=self.backend.stats.batched_steps,
             uptime=max(0.0, float(self.clock() - self.started)),
             adapters=self.backend.adapters.names,
+            rollback=1,  # sessions accept ``Step.truncate`` (spec/messages.md §5.6, revision 4)
         )
 
     # ------------------------------------------------------------------ streams

@@ -1,7 +1,8 @@
 """The node's session state machine: every rule of a node's inference sessions, without I/O.
 
 See spec/messages.md §5.1 (opening: model, span, adapter, ``max_length``, cache budget),
-§5.3 (a step's checks, in order), §5.6 (positions and masks), §5.7 (push and
+§5.3 (a step's checks, in order), §5.6 (positions and masks; a ``truncate`` step rolls the
+cache back to its ``position`` first, and a duplicate never does), §5.7 (push and
 duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves), §5.10
 (chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
 changes nothing). Sans-IO, as h11 and aioquic are: no asyncio, no sockets, no clock.
@@ -245,7 +246,8 @@ class SessionMachine:
         if session is None or session.is_open:
             return []  # closed meanwhile (the node is stopping): the cache is dropped
         session.cache, session.is_open, session.last_activity = cache, True, now
-        opened = SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout, upstream=session.upstream)
+        opened = SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout, upstream=session.upstream,
+                               rollback=1)  # this node accepts ``truncate`` (§5.6, revision 4)
         return [Send(session.owner, opened)]
 
     def allocation_failed(self, session_id: bytes, error: Error) -> list[Action]:
@@ -321,6 +323,7 @@ class SessionMachine:
                 session_id=message.next[0].session_id, step_id=step_id, position=message.position, hidden=out,
                 prompts=checked.rest, next=message.next[1:],
                 mask=message.mask,  # every span of the chain pads the same tokens (§5.3)
+                truncate=message.truncate,  # every span of the chain rolls back alike (§5.6)
             )
             actions.append(PushTo(message.next[0], push, session.codec))
         actions.append(Send(session.owner, StepResult(session_id=session_id, step_id=step_id, hidden=out), session.codec))

@@ -1,7 +1,7 @@
 """One inference session on a node: what it holds, and the checks of one step against it.
 
 See spec/messages.md §5.3 (the node's checks of a step, in order), §5.6 (positions and
-masks), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no
+masks, and the rollback a ``truncate`` step asks for), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no
 I/O and no clock (time is an argument). The node's session state machine (node/session_machine.py) owns every
 ``Session`` and every transition between its phases; this module answers the
 questions it asks about one session: is this step a duplicate, is it valid here (and
@@ -80,17 +80,21 @@ class Session:
             raise RemoteProtocolError(
                 ErrorCode.HIDDEN_SIZE_MISMATCH, f"hidden size {hidden_size}; this model's is {model_hidden}"
             )
-        if step.position != self.length:
+        if step.position > self.length or (step.position < self.length and not step.truncate):
+            allowed = f"at most {self.length} with truncate" if step.position < self.length else f"{self.length}"
             raise RemoteProtocolError(
                 ErrorCode.BAD_POSITION,
-                f"position {step.position}; the session holds {self.length} positions, so must be {self.length}",
+                f"position {step.position}; the session holds {self.length} positions, so must be {allowed} "
+                "(spec/messages.md §5.6)",
             )
         if step.position + tokens > self.max_length:
             raise RemoteProtocolError(
                 ErrorCode.BAD_POSITION, f"position {step.position} + {tokens} tokens > max_length {self.max_length}"
             )
         own, rest = self._split_prompts(step)
-        return Checked(step, span_step(step.hidden, step.position, self.mask, step.mask, own), rest)
+        # a rollback (§5.6, truncate) keeps the masks of the columns it keeps only
+        past = None if self.mask is None else self.mask[:, : step.position]
+        return Checked(step, span_step(step.hidden, step.position, past, step.mask, own), rest)
 
     def _split_prompts(self, step: Step | Push) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The prompts of this span and those of the hops (§5.3 ``prompts``, §5.7); ``next[0]`` starts here."""
@@ -110,7 +114,8 @@ class Session:
         return step.prompts[:n], (step.prompts[n:] if covered else None)
 
     def commit(self, checked: Checked, now: float) -> None:
-        """The step ran: the cache holds its columns and their mask (§5.6); its id is processed (§5.7)."""
+        """The step ran: the cache holds its columns and their mask (§5.6), a rollback's cut columns
+        no more; its id is processed (§5.7)."""
         self.length = checked.step.position + checked.step.tokens
         self.mask = checked.step.mask
         self.last_step_id = checked.message.step_id

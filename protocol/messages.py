@@ -110,6 +110,8 @@ CODEC: Final = CodecName()
 ADAPTER: Final = LABEL
 ADAPTERS: Final = ArrayOf(LABEL, MAX_ADAPTERS)
 UPSTREAM: Final = PeerIdText(1, MAX_PEER_ID_BYTES)  # a session's upstream peer (§5.10)
+#: A flag (revision 4): present means 1, absent means off; any other value is INVALID_FIELD.
+FLAG: Final = UInt(1, 1)
 
 
 class Message(WireStruct):
@@ -215,6 +217,8 @@ class NodeInfo(Message):
     uptime: float | None = wire(13, Float(), optional=True)
     # Server-side adapters this node can apply (a revision 1 addition; empty: none).
     adapters: tuple[str, ...] = wire(14, ADAPTERS, optional=True)
+    #: 1: this node's sessions accept ``Step.truncate`` (cache rollback, §5.6; revision 4); None: they do not.
+    rollback: int | None = wire(15, FLAG, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -249,6 +253,8 @@ class SessionOpened(Message):
     idle_timeout: float = wire(1, Float(0.0, exclusive=True))
     #: The session's upstream as the node bound it (§5.10); absent from a node that does not bind.
     upstream: PeerId | None = wire(2, UPSTREAM, optional=True)
+    #: 1: the session accepts ``Step.truncate`` (cache rollback, §5.6; revision 4); None: a node that does not.
+    rollback: int | None = wire(3, FLAG, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,6 +268,8 @@ class _StepBody(Message):
     prompts: torch.Tensor | None = wire(4, PROMPTS, optional=True)
     next: tuple[Hop, ...] = wire(5, HOPS, optional=True)
     mask: torch.Tensor | None = wire(6, MASK, optional=True)
+    #: 1: cut the session's cache to ``position`` columns before the step (§5.6, revision 4); None: do not.
+    truncate: int | None = wire(7, FLAG, optional=True)
 
     @property
     def tokens(self) -> int:

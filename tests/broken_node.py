@@ -13,6 +13,8 @@
 - ``extra-result``: after each ``StepResult`` also sends one for a step nobody asked for (§5.5);
 - ``non-finite``: sends each ``StepResult`` (f32) with a NaN in it (§7.3);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
+- ``revision-3``: a node of spec/messages.md revision 3: no ``rollback`` in ``SessionOpened`` or ``NodeInfo``,
+  ``Step.truncate`` ignored (a step below the cache is then ``BAD_POSITION``), for tests/test_speculative.py;
 - ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
   tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
 
@@ -151,13 +153,31 @@ def slow_steps() -> None:
     handler.NodeService._run_step = _run_step
 
 
+def revision_3() -> None:
+    import dataclasses
+
+    from biopetals.node import handler, session_machine
+
+    def without_rollback(cls):
+        return lambda **fields: cls(**{k: v for k, v in fields.items() if k != "rollback"})
+
+    session_machine.SessionOpened = without_rollback(session_machine.SessionOpened)
+    handler.NodeInfo = without_rollback(handler.NodeInfo)
+    original = sessions.Session.check_step
+
+    def check_step(self, step, *args, **kwargs):
+        return original(self, dataclasses.replace(step, truncate=None), *args, **kwargs)
+
+    sessions.Session.check_step = check_step
+
+
 def main() -> int:
     broken = {b for b in os.environ.get("BIOPETALS_BROKEN", "").split(",") if b}
     for name in broken:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
          "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
          "non-finite": non_finite_results, "fast-liar": lie_about_speed,
-         "slow": slow_steps}[name]()
+         "slow": slow_steps, "revision-3": revision_3}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

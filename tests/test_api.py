@@ -69,8 +69,9 @@ def swarm(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, swarm, workdir):
     keys = write_api_keys(workdir / "api.keys", KEY, "second-key-abcdefghijklmnop")
+    # --prompt-lookup 4: every greedy answer below goes through speculative decoding, and must not change
     with APIServer(checkpoint, swarm, "--codec", "f32", "--max-sessions", "2", "--api-keys", str(keys),
-                   log_dir=workdir) as s:
+                   "--prompt-lookup", "4", log_dir=workdir) as s:
         yield s
 
 
@@ -153,6 +154,33 @@ def test_stop_sequences_and_max_tokens(client, reference, tok):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, stop=stop, stream=True) if c.choices)
     assert streamed == cut
+
+
+@pytest.mark.exactness
+def test_prompt_lookup_leaves_answers_unchanged(client, reference, tok):
+    """The server's prompt lookup (greedy requests, ``--prompt-lookup 4`` here) and a request's own
+    ``prompt_lookup`` give exactly the answer without it (0), transformers' greedy one, stop and
+    usage included, on a prompt whose answer the lookup drafts from (README "Speculative decoding")."""
+    prompt = "the cell the cell divides and the cell the cell divides and the cell"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    new, text = greedy(reference, tok, ids, 32)
+
+    def ask(**extra):
+        r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=32, extra_body=extra)
+        used = r.model_extra["biopetals"]
+        return (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason), used
+
+    plain, used = ask(prompt_lookup=0)
+    assert plain[:2] == (text, len(new)) and used["prompt_lookup"] == used["rollbacks"] == 0
+    for extra, k in (({}, 4), ({"prompt_lookup": 8}, 8)):
+        answer, used = ask(**extra)
+        # candidates went through the swarm, rejected ones were rolled back, and nothing changed
+        assert answer == plain and used["prompt_lookup"] == k and used["rollbacks"] > 0
+    stop = text.strip()[len(text.strip()) // 2:][:3]
+    stopped = [client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=32, stop=[stop],
+                                         extra_body={"prompt_lookup": k}) for k in (0, 8)]
+    assert stopped[0].choices[0].text == stopped[1].choices[0].text == text[:text.find(stop)]
+    assert stopped[0].usage.completion_tokens == stopped[1].usage.completion_tokens
 
 
 def test_seed_reproduces_a_sampled_answer(client):

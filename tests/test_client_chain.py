@@ -36,6 +36,7 @@ class FakeNode:
         self.stalled = False
         self.lose_pushes = 0  # the next n pushes to this node get lost
         self.answer: str | None = None  # "wrong-shape", "limit", "extra": a misbehaving answer
+        self.rollback = True  # its sessions accept ``truncate`` (§5.6.1); False: a revision-3 node
         self.sessions: list[FakeSession] = []
 
 
@@ -54,7 +55,7 @@ class FakeSession:
         return sum(t for _, _, t in self.steps)
 
     def run(self, step_id: int, position: int, x: torch.Tensor, hops: tuple[ChainSpan, ...], prompts, at: float,
-            pushed_by: str | None = None) -> None:
+            pushed_by: str | None = None, truncate: bool = False) -> None:
         node, pushed = self.node, pushed_by is not None
         if node.dead or node.stalled or self.span.abandoned:
             return
@@ -66,6 +67,8 @@ class FakeSession:
             return
         if self.steps and step_id <= self.steps[-1][0]:
             return  # duplicate: never run twice, answer nothing (§5.7)
+        if truncate and node.rollback and position <= self.columns:  # a rollback (§5.6.1)
+            self.steps = [(i, p, min(t, position - p)) for i, p, t in self.steps if p < position]
         if position != self.columns:
             self.sim.at(at, self.span, PeerFailure(node.server.peer_id, "BAD_POSITION", int(ErrorCode.BAD_POSITION)))
             return
@@ -81,7 +84,8 @@ class FakeSession:
             self.sim.at(done, self.span, (step_id + 1000, out))
         if hops:
             rest = None if prompts is None else prompts[self.span.end - self.span.start:]
-            hops[0].handle.run(step_id, position, out, hops[1:], rest, done, pushed_by=node.server.peer_id)
+            hops[0].handle.run(step_id, position, out, hops[1:], rest, done, pushed_by=node.server.peer_id,
+                               truncate=truncate)
 
 
 class Sim:
@@ -138,13 +142,13 @@ class Sim:
                     if node.dead:
                         failures.append(PeerFailure(r.peer_id, "connection refused", int(ErrorCode.CONNECTION_CLOSED)))
                         continue
-                    span = ChainSpan(r.server, r.start, r.end)
+                    span = ChainSpan(r.server, r.start, r.end, rollback=node.rollback)
                     span.handle = FakeSession(self, node, span, upstream)
                     node.sessions.append(span.handle)
                     spans.append(span)
                 state.opened(spans, failures, self.now)
             elif isinstance(a, SendStep):
-                a.span.handle.run(a.step_id, a.position, a.hidden, a.hops, a.prompts, self.now)
+                a.span.handle.run(a.step_id, a.position, a.hidden, a.hops, a.prompts, self.now, truncate=a.truncate)
                 state.done(self.now)
             elif isinstance(a, WaitResult):
                 if self._events and self._events[0][0] <= a.deadline:

@@ -116,6 +116,7 @@ def test_a_broken_node_fails_the_matching_checks(tmp_path, ckpt, monkeypatch):
     assert set(failures(results)) == {
         "node.step.duplicate", "node.push.duplicate", "node.push.ids-count",
         "node.step.position-gap", "node.step.position-overlap", "node.step.over-max-length",
+        "node.step.rollback",  # its BAD_POSITION and duplicate parts (spec/messages.md §5.6.1)
         "dht.store.bad-signature", "dht.store.forged-subkey",
     }, failures(results)
     assert "INVALID_FIELD" in results["node.step.position-gap"]["detail"]

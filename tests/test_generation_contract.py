@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from biopetals.client.generation_contract import (check_forward_kwargs, check_positions, generate_total_length,
-                                                  pop_cache)
+from biopetals.client.generation_contract import (check_forward_kwargs, check_generate_options, check_positions,
+                                                  generate_total_length, pop_cache, speculation_margin)
 from biopetals.models.transformers_contract import UnsupportedTransformersError, cache_keyword_of
 
 
@@ -66,3 +66,17 @@ def test_generate_total_length_follows_max_new_tokens_then_max_length():
     assert model.max_new_tokens is None  # the model's config is not modified
     with pytest.raises(TypeError):
         generate_total_length(model, 7, {"max_new_tokens": 3}, {})
+
+
+def test_speculation_options_refused_and_the_room_prompt_lookup_needs():
+    model = GenerationConfig(max_length=20)
+    # supported: prompt lookup and an assistant model (spec/messages.md §5.6.1); no error
+    check_generate_options(model, None, {"prompt_lookup_num_tokens": 4, "assistant_model": object()})
+    for name, value in (("assistant_early_exit", 2), ("use_mtp", True), ("assistant_tokenizer", object())):
+        with pytest.raises(NotImplementedError, match=name):
+            check_generate_options(model, None, {name: value})
+    with pytest.raises(NotImplementedError, match="assistant_early_exit"):
+        check_generate_options(model, GenerationConfig(assistant_early_exit=2), {})
+    assert speculation_margin(model, None, {}) == 0
+    assert speculation_margin(model, None, {"prompt_lookup_num_tokens": 8}) == 8
+    assert speculation_margin(model, GenerationConfig(prompt_lookup_num_tokens=3), {}) == 3

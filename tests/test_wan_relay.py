@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from wan_link import MBIT, LinkSchedule  # noqa: E402
-from wan_relay import Relay  # noqa: E402
+from wan_relay import Relay, RelayProcess  # noqa: E402
 
 
 def test_delay_only_adds_the_one_way_delay():
@@ -97,3 +99,28 @@ def test_bytes_pass_unchanged_both_ways_over_real_sockets():
     got, elapsed = asyncio.run(main())
     assert got == payload
     assert elapsed >= 2 * delay
+
+
+def test_relay_program_relays_and_changes_its_delay_on_request():
+    """``wan_relay.py`` as bench_wan.py runs it: RELAY/READY lines, then DELAY acknowledged; bytes pass."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def echo_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+        thread = threading.Thread(target=echo_once, daemon=True)
+        thread.start()
+        target = server.getsockname()[1]
+        with RelayProcess([target], delay=0.0, rate=100 * MBIT) as relay:
+            relay.set_delay(0.01)
+            assert relay.delay == 0.01
+            with socket.create_connection(("127.0.0.1", relay.ports[target]), timeout=10) as conn:
+                conn.sendall(b"through the relay")
+                conn.shutdown(socket.SHUT_WR)
+                got = b""
+                while data := conn.recv(65536):
+                    got += data
+        thread.join(10)
+    assert got == b"through the relay"

@@ -12,8 +12,9 @@ balance (node/placement.py, node/rebalancer.py).
 
 On start it prints (each line with the time, like its log lines) ``DHT <multiaddr>`` (bare)
 once other nodes may join the swarm through it, then the device and dtype, what it serves,
-its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent``
-so does the exit of the process that started it. See node/server.py for the start-up order.
+its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and tests).
+SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent`` so does
+the exit of the process that started it. See node/server.py for the start-up order.
 
 Start-up comes in two parts (issue 23 item 5): this module imports only light modules, listens,
 joins the swarm and starts the DHT (node/network.py), prints ``DHT <multiaddr>`` - other nodes
@@ -225,7 +226,7 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_watch_parent(os.getppid(), stop)) if args.exit_with_parent else None
     identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
-    try:
+    try:  # the network needs no device: args.device/dtype are resolved below, then the options built again
         async with open_network(_options(args, identity)) as network:
             output_line(f"DHT {network.addrs[0]}")  # other nodes may join through this one now
             for module in HEAVY_MODULES:  # torch, transformers: seconds; the DHT answers meanwhile
@@ -307,15 +308,16 @@ async def _watch_parent(parent: int, stop: asyncio.Event, interval: float = 0.5)
     stop.set()
 
 
-def _expected() -> tuple[type[BaseException], ...]:
-    """The errors reported in one line; those of the heavy modules only once they are imported."""
-    from biopetals.models.config import ModelConfigError
-    from biopetals.node.adapters import AdapterError
-    from biopetals.node.quant import QuantError
-    from biopetals.weights.fetch import FetchError
+#: Errors of the heavy modules reported in one line: (module, class name).
+_HEAVY_ERRORS = (("biopetals.models.config", "ModelConfigError"), ("biopetals.node.quant", "QuantError"),
+                 ("biopetals.node.adapters", "AdapterError"), ("biopetals.weights.fetch", "FetchError"))
 
-    return (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError, FetchError,
-            DeviceError)
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """The errors reported in one line; those of a heavy module only if it was imported (an error
+    of its class cannot exist otherwise), so a failure before the heavy imports stays quick."""
+    heavy = [getattr(sys.modules[m], name) for m, name in _HEAVY_ERRORS if m in sys.modules]
+    return (KeyFileError, ProtocolError, OSError, ValueError, DeviceError, *heavy)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,15 @@ def test_check_blocks_rules() -> None:
         check_blocks(1, 1, None, 4)
     with pytest.raises(ValueError):
         check_blocks(None, None, 0, 4)
+
+
+def test_errors_of_the_heavy_modules_are_reported_once_they_are_loaded() -> None:
+    import biopetals.node.server  # noqa: F401  (imports every heavy module, as the node does)
+    from biopetals.models.config import ModelConfigError
+    from biopetals.node.adapters import AdapterError
+    from biopetals.node.quant import QuantError
+    from biopetals.weights.fetch import FetchError
+
+    expected = cli._expected()
+    for error in (ModelConfigError, AdapterError, QuantError, FetchError, OSError, ValueError):
+        assert error in expected

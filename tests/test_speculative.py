@@ -35,7 +35,12 @@ TEXT = "the cell the cell divides and the cell the cell divides and the cell"
 def draft(tmp_path_factory):
     """A second tiny model with the same vocabulary (another seed, 2 layers): most candidates rejected."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("spec") / "draft", num_layers=2, seed=7)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # 4 candidates a round, always: transformers' "heuristic" schedule would carry its count from
+    # one generate() call to the next, so our run and the reference's would draft differently
+    draft.generation_config.num_assistant_tokens = 4
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    return draft
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,12 @@ def test_greedy_assistant_model_equals_plain_greedy(model, reference, draft, ids
     assert torch.equal(out, greedy(reference, ids))
     assert session.rollbacks > 0
     # a perfect draft (the model itself): every candidate accepted, nothing rolled back
-    out, session = speculate(model, ids, do_sample=False, assistant_model=reference)
+    schedule = reference.generation_config.num_assistant_tokens_schedule
+    reference.generation_config.num_assistant_tokens_schedule = "constant"
+    try:
+        out, session = speculate(model, ids, do_sample=False, assistant_model=reference)
+    finally:
+        reference.generation_config.num_assistant_tokens_schedule = schedule
     assert torch.equal(out, greedy(reference, ids)) and session.rollbacks == 0
 
 

@@ -110,6 +110,7 @@ def make_draft(path: Path, layers: int):
     draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     draft.model.layers = draft.model.layers[:layers]
     draft.config.num_hidden_layers = layers
+    draft.initial_assistant_tokens = draft.generation_config.num_assistant_tokens
     return draft
 
 
@@ -150,6 +151,9 @@ def run_method(model, ids: torch.Tensor, method: str, new_tokens: int, draft, lo
     if method == "lookup":
         kwargs["prompt_lookup_num_tokens"] = lookup_k
     elif method == "assistant":
+        # transformers' heuristic schedule carries the draft length across generate() calls: every
+        # call starts from the draft's own setting, so rows do not depend on the ones before
+        draft.generation_config.num_assistant_tokens = draft.initial_assistant_tokens
         kwargs["assistant_model"] = draft
     counter = StepCounter(model)
     try:

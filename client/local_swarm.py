@@ -3,8 +3,9 @@
 ``LocalSwarm(model_path, [(0, 10), (10, 20), (20, 30)])`` writes a fresh swarm key
 into a temporary directory, starts one node process per span (the first with
 ``--new-swarm``, the others joining through it; named ``local-0``, ``local-1``, ... by
-``--public-name``), waits for each to print
-``READY <multiaddr>``, and stops them all on ``close()`` (SIGTERM, then SIGKILL
+``--public-name``), starts each next node as soon as the one before prints
+``DHT <multiaddr>`` (it answers DHT requests: the next one can join through it while it
+still imports and loads), waits for every node to print ``READY <multiaddr>``, and stops them all on ``close()`` (SIGTERM, then SIGKILL
 after a grace period) - also when the caller is interrupted, since it is a
 context manager. Nodes are separate processes started through the command line;
 the client never imports the node's code.
@@ -42,8 +43,11 @@ class NodeProcess:
     end: int
     process: subprocess.Popen
     log_path: Path
-    addr: str = ""
+    addr: str = ""  # from its READY line
+    dht_addr: str = ""  # from its DHT line (before READY)
     lines: list[str] = field(default_factory=list)
+    output: "queue.Queue[str | None] | None" = None  # its output, line by line (None at the end)
+    deadline: float = 0.0  # time.monotonic() by which it must be READY
 
     @property
     def peer_id(self) -> str:
@@ -95,15 +99,17 @@ class LocalSwarm:
         self.nodes: list[NodeProcess] = []
         self._previous_handlers = _interrupt_on_signals()
         try:
-            for start, end in spans:
-                self.add_node(start, end)
+            for start, end in spans:  # each starts once the one before answers DHT requests
+                self._launch(start, end)
+            for node in self.nodes:
+                self._wait_for(node, "READY ")
         except BaseException:
             self.close()
             raise
 
     @property
     def initial_peers(self) -> list[str]:
-        return [n.addr for n in self.nodes if n.alive()][:3]
+        return [n.addr or n.dht_addr for n in self.nodes if n.alive()][:3]
 
     def _command(self, start: int, end: int) -> list[str]:
         cmd = [sys.executable, "-m", "biopetals.node.cli", "--model", self.model, "--blocks", f"{start}:{end}",
@@ -119,6 +125,12 @@ class LocalSwarm:
 
     def add_node(self, start: int, end: int) -> NodeProcess:
         """Start one more node for blocks ``[start, end)`` and wait until it serves."""
+        node = self._launch(start, end)
+        self._wait_for(node, "READY ")
+        return node
+
+    def _launch(self, start: int, end: int) -> NodeProcess:
+        """Start a node process; returns once it answers DHT requests (its ``DHT`` line)."""
         log_path = self.dir / f"node-{len(self.nodes)}-{start}-{end}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # READY must reach us at once through the pipe
         if self.threads is not None:
@@ -128,26 +140,38 @@ class LocalSwarm:
         proc = subprocess.Popen(self._command(start, end), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, start_new_session=True)
         node = NodeProcess(start, end, proc, log_path)
+        node.output = queue.Queue()
+        node.deadline = time.monotonic() + self.ready_timeout
         self.nodes.append(node)
-        lines: queue.Queue[str | None] = queue.Queue()
-        _pump(proc, log_path, lines)
-        deadline = time.monotonic() + self.ready_timeout
+        _pump(proc, log_path, node.output)
+        self._wait_for(node, "DHT ")
+        return node
+
+    def _wait_for(self, node: NodeProcess, prefix: str) -> None:
+        """Read the node's lines until one starts with ``prefix`` (``READY``: its address is set)."""
+        if prefix == "READY " and node.addr:
+            return
         while True:
-            left = deadline - time.monotonic()
+            left = node.deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"node {start}:{end} not ready in {self.ready_timeout:.0f} s; its output:\n"
+                raise TimeoutError(f"node {node.start}:{node.end} not ready in {self.ready_timeout:.0f} s; its output:\n"
                                    + "".join(node.lines[-20:]))
             try:
-                line = lines.get(timeout=min(left, 1.0))
+                line = node.output.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
             if line is None:
-                proc.wait(5)
-                raise RuntimeError(f"node {start}:{end} exited with {proc.returncode}:\n" + "".join(node.lines[-20:]))
+                node.process.wait(5)
+                raise RuntimeError(f"node {node.start}:{node.end} exited with {node.process.returncode}:\n"
+                                   + "".join(node.lines[-20:]))
             node.lines.append(line)
+            if line.startswith("DHT ") and not node.dht_addr:
+                node.dht_addr = line.split()[1]
             if line.startswith("READY "):
                 node.addr = line.split()[1]
-                return node
+                return
+            if line.startswith(prefix):
+                return
 
     def close(self) -> None:
         _restore_handlers(self._previous_handlers)

@@ -10,16 +10,24 @@ With ``--num-blocks N`` (or neither option: as many blocks as fit in memory) the
 chooses its blocks from the swarm's announcements and moves when the swarm is out of
 balance (node/placement.py, node/rebalancer.py).
 
-On start it prints (each line with the time, like its log lines) the device and dtype, what
-it serves, its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and
-tests). SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent``
-so does the exit of the process that started it. See node/server.py for the start-up order.
+On start it prints (each line with the time, like its log lines) ``DHT <multiaddr>`` (bare)
+once other nodes may join the swarm through it, then the device and dtype, what it serves,
+its multiaddrs, and a last line ``READY <multiaddr>`` (bare, for scripts and tests).
+SIGINT/SIGTERM/SIGHUP announce it offline, then stop it; with ``--exit-with-parent`` so does
+the exit of the process that started it. See node/server.py for the start-up order.
+
+Start-up comes in two parts (issue 23 item 5): this module imports only light modules, listens,
+joins the swarm and starts the DHT (node/network.py), prints ``DHT <multiaddr>`` - other nodes
+may join through this one from then on - and only then imports torch and transformers (on a
+worker thread: the DHT keeps answering) and loads its blocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import json
 import logging
 import os
 import signal
@@ -30,15 +38,13 @@ from biopetals.protocol.program_env import apply_program_environment
 
 apply_program_environment()  # a program: OpenSSL and OpenMP settings before they load (protocol/program_env.py)
 
-from biopetals.models.blocks import DTYPES
-from biopetals.models.config import ModelConfigError
 from biopetals.models.devices import Accelerators, DeviceError, choose_device, choose_dtype, describe
-from biopetals.node.adapters import AdapterError, parse_adapter_arg
 from biopetals.node.budget import PEER_SHARE
 from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER
-from biopetals.node.quant import QUANT_MODES, QuantError
-from biopetals.node.server import NodeOptions, run_node
+from biopetals.node.network import open_network
+from biopetals.node.options import NodeOptions, check_blocks
 from biopetals.node.slices import SLICE_TOKENS
+from biopetals.node.startup_trace import mark
 from biopetals.weights.limits import ServeLimits
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
@@ -47,9 +53,16 @@ from biopetals.protocol.multiaddr import Multiaddr, MultiaddrError
 from biopetals.transport.errors import expected_failures
 from biopetals.transport.keyfiles import KeyFileError, load_or_create_identity
 from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
-from biopetals.weights.fetch import FetchError
 
 DEFAULT_PORT = 31337
+#: models.blocks.DTYPES and node.quant.QUANT_MODES, named here so that --help needs no torch
+#: (tests/test_node_startup.py checks they agree).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+QUANT_NAMES = ("none", "int8", "nf4")
+#: What the node imports once its network is open (torch, transformers): on a worker thread.
+HEAVY_MODULES = ("biopetals.node.server",)
+#: Output lines printed without the time: scripts read them (client/local_swarm.py).
+BARE_LINES = ("READY ", "DHT ")
 log = logging.getLogger("biopetals.node")
 
 
@@ -64,6 +77,8 @@ def _blocks(text: str) -> tuple[int, int]:
 
 
 def _adapter(text: str):
+    from biopetals.node.adapters import AdapterError, parse_adapter_arg
+
     try:
         return parse_adapter_arg(text)
     except AdapterError as e:
@@ -139,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="addresses to announce to the swarm instead of the listen address, e.g. a public address "
                         "behind NAT: /ip4/203.0.113.7/tcp/31337 or /dns4/node1.lab.example/tcp/31337 "
                         "(default: the listen address; with 0.0.0.0, this machine's primary IPv4 address)")
-    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="compute dtype of the blocks (default auto: bfloat16 on a GPU that supports it, else float16 "
                         "on a GPU or MPS; float32 on the CPU)")
-    p.add_argument("--quant", choices=QUANT_MODES, default="none",
+    p.add_argument("--quant", choices=QUANT_NAMES, default="none",
                    help="weight quantisation through bitsandbytes (default none)")
     p.add_argument("--max-cache-tokens", type=int, default=16384, metavar="N",
                    help="total KV-cache budget, in tokens over all served blocks, summed over sessions and batch (default 16384)")
@@ -231,7 +246,36 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_watch_parent(os.getppid(), stop)) if args.exit_with_parent else None
     identity = load_or_create_identity(args.identity) if args.identity else Identity.generate()
-    options = NodeOptions(
+    try:  # the network needs no device: args.device/dtype are resolved below, then the options built again
+        async with open_network(_options(args, identity)) as network:
+            output_line(f"DHT {network.addrs[0]}")  # other nodes may join through this one now
+            for module in HEAVY_MODULES:  # torch, transformers: seconds; the DHT answers meanwhile
+                await loop.run_in_executor(None, importlib.import_module, module)
+            output_line(await loop.run_in_executor(None, resolve_device, args))
+            mark("heavy-imports")
+            from biopetals.node.server import run_node
+
+            await run_node(_options(args, identity), stop, out=output_line, network=network)
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+def check_blocks_early(args: argparse.Namespace) -> None:
+    """``--blocks``/``--num-blocks`` against a local checkpoint's config.json, before listening
+    (node/server.py checks everything again once torch and transformers are loaded)."""
+    try:
+        with open(os.path.join(args.model, "config.json")) as f:
+            n_layers = json.load(f).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return  # a hub name, a manifest, a swarm name or no config: checked later
+    if isinstance(n_layers, int) and not isinstance(n_layers, bool):
+        check_blocks(args.blocks[0] if args.blocks else None, args.blocks[1] if args.blocks else None,
+                     args.num_blocks, n_layers)
+
+
+def _options(args: argparse.Namespace, identity: Identity) -> NodeOptions:
+    return NodeOptions(
         model=args.model,
         start=args.blocks[0] if args.blocks else None,
         end=args.blocks[1] if args.blocks else None,
@@ -270,17 +314,12 @@ async def _main(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
-    try:
-        await run_node(options, stop, out=output_line)
-    finally:
-        if watch is not None:
-            watch.cancel()
 
 
 def output_line(line: str) -> None:
     """A line of the node's output, with the time as its log lines have it; ``READY <multiaddr>``
-    stays bare: scripts and tests read it."""
-    if not line.startswith("READY "):
+    and ``DHT <multiaddr>`` stay bare: scripts and tests read them."""
+    if not line.startswith(BARE_LINES):
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
     print(line, flush=True)
 
@@ -293,22 +332,31 @@ async def _watch_parent(parent: int, stop: asyncio.Event, interval: float = 0.5)
     stop.set()
 
 
-_EXPECTED = (KeyFileError, ProtocolError, OSError, ModelConfigError, QuantError, AdapterError, ValueError, FetchError,
-             DeviceError)
+#: Errors of the heavy modules reported in one line: (module, class name).
+_HEAVY_ERRORS = (("biopetals.models.config", "ModelConfigError"), ("biopetals.node.quant", "QuantError"),
+                 ("biopetals.node.adapters", "AdapterError"), ("biopetals.weights.fetch", "FetchError"))
 
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """The errors reported in one line; those of a heavy module only if it was imported (an error
+    of its class cannot exist otherwise), so a failure before the heavy imports stays quick."""
+    heavy = [getattr(sys.modules[m], name) for m, name in _HEAVY_ERRORS if m in sys.modules]
+    return (KeyFileError, ProtocolError, OSError, ValueError, DeviceError, *heavy)
 
 
 def main(argv: list[str] | None = None) -> int:
+    imported = time.time(), time.process_time()  # interpreter start and imports end here
     parser = build_parser()
     args = parser.parse_args(argv)
     check_swarm_options(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    mark("imports", *imported)
     try:
-        output_line(resolve_device(args))
+        check_blocks_early(args)
         asyncio.run(_main(args))
     except BaseException as exc:  # errors inside the Host's TaskGroup arrive wrapped in a group
-        failures = expected_failures(exc, _EXPECTED)
+        failures = expected_failures(exc, _expected())
         if failures is None:
             raise
         for e in failures:

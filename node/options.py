@@ -15,7 +15,7 @@ from biopetals.node.slices import SLICE_TOKENS
 from biopetals.protocol.identity import Identity
 from biopetals.protocol.swarm_key import SwarmKey
 
-__all__ = ["NodeOptions"]
+__all__ = ["NodeOptions", "check_blocks"]
 
 
 @dataclass
@@ -58,3 +58,12 @@ class NodeOptions:
     metrics_port: int | None = None  # Prometheus metrics on this port (node/metrics.py); None: none
     metrics_host: str = "127.0.0.1"
     public_name: str = ""  # a name people recognise (announced, shown by biopetals-swarm and the page); "": none
+
+
+def check_blocks(start: int | None, end: int | None, num_blocks: int | None, n_layers: int) -> None:
+    """ValueError unless ``--blocks start:end`` (or ``--num-blocks``) fits a model of ``n_layers`` blocks."""
+    if start is None:
+        if num_blocks is not None and not 1 <= num_blocks <= n_layers:
+            raise ValueError(f"--num-blocks {num_blocks}: the model has {n_layers} blocks")
+    elif not 0 <= start < end <= n_layers:
+        raise ValueError(f"--blocks {start}:{end} is not inside the model's 0:{n_layers}")

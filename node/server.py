@@ -2,7 +2,8 @@
 
 Order of start-up (spec/announcement.md §2.1 for the states):
 
-1. listen and join the DHT (``--new-swarm``: no initial peers); with a weights manifest
+1. listen and join the DHT (``--new-swarm``: no initial peers; node/network.py, which
+   node/cli.py opens before importing torch and transformers); with a weights manifest
    (spec/weights.md), serve the chunks of the parts on disk and announce them as a
    provider (``--model`` a swarm name: first fetch the manifest from a provider);
 2. announce ``JOINING`` for every block; without ``--blocks``, first choose them from the
@@ -39,17 +40,16 @@ from biopetals.node.backend import Backend, set_threads
 from biopetals.node.benchmark import measure_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
-from biopetals.node.options import NodeOptions
+from biopetals.node.network import NodeNetwork, open_network
+from biopetals.node.options import NodeOptions, check_blocks
 from biopetals.node.placement import place_node
 from biopetals.node.quant import quantize_span
 from biopetals.node.relocation import Rebalancer, Relocator
 from biopetals.node.sizing import default_num_blocks, free_memory
+from biopetals.node.startup_trace import mark
 from biopetals.protocol.announcement import State
-from biopetals.protocol.errors import ErrorCode
 from biopetals.protocol.envelope import PROTOCOL_NAME
-from biopetals.transport.addresses import announce_addrs
 from biopetals.transport.host import Host
-from biopetals.transport.joining import NEW_SWARM_HINT, JoinError, require_join
 from biopetals.weights.fetch import fetch_parts
 from biopetals.weights.limits import ServeLimits
 from biopetals.weights.local import CorruptCopy, LocalWeights
@@ -91,11 +91,10 @@ def _model_facts(options: NodeOptions, directory: Path):
         num_blocks = options.num_blocks or default_num_blocks(
             config, free=free_memory(options.device), dtype=options.dtype, quant=options.quant,
             max_cache_tokens=options.max_cache_tokens)
-        if not 1 <= num_blocks <= n_layers:
-            raise ValueError(f"--num-blocks {num_blocks}: the model has {n_layers} blocks")
+        check_blocks(None, None, num_blocks, n_layers)
         options.start, options.end = 0, num_blocks  # until chosen
-    elif not 0 <= options.start < options.end <= n_layers:
-        raise ValueError(f"--blocks {options.start}:{options.end} is not inside the model's 0:{n_layers}")
+    else:
+        check_blocks(options.start, options.end, None, n_layers)
     return config, info, n_layers, choose, num_blocks
 
 
@@ -202,8 +201,10 @@ async def run_node(
     stop: asyncio.Event,
     *,
     out: Callable[[str], None] = lambda line: print(line, flush=True),
+    network: NodeNetwork | None = None,
 ) -> None:
-    """Run the node until ``stop`` is set."""
+    """Run the node until ``stop`` is set; on ``network`` if it is already open (node/network.py),
+    else opened here once the model's facts are checked."""
     hub = None
     if is_hub_name(options.model):  # config and shard index now, the blocks' shards once they are chosen
         hub = HubCheckpoint(options.model, revision=options.revision, progress=options.progress)
@@ -211,117 +212,121 @@ async def run_node(
         out(f"downloading from the hub: {hub.repo_id} (revision {options.revision or 'main'}) into {hub.directory}")
     source = resolve_source(options.model, options.weights_dir)
     facts = None if source.needs_network else _model_facts(options, source.directory)  # fail before listening
-    async with Host(options.identity, swarm_key=options.swarm_key) as host:
-        await host.listen(options.host, options.port)
-        addrs = [str(a) for a in announce_addrs(options.announce, host.addrs, host.peer_id)]
-        await require_join(host, options.initial_peers, timeout=10.0, alone_hint=NEW_SWARM_HINT)
-        async with DHT(host, initial_peers=options.initial_peers, announce_addrs=[a.rsplit("/p2p/", 1)[0] for a in addrs]) as dht:
-            if options.initial_peers and not len(dht.table):
-                raise JoinError(ErrorCode.UNKNOWN_PROTOCOL,
-                                "cannot join the swarm: the initial peers accept our key but answer no DHT request "
-                                f"({', '.join(options.initial_peers)}); give the address of a biopetals-node or "
-                                "biopetals-dht of the swarm, or --new-swarm to start a new swarm alone", ())
-            if facts is None:  # only a swarm name: the manifest comes from a provider
-                await source.complete(host, dht, lambda manifest: [], progress=options.progress)
-                facts = _model_facts(options, source.directory)
-            config, info, n_layers, choose, num_blocks = facts
-            options.model = str(source.directory)
-            weights = _serve_weights(options, source, host, dht, addrs)
-            # announced from the start: peers may fetch what this node holds while it loads or fetches
-            provider_task = asyncio.create_task(weights.provider.run()) if weights is not None else None
-            load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out, hub)
-            announcer = Announcer(
-                dht,
-                AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
-                                 tuple(addrs), tuple(name for name, _ in options.adapters),
-                                 options.public_name or None),
-                interval=options.announce_interval,
-                ttl=max(3 * options.announce_interval, 30.0),
-            )
-            if choose:
-                (options.start, options.end), _ = await place_node(
-                    options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load, hub is not None),
-                    random.Random())
-            else:
-                await announcer.announce(State.JOINING, (0.0, 0.0), 0)
-            loop = asyncio.get_running_loop()
-            started = time.perf_counter()
-            span = await loop.run_in_executor(None, load, options)
-            loaded = time.perf_counter() - started
-            throughput = (0.0, 0.0)
-            if options.benchmark:
-                throughput = await loop.run_in_executor(None, measure_throughput, span)
-
-            def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
-                # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
-                backend = Backend(
-                    span, num_threads=options.num_threads, adapters=load_adapters(options, span),
-                    max_queue_per_peer=options.max_queue_per_peer, slice_tokens=options.compute_slice_tokens,
-                )
-                budget = CacheBudget(
-                    span.cache_bytes_per_token(), options.max_cache_tokens,
-                    min(options.max_session_tokens, options.max_cache_tokens), peer_share=options.max_peer_cache_share,
-                )
-                return NodeService(
-                    host,
-                    backend,
-                    budget,
-                    ServiceConfig(
-                        model=info.dht_prefix,
-                        version=VERSION,
-                        dtype=options.dtype,
-                        quant=options.quant,
-                        idle_timeout=options.idle_timeout,
-                    ),
-                    throughput=throughput,
-                )
-
-            service = build(span, throughput)
-            service.install()
-            await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
-            out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
-                f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
-            if options.adapters:
-                out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
-            out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
-            for addr in addrs:
-                out(f"listening on {addr}")
-            out(f"READY {addrs[0]}")
-            relocator = Relocator(options, announcer, service, build, load, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
-                                  out=out)
-            tasks = [asyncio.create_task(
-                announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))
-            )]
-            if provider_task is not None:
-                tasks.append(provider_task)
-            metrics_server = None
-            if options.metrics_port is not None:
-                from biopetals.node.handler import error_replies
-                from biopetals.node.metrics import NodeCollector, serve_metrics
-
-                metrics_server, _ = serve_metrics(options.metrics_port, options.metrics_host, NodeCollector(
-                    lambda: relocator.service, lambda: dict(error_replies), options.public_name))
-                out(f"metrics on http://{options.metrics_host}:{metrics_server.server_port}/metrics")
-            if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
-                rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
-                                        quality=options.balance_quality, interval=options.balance_interval,
-                                        rng=random.Random())
-                tasks.append(asyncio.create_task(rebalancer.run()))
-            try:
-                await stop.wait()
-            finally:
-                for task in tasks:
-                    task.cancel()
-                if metrics_server is not None:
-                    metrics_server.shutdown()
-                host.remove_handler(PROTOCOL_NAME)
-                if weights is not None:
-                    weights.server.close()
-                try:
-                    async with asyncio.timeout(10):
-                        await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)
-                    out("announced offline")
-                except (TimeoutError, Exception) as exc:  # still shut down
-                    log.warning("could not announce offline: %s", exc)
-                await relocator.aclose()
+    if network is None:
+        async with open_network(options) as network:
+            await _serve(options, stop, out, network, source, facts, hub)
+    else:
+        await _serve(options, stop, out, network, source, facts, hub)
     out("stopped")
+
+
+async def _serve(options: NodeOptions, stop: asyncio.Event, out: Callable[[str], None], network: NodeNetwork,
+                 source: ModelSource, facts, hub: HubCheckpoint | None) -> None:
+    host, dht, addrs = network.host, network.dht, network.addrs
+    if facts is None:  # only a swarm name: the manifest comes from a provider
+        await source.complete(host, dht, lambda manifest: [], progress=options.progress)
+        facts = _model_facts(options, source.directory)
+    config, info, n_layers, choose, num_blocks = facts
+    options.model = str(source.directory)
+    weights = _serve_weights(options, source, host, dht, addrs)
+    # announced from the start: peers may fetch what this node holds while it loads or fetches
+    provider_task = asyncio.create_task(weights.provider.run()) if weights is not None else None
+    load = _fetching_loader(options, source, host, dht, weights, asyncio.get_running_loop(), out, hub)
+    announcer = Announcer(
+        dht,
+        AnnouncementInfo(info.dht_prefix, options.start, options.end, options.dtype, options.quant, VERSION,
+                         tuple(addrs), tuple(name for name, _ in options.adapters),
+                         options.public_name or None),
+        interval=options.announce_interval,
+        ttl=max(3 * options.announce_interval, 30.0),
+    )
+    if choose:
+        (options.start, options.end), _ = await place_node(
+            options, dht, announcer, info.dht_prefix, n_layers, num_blocks, _probe_loader(source, load, hub is not None),
+            random.Random())
+    else:
+        await announcer.announce(State.JOINING, (0.0, 0.0), 0)
+    mark("joining-announced")
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    span = await loop.run_in_executor(None, load, options)
+    loaded = time.perf_counter() - started
+    mark("weights-loaded")
+    throughput = (0.0, 0.0)
+    if options.benchmark:
+        throughput = await loop.run_in_executor(None, measure_throughput, span)
+    mark("throughput-measured")
+
+    def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
+        # a span's adapters are small (LoRA tensors of its blocks): loaded here, also on a move
+        backend = Backend(
+            span, num_threads=options.num_threads, adapters=load_adapters(options, span),
+            max_queue_per_peer=options.max_queue_per_peer, slice_tokens=options.compute_slice_tokens,
+        )
+        budget = CacheBudget(
+            span.cache_bytes_per_token(), options.max_cache_tokens,
+            min(options.max_session_tokens, options.max_cache_tokens), peer_share=options.max_peer_cache_share,
+        )
+        return NodeService(
+            host,
+            backend,
+            budget,
+            ServiceConfig(
+                model=info.dht_prefix,
+                version=VERSION,
+                dtype=options.dtype,
+                quant=options.quant,
+                idle_timeout=options.idle_timeout,
+            ),
+            throughput=throughput,
+        )
+
+    service = build(span, throughput)
+    service.install()
+    await announcer.announce(State.ONLINE, throughput, service.budget.tokens_left)
+    mark("online-announced")
+    out(f"model {info.dht_prefix} ({config.architectures[0]}), blocks {options.start}:{options.end} of {n_layers}, "
+        f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
+    if options.adapters:
+        out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
+    out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
+    for addr in addrs:
+        out(f"listening on {addr}")
+    out(f"READY {addrs[0]}")
+    relocator = Relocator(options, announcer, service, build, load, drain_timeout=options.idle_timeout if options.drain_timeout is None else options.drain_timeout,
+                          out=out)
+    tasks = [asyncio.create_task(
+        announcer.run(lambda: (relocator.service.throughput, relocator.service.budget.tokens_left))
+    )]
+    if provider_task is not None:
+        tasks.append(provider_task)
+    metrics_server = None
+    if options.metrics_port is not None:
+        from biopetals.node.handler import error_replies
+        from biopetals.node.metrics import NodeCollector, serve_metrics
+
+        metrics_server, _ = serve_metrics(options.metrics_port, options.metrics_host, NodeCollector(
+            lambda: relocator.service, lambda: dict(error_replies), options.public_name))
+        out(f"metrics on http://{options.metrics_host}:{metrics_server.server_port}/metrics")
+    if choose and options.balance_quality > 0:  # --blocks: fixed, never moves
+        rebalancer = Rebalancer(dht, host, relocator, info.dht_prefix, n_layers,
+                                quality=options.balance_quality, interval=options.balance_interval,
+                                rng=random.Random())
+        tasks.append(asyncio.create_task(rebalancer.run()))
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        host.remove_handler(PROTOCOL_NAME)
+        if weights is not None:
+            weights.server.close()
+        try:
+            async with asyncio.timeout(10):
+                await announcer.announce(State.OFFLINE, relocator.service.throughput, 0)
+            out("announced offline")
+        except (TimeoutError, Exception) as exc:  # still shut down
+            log.warning("could not announce offline: %s", exc)
+        await relocator.aclose()

@@ -27,6 +27,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, LlamaModel
 
+from biopetals.models.transformers_contract import cache_keyword_of
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_llama3_8b.py"
 
@@ -91,6 +93,18 @@ class ReferenceSpan:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The span's output for hidden states ``[B, T, 4096]`` at positions 0..T-1 (differentiable)."""
         return self.model(inputs_embeds=hidden.to(self.model.dtype), use_cache=False).last_hidden_state
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def step(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        """Inference: the next tokens' outputs, appending their keys and values to ``cache`` (``new_cache()``)."""
+        keyword = cache_keyword_of(type(self.model).forward)  # `cache` since transformers 5.24, before `past_key_values`
+        with torch.no_grad():
+            return self.model(inputs_embeds=hidden.to(self.model.dtype), use_cache=True,
+                              **{keyword: cache}).last_hidden_state
 
 
 def client_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

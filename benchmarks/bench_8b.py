@@ -43,6 +43,7 @@ apply_program_environment()  # a program: OpenSSL and OpenMP settings before the
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -65,11 +66,14 @@ from biopetals.protocol.manifest import MANIFEST_FILE  # noqa: E402
 from biopetals.weights.build import checkpoint_bytes  # noqa: E402
 from biopetals.weights.cli import manifest_main  # noqa: E402
 
-FULL_SPANS = ((0, 8), (8, 16), (16, 24), (24, 32))
+FULL_NODES = 4
 DECODE_PREFIX = 128
 LOADED = re.compile(r"loaded in ([\d.]+) s")
 FETCHED = re.compile(r"fetched (\d+) chunks \(([\d.]+) MB\) in ([\d.]+) s \(([\d.]+) MB/s\) from (\d+) peers")
 GiB = 1 << 30
+# compute dtype of the nodes and the local reference, and the wire codec (lossless for it): --dtype
+DTYPES = {"bfloat16": (torch.bfloat16, "bf16"), "float32": (torch.float32, "f32")}
+PRECISION = {"name": "bfloat16", "dtype": torch.bfloat16, "codec": "bf16"}
 
 
 def log(text: str) -> None:
@@ -117,9 +121,9 @@ def manifest_seconds(directory: Path) -> float:
 
 
 def start_node(swarm: Swarm, model: Path, span: tuple[int, int], threads: int, *extra: str):
-    """A bf16 node serving ``span``; (node, seconds from spawn to READY, its own 'loaded in' seconds)."""
+    """A node serving ``span``; (node, seconds from spawn to READY, its own 'loaded in' seconds)."""
     t = time.perf_counter()
-    node = swarm.start_node(model, f"{span[0]}:{span[1]}", "--dtype", "bfloat16", "--no-benchmark",
+    node = swarm.start_node(model, f"{span[0]}:{span[1]}", "--dtype", PRECISION["name"], "--no-benchmark",
                             "--num-threads", str(threads), "--max-session-tokens", "16384",
                             "--max-cache-tokens", "65536", *extra, timeout=1200,
                             env={"OMP_NUM_THREADS": str(threads)})
@@ -133,8 +137,8 @@ def node_rows(rows: Rows, nodes, spans, ready_s, loaded_s, share_bytes: int) -> 
         mem = proc_memory(node.pid)
         share = (b - a) * share_bytes
         rows.add("node start: spawn to READY / 'loaded in'", f"node {a}:{b}", f"{ready:.1f} s / {loaded:.1f} s",
-                 note="measured; bf16 weights mapped from the shards (a node hashes its blocks against the "
-                      "manifest before it serves)")
+                 note="measured; a node hashes its blocks against the manifest before it serves; bf16 weights "
+                      "stay mapped from the shards, float32 ones are converted")
         rows.add("node peak RSS (VmHWM)", f"node {a}:{b} ({(b - a) * share_bytes / GiB:.2f} GiB of blocks)",
                  f"{mem['VmHWM'] / GiB:.2f} GiB", note=f"measured after the runs above; "
                  f"+{(mem['VmHWM'] - share) / GiB:.2f} GiB over its blocks' share")
@@ -150,13 +154,13 @@ def fetch_row(rows: Rows, node, scope: str) -> None:
 
 def client(checkpoint: Path, swarm: Swarm):
     return AutoDistributedModelForCausalLM.from_pretrained(
-        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="bf16", dtype=torch.bfloat16,
+        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec=PRECISION["codec"], dtype=PRECISION["dtype"],
         step_timeout=1200.0, forward_timeout=1200.0)
 
 
 def hidden_states(batch: int, tokens: int, seed: int) -> torch.Tensor:
     """Inputs of a middle block: RMS ~1 like the residual stream after a few random-weight blocks."""
-    return torch.randn(batch, tokens, 4096, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return torch.randn(batch, tokens, 4096, generator=torch.Generator().manual_seed(seed)).to(PRECISION["dtype"])
 
 
 # ---------------------------------------------------------------------------- per block
@@ -217,7 +221,7 @@ def per_block(args, rows: Rows, work: Path) -> None:
     rows.add("biopetals-manifest (MB/s)", f"1-layer copy, {size / 1e6:.0f} MB", f"{size / 1e6 / hashed:.0f}",
              note="measured (page cache warm: just written)")
     share = block_bytes(checkpoint)
-    ref = ReferenceSpan.load(checkpoint, 0, 1)
+    ref = ReferenceSpan.load(checkpoint, 0, 1, PRECISION["dtype"])
     torch.set_num_threads(args.threads)
     with Swarm(work) as swarm:
         node, ready, loaded = start_node(swarm, checkpoint, (0, 1), args.threads)
@@ -318,30 +322,38 @@ class LocalReference:
             return timed(lambda: self.blocks(hidden, caches))[0]
 
 
+def even_spans(n_blocks: int, n_nodes: int) -> list[tuple[int, int]]:
+    cuts = [round(i * n_blocks / n_nodes) for i in range(n_nodes + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
 def whole_swarm(args, rows: Rows, work: Path) -> None:
     checkpoint = Path(args.full)
+    config = json.loads((checkpoint / "config.json").read_text())
+    layers, vocab = int(config["num_hidden_layers"]), int(config["vocab_size"])
+    spans = even_spans(layers, FULL_NODES)
     size = checkpoint_bytes(checkpoint)
     hashed = manifest_seconds(checkpoint)
     rows.add("biopetals-manifest (MB/s)", f"whole checkpoint, {size / 1e9:.2f} GB", f"{size / 1e6 / hashed:.0f}",
-             note=f"measured ({hashed:.0f} s; the files do not all fit in the page cache beside the rest)")
+             note=f"measured ({hashed:.0f} s, through the page cache as it was after writing)")
     share = block_bytes(checkpoint)
     torch.set_num_threads(args.threads)
     fetched = work / "fetched"
     with Swarm(work) as swarm:
-        started = [start_node(swarm, checkpoint, span, args.threads) for span in FULL_SPANS[:-1]]
-        started.append(start_node(swarm, checkpoint / MANIFEST_FILE, FULL_SPANS[-1], args.threads,
+        started = [start_node(swarm, checkpoint, span, args.threads) for span in spans[:-1]]
+        started.append(start_node(swarm, checkpoint / MANIFEST_FILE, spans[-1], args.threads,
                                   "--weights-dir", str(fetched)))
         nodes = [s[0] for s in started]
         log(f"4 nodes up; free: {os.popen('free -g').read().splitlines()[1]}")
-        fetch_row(rows, nodes[-1], f"blocks {FULL_SPANS[-1][0]}:{FULL_SPANS[-1][1]}")
+        fetch_row(rows, nodes[-1], f"blocks {spans[-1][0]}:{spans[-1][1]}")
         model = client(checkpoint, swarm)
         try:
-            ids = torch.randint(0, 128000, (1, 16), generator=torch.Generator().manual_seed(7))
+            ids = torch.randint(0, vocab - 256, (1, 16), generator=torch.Generator().manual_seed(7))
             ours_tokens, ours_times = greedy_swarm(model, ids, args.full_decode_tokens)
-            local = LocalReference(checkpoint, [checkpoint] * 3 + [fetched], FULL_SPANS)
+            local = LocalReference(checkpoint, [checkpoint] * 3 + [fetched], spans)
             local_tokens, local_times = local.greedy(ids, args.full_decode_tokens)
             ours, loc = statistics.median(ours_times), statistics.median(local_times)
-            rows.add("greedy decode (ms/token)", "32 blocks on 4 nodes, embeddings + LM head on the client",
+            rows.add("greedy decode (ms/token)", f"{layers} blocks on 4 nodes, embeddings + LM head on the client",
                      f"{1000 * ours:.0f}", f"{1000 * loc:.0f}", speed_ratio(ours, loc),
                      f"measured, median of {args.full_decode_tokens} tokens; same tokens as local: "
                      f"{'yes' if ours_tokens == local_tokens else 'NO'}")
@@ -349,12 +361,12 @@ def whole_swarm(args, rows: Rows, work: Path) -> None:
                 hidden = hidden_states(1, args.full_prefill, 8)
                 ours = prefill_swarm(model, hidden)
                 loc = local.prefill(hidden)
-                rows.add(f"prefill {args.full_prefill} tokens (tokens/s)", "32 blocks on 4 nodes",
+                rows.add(f"prefill {args.full_prefill} tokens (tokens/s)", f"{layers} blocks on 4 nodes",
                          f"{args.full_prefill / ours:.0f}", f"{args.full_prefill / loc:.0f}", speed_ratio(ours, loc),
                          f"measured ({ours:.0f} s / {loc:.0f} s)")
         finally:
             model.close()
-        node_rows(rows, nodes, FULL_SPANS, [s[1] for s in started], [s[2] for s in started], share)
+        node_rows(rows, nodes, spans, [s[1] for s in started], [s[2] for s in started], share)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,11 +382,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  "whole-swarm part (~20 GB of RAM: run under the heavy lock)")
     p.add_argument("--full-decode-tokens", type=int, default=8, help="greedy tokens through the whole swarm")
     p.add_argument("--full-prefill", type=int, default=512, help="prefill through the whole swarm (0: skip)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="compute dtype of the nodes and of local transformers (default bfloat16; float32 doubles the "
+                        "memory: the full 8B does not fit in 24 GiB: use it with the per-block part only)")
     p.add_argument("--quick", action="store_true", help="prompts 128 256, batch 2 x 64, 4 decode steps")
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.batch, args.seq, args.decode_tokens = [128, 256], 2, 64, 4
         args.full_decode_tokens, args.full_prefill = 3, min(args.full_prefill, 64)
+    PRECISION.update(name=args.dtype, dtype=DTYPES[args.dtype][0], codec=DTYPES[args.dtype][1])
+    if args.full and args.dtype != "bfloat16":
+        p.error("--full runs in bfloat16 only: a float32 8B swarm needs ~32 GB, this machine has 24 GiB")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the nodes and remove the files
     work = Path(tempfile.mkdtemp(prefix="bench-8b-"))
     rows = Rows()
@@ -387,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         rows.print()
-        print(f"\n{os.cpu_count()} cores, {args.threads} torch threads per process, bf16 compute and activations; "
+        print(f"\n{os.cpu_count()} cores, {args.threads} torch threads per process, {args.dtype} compute, "
+              f"{PRECISION['codec']} activations; "
               f"total {time.monotonic() - t0:.0f} s")
     return 0
 

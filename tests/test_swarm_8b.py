@@ -255,4 +255,5 @@ def test_each_node_holds_only_its_share_of_the_blocks(big):
         assert now["VmHWM"] <= share + NODE_OVERHEAD, (a, b, now)
         # the pages mapped from the checkpoint: this node's blocks, never a neighbour's
         assert now["RssFile"] - ready["RssFile"] <= share + 64 * MiB, (a, b, ready, now)
-        assert now["RssFile"] - ready["RssFile"] >= share * 0.9, (a, b, ready, now)  # they were used, not copied
+        # bf16 weights are used where they are mapped, never copied into the node's own memory
+        assert now["RssAnon"] - ready["RssAnon"] <= NODE_OVERHEAD - 256 * MiB, (a, b, ready, now)

@@ -7,8 +7,9 @@ The checkpoint comes from scripts/make_llama3_8b.py (random bf16 weights, writte
   rope_theta 500000, **2 layers** and a 2048-token vocabulary (0.9 GB), 2 nodes of one block;
 * ``full`` (``-m slow``): the real size, 32 layers, vocab 128256 (16.06 GB in 4 shards), 4 nodes
   of 8 blocks. Set ``BIOPETALS_8B_CHECKPOINT`` to a directory written by the script to reuse it
-  (else it is written into a temporary directory and removed afterwards). Needs ~20 GB of RAM
-  (the nodes' blocks, mapped from the files, plus the client's embeddings and head).
+  (else it is written into a temporary directory and removed afterwards; a copy with fewer layers
+  there is split evenly over the 4 nodes). Needs ~20 GB of RAM (the nodes' blocks, mapped from
+  the files, plus the client's embeddings and head): run it under the heavy lock.
 
 The swarm: ``biopetals-manifest`` hashes the checkpoint; the first nodes serve their blocks from
 the directory (``--dtype bfloat16``, weights mapped from the shards, not copied), and the last
@@ -93,21 +94,25 @@ class BigSwarm:
         return ReferenceSpan.load(self.span_dir(start), start, end)
 
 
-def _checkpoint(name: str, size: Size, tmp: Path) -> tuple[Path, bool]:
-    """(directory, whether this test wrote it and removes it)."""
+def _checkpoint(name: str, tmp: Path) -> tuple[Path, Size, bool]:
+    """(directory, its size, whether this test wrote it and removes it). A given directory
+    (``BIOPETALS_8B_CHECKPOINT``) is served by 4 nodes splitting its layers evenly."""
     given = os.environ.get("BIOPETALS_8B_CHECKPOINT")
     if name == "full" and given:
-        return Path(given), False
+        config = json.loads((Path(given) / "config.json").read_text())
+        layers = int(config["num_hidden_layers"])
+        cuts = [round(i * layers / 4) for i in range(5)]
+        return Path(given), Size(layers, int(config["vocab_size"]), tuple(zip(cuts, cuts[1:])), 0), False
+    size = SIZES[name]
     return make_8b_checkpoint(tmp / f"llama3-8b-{name}", size.layers, size.vocab,
-                              max_shard_bytes=size.max_shard_bytes), True
+                              max_shard_bytes=size.max_shard_bytes), size, True
 
 
 @pytest.fixture(scope="module", params=["scaled", pytest.param("full", marks=pytest.mark.slow)])
 def big(request):
-    size = SIZES[request.param]
     tmp = Path(tempfile.mkdtemp(prefix="biopetals-8b-"))
     try:
-        checkpoint, owned = _checkpoint(request.param, size, tmp)
+        checkpoint, size, owned = _checkpoint(request.param, tmp)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert manifest_main([str(checkpoint), "--no-progress"]) == 0
@@ -127,6 +132,8 @@ def big(request):
                 yield BigSwarm(size, checkpoint, fetched, manifest, out.getvalue(), swarm, nodes, model, at_ready)
             finally:
                 model.close()
+                for node in nodes:  # nothing left to check: no need for their graceful (announcing) exit
+                    node.kill()
         if not owned:
             (checkpoint / MANIFEST_FILE).unlink(missing_ok=True)  # leave the given directory as it was
     finally:
@@ -166,7 +173,12 @@ def test_checkpoint_is_sharded_bf16_with_the_real_config(big):
     gen = generator_module()
     files = sorted(p.name for p in big.checkpoint.glob("*.safetensors"))
     n = len(files)
-    assert n > 1 and files == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    assert files == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    if big.size.max_shard_bytes:  # written here: as many shards as the generator's plan
+        assert n == len(gen.shard_plan(gen.tensor_specs(gen.llama3_8b_config(big.size.layers, big.size.vocab)),
+                                       big.size.max_shard_bytes)) > 1
+    if (big.size.layers, big.size.vocab) == (32, 128256):
+        assert n == 4  # as Meta-Llama-3-8B
     config = (big.checkpoint / "config.json").read_text()
     assert config.strip() == json.dumps(gen.llama3_8b_config(big.size.layers, big.size.vocab),
                                                        indent=2)

@@ -133,15 +133,15 @@ def start_node(swarm: Swarm, model: Path, span: tuple[int, int], threads: int, *
 
 
 def node_rows(rows: Rows, nodes, spans, ready_s, loaded_s, share_bytes: int) -> None:
+    """One row per node: spawn to READY, peak RSS (VmHWM, now: after everything it ran)."""
+    share_bytes = share_bytes * PRECISION["dtype"].itemsize // 2  # the files hold bf16
     for node, (a, b), ready, loaded in zip(nodes, spans, ready_s, loaded_s):
         mem = proc_memory(node.pid)
         share = (b - a) * share_bytes
-        rows.add("node start: spawn to READY / 'loaded in'", f"node {a}:{b}", f"{ready:.1f} s / {loaded:.1f} s",
-                 note="measured; a node hashes its blocks against the manifest before it serves; bf16 weights "
-                      "stay mapped from the shards, float32 ones are converted")
-        rows.add("node peak RSS (VmHWM)", f"node {a}:{b} ({(b - a) * share_bytes / GiB:.2f} GiB of blocks)",
-                 f"{mem['VmHWM'] / GiB:.2f} GiB", note=f"measured after the runs above; "
-                 f"+{(mem['VmHWM'] - share) / GiB:.2f} GiB over its blocks' share")
+        rows.add("node start to READY / peak RSS", f"node {a}:{b} ({share / GiB:.2f} GiB of blocks)",
+                 f"{ready:.1f} s / {mem['VmHWM'] / GiB:.2f} GiB",
+                 note=f"measured; its log: loaded in {loaded:.1f} s (blocks hashed against the manifest first); "
+                      f"peak {(mem['VmHWM'] - share) / GiB:+.2f} GiB over its blocks")
 
 
 def fetch_row(rows: Rows, node, scope: str) -> None:

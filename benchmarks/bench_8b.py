@@ -344,14 +344,17 @@ def whole_swarm(args, rows: Rows, work: Path) -> None:
         started.append(start_node(swarm, checkpoint / MANIFEST_FILE, spans[-1], args.threads,
                                   "--weights-dir", str(fetched)))
         nodes = [s[0] for s in started]
-        log(f"4 nodes up; free: {os.popen('free -g').read().splitlines()[1]}")
+        lowest = [available_gib()]
+        log(f"4 nodes up; {lowest[0]:.1f} GiB available")
         fetch_row(rows, nodes[-1], f"blocks {spans[-1][0]}:{spans[-1][1]}")
         model = client(checkpoint, swarm)
         try:
             ids = torch.randint(0, vocab - 256, (1, 16), generator=torch.Generator().manual_seed(7))
             ours_tokens, ours_times = greedy_swarm(model, ids, args.full_decode_tokens)
+            lowest.append(available_gib())
             local = LocalReference(checkpoint, [checkpoint] * 3 + [fetched], spans)
             local_tokens, local_times = local.greedy(ids, args.full_decode_tokens)
+            lowest.append(available_gib())
             ours, loc = statistics.median(ours_times), statistics.median(local_times)
             rows.add("greedy decode (ms/token)", f"{layers} blocks on 4 nodes, embeddings + LM head on the client",
                      f"{1000 * ours:.0f}", f"{1000 * loc:.0f}", speed_ratio(ours, loc),
@@ -360,13 +363,28 @@ def whole_swarm(args, rows: Rows, work: Path) -> None:
             if args.full_prefill:
                 hidden = hidden_states(1, args.full_prefill, 8)
                 ours = prefill_swarm(model, hidden)
+                lowest.append(available_gib())
                 loc = local.prefill(hidden)
+                lowest.append(available_gib())
                 rows.add(f"prefill {args.full_prefill} tokens (tokens/s)", f"{layers} blocks on 4 nodes",
                          f"{args.full_prefill / ours:.0f}", f"{args.full_prefill / loc:.0f}", speed_ratio(ours, loc),
                          f"measured ({ours:.0f} s / {loc:.0f} s)")
         finally:
             model.close()
-        node_rows(rows, nodes, spans, [s[1] for s in started], [s[2] for s in started], share)
+            node_rows(rows, nodes, spans, [s[1] for s in started], [s[2] for s in started], share)
+            me = proc_memory(os.getpid())
+            rows.add("this process: client + local reference, peak RSS", f"embeddings and LM head bf16 "
+                     f"({2 * vocab * 4096 * 2 / 1e9:.1f} GB) and the 4 spans, mapped", f"{me['VmHWM'] / GiB:.2f} GiB", note=f"measured; of it not mapped "
+                     f"from the files now: {me['RssAnon'] / GiB:.2f} GiB (the mapped pages are the nodes' too)")
+            rows.add("machine: lowest MemAvailable seen", "24 GiB machine, everything above running",
+                     f"{min(lowest):.1f} GiB", note=f"sampled {len(lowest)} times (after start, decode, prefill)")
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / (1 << 20)
+    return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def test_a_failed_rollback_changes_nothing():
     m = machine()
     opened(m)
     done(m, run(m.receive("client", step(1, 0, 4), 0.0)))
-    cut = run(m.receive("client", step(2, 1, 1, truncate=1), 0.0))
+    run(m.receive("client", step(2, 1, 1, truncate=1), 0.0))
     error(m.step_failed(SID, 2, Error(code=ErrorCode.NON_FINITE, message="nan", step_id=2)), ErrorCode.NON_FINITE, 2)
     session = m.sessions()[0]
     assert session.length == 4 and session.last_step_id == 1  # §2.6: as before the step

@@ -8,6 +8,12 @@ the state's timer, abandon sessions, avoid a peer) and reports what happened, wi
 ``time.monotonic()`` as ``now``. Every span's reader (client/span_session.py) puts
 its events on one queue that the driver feeds to the state while it waits.
 
+Keepalive (spec/messages.md §5.9.1): while the driver waits for a step's results it also wakes at
+the ``KeepAlives`` timer (client/keepalive.py) and sends ``KeepAlive`` to the sessions due, so that
+nodes waiting for a ``Push``, or for the nodes after them, do not close their sessions as idle
+during a long step; it never does between steps (an idle user's sessions expire and are replayed
+later).
+
 Chain binding (spec/messages.md §5.10): the state's ``OpenSpans`` says which node each new
 session names as its upstream (the node before it), and ``Rebind`` makes the driver tell a
 session its new upstream (``SetUpstream``) after the node before it was replaced.
@@ -42,6 +48,7 @@ from biopetals.protocol.messages import StepResult
 
 from .chain import Abandon, Avoid, ChainSpan, Finished, OpenSpans, Rebind, SendStep, SessionChain, WaitResult
 from .errors import PeerFailure, SwarmError
+from .keepalive import KeepAlives
 from .measurements import slow_span
 from .routing import MissingBlocksError, RouteSpan, format_route
 from .span_session import SpanSession
@@ -71,6 +78,8 @@ class ChainSession:
                                   hidden_size=swarm.hidden_size, max_positions=swarm.max_positions)
         self._events: asyncio.Queue[tuple[SpanSession, StepResult | PeerFailure]] = asyncio.Queue()
         self._spans: dict[SpanSession, ChainSpan] = {}
+        self.keepalives = KeepAlives()  # the sessions that take KeepAlive, and when each is due (§5.9.1)
+        self.keepalives_sent = 0  # over the session's life
 
     @property
     def spans(self) -> list[ChainSpan]:
@@ -152,6 +161,8 @@ class ChainSession:
 
     async def close(self) -> None:
         spans = self.state.close()
+        for s in spans:
+            self.keepalives.remove(s.handle)
         await asyncio.gather(*(s.handle.close() for s in spans if s.handle is not None), return_exceptions=True)
 
     # ------------------------------------------------------------------ the driver
@@ -173,6 +184,7 @@ class ChainSession:
                 elif isinstance(action, Abandon):
                     for s in action.spans:
                         self._spans.pop(s.handle, None)
+                        self.keepalives.remove(s.handle)
                     await asyncio.gather(*(s.handle.close() if action.close else _abandon(s.handle)
                                            for s in action.spans))
                     state.done(time.monotonic())
@@ -210,6 +222,9 @@ class ChainSession:
         spans = [ChainSpan(o.server, o.start, o.end, handle=o, rollback=o.rollback) for o in opened
                  if isinstance(o, SpanSession)]
         self._spans.update((s.handle, s) for s in spans)
+        now = time.monotonic()
+        for s in spans:  # never to a node that did not advertise it (§5.9.1)
+            self.keepalives.add(s.handle, s.handle.idle_timeout, now, advertised=s.handle.keepalive)
         self.state.opened(spans, [o for o in opened if isinstance(o, PeerFailure)], time.monotonic())
 
     async def _open_span(self, r: RouteSpan, upstream: str | None) -> SpanSession:
@@ -229,24 +244,48 @@ class ChainSession:
         except PeerFailure as failure:
             self.state.span_failed(a.span, failure, time.monotonic())
         else:
+            self.keepalives.heard(a.span.handle, time.monotonic())
             self.state.done(time.monotonic())
 
     async def _wait(self, deadline: float) -> None:
-        """Feed the state the next event from the nodes, or the timer."""
+        """Feed the state the next event from the nodes, or the timer; meanwhile keep the chain's
+        sessions alive (§5.9.1): this runs only while a step's results are awaited."""
+        keepalive_at = self.keepalives.get_timer()
+        wake = deadline if keepalive_at is None else min(deadline, keepalive_at)
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
+            async with asyncio.timeout(wake - time.monotonic()):
                 session, event = await self._events.get()
         except TimeoutError:
-            self.state.handle_timer(max(time.monotonic(), deadline))
+            if wake < deadline:
+                await self._keep_alive()
+            else:
+                self.state.handle_timer(max(time.monotonic(), deadline))
             return
         span = self._spans.get(session)
         if span is None:
             return
         if isinstance(event, PeerFailure):
             self._spans.pop(session, None)
+            self.keepalives.remove(session)
             self.state.span_failed(span, event, time.monotonic())
         else:
+            self.keepalives.heard(session, time.monotonic())
             self.state.result(span, event.step_id, event.hidden, time.monotonic())
+
+    async def _keep_alive(self) -> None:
+        """Send ``KeepAlive`` to every session due (client/keepalive.py); a failed send is that span's failure."""
+        due = self.keepalives.due(time.monotonic())
+        sent = await asyncio.gather(*(session.keep_alive() for session in due), return_exceptions=True)
+        for session, outcome in zip(due, sent):
+            if outcome is None:
+                self.keepalives_sent += 1
+                continue
+            self.keepalives.remove(session)
+            span = self._spans.get(session)
+            if isinstance(outcome, PeerFailure) and span is not None:
+                self.state.span_failed(span, outcome, time.monotonic())
+            elif not isinstance(outcome, PeerFailure):
+                raise outcome
 
 
 async def _abandon(session: SpanSession) -> None:
@@ -293,6 +332,11 @@ class InferenceSession:
     def moves(self) -> int:
         """Spans moved off a node measured too slow (client/measurements.py)."""
         return sum(c.moves for c in self.chains)
+
+    @property
+    def keepalives_sent(self) -> int:
+        """``KeepAlive`` messages sent while steps were under way (spec/messages.md §5.9.1)."""
+        return sum(c.keepalives_sent for c in self.chains)
 
     def _ensure_open(self, batch: int) -> None:
         if self.chains:

@@ -1,8 +1,8 @@
 """One inference session stream on one node, over blocks ``[start, end)`` (spec/messages.md §5).
 
 A thin asyncio driver: ``SpanSession`` opens the stream (``OpenSession`` ->
-``SessionOpened``, §5.1), sends ``Step``s (§5.3), closes (``CloseSession``, §5.8)
-or abandons it, and a reader task hands every message the node sends on the
+``SessionOpened``, §5.1), sends ``Step``s (§5.3) and ``KeepAlive``s (§5.9.1, only where
+its ``SessionOpened`` advertised them), closes (``CloseSession``, §5.8) or abandons it, and a reader task hands every message the node sends on the
 stream (``StepResult``s of steps we sent *and* of steps pushed to the node, §5.7;
 an ``Error``; the stream's end) to ``on_event(session, event)``: a
 ``StepResult`` or a ``PeerFailure``. What a result means (was it asked for, is
@@ -24,6 +24,7 @@ from biopetals.protocol.messages import (
     CloseSession,
     Error,
     Hop,
+    KeepAlive,
     OpenSession,
     SessionClosed,
     SessionOpened,
@@ -65,6 +66,7 @@ class SpanSession:
         self.idle_timeout = idle_timeout
         self.codec = codec
         self.rollback = False  # the node accepts ``Step.truncate`` (its SessionOpened said so, §5.6.1)
+        self.keepalive = False  # the node accepts ``KeepAlive`` (its SessionOpened said so, §5.9.1)
         self._on_event = on_event
         self._ended = False
         self._send_lock = asyncio.Lock()
@@ -110,6 +112,7 @@ class SpanSession:
                               f"{request.upstream} (spec/messages.md §5.10)", int(ErrorCode.INVALID_FIELD))
         session = cls(server, start, end, stream, reply.session_id, reply.idle_timeout, codec, on_event)
         session.rollback = reply.rollback == 1
+        session.keepalive = reply.keepalive == 1
         return session
 
     def hop(self) -> Hop:
@@ -138,6 +141,17 @@ class SpanSession:
         try:
             async with self._send_lock:
                 await self.stream.send(encode_message(SetUpstream(session_id=self.session_id, upstream=peer_id)))
+        except Exception as exc:
+            raise peer_failure_from(self.peer_id, exc) from exc
+
+    async def keep_alive(self) -> None:
+        """Restart the node's idle clock of this session (§5.9.1: ``KeepAlive``, no reply); only for a
+        session whose ``SessionOpened`` advertised it. Raises ``PeerFailure``."""
+        if not self.keepalive:
+            raise RuntimeError(f"{self!r}: its SessionOpened did not advertise keepalive (spec/messages.md §5.9.1)")
+        try:
+            async with self._send_lock:
+                await self.stream.send(encode_message(KeepAlive(session_id=self.session_id)))
         except Exception as exc:
             raise peer_failure_from(self.peer_id, exc) from exc
 

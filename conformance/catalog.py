@@ -12,6 +12,7 @@ from biopetals.conformance import checks_transport  # noqa: F401, I001 (register
 from biopetals.conformance import checks_flow  # noqa: F401 (registers)
 from biopetals.conformance import checks_node  # noqa: F401 (registers)
 from biopetals.conformance import checks_rollback  # noqa: F401 (registers)
+from biopetals.conformance import checks_keepalive  # noqa: F401 (registers)
 from biopetals.conformance import checks_dht  # noqa: F401 (registers)
 from biopetals.conformance import checks_weights  # noqa: F401 (registers)
 from biopetals.conformance.registry import REGISTRY, Check

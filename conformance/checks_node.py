@@ -133,6 +133,18 @@ class Session:
             pass
 
 
+def require_capability(s: Session, info: NodeInfo, name: str, older: str) -> None:
+    """A session's ``SessionOpened`` and the node's ``NodeInfo`` say the same of capability ``name``
+    (``rollback``, ``keepalive``: spec/messages.md §4.2, §5.2), else ``Failed``; ``NotApplicable`` when
+    neither says it (a node of revision ``older``)."""
+    said = isinstance(s.opened, SessionOpened) and getattr(s.opened, name) == 1
+    if said != (getattr(info, name) == 1):
+        raise Failed(f"SessionOpened.{name} {getattr(s.opened, name, None)} and NodeInfo.{name} "
+                     f"{getattr(info, name)} differ (§4.2, §5.2)", received=s.opened)
+    if not said:
+        raise NotApplicable(f"the node does not say {name} (revision {older})")
+
+
 async def _quiet(sess: Session, seconds: float = QUIET):
     """Nothing arrives on the session stream for ``seconds`` (None), or what arrived."""
     try:

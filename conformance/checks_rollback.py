@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from biopetals.conformance.checks_node import M, Session, _quiet, expect_error
-from biopetals.conformance.registry import Failed, NotApplicable, check
+from biopetals.conformance.checks_node import M, Session, _quiet, expect_error, require_capability
+from biopetals.conformance.registry import Failed, check
 from biopetals.protocol.errors import ErrorCode
-from biopetals.protocol.messages import SessionOpened, StepResult
+from biopetals.protocol.messages import StepResult
 
 __all__: list[str] = []
 
@@ -42,12 +42,7 @@ async def step_rollback(ctx):
     s = await Session.opened_ok(ctx, max_length=8)
     fresh = None
     try:
-        said = isinstance(s.opened, SessionOpened) and s.opened.rollback == 1
-        if said != (info.rollback == 1):
-            raise Failed(f"SessionOpened.rollback {s.opened.rollback} and NodeInfo.rollback {info.rollback} differ "
-                         "(§4.2, §5.2)", received=s.opened)
-        if not said:
-            raise NotApplicable("the node does not say it rolls back (revision 3 or older)")
+        require_capability(s, info, "rollback", "3 or older")
         first, second = _columns(info, 4, 1), _columns(info, 2, 2)
         await _result(s, s.step(hidden=first), "a Step of 4 columns")
         # truncate above the cache: BAD_POSITION, nothing changes

@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads of the compute (default 0: torch's default, one per core); "
                         "give each node its share of the cores when several run on one machine")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds after which an idle session is closed (default 60)")
+    p.add_argument("--max-keepalive-hold", type=_seconds, default=1800.0, metavar="SECONDS",
+                   help="longest time a client's KeepAlive messages alone keep a session open after its last step "
+                        "(a long step of the chain elsewhere, spec/messages.md §5.9); then it closes as idle "
+                        "(default 1800)")
     p.add_argument("--announce-interval", type=float, default=60.0,
                    help="seconds between DHT re-announcements (records expire after 3 intervals; default 60)")
     p.add_argument("--balance-quality", type=_quality, default=0.75, metavar="Q",
@@ -298,6 +302,7 @@ def _options(args: argparse.Namespace, identity: Identity) -> NodeOptions:
         max_queue_per_peer=args.max_queue_per_peer,
         compute_slice_tokens=args.compute_slice_tokens,
         idle_timeout=args.idle_timeout,
+        max_keepalive_hold=args.max_keepalive_hold,
         announce_interval=args.announce_interval,
         announce=list(args.announce),
         benchmark=not args.no_benchmark,

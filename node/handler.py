@@ -3,8 +3,8 @@
 See spec/messages.md §2.1 (stream kinds), §4 (node info), §5 (sessions, push), §6
 (forward/backward) and §7 (errors). The first message of a stream decides its kind:
 ``NodeInfoRequest``, ``Push``, ``Forward`` and ``Backward`` get one reply and the
-stream ends; ``OpenSession`` starts a session stream that carries ``Step``, ``SetUpstream`` and
-``CloseSession`` until the session ends.
+stream ends; ``OpenSession`` starts a session stream that carries ``Step``, ``SetUpstream``,
+``KeepAlive`` and ``CloseSession`` until the session ends.
 
 Every rule of a session lives in the sans-IO ``SessionMachine`` (node/session_machine.py);
 this module only moves messages into it, performs the actions it returns (send,
@@ -47,6 +47,7 @@ from biopetals.protocol.messages import (
     Error,
     Forward,
     ForwardResult,
+    KeepAlive,
     Message,
     NodeInfo,
     NodeInfoRequest,
@@ -70,7 +71,7 @@ __all__ = ["NodeService", "ServiceConfig"]
 log = logging.getLogger("biopetals.node")
 
 _FIRST = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
-_ON_SESSION = (Step, CloseSession, SetUpstream)
+_ON_SESSION = (Step, CloseSession, SetUpstream, KeepAlive)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,9 @@ class ServiceConfig:
     version: str
     dtype: str
     quant: str
-    idle_timeout: float = 60.0  # these two become the machine's NodeRules
+    idle_timeout: float = 60.0  # these three become the machine's NodeRules
     max_forward_tokens: int = 8192
+    max_keepalive_hold: float = 1800.0
     #: Deadline for a server-to-server push (connect + PushAck).
     push_timeout: float = 10.0
 
@@ -141,7 +143,7 @@ class NodeService:
         self.rules = NodeRules(
             model=config.model, start=span.start, end=span.end, hidden_size=span.hidden_size,
             max_positions=span.max_length, adapters=tuple(backend.adapters.names), idle_timeout=config.idle_timeout,
-            max_forward_tokens=config.max_forward_tokens,
+            max_forward_tokens=config.max_forward_tokens, max_keepalive_hold=config.max_keepalive_hold,
         )
         self.sessions = SessionMachine(self.rules, budget, backend.cache_bytes)
         self.started = clock()
@@ -178,6 +180,7 @@ class NodeService:
             uptime=max(0.0, float(self.clock() - self.started)),
             adapters=self.backend.adapters.names,
             rollback=1,  # sessions accept ``Step.truncate`` (spec/messages.md §5.6, revision 4)
+            keepalive=1,  # and ``KeepAlive`` (§5.9, revision 5)
         )
 
     # ------------------------------------------------------------------ streams

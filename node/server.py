@@ -277,6 +277,7 @@ async def _serve(options: NodeOptions, stop: asyncio.Event, out: Callable[[str],
                 dtype=options.dtype,
                 quant=options.quant,
                 idle_timeout=options.idle_timeout,
+                max_keepalive_hold=options.max_keepalive_hold,
             ),
             throughput=throughput,
         )

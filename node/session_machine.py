@@ -3,7 +3,8 @@
 See spec/messages.md §5.1 (opening: model, span, adapter, ``max_length``, cache budget),
 §5.3 (a step's checks, in order), §5.6 (positions and masks; a ``truncate`` step rolls the
 cache back to its ``position`` first, and a duplicate never does), §5.7 (push and
-duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves), §5.10
+duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, ``KeepAlive`` and its bound, a client
+that leaves), §5.10
 (chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
 changes nothing). Sans-IO, as h11 and aioquic are: no asyncio, no sockets, no clock.
 Time is an argument (``now``, seconds on the caller's monotonic clock); the caller asks
@@ -26,7 +27,7 @@ order the caller must perform them:
 Streams are named by the caller (any hashable value: the machine only hands them back
 in actions). node/handler.py is the asyncio driver that moves the messages and runs
 these actions. Who may drive a session is decided here too (§5.10): every event names the
-authenticated peer it came from (``peer``). ``Step``, ``CloseSession`` and ``SetUpstream``
+authenticated peer it came from (``peer``). ``Step``, ``CloseSession``, ``SetUpstream`` and ``KeepAlive``
 count only on the session stream of the session they name, which is the owner's; a ``Push``
 counts only from the session's ``upstream`` (named by ``OpenSession``, replaced by the
 owner's ``SetUpstream``). Anything else is refused with a typed ``Error`` to its sender and
@@ -49,6 +50,7 @@ from biopetals.protocol.messages import (
     Error,
     Forward,
     Hop,
+    KeepAlive,
     Message,
     OpenSession,
     Push,
@@ -137,6 +139,8 @@ class NodeRules:
     max_positions: int  # the model's positions (config, or sliding window)
     adapters: tuple[str, ...] = ()
     idle_timeout: float = 60.0
+    #: Longest time keepalives alone hold a session after its last Step/Push (§5.9); then it closes as idle.
+    max_keepalive_hold: float = 1800.0
     #: Most tokens (batch x tokens) in one Forward/Backward; above: LIMIT_EXCEEDED.
     max_forward_tokens: int = 8192
     #: Most messages waiting for one session behind its running step; above: BUSY.
@@ -208,7 +212,7 @@ class SessionMachine:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` must run next: the earliest idle deadline (None: no session is idle)."""
-        deadlines = [s.idle_deadline(self.rules.idle_timeout) for s in self.sessions() if not s.busy]
+        deadlines = [self._deadline(s) for s in self.sessions() if not s.busy]
         return min(deadlines, default=None)
 
     # ------------------------------------------------------------------ opening (§5.1, §5.2)
@@ -234,7 +238,7 @@ class SessionMachine:
         session = Session(
             session_id=session_id, start=request.start, end=request.end, batch_size=request.batch_size,
             max_length=request.max_length, codec=request.codec, adapter=request.adapter, owner=stream, peer=peer,
-            upstream=request.upstream, last_activity=now,
+            upstream=request.upstream, last_activity=now, last_work=now,
         )
         self._sessions[session_id] = session
         self._by_stream[stream] = session
@@ -245,9 +249,11 @@ class SessionMachine:
         session = self._sessions.get(session_id)
         if session is None or session.is_open:
             return []  # closed meanwhile (the node is stopping): the cache is dropped
-        session.cache, session.is_open, session.last_activity = cache, True, now
+        session.cache, session.is_open = cache, True
+        session.touch(now)
         opened = SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout, upstream=session.upstream,
-                               rollback=1)  # this node accepts ``truncate`` (§5.6, revision 4)
+                               rollback=1,  # this node accepts ``truncate`` (§5.6, revision 4)
+                               keepalive=1)  # and ``KeepAlive`` (§5.9, revision 5)
         return [Send(session.owner, opened)]
 
     def allocation_failed(self, session_id: bytes, error: Error) -> list[Action]:
@@ -260,8 +266,10 @@ class SessionMachine:
 
     # ------------------------------------------------------------------ session stream (§5.3, §5.8)
 
-    def receive(self, stream: Hashable, message: Step | CloseSession | SetUpstream, now: float) -> list[Action]:
-        """A ``Step``, ``CloseSession`` or ``SetUpstream`` on the session stream ``stream`` (the owner's)."""
+    def receive(self, stream: Hashable, message: Step | CloseSession | SetUpstream | KeepAlive,
+                now: float) -> list[Action]:
+        """A ``Step``, ``CloseSession``, ``SetUpstream`` or ``KeepAlive`` on the session stream ``stream``
+        (the owner's)."""
         session = self._by_stream.get(stream)
         if session is None or not session.is_open:
             return []  # the session ended: the driver stops reading this stream
@@ -274,8 +282,11 @@ class SessionMachine:
         if isinstance(message, SetUpstream):
             session.upstream = message.upstream  # pushes from now on (§5.10); no reply
             return []
+        if isinstance(message, KeepAlive):
+            session.keep_alive(now)  # the idle clock restarts, within max_keepalive_hold (§5.9); no reply
+            return []
         if isinstance(message, Step):
-            session.last_activity = now
+            session.touch(now)
         busy = self._busy(session, step_id)
         if busy is not None:
             return [Send(stream, busy)]
@@ -301,7 +312,7 @@ class SessionMachine:
         busy = self._busy(session, push.step_id)
         if busy is not None:
             return [Send(stream, busy)]
-        session.last_activity = now
+        session.touch(now)
         actions: list[Action] = [Send(stream, PushAck(session_id=push.session_id, step_id=push.step_id))]
         if session.is_duplicate(push.step_id):
             return actions
@@ -339,12 +350,17 @@ class SessionMachine:
     # ------------------------------------------------------------------ time (§5.9)
 
     def handle_timer(self, now: float) -> list[Action]:
-        """Close every session idle for ``idle_timeout`` at ``now``: ``TIMEOUT`` on its stream."""
+        """Close every session idle at ``now`` (§5.9): no ``Step``, ``Push`` or ``KeepAlive`` for
+        ``idle_timeout``, or kept alive by keepalives alone for ``max_keepalive_hold``: ``TIMEOUT`` on its stream."""
         actions: list[Action] = []
+        rules = self.rules
         for session in self.sessions():
-            if not session.busy and now >= session.idle_deadline(self.rules.idle_timeout):
+            if not session.busy and now >= self._deadline(session):
                 self._remove(session)
-                timeout = f"session idle for {self.rules.idle_timeout:g} s: closed"
+                timeout = f"session idle for {rules.idle_timeout:g} s: closed"
+                if now < session.last_activity + rules.idle_timeout:
+                    timeout = (f"session kept alive without a Step or Push for {rules.max_keepalive_hold:g} s "
+                               "(the node's max keepalive hold): closed as idle")
                 actions += [Send(session.owner, Error(code=ErrorCode.TIMEOUT, message=timeout)), EndStream(session.owner)]
         return actions
 
@@ -385,6 +401,9 @@ class SessionMachine:
             return None, None  # closed while the step ran: its result goes nowhere
         checked, session.running = session.running, None
         return session, checked
+
+    def _deadline(self, session: Session) -> float:
+        return session.idle_deadline(self.rules.idle_timeout, self.rules.max_keepalive_hold)
 
     def _busy(self, session: Session, step_id: int | None) -> Error | None:
         """``BUSY`` when ``max_queued_steps`` messages already wait for ``session``."""

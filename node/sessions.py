@@ -1,7 +1,8 @@
 """One inference session on a node: what it holds, and the checks of one step against it.
 
 See spec/messages.md §5.3 (the node's checks of a step, in order), §5.6 (positions and
-masks, and the rollback a ``truncate`` step asks for), §5.7 (duplicates) and §5.10 (the session's upstream). Pure data and rules, no
+masks, and the rollback a ``truncate`` step asks for), §5.7 (duplicates), §5.9 (the idle clock, which
+``KeepAlive`` restarts within a bound) and §5.10 (the session's upstream). Pure data and rules, no
 I/O and no clock (time is an argument). The node's session state machine (node/session_machine.py) owns every
 ``Session`` and every transition between its phases; this module answers the
 questions it asks about one session: is this step a duplicate, is it valid here (and
@@ -48,7 +49,8 @@ class Session:
     owner: Hashable = field(repr=False)  # the session stream, as the driver names it
     peer: Any = field(repr=False)  # the authenticated peer that opened the session
     upstream: Any = field(default=None, repr=False)  # the one peer whose Push counts (§5.10); None: nobody
-    last_activity: float = 0.0
+    last_activity: float = 0.0  # the last Step, Push or KeepAlive (§5.9): the idle clock
+    last_work: float = 0.0  # the last Step or Push: bounds what keepalives alone may hold (§5.9)
     is_open: bool = False  # False while its cache is being allocated
     cache: Any = field(default=None, repr=False)  # models.blocks.SpanCache once allocated
     length: int = 0  # positions (columns) held in the cache, padding included (§5.6)
@@ -62,8 +64,19 @@ class Session:
         """A step runs or waits: the session is not idle (§5.9)."""
         return self.running is not None or bool(self.inbox)
 
-    def idle_deadline(self, idle_timeout: float) -> float:
-        return self.last_activity + idle_timeout
+    def touch(self, now: float) -> None:
+        """A ``Step`` or ``Push`` arrived, or a step ran: the session is in use (§5.9)."""
+        self.last_activity = self.last_work = now
+
+    def keep_alive(self, now: float) -> None:
+        """A ``KeepAlive`` arrived: the idle clock restarts, the last work stays (§5.9)."""
+        self.last_activity = max(self.last_activity, now)
+
+    def idle_deadline(self, idle_timeout: float, max_keepalive_hold: float = 0.0) -> float:
+        """When the session closes as idle (§5.9): ``idle_timeout`` after its last ``Step``, ``Push`` or
+        ``KeepAlive``, and keepalives alone hold it at most ``max_keepalive_hold`` after its last
+        ``Step`` or ``Push`` (never less than ``idle_timeout`` after it)."""
+        return min(self.last_activity + idle_timeout, self.last_work + max(idle_timeout, max_keepalive_hold))
 
     def is_duplicate(self, step_id: int) -> bool:
         """A step this session already processed, or an older one (§5.7)."""
@@ -119,4 +132,4 @@ class Session:
         self.length = checked.step.position + checked.step.tokens
         self.mask = checked.step.mask
         self.last_step_id = checked.message.step_id
-        self.last_activity = now
+        self.touch(now)

@@ -72,6 +72,7 @@ __all__ = [
     "OpenSession",
     "SessionOpened",
     "SetUpstream",
+    "KeepAlive",
     "Step",
     "StepResult",
     "CloseSession",
@@ -115,7 +116,7 @@ FLAG: Final = UInt(1, 1)
 
 
 class Message(WireStruct):
-    """Base of the fifteen messages of spec/messages.md §3; ``TYPE`` is the envelope type code."""
+    """Base of the messages of spec/messages.md §3; ``TYPE`` is the envelope type code."""
 
     TYPE: ClassVar[int]
 
@@ -219,6 +220,8 @@ class NodeInfo(Message):
     adapters: tuple[str, ...] = wire(14, ADAPTERS, optional=True)
     #: 1: this node's sessions accept ``Step.truncate`` (cache rollback, §5.6; revision 4); None: they do not.
     rollback: int | None = wire(15, FLAG, optional=True)
+    #: 1: this node's sessions accept ``KeepAlive`` (§5.9; revision 5); None: they do not.
+    keepalive: int | None = wire(16, FLAG, optional=True)
 
     def _check_rules(self) -> None:
         _span_rule(self.start, self.end)
@@ -255,6 +258,8 @@ class SessionOpened(Message):
     upstream: PeerId | None = wire(2, UPSTREAM, optional=True)
     #: 1: the session accepts ``Step.truncate`` (cache rollback, §5.6; revision 4); None: a node that does not.
     rollback: int | None = wire(3, FLAG, optional=True)
+    #: 1: the session accepts ``KeepAlive`` (§5.9; revision 5); None: a node that does not.
+    keepalive: int | None = wire(4, FLAG, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,6 +352,15 @@ class SetUpstream(Message):
     TYPE: ClassVar[int] = 16
     session_id: bytes = wire(0, SESSION_ID)
     upstream: PeerId | None = wire(1, UPSTREAM, optional=True)
+
+
+@dataclass(frozen=True, eq=False)
+class KeepAlive(Message):
+    """The owner keeps its session from closing as idle while a step of its chain is under way
+    (spec/messages.md §5.9, revision 5). No reply."""
+
+    TYPE: ClassVar[int] = 17
+    session_id: bytes = wire(0, SESSION_ID)
 
 
 @dataclass(frozen=True, eq=False)
@@ -458,6 +472,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
         BackwardResult,
         Error,
         SetUpstream,
+        KeepAlive,
     )
 }
 
@@ -465,7 +480,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
 #: with ``decode_message(data, FIRST_MESSAGES)``.
 FIRST_MESSAGES: Final = (NodeInfoRequest, OpenSession, Push, Forward, Backward)
 #: What a client may send on an open session stream (§2.1).
-SESSION_MESSAGES: Final = (Step, CloseSession, SetUpstream)
+SESSION_MESSAGES: Final = (Step, CloseSession, SetUpstream, KeepAlive)
 #: Request type -> its reply type; any request may instead be answered by ``Error`` (§3).
 REPLY_TO: Final[dict[type[Message], type[Message]]] = {
     NodeInfoRequest: NodeInfo,

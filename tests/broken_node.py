@@ -18,10 +18,12 @@
   output is what it answers and pushes; its ``Forward`` answers and ``Backward`` input gradients are
   corrupted the same way (same draws), for tests/test_verification_swarm.py (client/verification.py);
 - ``fast-liar``: announces 10^9 tokens/s whatever it measured, so that routes choose it;
-- ``revision-3``: a node of spec/messages.md revision 3: no ``rollback`` in ``SessionOpened`` or ``NodeInfo``,
-  ``Step.truncate`` ignored (a step below the cache is then ``BAD_POSITION``), for tests/test_speculative.py;
+- ``revision-3``: a node of spec/messages.md revision 3: no ``rollback`` nor ``keepalive`` (revision 5) in
+  ``SessionOpened`` or ``NodeInfo``, ``Step.truncate`` ignored (a step below the cache is then ``BAD_POSITION``), for tests/test_speculative.py;
 - ``slow``: takes ``BIOPETALS_SLOW_STEP`` seconds (default 1) more for every inference step, for
-  tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast).
+  tests/test_measured_routing.py (with ``fast-liar``: slow but announcing itself fast);
+- ``slow-prefill``: the same, for inference steps of more than one token only (a long prefill on a slow
+  node; its decode steps run at full speed), for tests/test_keepalive_chain.py.
 
 Everything else is the real node (``biopetals.node.cli.main``), patched in this process only.
 """
@@ -179,7 +181,7 @@ def lie_about_speed() -> None:
     server.measure_throughput = lambda span: (1e9, 1e9)
 
 
-def slow_steps() -> None:
+def slow_steps(min_tokens: int = 1) -> None:
     import asyncio
 
     from biopetals.node import handler
@@ -188,7 +190,8 @@ def slow_steps() -> None:
     original = handler.NodeService._run_step
 
     async def _run_step(self, run):
-        await asyncio.sleep(delay)
+        if run.step.tokens >= min_tokens:
+            await asyncio.sleep(delay)
         return await original(self, run)
 
     handler.NodeService._run_step = _run_step
@@ -200,7 +203,7 @@ def revision_3() -> None:
     from biopetals.node import handler, session_machine
 
     def without_rollback(cls):
-        return lambda **fields: cls(**{k: v for k, v in fields.items() if k != "rollback"})
+        return lambda **fields: cls(**{k: v for k, v in fields.items() if k not in ("rollback", "keepalive")})
 
     session_machine.SessionOpened = without_rollback(session_machine.SessionOpened)
     handler.NodeInfo = without_rollback(handler.NodeInfo)
@@ -218,7 +221,8 @@ def main() -> int:
         {"duplicates": break_duplicates, "position-code": break_position_code, "signatures": break_signatures,
          "corrupt-chunks": break_chunks, "wrong-shape": break_result_shape, "extra-result": extra_results,
          "non-finite": non_finite_results, "fast-liar": lie_about_speed, "corrupt": corrupt_steps,
-         "slow": slow_steps, "revision-3": revision_3}[name]()
+         "slow": slow_steps, "slow-prefill": lambda: slow_steps(min_tokens=2),
+         "revision-3": revision_3}[name]()
     from biopetals.node.cli import main as node_main
 
     return node_main()

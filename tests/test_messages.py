@@ -31,6 +31,7 @@ from biopetals.protocol.messages import (
     NodeInfo,
     OpenSession,
     SetUpstream,
+    KeepAlive,
     Step,
     StepResult,
     decode_message,
@@ -236,7 +237,7 @@ def test_expected_types_restrict_what_decodes() -> None:
 
 def test_stream_roles_cover_every_message_once() -> None:
     requests = set(FIRST_MESSAGES) | set(SESSION_MESSAGES)
-    assert requests - {SetUpstream} == set(REPLY_TO)  # SetUpstream has no reply (§5.10)
+    assert requests - {SetUpstream, KeepAlive} == set(REPLY_TO)  # no reply to these (§5.10, §5.9)
     replies = set(REPLY_TO.values()) | {Error}
     assert requests | replies == set(MESSAGE_TYPES.values()) and not requests & replies
     step_data = encode_message(step())

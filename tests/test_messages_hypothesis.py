@@ -39,6 +39,7 @@ from biopetals.protocol.messages import (
     SessionClosed,
     SessionOpened,
     SetUpstream,
+    KeepAlive,
     Step,
     StepResult,
     decode_message,
@@ -168,14 +169,15 @@ def messages(draw, cls: type[Message], dtype: torch.dtype) -> Message:
         )
     if cls is SessionOpened:
         return cls(session_id=draw(SESSION_IDS), idle_timeout=draw(RATES.filter(lambda x: x > 0)),
-                   upstream=draw(st.none() | st.sampled_from(PEERS)))
+                   upstream=draw(st.none() | st.sampled_from(PEERS)), rollback=draw(st.none() | st.just(1)),
+                   keepalive=draw(st.none() | st.just(1)))
     if cls is SetUpstream:
         return cls(session_id=draw(SESSION_IDS), upstream=draw(st.none() | st.sampled_from(PEERS)))
     if cls in (Step, Push):
         return draw(step_bodies(cls, dtype))
     if cls is StepResult:
         return cls(session_id=draw(SESSION_IDS), step_id=draw(U64), hidden=draw(activations(dtype)))
-    if cls in (CloseSession, SessionClosed):
+    if cls in (CloseSession, SessionClosed, KeepAlive):
         return cls(session_id=draw(SESSION_IDS))
     if cls is PushAck:
         return cls(session_id=draw(SESSION_IDS), step_id=draw(U64))

@@ -60,6 +60,7 @@ from biopetals.protocol.messages import (
     SessionClosed,
     SessionOpened,
     SetUpstream,
+    KeepAlive,
     Step,
     StepResult,
     decode_message,
@@ -364,6 +365,17 @@ def valid_messages() -> list[tuple[str, Message, str | None]]:
             Push(session_id=SID2, step_id=13, position=3, hidden=t([2, 2, 4], H224), mask=MASK_22, truncate=1),
             "f16",
         ),
+        (
+            "NodeInfo saying its sessions accept KeepAlive (§4.2, key 16, revision 5)",
+            dataclasses.replace(NODE_INFO, rollback=1, keepalive=1),
+            None,
+        ),
+        (
+            "SessionOpened saying the session accepts KeepAlive (§5.2, key 4, revision 5)",
+            SessionOpened(session_id=SID, idle_timeout=60.0, upstream=PEER_A, rollback=1, keepalive=1),
+            None,
+        ),
+        ("KeepAlive (§5.9, type 17, revision 5)", KeepAlive(session_id=SID), None),
         ("SetUpstream naming a new upstream (§5.10)", SetUpstream(session_id=SID, upstream=PEER_B), None),
         ("SetUpstream without upstream: no node may push (§5.10)", SetUpstream(session_id=SID), None),
         ("Step [1, 2, 4] f16 at position 0", STEP, "f16"),
@@ -708,7 +720,7 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("type absent", _pack({0: PROTOCOL_VERSION, 2: {0: SID}}), E.MALFORMED, "§2.5 step 5"),
         ("type negative", _pack(envelope(-1, {0: SID})), E.MALFORMED, "§2.5 step 5"),
         ("type 0", _pack(envelope(0, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
-        ("type 17", _pack(envelope(17, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
+        ("type 18", _pack(envelope(18, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
         ("type 300", _pack(envelope(300, {})), E.UNKNOWN_MESSAGE, "§2.5 step 5, §3"),
         ("body absent", _pack({0: PROTOCOL_VERSION, 1: 1}), E.MALFORMED, "§2.5 step 6"),
         ("body is an array", _pack(envelope(1, [])), E.MALFORMED, "§2.5 step 6"),
@@ -763,6 +775,19 @@ def invalid_vectors() -> list[tuple[str, bytes, ErrorCode, str]]:
         ("SessionOpened rollback 0", packed(SessionOpened(session_id=SID, idle_timeout=1.0), k3=0), E.INVALID_FIELD,
          "§5.2 rollback low"),
         ("NodeInfo rollback 2", packed(NODE_INFO, k15=2), E.INVALID_FIELD, "§4.2 rollback high"),
+        ("SessionOpened keepalive 0", packed(SessionOpened(session_id=SID, idle_timeout=1.0), k4=0), E.INVALID_FIELD,
+         "§5.2 keepalive low"),
+        ("NodeInfo keepalive 2", packed(NODE_INFO, k16=2), E.INVALID_FIELD, "§4.2 keepalive high"),
+        ("SessionOpened keepalive given true", packed(SessionOpened(session_id=SID, idle_timeout=1.0), k4=True),
+         E.INVALID_FIELD, "§5.2 keepalive type"),
+        ("KeepAlive without session_id", packed(KeepAlive(session_id=SID), k0=DROP), E.INVALID_FIELD,
+         "§5.9 KeepAlive session_id"),
+        ("KeepAlive empty session_id", packed(KeepAlive(session_id=SID), k0=b""), E.INVALID_FIELD,
+         "§5.9 KeepAlive session_id low"),
+        ("KeepAlive session_id of 65 bytes", packed(KeepAlive(session_id=SID), k0=b"s" * 65), E.LIMIT_EXCEEDED,
+         "§5.9 KeepAlive session_id high"),
+        ("KeepAlive session_id given str", packed(KeepAlive(session_id=SID), k0="sid"), E.INVALID_FIELD,
+         "§5.9 KeepAlive session_id type"),
         ("OpenSession upstream not a peer id", packed(OPEN, k8="12D3KooW0OIl"), E.INVALID_FIELD, "§5.1 upstream, §5.10"),
         ("OpenSession upstream given bin", packed(OPEN, k8=PEER_A.encode()), E.INVALID_FIELD, "§5.1 upstream type"),
         ("OpenSession upstream empty", packed(OPEN, k8=""), E.INVALID_FIELD, "§5.1 upstream low"),
@@ -981,7 +1006,7 @@ def unexpected_vectors(invalid: list[tuple[str, bytes, ErrorCode, str]]) -> list
     """Messages sent where their type is not expected: UNKNOWN_MESSAGE whatever the body (§2.1, §2.5 step 5).
 
     Valid messages in the wrong place, then every ``invalid`` vector whose broken rule is in the
-    body, sent where its type is not expected (a Step, SetUpstream or CloseSession first, any other
+    body, sent where its type is not expected (a Step, SetUpstream, KeepAlive or CloseSession first, any other
     type on a session stream)."""
     cases = [
         ("Step as the first message", encode_message(STEP), "first"),
@@ -992,6 +1017,7 @@ def unexpected_vectors(invalid: list[tuple[str, bytes, ErrorCode, str]]) -> list
         ("NodeInfoRequest on a session stream", encode_message(NodeInfoRequest()), "session"),
         ("SetUpstream as the first message (§5.10)", encode_message(SetUpstream(session_id=SID, upstream=PEER_A)),
          "first"),
+        ("KeepAlive as the first message (§5.9)", encode_message(KeepAlive(session_id=SID)), "first"),
     ]
     session_types = {cls.TYPE for cls in SESSION_MESSAGES}
     for name, data, _code, rule in invalid:

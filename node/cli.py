@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds after which an idle session is closed (default 60)")
     p.add_argument("--max-keepalive-hold", type=_seconds, default=1800.0, metavar="SECONDS",
                    help="longest time a client's KeepAlive messages alone keep a session open after its last step "
-                        "(a long step of the chain elsewhere, spec/messages.md §5.9); then it closes as idle "
+                        "(a long step of the chain elsewhere, spec/messages.md §5.9.1); then it closes as idle "
                         "(default 1800)")
     p.add_argument("--announce-interval", type=float, default=60.0,
                    help="seconds between DHT re-announcements (records expire after 3 intervals; default 60)")

@@ -2,8 +2,8 @@
 
 A thin asyncio driver: ``SpanSession`` opens the stream (``OpenSession`` ->
 ``SessionOpened``, §5.1), sends ``Step``s (§5.3) and ``KeepAlive``s (§5.9.1, only where
-its ``SessionOpened`` advertised them), closes (``CloseSession``, §5.8) or abandons it, and a reader task hands every message the node sends on the
-stream (``StepResult``s of steps we sent *and* of steps pushed to the node, §5.7;
+its ``SessionOpened`` advertised them), closes (``CloseSession``, §5.8) or abandons it,
+and a reader task hands every message the node sends on the stream (``StepResult``s of steps we sent *and* of steps pushed to the node, §5.7;
 an ``Error``; the stream's end) to ``on_event(session, event)``: a
 ``StepResult`` or a ``PeerFailure``. What a result means (was it asked for, is
 it the right shape, what to replay) is decided by the chain state,

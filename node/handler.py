@@ -180,7 +180,7 @@ class NodeService:
             uptime=max(0.0, float(self.clock() - self.started)),
             adapters=self.backend.adapters.names,
             rollback=1,  # sessions accept ``Step.truncate`` (spec/messages.md §5.6, revision 4)
-            keepalive=1,  # and ``KeepAlive`` (§5.9, revision 5)
+            keepalive=1,  # and ``KeepAlive`` (§5.9.1, revision 5)
         )
 
     # ------------------------------------------------------------------ streams

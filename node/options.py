@@ -35,7 +35,7 @@ class NodeOptions:
     max_cache_tokens: int = 16384
     max_session_tokens: int = 8192
     idle_timeout: float = 60.0
-    max_keepalive_hold: float = 1800.0  # s, keepalives alone hold a session this long after its last step (§5.9)
+    max_keepalive_hold: float = 1800.0  # s, keepalives alone hold a session this long after its last step (§5.9.1)
     max_queue_per_peer: int = MAX_QUEUE_PER_PEER  # compute jobs one peer may have waiting; more: BUSY (node/fair_queue.py)
     compute_slice_tokens: int = SLICE_TOKENS  # tokens of one slice of a large Forward/Backward (node/slices.py)
     max_peer_cache_share: float = PEER_SHARE  # of the KV-cache budget one peer may hold (node/budget.py)

@@ -3,9 +3,8 @@
 See spec/messages.md §5.1 (opening: model, span, adapter, ``max_length``, cache budget),
 §5.3 (a step's checks, in order), §5.6 (positions and masks; a ``truncate`` step rolls the
 cache back to its ``position`` first, and a duplicate never does), §5.7 (push and
-duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, ``KeepAlive`` and its bound, a client
-that leaves), §5.10
-(chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
+duplicates), §5.8 (closing), §5.9 (lifetime: idle timeout, a client that leaves; §5.9.1
+``KeepAlive`` and its bound), §5.10 (chain binding: who may drive a session) and §2.6 (a failed step answers ``Error`` and
 changes nothing). Sans-IO, as h11 and aioquic are: no asyncio, no sockets, no clock.
 Time is an argument (``now``, seconds on the caller's monotonic clock); the caller asks
 ``get_timer()`` and calls ``handle_timer(now)``.
@@ -139,7 +138,7 @@ class NodeRules:
     max_positions: int  # the model's positions (config, or sliding window)
     adapters: tuple[str, ...] = ()
     idle_timeout: float = 60.0
-    #: Longest time keepalives alone hold a session after its last Step/Push (§5.9); then it closes as idle.
+    #: Longest time keepalives alone hold a session after its last Step/Push (§5.9.1); then it closes as idle.
     max_keepalive_hold: float = 1800.0
     #: Most tokens (batch x tokens) in one Forward/Backward; above: LIMIT_EXCEEDED.
     max_forward_tokens: int = 8192
@@ -253,7 +252,7 @@ class SessionMachine:
         session.touch(now)
         opened = SessionOpened(session_id=session_id, idle_timeout=self.rules.idle_timeout, upstream=session.upstream,
                                rollback=1,  # this node accepts ``truncate`` (§5.6, revision 4)
-                               keepalive=1)  # and ``KeepAlive`` (§5.9, revision 5)
+                               keepalive=1)  # and ``KeepAlive`` (§5.9.1, revision 5)
         return [Send(session.owner, opened)]
 
     def allocation_failed(self, session_id: bytes, error: Error) -> list[Action]:
@@ -283,7 +282,7 @@ class SessionMachine:
             session.upstream = message.upstream  # pushes from now on (§5.10); no reply
             return []
         if isinstance(message, KeepAlive):
-            session.keep_alive(now)  # the idle clock restarts, within max_keepalive_hold (§5.9); no reply
+            session.keep_alive(now)  # the idle clock restarts, within max_keepalive_hold (§5.9.1); no reply
             return []
         if isinstance(message, Step):
             session.touch(now)

@@ -50,7 +50,7 @@ class Session:
     peer: Any = field(repr=False)  # the authenticated peer that opened the session
     upstream: Any = field(default=None, repr=False)  # the one peer whose Push counts (§5.10); None: nobody
     last_activity: float = 0.0  # the last Step, Push or KeepAlive (§5.9): the idle clock
-    last_work: float = 0.0  # the last Step or Push: bounds what keepalives alone may hold (§5.9)
+    last_work: float = 0.0  # the last Step or Push: bounds what keepalives alone may hold (§5.9.1)
     is_open: bool = False  # False while its cache is being allocated
     cache: Any = field(default=None, repr=False)  # models.blocks.SpanCache once allocated
     length: int = 0  # positions (columns) held in the cache, padding included (§5.6)
@@ -69,11 +69,11 @@ class Session:
         self.last_activity = self.last_work = now
 
     def keep_alive(self, now: float) -> None:
-        """A ``KeepAlive`` arrived: the idle clock restarts, the last work stays (§5.9)."""
+        """A ``KeepAlive`` arrived: the idle clock restarts, the last work stays (§5.9.1)."""
         self.last_activity = max(self.last_activity, now)
 
     def idle_deadline(self, idle_timeout: float, max_keepalive_hold: float = 0.0) -> float:
-        """When the session closes as idle (§5.9): ``idle_timeout`` after its last ``Step``, ``Push`` or
+        """When the session closes as idle (§5.9, §5.9.1): ``idle_timeout`` after its last ``Step``, ``Push`` or
         ``KeepAlive``, and keepalives alone hold it at most ``max_keepalive_hold`` after its last
         ``Step`` or ``Push`` (never less than ``idle_timeout`` after it)."""
         return min(self.last_activity + idle_timeout, self.last_work + max(idle_timeout, max_keepalive_hold))

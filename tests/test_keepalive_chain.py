@@ -1,12 +1,13 @@
 """A chain step longer than the nodes' idle timeout, over real node processes (spec/messages.md §5.9.1).
 
 Issue 22's last defect: a long prefill through slow nodes made the later nodes close their sessions
-as idle while they waited for the first node's ``Push``. Here the first node takes 4.5 s more for
-its prefill (tests/broken_node.py ``slow-prefill``) and both nodes close sessions idle for 1.5 s:
-the client keeps the chain's sessions alive while the step's results are awaited, so the greedy
-tokens equal transformers' on the same checkpoint with no session closed (no failover, no replay).
-Without the client's ``KeepAlive`` the second node closes its session during the prefill (checked by
-hand: the generate then fails over). The rules are tested sans-IO in tests/test_node_keepalive.py and
+as idle while they waited for the first node's ``Push``, and the first node close its own while the
+later ones computed. Here each of two nodes takes 3 s more for its prefill (tests/broken_node.py
+``slow-prefill``) and both close sessions idle for 1.5 s: the second waits twice its idle timeout
+for the push, the first as long for the second. The client keeps the chain's sessions alive while
+the step's results are awaited, so the greedy tokens equal transformers' on the same checkpoint with
+no session closed (no failover, no replay). Without the client's ``KeepAlive`` a node closes its
+session during the prefill (checked by hand: the generate then fails). The rules are tested sans-IO in tests/test_node_keepalive.py and
 tests/test_client_keepalive.py.
 """
 
@@ -26,7 +27,7 @@ from biopetals.client import AutoDistributedModelForCausalLM
 pytestmark = [pytest.mark.timeout(120), pytest.mark.exactness]
 
 IDLE = "1.5"  # s, both nodes' --idle-timeout
-SLOW = "4.5"  # s more for the first node's prefill: three idle timeouts
+SLOW = {"BIOPETALS_BROKEN": "slow-prefill", "BIOPETALS_SLOW_STEP": "3.0"}  # s more for a prefill: 2 idle timeouts
 NEW = 4
 
 
@@ -37,11 +38,10 @@ def test_a_prefill_longer_than_the_idle_timeout_keeps_every_session(tmp_path, mo
     with Swarm(tmp_path) as swarm:
         swarm.start_dht()  # both nodes join through it, starting at once
         monkeypatch.setattr(support_swarm, "NODE_COMMAND", BROKEN_NODE)
-        slow = swarm.spawn_node(checkpoint, "--blocks", "0:4", "--no-benchmark", "--idle-timeout", IDLE,
-                                env={"BIOPETALS_BROKEN": "slow-prefill", "BIOPETALS_SLOW_STEP": SLOW})
-        monkeypatch.undo()
-        fast = swarm.spawn_node(checkpoint, "--blocks", "4:8", "--no-benchmark", "--idle-timeout", IDLE)
-        swarm.wait_ready(slow), swarm.wait_ready(fast)
+        nodes = [swarm.spawn_node(checkpoint, "--blocks", blocks, "--no-benchmark", "--idle-timeout", IDLE, env=SLOW)
+                 for blocks in ("0:4", "4:8")]
+        for node in nodes:
+            swarm.wait_ready(node)
         # the step deadline must not be what ends the slow prefill: only the idle timeout is under test
         model = AutoDistributedModelForCausalLM.from_pretrained(
             checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32",

@@ -35,7 +35,11 @@ Deadlines (``step_deadline``): how long to wait for one span's result of one
 inference step before calling its node stalled. The same cost model gives the
 expected time, scaled by a slack factor and kept within ``[floor, ceiling]``, so a
 stalled node is replaced after seconds, not after a fixed minute, while a long
-prefill on a slow node still gets the time it needs.
+prefill on a slow node still gets the time it needs. The ceiling is per
+``ceiling_tokens`` of the step's work (``batch x tokens``): a node announcing an
+absurdly low throughput cannot make a decode step wait past the ceiling, yet a
+4096-token prefill on slow CPU nodes (minutes on an 8B-shaped span, issue 22) is
+not cut off at one ceiling's worth of time.
 """
 
 from __future__ import annotations
@@ -218,7 +222,8 @@ class DeadlineParams:
 
     floor: float = 5.0  # s, no deadline is shorter (scheduling noise, a busy node's queue)
     factor: float = 8.0  # slack: deadline = factor x expected time
-    ceiling: float = 60.0  # s, no deadline is longer, whatever the estimate
+    ceiling: float = 60.0  # s per ``ceiling_tokens`` of work: no deadline is longer, whatever the estimate
+    ceiling_tokens: int = 512  # batch x tokens one ceiling covers (a node's default compute slice)
 
 
 def expected_step_time(
@@ -244,9 +249,11 @@ def expected_step_time(
     return compute + 2 * max(rtt, params.min_rtt)
 
 
-def step_deadline(expected: float, params: DeadlineParams = DeadlineParams()) -> float:
-    """``clamp(factor x expected, floor, ceiling)``: seconds to wait for one span's result."""
-    return min(params.ceiling, max(params.floor, params.factor * expected))
+def step_deadline(expected: float, params: DeadlineParams = DeadlineParams(), work: int = 1) -> float:
+    """``clamp(factor x expected, floor, ceiling x ceil(work / ceiling_tokens))``: seconds to wait for
+    one span's result of a step of ``work`` = batch x tokens new tokens."""
+    ceiling = params.ceiling * max(1, math.ceil(max(1, work) / max(1, params.ceiling_tokens)))
+    return min(ceiling, max(params.floor, params.factor * expected))
 
 
 def find_route(

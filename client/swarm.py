@@ -83,9 +83,10 @@ class ClientConfig:
     # such as biopetals-api that may start before the swarm, and answers 503 meanwhile).
     require_join: bool = True
     # Deadline for each span's result of one inference step (adaptive, ``routing.step_deadline``):
-    #   clamp(step_timeout_factor x expected, step_timeout_floor, step_timeout), where expected is
-    #   the step's tokens over the node's announced throughput (its share of the span) + 2 x RTT.
-    step_timeout: float = 60.0  # s, ceiling: no step waits longer, whatever the estimate
+    #   clamp(step_timeout_factor x expected, step_timeout_floor, step_timeout x ceil(work / 512)),
+    #   where expected is the step's tokens over the node's announced throughput (its share of the
+    #   span) + 2 x RTT, and work is the step's batch x tokens (a long prefill gets a longer ceiling).
+    step_timeout: float = 60.0  # s, ceiling per 512 tokens of a step: no step waits longer, whatever the estimate
     step_timeout_floor: float = 5.0  # s, no step deadline is shorter
     step_timeout_factor: float = 8.0  # slack over the expected time
     stall_ban: float = 30.0  # s, a peer that missed a deadline is avoided at least this long
@@ -329,7 +330,7 @@ class RemoteSwarm:
                                       cfg.routing)
         params = DeadlineParams(floor=min(cfg.step_timeout_floor, cfg.step_timeout), factor=cfg.step_timeout_factor,
                                 ceiling=cfg.step_timeout)
-        return step_deadline(expected, params)
+        return step_deadline(expected, params, work=batch * tokens)
 
     def failed(self, failure: PeerFailure) -> None:
         # A missed deadline (a stalled node) is avoided at least ``stall_ban``; other failures

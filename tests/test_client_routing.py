@@ -176,7 +176,14 @@ def test_step_deadline_is_clamped_between_floor_and_ceiling():
     params = DeadlineParams(floor=2.0, factor=8.0, ceiling=60.0)
     assert step_deadline(0.01, params) == 2.0  # a fast decode step: the floor
     assert step_deadline(1.0, params) == 8.0  # factor x expected
-    assert step_deadline(100.0, params) == 60.0  # a huge prefill on a slow node: the ceiling
+    assert step_deadline(100.0, params) == 60.0  # a decode step on a node announcing a crawl: the ceiling
+    # The ceiling is per 512 tokens of work: a 4096-token prefill on slow nodes may take 8 ceilings
+    # (issue 22: minutes on an 8B-shaped CPU span), never more.
+    assert step_deadline(100.0, params, work=512) == 60.0
+    assert step_deadline(100.0, params, work=513) == 120.0
+    assert step_deadline(100.0, params, work=4096) == 480.0
+    assert step_deadline(1000.0, params, work=4096) == 480.0
+    assert step_deadline(0.01, params, work=4096) == 2.0  # the floor still holds for a fast node
 
 
 def test_banned_peer_is_a_last_resort_only_for_blocks_nobody_else_serves():

@@ -1,4 +1,4 @@
-"""How a large Forward/Backward is cut into bounded slices of compute, so other peers' steps run between them.
+"""How a large Forward/Backward or a long session step is cut into bounded slices, so other peers' steps run between them.
 
 Issue 21 (item 6): one maximum-size ``Forward`` (8192 tokens) held the node's single worker for
 its whole duration, so a fair queue (node/fair_queue.py) could not help an honest decode step
@@ -26,7 +26,7 @@ step's rows and consecutive columns, ``rows x columns <= slice_tokens`` (at leas
 so a 4096-token prefill no longer holds the worker for its whole compute. A chunk's mask is the
 step's whole-row mask up to the chunk's last column, and it gets the part of the step's deep
 prompts (which apply to the step's first ``prefix`` columns) that its columns cover: the cut is
-exact. If a chunk fails, the backend cuts the cache back to its length before the step
+exact. If a chunk fails, the backend puts the cache back as it was before the step
 (spec/messages.md §2.6, §5.6.1).
 
 Sans-IO: this module only plans; node/backend.py runs the slices.

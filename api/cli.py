@@ -19,10 +19,11 @@ import argparse
 import logging
 import socket
 import sys
+from typing import Any
 
 from biopetals.transport.swarm_options import add_swarm_options, check_swarm_options, swarm_key_of
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "engine_options", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the swarm with each step of greedy requests (temperature 0), whose output it never "
                         "changes; pays on slow links, costs compute on busy nodes (README 'Speculative decoding'); "
                         "a request's 'prompt_lookup' field overrides it (0..32; default 0: off)")
+    p.add_argument("--verify", type=_rate, default=0.0, metavar="P",
+                   help="verified computation: the fraction of steps (per span) recomputed on an independent replica "
+                        "and compared; a node proven to lie is avoided and its work redone (0.05: one step in 20; "
+                        "1: every step, about half the speed; README 'Verified computation'; default 0: off)")
+    p.add_argument("--verify-evidence-dir", metavar="DIR", default=None,
+                   help="with --verify, write the evidence of every disagreement here (evidence.jsonl and the "
+                        "tensors as safetensors); default: the log only")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return p
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Engine``'s keyword arguments (the client's ``from_pretrained`` options among them) from the options."""
+    return dict(max_sessions=args.max_sessions, served_name=args.served_model_name,
+                max_tokens_default=args.max_tokens_default, codec=args.codec, model_name=args.model_name,
+                step_timeout=args.step_timeout, prompt_lookup=args.prompt_lookup, verify=args.verify,
+                verify_evidence_dir=args.verify_evidence_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
 
     try:
-        engine = Engine(args.model, initial_peers=args.initial_peers, swarm_key=swarm_key,
-                        max_sessions=args.max_sessions, served_name=args.served_model_name,
-                        max_tokens_default=args.max_tokens_default, codec=args.codec, model_name=args.model_name,
-                        step_timeout=args.step_timeout, prompt_lookup=args.prompt_lookup)
+        engine = Engine(args.model, initial_peers=args.initial_peers, swarm_key=swarm_key, **engine_options(args))
     except (ModelConfigError, OSError) as exc:
         print(f"biopetals-api: {exc}", file=sys.stderr)
         return 2

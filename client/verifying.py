@@ -106,10 +106,18 @@ async def check_backward(swarm: "RemoteSwarm", records: list[tuple[RouteSpan, to
 
 
 def _history_until(span: ChainSpan, fed: Fed) -> list[Fed]:
+    """``span``'s input history up to ``fed`` included: what a replica recomputes for the step.
+
+    ``SessionChain.records`` only names steps that the span's history holds; a step missing from
+    it is a bug, and checking it alone (without the columns before it) would compare the wrong
+    computation, so it raises instead of verifying anything."""
     for i, f in enumerate(span.history):
         if f is fed:
             return span.history[:i + 1]
-    return [fed]  # not in the history (cannot happen): the step alone
+    raise RuntimeError(
+        f"internal error: the step {fed.step_id} at position {fed.position} is not in the history of blocks "
+        f"{span.start}:{span.end} on {span.peer_id}; it cannot be verified (a bug in the client, please report it)"
+    )
 
 
 async def _check(swarm: "RemoteSwarm", kind: str, server: ServerSpan, start: int, end: int, inputs: torch.Tensor,

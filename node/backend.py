@@ -16,17 +16,19 @@ runs exactly as before. If the batched call fails, the caches are rolled back an
 the steps run one by one, so one bad step fails only its own session. Measured on
 2 CPU cores (SmolLM2-135M, 30 blocks, fp32): 8 sessions take 92 ms batched instead
 of 434 ms one by one. Only steps with the same server-side adapter (spec/messages.md §6.3)
-share a batched call, run under that adapter (``AdapterSet.use``). A session's step (a
-prefill too) is one call; a large Forward or Backward runs as slices of at most
-``slice_tokens`` tokens (node/slices.py: whole rows, or column chunks of a long Forward row
-over a KV cache reserved for the peer), each queued fairly on its own, so other peers' steps
-run between them (issue 21). See spec/messages.md §5 and §6.
+share a batched call, run under that adapter (``AdapterSet.use``). A large Forward or
+Backward runs as slices of at most ``slice_tokens`` tokens (node/slices.py: whole rows, or
+column chunks of a long Forward row over a KV cache reserved for the peer), and a session
+step over that bound (a long prefill) as column chunks appended to the session's own cache,
+rolled back as a whole if any chunk fails; each slice or chunk is queued fairly on its own,
+so other peers' steps run between them (issue 21). See spec/messages.md §5 and §6.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from biopetals.models.step import SpanStep
 from biopetals.node.adapters import AdapterSet
 from biopetals.node.budget import CacheBudget
 from biopetals.node.fair_queue import MAX_QUEUE_PER_PEER, FairQueue, current_peer
-from biopetals.node.slices import SLICE_TOKENS, plan_slices
+from biopetals.node.slices import SLICE_TOKENS, Slice, plan_slices, plan_step_chunks, step_chunk
 from biopetals.protocol.errors import ErrorCode, RemoteProtocolError
 from biopetals.protocol.tensors import Codec
 
@@ -238,9 +240,15 @@ class Backend:
             entry[1]()
 
     async def run_step(
-        self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None
+        self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """``step`` on the worker; decode steps may share one batched call with other sessions'."""
+        """``step`` on the worker; decode steps may share one batched call with other sessions'. A step
+        over ``slice_tokens`` (a long prefill) runs in column chunks, each queued fairly on its own
+        (``_run_step_chunks``); ``alive`` says whether the session is still open between two chunks."""
+        chunks = plan_step_chunks(step.batch, step.tokens, self.slice_tokens)
+        if len(chunks) > 1:
+            return await self._run_step_chunks(view, cache, step, codec, adapter, chunks, alive)
         if not step.batchable or cache.length != step.position:  # a rollback (§5.6) runs alone
             return await self.run(self.step, view, cache, step, codec, adapter)
         self._check_room()
@@ -254,6 +262,35 @@ class Backend:
             return await asyncio.wrap_future(item.future)
         finally:
             self._queued -= 1
+
+    async def _run_step_chunks(
+        self, view: BlockSpan, cache: SpanCache, step: SpanStep, codec: Codec, adapter: str | None,
+        chunks: list[Slice], alive: Callable[[], bool] | None,
+    ) -> torch.Tensor:
+        """A session step in column chunks appended to the session's own cache (node/slices.py), each
+        its own job in the fair queue (never in a batched call): exact, as causal attention reads only
+        earlier columns. A ``truncate`` step (§5.6) cuts the cache first. Atomic (§2.6, §5.6.1): if a
+        chunk fails, the session closes or the task is cancelled, the cache is put back as it was
+        before the step, overwritten columns included, on the worker before the error goes on."""
+        # The session's one step in flight: no job touches its cache now, so the (cheap) cut runs here.
+        before, padding = cache.length, cache.padding_mask
+        saved = _cut(cache, step.position, step.tokens) if step.position < before else None
+        outs = []
+        try:
+            for chunk in chunks:
+                if alive is not None and not alive():
+                    raise RemoteProtocolError(ErrorCode.UNKNOWN_SESSION, "the session closed while its step ran")
+                outs.append(await self.run(self.step, view, cache, step_chunk(step, chunk), codec, adapter))
+        except BaseException:
+            restore = functools.partial(_restore, cache, before, padding, step.position, saved)
+            try:  # after the chunk the worker may still be computing (a cancelled wait does not stop it)
+                done = self._executor.submit(restore)
+            except RuntimeError:  # the executor shut down: the node stops, nothing else runs
+                restore()
+            else:
+                await asyncio.shield(asyncio.wrap_future(done))
+            raise
+        return torch.cat(outs, dim=1)
 
     def _check_room(self) -> None:
         if self._queued >= self.max_queue:
@@ -282,10 +319,7 @@ class Backend:
         ``truncate`` step, §5.6) first cuts the cache to its position; if it then fails, the
         columns it overwrote are put back too."""
         before, padding = cache.length, cache.padding_mask
-        overwritten = None
-        if step.position < before:
-            overwritten = _columns(cache, step.position, min(before, step.position + step.tokens))
-            _rollback(cache, step.position, None if padding is None else padding[:, : step.position])
+        overwritten = _cut(cache, step.position, step.tokens) if step.position < before else None
         try:
             with self.adapters.use(adapter):
                 out = view.run_step(step, cache)
@@ -293,9 +327,7 @@ class Backend:
             self.stats.tokens += step.batch * step.tokens
             return out
         except BaseException:
-            if overwritten is not None:
-                _put_columns(cache, step.position, overwritten)
-            _rollback(cache, before, padding)
+            _restore(cache, before, padding, step.position, overwritten)
             raise
 
     def _drain(self, item: _Decode) -> None:
@@ -422,6 +454,26 @@ def _rollback(cache: SpanCache, length: int, padding: torch.Tensor | None) -> No
         layer.cumulative_length.fill_(length)
     cache.length = length
     cache.padding_mask = padding
+
+
+def _cut(cache: SpanCache, position: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A ``truncate`` step's cut (§5.6.1): the cache to ``position`` columns; returns the columns its
+    ``tokens`` will overwrite, for ``_restore``."""
+    saved = _columns(cache, position, min(cache.length, position + tokens))
+    padding = cache.padding_mask
+    _rollback(cache, position, None if padding is None else padding[:, :position])
+    return saved
+
+
+def _restore(
+    cache: SpanCache, length: int, padding: torch.Tensor | None, position: int,
+    saved: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> None:
+    """Put ``cache`` back as it was before a failed step: the columns it overwrote from ``position``
+    (``saved``, None: none), then its length and padding mask (§2.6)."""
+    if saved is not None:
+        _put_columns(cache, position, saved)
+    _rollback(cache, length, padding)
 
 
 def _columns(cache: SpanCache, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Forward/Backward of more tokens is computed in slices of whole rows of at most N tokens, "
                         "each queued fairly, so other peers' steps run in between; a Forward row longer than N runs in "
                         "chunks of N columns over a KV cache of the row, reserved like a session's (BUSY if it does "
-                        f"not fit) (default {SLICE_TOKENS})")
+                        "not fit); a session step of more tokens (a long prefill) runs in column chunks of at most N "
+                        f"tokens appended to the session's cache (default {SLICE_TOKENS})")
     p.add_argument("--adapters", nargs="+", default=[], type=_adapter, metavar="NAME=PATH",
                    help="server-side LoRA adapters to serve: peft directories (adapter_config.json + "
                         "adapter_model.safetensors); only this node's blocks' tensors are loaded, and clients choose "

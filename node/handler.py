@@ -298,7 +298,8 @@ class NodeService:
     async def _run_step(self, run: RunStep) -> list[Action]:
         view = self.backend.view(run.start, run.end)
         try:
-            out = await self.backend.run_step(view, run.cache, run.step, run.codec, run.adapter)
+            out = await self.backend.run_step(view, run.cache, run.step, run.codec, run.adapter,
+                                              alive=lambda: run.session_id in self.sessions)  # a long step's chunks
         except ProtocolError as exc:  # BUSY, NON_FINITE: the session is as it was (§2.6)
             return self.sessions.step_failed(run.session_id, run.step_id, error_from_exception(exc, run.step_id))
         except Exception as exc:

@@ -1,4 +1,4 @@
-"""How a large Forward/Backward is cut into bounded slices of compute, so other peers' steps run between them.
+"""How a large Forward/Backward or a long session step is cut into bounded slices, so other peers' steps run between them.
 
 Issue 21 (item 6): one maximum-size ``Forward`` (8192 tokens) held the node's single worker for
 its whole duration, so a fair queue (node/fair_queue.py) could not help an honest decode step
@@ -20,6 +20,15 @@ Two cuts keep the result exact (the same computation, up to floating-point summa
   (§6.1: positions ``0 .. tokens - 1``). The first chunk holds every prompt position.
   A ``Backward`` is cut by rows only (its gradient would have to flow back through the cache).
 
+A session's ``Step``/``Push`` over the bound (a long prefill) is cut the second way too, into
+the session's *own* KV cache (``plan_step_chunks``, ``step_chunk``): every chunk holds all the
+step's rows and consecutive columns, ``rows x columns <= slice_tokens`` (at least one column),
+so a 4096-token prefill no longer holds the worker for its whole compute. A chunk's mask is the
+step's whole-row mask up to the chunk's last column, and it gets the part of the step's deep
+prompts (which apply to the step's first ``prefix`` columns) that its columns cover: the cut is
+exact. If a chunk fails, the backend puts the cache back as it was before the step
+(spec/messages.md §2.6, §5.6.1).
+
 Sans-IO: this module only plans; node/backend.py runs the slices.
 """
 
@@ -28,7 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SLICE_TOKENS", "Slice", "plan_slices"]
+from biopetals.models.step import SpanStep
+
+__all__ = ["SLICE_TOKENS", "Slice", "plan_slices", "plan_step_chunks", "step_chunk"]
 
 #: Default bound of one slice's compute, in tokens (rows x columns); ``--compute-slice-tokens``.
 SLICE_TOKENS: Final = 512
@@ -71,3 +82,41 @@ def plan_slices(
         cuts.append(cuts[-1] + slice_tokens)
     cuts[-1] = tokens
     return [Slice(r, r + 1, c0, c1) for r in range(batch) for c0, c1 in zip(cuts, cuts[1:])]
+
+
+def plan_step_chunks(batch: int, tokens: int, slice_tokens: int = SLICE_TOKENS) -> list[Slice]:
+    """The column chunks of a session step ``[batch, tokens]``, in the order they run.
+
+    One chunk (the whole step) when ``batch x tokens <= slice_tokens``; else chunks of every row
+    and ``max(1, slice_tokens // batch)`` consecutive columns (the last one shorter). Rows are never
+    cut: they share the session's cache. A batch wider than the bound runs one column per chunk.
+    """
+    if batch < 1 or tokens < 1 or slice_tokens < 1:
+        raise ValueError("batch, tokens and slice_tokens must be >= 1")
+    if batch * tokens <= slice_tokens:
+        return [Slice(0, batch, 0, tokens)]
+    width = max(1, slice_tokens // batch)
+    return [Slice(0, batch, c, min(c + width, tokens)) for c in range(0, tokens, width)]
+
+
+def step_chunk(step: SpanStep, chunk: Slice) -> SpanStep:
+    """The part of ``step`` in ``chunk``'s columns, as a step of its own after the columns before it.
+
+    Position ``step.position + col0``; rotary positions and hidden states of its columns; the
+    whole-row mask up to its last column (what the cache holds after it); the deep prompts' columns
+    it covers (None past the prompts' ``prefix``).
+    """
+    c0, c1 = chunk.col0, chunk.col1
+    if (chunk.row0, chunk.row1) != (0, step.batch) or not 0 <= c0 < c1 <= step.tokens:
+        raise ValueError(f"chunk {chunk} is not a column range of a [{step.batch}, {step.tokens}] step")
+    prompts = step.prompts
+    if prompts is not None:
+        prompts = prompts[:, :, c0:c1] if c0 < prompts.shape[2] else None
+    return SpanStep(
+        hidden=step.hidden[:, c0:c1],
+        position=step.position + c0,
+        positions=step.positions[:, c0:c1],
+        mask=step.mask[:, : step.position + c1] if step.mask is not None else None,
+        prompts=prompts,
+        all_real=step.all_real,
+    )

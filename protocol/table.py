@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
+from biopetals.protocol.codec_names import Codec
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from biopetals.protocol.identity import PeerId
 from biopetals.protocol.multiaddr import Multiaddr

@@ -12,7 +12,6 @@ it raises only ``RemoteProtocolError``.
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Final
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import zstandard
 
+from biopetals.protocol.codec_names import Codec
 from biopetals.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from biopetals.protocol.limits import (
     MAX_FRAME_BYTES,
@@ -42,15 +42,6 @@ __all__ = [
     "unpack_tensor",
     "require_finite",
 ]
-
-
-class Codec(enum.StrEnum):
-    """Codec names as they appear on the wire (spec/tensors.md §4)."""
-
-    F32 = "f32"
-    BF16 = "bf16"
-    F16 = "f16"
-    F16_ZSTD = "f16+zstd"
 
 
 #: Wire-map keys (spec/tensors.md §3.1).

@@ -118,3 +118,22 @@ def test_a_request_error_is_the_caller_s_400_and_a_swarm_failure_a_503():
     assert "MAX_BATCH" in refused.message
     failed = swarm_error(SwarmError("blocks 3:8 have no live node.", [PeerFailure("12D3KooWx", "reset")]))
     assert (failed.status, failed.code) == (503, "swarm_failed")
+
+
+def test_verify_options_reach_the_client(tmp_path):
+    """``--verify P`` and ``--verify-evidence-dir`` go to the client's ``from_pretrained`` (through Engine);
+    default 0 (off); a rate outside [0, 1] is refused by the parser (exit status 2)."""
+    from biopetals.api.cli import build_parser, engine_options
+
+    base = ["--model", "m", "--public", "--initial-peers", "/ip4/127.0.0.1/tcp/31337/p2p/" + "12D3KooW" + "A" * 44]
+    parser = build_parser()
+    default = engine_options(parser.parse_args(base))
+    assert default["verify"] == 0.0 and default["verify_evidence_dir"] is None
+    options = engine_options(parser.parse_args(base + ["--verify", "0.05", "--verify-evidence-dir", str(tmp_path)]))
+    assert options["verify"] == 0.05 and options["verify_evidence_dir"] == str(tmp_path)
+    assert options["prompt_lookup"] == 0 and options["codec"] == "f16"  # the other options still pass
+    for bad in ("1.5", "-0.1", "nan", "often"):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(base + ["--verify", bad])
+        assert info.value.code == 2
+    assert "--verify P" in parser.format_help() and "--verify-evidence-dir" in parser.format_help()

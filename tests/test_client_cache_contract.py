@@ -16,10 +16,10 @@ import pytest
 import torch
 from support_models import make_tiny_checkpoint
 from support_swarm import RawClient
+from support_two_nodes import f32_client, swarm  # noqa: F401 (``swarm`` is a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from biopetals.client import AutoDistributedModelForCausalLM, RemoteCache, UnsupportedTransformersError
-from biopetals.client.local_swarm import LocalSwarm
+from biopetals.client import RemoteCache, UnsupportedTransformersError
 from biopetals.models.transformers_contract import cache_keyword_of
 from biopetals.protocol.messages import NodeInfoRequest
 from biopetals.transport.keyfiles import load_swarm_key
@@ -38,15 +38,8 @@ def reference(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def swarm(checkpoint):
-    with LocalSwarm(checkpoint, [(0, 4), (4, 8)]) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def model(checkpoint, swarm):
-    m = AutoDistributedModelForCausalLM.from_pretrained(
-        checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", step_timeout=30.0)
+    m = f32_client(checkpoint, swarm, step_timeout=30.0)
     yield m
     m.close()
 

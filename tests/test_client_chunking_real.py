@@ -16,11 +16,10 @@ import time
 import pytest
 import torch
 from support_models import make_tiny_checkpoint
+from support_two_nodes import f32_client, swarm  # noqa: F401 (``swarm`` is a fixture)
 from transformers import AutoModelForCausalLM
 
-from biopetals.client import AutoDistributedModelForCausalLM
 from biopetals.client.errors import RequestError
-from biopetals.client.local_swarm import LocalSwarm
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.exactness]
 
@@ -35,17 +34,9 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm(checkpoint):
-    with LocalSwarm(checkpoint, [(0, 4), (4, 8)]) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def model(checkpoint, swarm):
     """The client under the lowered element limit, and transformers' model of the same checkpoint."""
-    m = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                        swarm_key=swarm.key_path, codec="f32",
-                                                        max_message_elements=LIMIT)
+    m = f32_client(checkpoint, swarm, max_message_elements=LIMIT)
     yield m, AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     m.close()
 

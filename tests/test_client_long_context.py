@@ -6,7 +6,10 @@ rope scaling (``rope_type: llama3``, factor 8 over 8192 original positions), ser
 (``--max-session-tokens``). A prompt longer than 8192 tokens gets the same greedy tokens
 as transformers' own model (f32 activations, logits within 1e-4); a session longer than
 the model's positions is refused before anything is sent. MAX_SEQUENCE_LENGTH is
-spec/tensors.md §2 (revision 2: Llama-3.1's 131072).
+spec/tensors.md §2 (revision 2: Llama-3.1's 131072). The prefill step is over the nodes'
+``--compute-slice-tokens`` (1000 here), so both nodes (the first given the ``Step``, the second
+the ``Push``) compute it in 9 column chunks over the session's cache (node/slices.py), the last
+one shorter: this is the real-swarm check that chunked prefills give transformers' tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.exactness]
 POSITIONS = 16384
 PROMPT = 8300  # over Llama-3's 8192
 NEW = 4
+SLICE = 1000  # the nodes compute the prefill in 9 chunks (node/slices.py)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,8 @@ def test_a_prompt_beyond_8192_tokens_equals_transformers_and_an_over_long_sessio
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = reference.generate(ids, **kwargs)
-    with LocalSwarm(checkpoint, [(0, 1), (1, 2)], extra_args=["--max-session-tokens", str(POSITIONS)]) as swarm:
+    with LocalSwarm(checkpoint, [(0, 1), (1, 2)], extra_args=["--max-session-tokens", str(POSITIONS),
+                                                                  "--compute-slice-tokens", str(SLICE)]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             checkpoint, initial_peers=swarm.initial_peers, swarm_key=swarm.key_path, codec="f32", step_timeout=120.0)
         try:

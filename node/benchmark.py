@@ -6,7 +6,8 @@ each measurement stops after ``budget`` seconds so a big span does not delay
 start-up for long. ``cached_throughput`` first looks in the throughput cache
 (node/throughput_cache.py, node/throughput_store.py): a start with the same facts
 (architecture, block count, dtype, quant, device, torch and its threads) reads the
-numbers instead of measuring them again, as Petals does.
+numbers instead of measuring them again, as Petals does; nodes of one machine measure
+one at a time, and one that waited reads what the other measured.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from biopetals.models.blocks import BlockSpan
 from biopetals.models.config import config_fingerprint
 from biopetals.node.backend import set_threads
 from biopetals.node.throughput_cache import MeasureFacts, Throughput
-from biopetals.node.throughput_store import read_cached, write_cached
+from biopetals.node.throughput_store import read_or_measure
 
 if TYPE_CHECKING:
     from biopetals.node.options import NodeOptions
@@ -115,19 +116,12 @@ def cached_throughput(span: BlockSpan, quant: str, cache: Path | None,
                       measure: Callable[[BlockSpan], tuple[float, float]] = measure_throughput,
                       ) -> tuple[tuple[float, float], bool]:
     """``(throughput, from the cache)``: the cached numbers for ``span`` if ``cache`` (a file path)
-    has them, else ``measure(span)``, then stored there. ``cache`` None: measure, store nothing."""
+    has them, else ``measure(span)``, then stored there (node/throughput_store.py, one node of a
+    machine measuring at a time). ``cache`` None: measure, store nothing."""
     if cache is None:
         return measure(span), False
-    facts = measure_facts(span, quant)
-    hit = read_cached(cache, facts)
-    if hit is not None:
-        return (hit.inference_tps, hit.forward_tps), True
-    throughput = measure(span)
-    try:
-        write_cached(cache, facts, Throughput(*throughput), time.time())
-    except ValueError:  # not a number worth keeping (e.g. 0 tokens/s): measured again next time
-        pass
-    return throughput, False
+    found, hit = read_or_measure(cache, measure_facts(span, quant), lambda: Throughput(*measure(span)))
+    return (found.inference_tps, found.forward_tps), hit
 
 
 def span_throughput(options: "NodeOptions", span: BlockSpan,

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import logging
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,7 +17,7 @@ from biopetals.node.throughput_cache import (
     FORMAT, MAX_ENTRIES, MAX_FILE_BYTES, VERSION, MeasureFacts, Throughput, cache_path_option, default_cache_path,
     lookup, merge, parse_cache,
 )
-from biopetals.node.throughput_store import read_cached, write_cached
+from biopetals.node.throughput_store import read_cached, read_or_measure, write_cached
 from support_models import tiny_llama_checkpoint  # noqa: F401  (session fixture)
 
 FACTS = MeasureFacts(config="ab" * 32, blocks=4, max_length=256, dtype="float32", quant="none", attention="sdpa",
@@ -191,3 +193,46 @@ def test_cli_option(tmp_path, monkeypatch):
     for argv, expected in ((base, tmp_path / "throughput.json"), ([*base, "--throughput-cache", "none"], None),
                            ([*base, "--throughput-cache", str(tmp_path / "x.json")], tmp_path / "x.json")):
         assert _options(build_parser().parse_args(argv), identity).throughput_cache == expected
+
+
+def _counting(value: Throughput, seconds: float = 0.0):
+    calls = []
+
+    def measure() -> Throughput:
+        calls.append(1)
+        time.sleep(seconds)
+        return value
+    return measure, calls
+
+
+def test_nodes_of_one_machine_measure_one_at_a_time_and_the_waiting_one_reads(tmp_path):
+    """Two nodes with the same facts start together: one measures under the lock, the other
+    waits and reads its result (as Petals' lock does)."""
+    path = tmp_path / "throughput.json"
+    measure, calls = _counting(TPS, seconds=0.3)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: read_or_measure(path, FACTS, measure), range(2)))
+    assert len(calls) == 1
+    assert sorted(hit for _, hit in results) == [False, True] and {tps for tps, _ in results} == {TPS}
+
+
+def test_a_held_lock_is_waited_for_a_bounded_time(tmp_path, caplog):
+    import fcntl
+
+    path = tmp_path / "throughput.json"
+    measure, calls = _counting(TPS)
+    with open(tmp_path / "throughput.json.lock", "a+b") as other:  # another node, measuring for ever
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with caplog.at_level(logging.WARNING, logger="biopetals.node.throughput"):
+            assert read_or_measure(path, FACTS, measure, lock_wait=0.2) == (TPS, False)
+    assert calls == [1] and "still locked" in caplog.text
+    assert read_cached(path, FACTS) == TPS  # stored all the same
+
+
+def test_a_number_not_worth_keeping_is_not_stored(tmp_path, caplog):
+    path = tmp_path / "throughput.json"
+    measure, calls = _counting(Throughput(0.0, 0.0))
+    with caplog.at_level(logging.WARNING, logger="biopetals.node.throughput"):
+        assert read_or_measure(path, FACTS, measure) == (Throughput(0.0, 0.0), False)
+        assert read_or_measure(path, FACTS, measure) == (Throughput(0.0, 0.0), False)
+    assert calls == [1, 1] and "not stored" in caplog.text

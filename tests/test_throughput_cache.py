@@ -236,3 +236,19 @@ def test_a_number_not_worth_keeping_is_not_stored(tmp_path, caplog):
         assert read_or_measure(path, FACTS, measure) == (Throughput(0.0, 0.0), False)
         assert read_or_measure(path, FACTS, measure) == (Throughput(0.0, 0.0), False)
     assert calls == [1, 1] and "not stored" in caplog.text
+
+
+def test_a_node_process_writes_the_cache_and_the_next_one_reads_it(tmp_path, tiny_llama_checkpoint):  # noqa: F811
+    """The wiring, real processes: ``--throughput-cache`` reaches the start-up measurement; a second
+    node with the same facts (4 blocks of the same model) announces the first's numbers unmeasured."""
+    from support_swarm import Swarm
+
+    cache = tmp_path / "cache" / "throughput.json"
+    with Swarm(tmp_path) as swarm:
+        first = swarm.start_node(tiny_llama_checkpoint, "0:4", "--throughput-cache", str(cache))
+        second = swarm.start_node(tiny_llama_checkpoint, "4:8", "--throughput-cache", str(cache))
+        lines = [next(line for line in node.output().splitlines() if "throughput: inference" in line)
+                 for node in (first, second)]
+    assert lines[0].endswith("(measured)") and lines[1].endswith(f"(read from {cache})")
+    assert lines[0].split("throughput: ")[1].split(" (")[0] == lines[1].split("throughput: ")[1].split(" (")[0]
+    assert len(parse_cache(cache.read_bytes()).entries) == 1

@@ -255,6 +255,7 @@ async def _serve(options: NodeOptions, stop: asyncio.Event, out: Callable[[str],
     mark("weights-loaded")
     throughput, cached = (0.0, 0.0), False
     if options.benchmark:
+        # measure_throughput named here, looked up at call time: tests/broken_node.py replaces it in this module
         throughput, cached = await loop.run_in_executor(None, span_throughput, options, span, measure_throughput)
     mark("throughput-measured")
 

@@ -252,3 +252,12 @@ def test_a_node_process_writes_the_cache_and_the_next_one_reads_it(tmp_path, tin
     assert lines[0].endswith("(measured)") and lines[1].endswith(f"(read from {cache})")
     assert lines[0].split("throughput: ")[1].split(" (")[0] == lines[1].split("throughput: ")[1].split(" (")[0]
     assert len(parse_cache(cache.read_bytes()).entries) == 1
+
+
+def test_an_unwritable_cache_directory_only_costs_a_measurement(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    measure, calls = _counting(TPS)
+    with caplog.at_level(logging.WARNING, logger="biopetals.node.throughput"):
+        assert read_or_measure(blocker / "throughput.json", FACTS, measure) == (TPS, False)
+    assert calls == [1] and "no lock" in caplog.text and "not written" in caplog.text

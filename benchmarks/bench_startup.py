@@ -10,8 +10,13 @@ running). Models: a tiny random Llama (8 layers, hidden 64) and a ~1B-shape Llam
 (8 x 2048, as benchmarks/bench_client.py; random weights, written once with
 ``save_pretrained`` into ``--workdir`` and then read from the page cache).
 
-    .venv/bin/python benchmarks/bench_startup.py                  # both models, median of 3
-    .venv/bin/python benchmarks/bench_startup.py --models tiny --repeats 1
+Throughput cache (node/throughput_cache.py): ``cold`` starts every run with a new, empty cache
+file (a node's first start on a machine: the nodes measure, and the second node reads the
+first's entry if it is written in time); ``warm`` with a file a first, untimed start wrote
+(every later start: no node measures); ``none`` passes ``--throughput-cache none`` (always measure).
+
+    .venv/bin/python benchmarks/bench_startup.py                  # both models, cold and warm, median of 3
+    .venv/bin/python benchmarks/bench_startup.py --models tiny --repeats 1 --cache warm
 
 The 1B shape holds ~2.5 GB per copy: run it under the machine's memory lock
 (``flock /work/notes/heavy.lock ...``) where memory is shared.
@@ -23,6 +28,7 @@ import argparse
 import gc
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +53,7 @@ NODE_PHASES = [
     ("heavy-imports", "imports of torch and transformers (after the DHT join)"),
     ("joining-announced", "announce JOINING"),
     ("weights-loaded", "weights"),
-    ("throughput-measured", "start-up throughput measurement"),
+    ("throughput-measured", "start-up throughput measurement (or its cache read)"),
     ("online-announced", "announce ONLINE"),
 ]
 CLIENT_PHASES = ["client from_pretrained", "routing", "first step (1 token)"]
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/biopetals-bench-startup"),
                    help="where the checkpoints are written once (default /tmp/biopetals-bench-startup)")
     p.add_argument("--label", default="this tree", help="the column label, e.g. before/after")
+    p.add_argument("--cache", nargs="+", choices=["cold", "warm", "none"], default=["cold", "warm"],
+                   help="throughput cache of the nodes, one column each (default: cold warm; see above)")
     p.add_argument("--node-args", nargs=argparse.REMAINDER, default=[],
                    help="more biopetals-node options for both nodes (last on the line)")
     args = p.parse_args(argv)
@@ -176,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "config.json").is_file():
             (make_tiny if name == "tiny" else make_1b)(path)
             gc.collect()
-        runs = []
-        for i in range(args.repeats):
-            runs.append(one_run(path, 8, args.node_args))
-            total = runs[-1]["total: first node start to first token"][0]
-            print(f"  {name} run {i + 1}: {total:.2f} s to the first token", file=sys.stderr, flush=True)
-        results["tiny" if name == "tiny" else "1B shape"] = median_phases(runs)
+        label = "tiny" if name == "tiny" else "1B shape"
+        for mode in args.cache:
+            with tempfile.TemporaryDirectory(prefix="bench-startup-cache-") as tmp:
+                warm = Path(tmp) / "warm.json"
+                if mode == "warm":  # a first start writes the cache; not timed
+                    one_run(path, 8, ["--throughput-cache", str(warm), *args.node_args])
+                runs = []
+                for i in range(args.repeats):
+                    cache = {"cold": str(Path(tmp) / f"cold-{i}.json"), "warm": str(warm), "none": "none"}[mode]
+                    runs.append(one_run(path, 8, ["--throughput-cache", cache, *args.node_args]))
+                    total = runs[-1]["total: first node start to first token"][0]
+                    print(f"  {name} {mode} cache, run {i + 1}: {total:.2f} s to the first token", file=sys.stderr,
+                          flush=True)
+            results[f"{label}, {mode} cache"] = median_phases(runs)
     print(f"\n{table(results, args.label)}\n")
     print(f"medians of {args.repeats} start(s); node CPU s is the node process's own; 2 nodes x 4 blocks, fp32, "
           f"CPU; load average now {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")

@@ -115,8 +115,8 @@ class LocalSwarm:
         cmd = [sys.executable, "-m", "biopetals.node.cli", "--model", self.model, "--blocks", f"{start}:{end}",
                "--swarm-key", str(self.key_path), "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
                "--no-progress", "--exit-with-parent", "--public-name", f"local-{len(self.nodes)}"]
-        if not self.benchmark:
-            cmd.append("--no-benchmark")
+        # measuring: a fresh measurement, never a number a user's throughput cache kept (extra_args may name one)
+        cmd += ["--throughput-cache", "none"] if self.benchmark else ["--no-benchmark"]
         if self.threads is not None:
             cmd += ["--num-threads", str(self.threads)]
         peers = self.initial_peers

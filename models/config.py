@@ -37,6 +37,7 @@ equal the directory's ``config.json``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -48,9 +49,6 @@ from transformers import AutoConfig, PretrainedConfig
 
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.manifest import MANIFEST_FILE, NAME_HASH_DIGITS, Manifest, parse_manifest
-from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
-from transformers.models.qwen2 import modeling_qwen2
 
 
 class ModelConfigError(ValueError):
@@ -59,39 +57,42 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """transformers classes and tensor names for one architecture."""
+    """transformers classes and tensor names for one architecture.
+
+    The classes are ``<prefix>DecoderLayer``, ``<prefix>RotaryEmbedding`` and ``<prefix>RMSNorm`` of
+    the transformers module ``module``, imported on first use: a node or client imports only its
+    model's architecture (each more costs ~15 ms of start-up, issue 23 item 5)."""
 
     architecture: str  # the config's ``architectures[0]``
-    decoder_layer: type[torch.nn.Module]
-    rotary_embedding: type[torch.nn.Module]
-    rms_norm: type[torch.nn.Module]
+    module: str
+    prefix: str
     layer_prefix: str = "model.layers."
     embed_tokens: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
 
+    def _class(self, suffix: str) -> type[torch.nn.Module]:
+        return getattr(importlib.import_module(self.module), self.prefix + suffix)
+
+    @property
+    def decoder_layer(self) -> type[torch.nn.Module]:
+        return self._class("DecoderLayer")
+
+    @property
+    def rotary_embedding(self) -> type[torch.nn.Module]:
+        return self._class("RotaryEmbedding")
+
+    @property
+    def rms_norm(self) -> type[torch.nn.Module]:
+        return self._class("RMSNorm")
+
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.architecture: spec
     for spec in (
-        ArchSpec(
-            "LlamaForCausalLM",
-            modeling_llama.LlamaDecoderLayer,
-            modeling_llama.LlamaRotaryEmbedding,
-            modeling_llama.LlamaRMSNorm,
-        ),
-        ArchSpec(
-            "MistralForCausalLM",
-            modeling_mistral.MistralDecoderLayer,
-            modeling_mistral.MistralRotaryEmbedding,
-            modeling_mistral.MistralRMSNorm,
-        ),
-        ArchSpec(
-            "Qwen2ForCausalLM",
-            modeling_qwen2.Qwen2DecoderLayer,
-            modeling_qwen2.Qwen2RotaryEmbedding,
-            modeling_qwen2.Qwen2RMSNorm,
-        ),
+        ArchSpec("LlamaForCausalLM", "transformers.models.llama.modeling_llama", "Llama"),
+        ArchSpec("MistralForCausalLM", "transformers.models.mistral.modeling_mistral", "Mistral"),
+        ArchSpec("Qwen2ForCausalLM", "transformers.models.qwen2.modeling_qwen2", "Qwen2"),
     )
 }
 

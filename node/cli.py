@@ -45,6 +45,7 @@ from biopetals.node.network import open_network
 from biopetals.node.options import NodeOptions, check_blocks
 from biopetals.node.slices import SLICE_TOKENS
 from biopetals.node.startup_trace import mark
+from biopetals.node.throughput_cache import cache_path_option
 from biopetals.weights.limits import ServeLimits
 from biopetals.protocol.errors import ProtocolError
 from biopetals.protocol.identity import Identity
@@ -222,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-per-address", type=_positive, default=ServeLimits.per_address, metavar="N",
                    help="weight chunk requests served at once per source IP address, whatever peer ids it uses; more "
                         f"are answered BUSY (default {ServeLimits.per_address})")
-    p.add_argument("--no-benchmark", action="store_true", help="skip the start-up throughput measurement (announce 0 tokens/s)")
+    p.add_argument("--no-benchmark", action="store_true",
+                   help="skip the start-up throughput measurement and its cache (announce 0 tokens/s)")
+    p.add_argument("--throughput-cache", metavar="PATH|none", default=None,
+                   help="file of measured throughputs: a start with the same model architecture, block count, dtype, "
+                        "quant, device, torch version and thread count reads its numbers there instead of measuring "
+                        "for seconds; 'none': always measure, store nothing (default "
+                        "$BIOPETALS_CACHE/throughput.json, BIOPETALS_CACHE defaulting to ~/.cache/biopetals; delete "
+                        "the file to measure again)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics (decode steps, sessions, KV cache, queue depth, error replies) on "
@@ -307,6 +315,7 @@ def _options(args: argparse.Namespace, identity: Identity) -> NodeOptions:
         announce_interval=args.announce_interval,
         announce=list(args.announce),
         benchmark=not args.no_benchmark,
+        throughput_cache=cache_path_option(args.throughput_cache),
         progress=not args.no_progress,
         adapters=list(args.adapters),
         weights_dir=args.weights_dir,

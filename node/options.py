@@ -42,6 +42,7 @@ class NodeOptions:
     announce_interval: float = 60.0
     announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen address
     benchmark: bool = True
+    throughput_cache: Path | None = None  # the throughput cache file (node/throughput_cache.py); None: always measure
     progress: bool = True
     adapters: list[tuple[str, Path]] = field(default_factory=list)  # server-side LoRA adapters (name, peft dir)
     num_blocks: int | None = None  # when choosing: how many (None: node/sizing.default_num_blocks)

@@ -28,7 +28,7 @@ from biopetals.dht.announcements import newest, read_node_records
 from biopetals.dht.node import DHT
 from biopetals.node.announcer import Announcer
 from biopetals.node.balancing import ServedSpan, choose_best_span, resolve_join, spans_from_announcements
-from biopetals.node.benchmark import measure_throughput
+from biopetals.node.benchmark import span_throughput
 from biopetals.protocol.announcement import State
 
 if TYPE_CHECKING:
@@ -94,13 +94,13 @@ async def join_swarm(dht: DHT, announcer: Announcer, model: str, n_blocks: int, 
 async def place_node(options: "NodeOptions", dht: DHT, announcer: Announcer, model: str, n_blocks: int,
                      num_blocks: int, load: Callable[["NodeOptions"], "BlockSpan"],
                      rng: random.Random) -> tuple[tuple[int, int], tuple[float, float]]:
-    """Expected throughput from one block (``load`` + the start-up benchmark, unless
-    ``--no-benchmark``), then ``join_swarm``. Returns the span and the expected throughput."""
+    """Expected throughput from one block (``load`` + the start-up benchmark or its cache,
+    unless ``--no-benchmark``), then ``join_swarm``. Returns the span and the expected throughput."""
     throughput = (0.0, 0.0)
     if options.benchmark:
         loop = asyncio.get_running_loop()
         one = await loop.run_in_executor(None, load, replace(options, start=0, end=1, progress=False))
-        per_block = await loop.run_in_executor(None, measure_throughput, one)
+        per_block, _ = await loop.run_in_executor(None, span_throughput, options, one)
         del one
         throughput = (per_block[0] / num_blocks, per_block[1] / num_blocks)
     params = JoinParams(settle=options.join_settle)

@@ -34,7 +34,7 @@ from biopetals.dht.announcements import newest, read_node_records
 from biopetals.dht.node import DHT
 from biopetals.node.announcer import Announcer
 from biopetals.node.balancing import should_move, spans_from_announcements
-from biopetals.node.benchmark import measure_throughput
+from biopetals.node.benchmark import span_throughput
 from biopetals.node.handler import NodeService
 from biopetals.protocol.announcement import Announcement, State
 from biopetals.protocol.errors import ErrorCode, ProtocolError
@@ -87,7 +87,7 @@ class Relocator:
             span = await loop.run_in_executor(None, self.load, options)
             throughput = (0.0, 0.0)
             if self.options.benchmark:
-                throughput = await loop.run_in_executor(None, measure_throughput, span)
+                throughput, _ = await loop.run_in_executor(None, span_throughput, self.options, span)  # or its cache
             new = self.build(span, throughput)
             new.previous = old
             new.install()  # new streams go to the new service from now on

@@ -9,7 +9,8 @@ Order of start-up (spec/announcement.md §2.1 for the states):
 2. announce ``JOINING`` for every block; without ``--blocks``, first choose them from the
    swarm's announcements (node/placement.py);
 3. load only the served blocks (``models.blocks.BlockSpan.load``, progress bar) and
-   measure throughput, both on the worker thread so the DHT keeps answering; blocks the
+   measure throughput (or read it from the throughput cache, node/benchmark.py
+   ``cached_throughput``), both on the worker thread so the DHT keeps answering; blocks the
    directory lacks are fetched from peers first (weights/fetch.py), also on a move;
 4. install the ``/biopetals/node/2`` handler, announce ``ONLINE``, print
    ``READY <multiaddr>``; re-announce every ``announce_interval`` s; without ``--blocks``,
@@ -37,7 +38,7 @@ from biopetals.models.hub import HubCheckpoint, is_hub_name
 from biopetals.node.adapters import AdapterSet
 from biopetals.node.announcer import AnnouncementInfo, Announcer
 from biopetals.node.backend import Backend, set_threads
-from biopetals.node.benchmark import measure_throughput
+from biopetals.node.benchmark import measure_throughput, span_throughput
 from biopetals.node.budget import CacheBudget
 from biopetals.node.handler import NodeService, ServiceConfig
 from biopetals.node.network import NodeNetwork, open_network
@@ -252,9 +253,10 @@ async def _serve(options: NodeOptions, stop: asyncio.Event, out: Callable[[str],
     span = await loop.run_in_executor(None, load, options)
     loaded = time.perf_counter() - started
     mark("weights-loaded")
-    throughput = (0.0, 0.0)
+    throughput, cached = (0.0, 0.0), False
     if options.benchmark:
-        throughput = await loop.run_in_executor(None, measure_throughput, span)
+        # measure_throughput named here, looked up at call time: tests/broken_node.py replaces it in this module
+        throughput, cached = await loop.run_in_executor(None, span_throughput, options, span, measure_throughput)
     mark("throughput-measured")
 
     def build(span: BlockSpan, throughput: tuple[float, float]) -> NodeService:
@@ -290,7 +292,8 @@ async def _serve(options: NodeOptions, stop: asyncio.Event, out: Callable[[str],
         f"{options.device}, {options.dtype}, quant {options.quant}; loaded in {loaded:.1f} s")
     if options.adapters:
         out(f"adapters: {', '.join(name for name, _ in options.adapters)}")
-    out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s")
+    how = f"read from {options.throughput_cache}" if cached else "measured" if options.benchmark else "not measured"
+    out(f"throughput: inference {throughput[0]:.1f} tokens/s, forward {throughput[1]:.1f} tokens/s ({how})")
     for addr in addrs:
         out(f"listening on {addr}")
     out(f"READY {addrs[0]}")

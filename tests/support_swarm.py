@@ -134,6 +134,7 @@ class Swarm:
             "--model", str(model), "--swarm-key", str(self.key_path),
             "--host", "127.0.0.1", "--port", "0", "--no-progress",
             "--dtype", "float32",  # the reference dtype of the numeric checks on any device (--dtype in extra wins)
+            "--throughput-cache", "none",  # measure: a user's cache file never decides a test (extra may name one)
         ]
         args += ["--initial-peers", *peers[:1]] if peers else ["--new-swarm"]
         args += list(extra)

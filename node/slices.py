@@ -34,10 +34,11 @@ Sans-IO: this module only plans; node/backend.py runs the slices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final
 
-from biopetals.models.step import SpanStep
+if TYPE_CHECKING:  # models.step imports torch; node/options.py (and so node/cli.py) imports this module before torch
+    from biopetals.models.step import SpanStep
 
 __all__ = ["SLICE_TOKENS", "Slice", "plan_slices", "plan_step_chunks", "step_chunk"]
 
@@ -112,7 +113,8 @@ def step_chunk(step: SpanStep, chunk: Slice) -> SpanStep:
     prompts = step.prompts
     if prompts is not None:
         prompts = prompts[:, :, c0:c1] if c0 < prompts.shape[2] else None
-    return SpanStep(
+    return replace(
+        step,
         hidden=step.hidden[:, c0:c1],
         position=step.position + c0,
         positions=step.positions[:, c0:c1],

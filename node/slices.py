@@ -120,5 +120,4 @@ def step_chunk(step: SpanStep, chunk: Slice) -> SpanStep:
         positions=step.positions[:, c0:c1],
         mask=step.mask[:, : step.position + c1] if step.mask is not None else None,
         prompts=prompts,
-        all_real=step.all_real,
     )
